@@ -1,0 +1,25 @@
+"""Flax Transformer language models with a pure functional boundary.
+
+    import models
+    model, params = models.from_pretrained("/path/to/hf-checkpoint")   # gpt2 or llama
+    logits = model.apply(params, tokens)                                # [B, T, vocab] float32
+
+    model = models.TransformerLM(models.tiny("llama"))                   # or models.gpt2(...), llama(...)
+    params = model.init(jax.random.key(0))
+"""
+
+from models.config import ModelConfig, gpt2, llama, tiny
+from models.decoder import KVCache, TransformerLM
+from models.generate import Generation, generate, sample_logits
+from models.hf import CheckpointError, config_from_hf, config_to_hf, from_pretrained, save_pretrained
+from models.linear import LowRankKernel, linear
+from models.lora import init_lora, merge_lora
+from models.prompt import init_prompt
+from models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+
+__all__ = [
+    "ModelConfig", "gpt2", "llama", "tiny", "KVCache", "TransformerLM", "Generation", "generate",
+    "sample_logits", "CheckpointError", "config_from_hf", "config_to_hf", "from_pretrained",
+    "save_pretrained", "LowRankKernel", "linear", "init_lora", "merge_lora", "init_prompt",
+    "ByteTokenizer", "HFTokenizer", "load_tokenizer",
+]

@@ -1,0 +1,177 @@
+"""The decoder-only Transformer LM and its pure functional boundary.
+
+    model = TransformerLM(config)
+    params = model.init(key)                       # plain nested dict of arrays
+    logits = model.apply(params, tokens)           # [B, T, vocab] float32
+
+`params` is a plain pytree, so a population of parameter sets is a batch of pytrees under `vmap`, and
+any kernel leaf may be replaced by a `LowRankKernel` (LoRA, EGGROLL perturbations).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from models.config import ModelConfig
+from models.layers import MLP, Attention, Norm
+from models.linear import embed_lookup, linear, transpose
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `S` slots, filled left to right.
+
+    Attributes:
+      k, v: one `[B, S, K, E]` array per layer.
+      valid: [B, S] bool, slots holding a real (non-padding) token.
+      index: int32 scalar, the next free slot (shared by the batch: prompts are left-padded).
+      next_position: [B] int32, the position id the next real token of each row gets.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    valid: jax.Array
+    index: jax.Array
+    next_position: jax.Array
+
+    @property
+    def size(self) -> int:
+        return self.valid.shape[1]
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, q_slots, k_slots, key_valid, cache=None):
+        h, kv = Attention(self.config, name="attn")(
+            Norm(self.config, name="attn_norm")(x), positions, q_slots, k_slots, key_valid, cache)
+        x = x + h
+        x = x + MLP(self.config, name="mlp")(Norm(self.config, name="mlp_norm")(x))
+        return x, kv
+
+
+class Decoder(nn.Module):
+    """Token (+ soft-prompt) embeddings → blocks → final norm → logits."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, attention_mask=None, positions=None, prompt=None, cache=None):
+        cfg = self.config
+        B, T = tokens.shape
+        emb = self.param("embed", nn.initializers.normal(cfg.initializer_range),
+                         (cfg.vocab_size, cfg.d_model), cfg.storage_dtype)
+        x = embed_lookup(emb, tokens, cfg.compute_dtype)
+        mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
+        n_prompt = 0
+        if prompt is not None:  # soft prompt: [n, D] or [B, n, D], prepended, always attended
+            prompt = jnp.broadcast_to(prompt, (B,) + prompt.shape[-2:]).astype(cfg.compute_dtype)
+            n_prompt = prompt.shape[1]
+            x = jnp.concatenate([prompt, x], axis=1)
+            mask = jnp.concatenate([jnp.ones((B, n_prompt), bool), mask], axis=1)
+        L = x.shape[1]
+        start = jnp.zeros((B,), jnp.int32) if cache is None else cache.next_position
+        if positions is None:
+            positions = start[:, None] + jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+        elif n_prompt:
+            positions = jnp.concatenate(
+                [jnp.broadcast_to(jnp.arange(n_prompt), (B, n_prompt)), positions + n_prompt], axis=1)
+        if not cfg.uses_rope:
+            pos_table = self.param("pos_embed", nn.initializers.normal(cfg.initializer_range),
+                                   (cfg.max_seq_len, cfg.d_model), cfg.storage_dtype)
+            x = x + embed_lookup(pos_table, positions, cfg.compute_dtype)
+
+        if cache is None:
+            q_slots = k_slots = jnp.arange(L)
+            key_valid = mask
+        else:
+            q_slots = cache.index + jnp.arange(L)
+            k_slots = jnp.arange(cache.size)
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+        new_k, new_v = [], []
+        for i in range(cfg.n_layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
+            x, (k, v) = Block(cfg, name=f"layers_{i}")(x, positions, q_slots, k_slots, key_valid,
+                                                       layer_cache)
+            new_k.append(k)
+            new_v.append(v)
+        x = Norm(cfg, name="final_norm")(x)[:, n_prompt:]
+        if cfg.tie_embeddings:
+            logits = linear(x, transpose(emb), dtype=cfg.compute_dtype)
+        else:
+            head = self.param("lm_head", nn.initializers.normal(cfg.initializer_range),
+                              (cfg.d_model, cfg.vocab_size), cfg.storage_dtype)
+            logits = linear(x, head, dtype=cfg.compute_dtype)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits, None
+        new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid,
+                            index=cache.index + L,
+                            next_position=cache.next_position + jnp.sum(mask, axis=1, dtype=jnp.int32))
+        return logits, new_cache
+
+
+class TransformerLM:
+    """A decoder LM with a pure functional boundary over a plain parameter pytree.
+
+    Methods are pure functions of `params`, jitted (and inlined when called under an outer
+    `jit`/`vmap`). Two models with equal configs are equal and hash alike, so a model can be a static
+    argument of `jax.jit` without recompiling for every instance.
+    """
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.module = Decoder(config)
+        self._apply = jax.jit(self.module.apply)
+
+    def __repr__(self) -> str:
+        return f"TransformerLM({self.config})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TransformerLM) and other.config == self.config
+
+    def __hash__(self) -> int:
+        return hash(self.config)
+
+    def init(self, key: jax.Array) -> dict:
+        """Random parameters (normal(initializer_range) kernels, GPT-2-scaled residual projections)."""
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        return jax.jit(self.module.init)(key, tokens)["params"]
+
+    def apply(self, params, tokens: jax.Array, attention_mask: jax.Array | None = None,
+              positions: jax.Array | None = None, prompt: jax.Array | None = None) -> jax.Array:
+        """Logits `[B, T, vocab]` float32 for `tokens: [B, T]` int.
+
+        Args:
+          attention_mask: [B, T], 1 for real tokens and 0 for padding (left or right).
+          positions: [B, T] position ids; default counts real tokens, so left padding is harmless.
+          prompt: soft prompt `[n, D]` or `[B, n, D]` prepended to the token embeddings; the logits
+            returned are those of `tokens` only.
+        """
+        logits, _ = self._apply({"params": params}, tokens, attention_mask, positions, prompt)
+        return logits
+
+    def init_cache(self, batch_size: int, size: int, dtype=None) -> KVCache:
+        """An empty cache of `size` slots per row (prompt + soft prompt + generated tokens)."""
+        cfg = self.config
+        if not cfg.uses_rope and size > cfg.max_seq_len:
+            raise ValueError(f"cache size {size} exceeds max_seq_len={cfg.max_seq_len} of this model's "
+                             "learned position table")
+        shape = (batch_size, size, cfg.kv_heads, cfg.dim_per_head)
+        dtype = dtype or cfg.compute_dtype
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+        return KVCache(k=zeros, v=zeros, valid=jnp.zeros((batch_size, size), bool),
+                       index=jnp.array(0, jnp.int32), next_position=jnp.zeros((batch_size,), jnp.int32))
+
+    def apply_with_cache(self, params, tokens: jax.Array, cache: KVCache,
+                         attention_mask: jax.Array | None = None,
+                         prompt: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """Run `tokens: [B, T]` after what `cache` holds; returns `(logits [B, T, V], cache)`."""
+        return self._apply({"params": params}, tokens, attention_mask, None, prompt, cache)
+
+    def num_params(self, params) -> int:
+        return sum(x.size for x in jax.tree.leaves(params))

@@ -1,0 +1,115 @@
+"""Jitted autoregressive generation with a KV cache.
+
+    out = generate(model, params, ids, mask, key, max_new_tokens=32, temperature=0.7, top_p=0.9,
+                   stop_tokens=(eos,))
+    out.tokens   # [B, max_new_tokens] int32, `pad_id` after a row stops
+    out.lengths  # [B] int32, generated tokens per row (a stop token included)
+
+Prompts of different lengths are left-padded (`Tokenizer.batch_encode`). Sampling is greedy when
+`temperature == 0`; otherwise softmax(logits / temperature) restricted to the `top_k` most likely
+tokens and to the smallest set whose probability reaches `top_p`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from models.decoder import TransformerLM
+
+
+class Generation(NamedTuple):
+    tokens: jax.Array  # [B, N] int32
+    lengths: jax.Array  # [B] int32
+    logprobs: jax.Array  # [B, N] float32, log-probability of each chosen token under the sampling
+    #   distribution's base model (temperature 1, no truncation); 0 after a row stops
+
+
+def sample_logits(key: jax.Array, logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 1.0) -> jax.Array:
+    """Token ids `[B]` from `logits: [B, V]`; greedy when `temperature == 0`; `top_k=0` disables."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # keep a token while the mass before it < p
+        keep = mass_before < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(model: TransformerLM, params, prompt_ids: jax.Array, prompt_mask: jax.Array | None,
+             key: jax.Array, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_id: int | None = None,
+             soft_prompt: jax.Array | None = None) -> Generation:
+    """Generate up to `max_new_tokens` after each left-padded prompt `prompt_ids: [B, T]`.
+
+    Stops a row at its first token in `stop_tokens`, and the whole batch when every row has stopped.
+    """
+    _check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if pad_id is None:
+        pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    if prompt_mask is None:
+        prompt_mask = jnp.ones_like(prompt_ids)
+    n_soft = 0 if soft_prompt is None else soft_prompt.shape[-2]
+    cache_size = n_soft + prompt_ids.shape[1] + max_new_tokens
+    cache = model.init_cache(prompt_ids.shape[0], cache_size)
+    return _generate(model, params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
+                     key, cache, soft_prompt, max_new_tokens=max_new_tokens, temperature=float(temperature),
+                     top_k=int(top_k), top_p=float(top_p), stop_tokens=tuple(int(t) for t in stop_tokens),
+                     pad_id=int(pad_id))
+
+
+def _check_sampling(temperature, top_k, top_p, max_new_tokens):
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise ValueError(f"top_k={top_k} must be >= 0 (0 = no top-k truncation)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be in (0, 1]")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p",
+                                             "stop_tokens", "pad_id"))
+def _generate(model, params, prompt_ids, prompt_mask, key, cache, soft_prompt, *, max_new_tokens,
+              temperature, top_k, top_p, stop_tokens, pad_id) -> Generation:
+    B = prompt_ids.shape[0]
+    logits, cache = model.apply_with_cache(params, prompt_ids, cache, prompt_mask, prompt=soft_prompt)
+    last = logits[:, -1]
+    stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
+
+    def body(carry):
+        step, key, last, cache, done, tokens, logprobs = carry
+        key, sub = jax.random.split(key)
+        token = sample_logits(sub, last, temperature, top_k, top_p)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(last), token[:, None], axis=-1)[:, 0]
+        token = jnp.where(done, pad_id, token)
+        tokens = tokens.at[:, step].set(token)
+        logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logp))
+        # A row that had already stopped feeds a masked pad token, invisible to later steps.
+        feed_mask = (~done).astype(jnp.int32)[:, None]
+        done = done | jnp.isin(token, stops)
+        logits, cache = model.apply_with_cache(params, token[:, None], cache, feed_mask)
+        return step + 1, key, logits[:, -1], cache, done, tokens, logprobs
+
+    def cond(carry):
+        step, *_, done, _, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    init = (jnp.array(0), key, last, cache, jnp.zeros((B,), bool),
+            jnp.full((B, max_new_tokens), pad_id, jnp.int32), jnp.zeros((B, max_new_tokens), jnp.float32))
+    step, _, _, _, _, tokens, logprobs = jax.lax.while_loop(cond, body, init)
+    is_stop = jnp.isin(tokens, stops)
+    lengths = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1) + 1, step).astype(jnp.int32)
+    return Generation(tokens=tokens, lengths=lengths, logprobs=logprobs)

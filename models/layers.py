@@ -1,0 +1,160 @@
+"""Transformer building blocks (Flax Linen): linear, norms, rotary embeddings, attention, MLPs.
+
+Every matmul goes through `models.linear.linear`, so each kernel may be a dense array or a
+`LowRankKernel`. Shapes: B batch, T query positions, S key slots, D d_model, H heads, K kv heads,
+G = H // K query heads per kv head, E head dim, F feed-forward width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models.config import ModelConfig
+from models.linear import linear
+
+_NEG_INF = -1e30  # finite, so that fully-masked rows (left padding) stay NaN-free
+
+
+class Linear(nn.Module):
+    """`y = x @ kernel + bias` with `kernel: [d_in, features]`, through the shared linear primitive."""
+
+    features: int
+    use_bias: bool
+    config: ModelConfig
+    init_std: float | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        std = self.init_std if self.init_std is not None else cfg.initializer_range
+        kernel = self.param("kernel", nn.initializers.normal(std), (x.shape[-1], self.features),
+                            cfg.storage_dtype)
+        bias = (self.param("bias", nn.initializers.zeros, (self.features,), cfg.storage_dtype)
+                if self.use_bias else None)
+        return linear(x, kernel, bias, dtype=cfg.compute_dtype)
+
+
+class Norm(nn.Module):
+    """LayerNorm (GPT-2: scale and bias) or RMSNorm (Llama: scale only), computed in float32."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), cfg.storage_dtype)
+        h = x.astype(jnp.float32)
+        if cfg.family == "llama":
+            h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + cfg.norm_eps)
+            return (_row(scale, h) * h).astype(cfg.compute_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), cfg.storage_dtype)
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + cfg.norm_eps)
+        return (h * _row(scale, h) + _row(bias, h)).astype(cfg.compute_dtype)
+
+
+def _row(v: jax.Array, like: jax.Array) -> jax.Array:
+    """A feature vector `[d]` as float32 `[1, ..., 1, d]`, broadcastable against `like: [..., d]`."""
+    return v.astype(jnp.float32).reshape((1,) * (like.ndim - 1) + v.shape)
+
+
+def rope_frequencies(config: ModelConfig) -> jax.Array:
+    """Inverse frequencies `[E/2]` of rotary embeddings, with Hugging Face's `rope_scaling` rules."""
+    dim = config.dim_per_head
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling_dict
+    kind = scaling.get("rope_type")
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        inv_freq = jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate `x: [B, T, heads, E]` by `positions: [B, T]` (rotate-half convention, as in HF Llama)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq[None, None, :]  # [B, T, E/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head / grouped-query self-attention with an optional KV cache.
+
+    Call with `x: [B, T, D]`, `positions: [B, T]` (rotary positions), `q_slots: [T]` and
+    `k_slots: [S]` (order of queries and keys in the sequence, for the causal mask), `key_valid: [B, S]`
+    (padding mask of the keys), and optionally `cache = (k, v, index)` with `k, v: [B, S, K, E]`
+    into which this call's keys/values are written at slot `index`. Returns `(y: [B, T, D], (k, v))`.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, q_slots, k_slots, key_valid, cache=None):
+        cfg = self.config
+        H, K, E = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
+        B, T, _ = x.shape
+        out_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layers)
+        q = Linear(H * E, cfg.attention_bias, cfg, name="q")(x).reshape(B, T, H, E)
+        k = Linear(K * E, cfg.attention_bias, cfg, name="k")(x).reshape(B, T, K, E)
+        v = Linear(K * E, cfg.attention_bias, cfg, name="v")(x).reshape(B, T, K, E)
+        if cfg.uses_rope:
+            inv_freq = rope_frequencies(cfg)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+        if cache is not None:
+            k_all, v_all, index = cache
+            k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, index, 0, 0))
+            v = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, index, 0, 0))
+        q = q.reshape(B, T, K, H // K, E)
+        scores = jnp.einsum("btkge,bske->bkgts", q, k.astype(q.dtype),
+                            preferred_element_type=jnp.float32) / math.sqrt(E)
+        allowed = (k_slots[None, :] <= q_slots[:, None])[None] & key_valid[:, None, :]  # [B, T, S]
+        scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+        y = jnp.einsum("bkgts,bske->btkge", probs, v.astype(cfg.compute_dtype)).reshape(B, T, H * E)
+        y = Linear(cfg.d_model, cfg.attention_bias, cfg, init_std=out_std, name="o")(y)
+        return y, (k, v)
+
+
+def _activation(name: str):
+    if name == "gelu_new":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    return {"relu": jax.nn.relu, "silu": jax.nn.silu}[name]
+
+
+class MLP(nn.Module):
+    """GPT-2: `proj(act(fc(x)))`; Llama: `down(act(gate(x)) * up(x))` (SwiGLU)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        act = _activation(cfg.activation)
+        out_std = cfg.initializer_range / math.sqrt(2 * cfg.n_layers)
+        if cfg.gated_mlp:
+            h = act(Linear(cfg.ff_dim, cfg.mlp_bias, cfg, name="gate")(x))
+            h = h * Linear(cfg.ff_dim, cfg.mlp_bias, cfg, name="up")(x)
+            return Linear(cfg.d_model, cfg.mlp_bias, cfg, init_std=out_std, name="down")(h)
+        h = act(Linear(cfg.ff_dim, cfg.mlp_bias, cfg, name="fc")(x))
+        return Linear(cfg.d_model, cfg.mlp_bias, cfg, init_std=out_std, name="proj")(h)
