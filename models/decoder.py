@@ -150,8 +150,10 @@ class TransformerLM:
           attention_mask: [B, T], 1 for real tokens and 0 for padding (left or right).
           positions: [B, T] position ids; default counts real tokens, so left padding is harmless.
           prompt: soft prompt `[n, D]` or `[B, n, D]` prepended to the token embeddings; the logits
-            returned are those of `tokens` only.
+            returned are those of `tokens` only. A `"soft_prompt"` entry of `params` is used the
+            same way (so a prompt-tuning search space can return it as part of the parameters).
         """
+        params, prompt = _split_soft_prompt(params, prompt)
         logits, _ = self._apply({"params": params}, tokens, attention_mask, positions, prompt)
         return logits
 
@@ -171,7 +173,17 @@ class TransformerLM:
                          attention_mask: jax.Array | None = None,
                          prompt: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """Run `tokens: [B, T]` after what `cache` holds; returns `(logits [B, T, V], cache)`."""
+        params, prompt = _split_soft_prompt(params, prompt)
         return self._apply({"params": params}, tokens, attention_mask, None, prompt, cache)
 
     def num_params(self, params) -> int:
         return sum(x.size for x in jax.tree.leaves(params))
+
+
+def _split_soft_prompt(params: dict, prompt):
+    if isinstance(params, dict) and "soft_prompt" in params:
+        if prompt is not None:
+            raise ValueError("a soft prompt was given both as params['soft_prompt'] and as prompt=")
+        params = dict(params)
+        prompt = params.pop("soft_prompt")
+    return params, prompt

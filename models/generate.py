@@ -18,7 +18,7 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from models.decoder import TransformerLM
+from models.decoder import TransformerLM, _split_soft_prompt
 
 
 class Generation(NamedTuple):
@@ -60,6 +60,7 @@ def generate(model: TransformerLM, params, prompt_ids: jax.Array, prompt_mask: j
         pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     if prompt_mask is None:
         prompt_mask = jnp.ones_like(prompt_ids)
+    params, soft_prompt = _split_soft_prompt(params, soft_prompt)  # it enters the cache once
     n_soft = 0 if soft_prompt is None else soft_prompt.shape[-2]
     cache_size = n_soft + prompt_ids.shape[1] + max_new_tokens
     cache = model.init_cache(prompt_ids.shape[0], cache_size)

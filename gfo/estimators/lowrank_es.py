@@ -1,0 +1,115 @@
+"""Low-rank evolution strategies (EGGROLL): rank-r perturbations through the low-rank linear.
+
+Sarkar et al., "Evolution Strategies at the Hyperscale" (EGGROLL), 2025, arXiv 2511.16652;
+reference `ESHyperscale/HyperscaleES` (`src/hyperscalees/noiser/eggroll.py`).
+
+For every 2-D leaf `W: [m, n]`, direction `p` draws `A_p: [m, r]`, `B_p: [n, r]` from
+`(key, p, leaf path)` and member `i` uses `W + s_i σ A_p B_pᵀ / √r`. When the space accepts factored
+kernels (`factored=True`, e.g. `spaces.Full`), the member's leaf is the `LowRankKernel(W, s_i A_p, B_p,
+σ/√r)`, so the model computes `x@W + …` with `W` shared across the population — one big matmul; other
+spaces get the dense `W + …`. Leaves that are not matrices (biases, norms) get ordinary full-rank
+noise. The pseudo-gradient of a matrix is `Σ_p w_p A_p B_pᵀ / (N σ √r)` with direction weights `w_p`
+from the shaped losses, contracted chunk by chunk (`einsum('pmr,pnr->mn')`), never forming per-member
+matrices; its expectation over directions is the full-rank ES gradient (variance-matched: each entry
+of `A Bᵀ/√r` has unit variance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gfo.estimators.es import PopulationConfig
+from gfo.noise import leaf_key, member_key, sample, tree_dot
+from gfo.population import chunked_contraction
+from models.linear import LowRankKernel
+
+
+class _Factors(NamedTuple):
+    a: jax.Array  # [..., m, r]
+    b: jax.Array  # [..., n, r]
+
+
+class _Dense(NamedTuple):
+    e: jax.Array
+
+
+def lowrank_factors(key: jax.Array, path, shape, rank: int):
+    """`(A [m, r], B [n, r])` standard normal factors of one direction for a matrix leaf of `shape`."""
+    k = leaf_key(key, path)
+    ka, kb = jax.random.split(k)
+    return sample(ka, (shape[0], rank)), sample(kb, (shape[1], rank))
+
+
+def dense_noise(key: jax.Array, path, shape):
+    return sample(leaf_key(key, path), shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankES(PopulationConfig):
+    rank: int = 1
+    factored: bool = True  # hand factored LowRankKernel leaves to the objective
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rank < 1:
+            raise ValueError(f"LowRankES rank={self.rank} must be >= 1")
+
+    def _perturb(self, x, direction_key, sign):
+        scale = self.sigma / math.sqrt(self.rank)
+
+        def leaf(path, w):
+            if w.ndim == 2:
+                a, b = lowrank_factors(direction_key, path, w.shape, self.rank)
+                kernel = LowRankKernel(w, (sign * a).astype(w.dtype), b.astype(w.dtype), scale)
+                return kernel if self.factored else kernel.dense()
+            eps = dense_noise(direction_key, path, w.shape)
+            return (w.astype(jnp.float32) + sign * self.sigma * eps).astype(w.dtype)
+
+        return jax.tree_util.tree_map_with_path(leaf, x)
+
+    def __call__(self, objective, x, batch, key):
+        noise_key, eval_key = jax.random.split(key)
+
+        def evaluate(member):
+            direction, sign = self.direction_and_sign(member)
+            return objective(self._perturb(x, member_key(noise_key, direction), sign), batch, eval_key)
+
+        _, shaped, metrics = self.evaluate(evaluate, self.population)
+        weights = self.direction_weights(shaped) / (self.population * self.sigma)
+
+        def direction_update(d):
+            k = member_key(noise_key, d)
+
+            def leaf(path, w):
+                if w.ndim == 2:
+                    a, b = lowrank_factors(k, path, w.shape, self.rank)
+                    return _Factors(a, b)
+                return _Dense(dense_noise(k, path, w.shape))
+
+            return jax.tree_util.tree_map_with_path(leaf, x)
+
+        # Σ_p w_p A_p B_pᵀ: per chunk one contraction over (direction, rank), no per-member matrices.
+        grad = _lowrank_weighted_sum(weights, direction_update, x, self.batch_size, self.rank)
+        return grad, {**metrics, "grad_norm": jnp.sqrt(tree_dot(grad, grad))}
+
+
+def _lowrank_weighted_sum(weights, direction_update, x, batch_size, rank):
+    inv_sqrt_r = 1.0 / math.sqrt(rank)
+
+    def contract(w, j):
+        parts = jax.vmap(direction_update)(j)
+
+        def leaf(p):
+            if isinstance(p, _Factors):  # Σ_c w_c A_c B_cᵀ, A: [c, m, r], B: [c, n, r]: one contraction
+                return jnp.einsum("cmr,cnr->mn", p.a * w[:, None, None], p.b) * inv_sqrt_r
+            return jnp.tensordot(w, p.e, axes=1)
+
+        return jax.tree.map(leaf, parts, is_leaf=lambda t: isinstance(t, (_Factors, _Dense)))
+
+    total = chunked_contraction(weights, contract, batch_size)
+    return jax.tree.map(lambda t, u: t.astype(u.dtype), total, x)

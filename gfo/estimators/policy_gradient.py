@@ -1,0 +1,61 @@
+"""Policy gradient on sampled generations: REINFORCE with a group-mean baseline (GRPO-style).
+
+Williams 1992 (REINFORCE); Shao et al., "DeepSeekMath" (GRPO), 2024, arXiv 2402.03300: for each
+prompt a group of `G` completions is sampled; the advantage of completion `j` is
+`(r_j − mean_group r) / (std_group r + 1e-6)` (or without the division, `normalize=False`), and the
+pseudo-gradient is that of `−mean(A · log π(y|x)) + β · KL(π ‖ π_ref)` with the `k3` KL estimator
+`exp(q) − q − 1`, `q = log π_ref − log π`. This is the RL baseline that ES is compared with; like every
+gfo estimator it returns a gradient of a *loss* (negated reward) for an optax transformation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+
+from gfo.noise import tree_dot
+
+
+class RewardObjective(Protocol):
+    """What `PolicyGradient` needs of a task: sample, score, and re-score completions.
+
+    `sample(x, batch, key)` returns a rollout (any pytree) with a `reward` field `[B, G]` (higher is
+    better); `log_prob(x, batch, rollout)` returns the summed log-probabilities `[B, G]` of the sampled
+    completions under `x`, differentiably; `reference` (optional) is the parameter point of the KL term.
+    """
+
+    reference: Any
+
+    def sample(self, x, batch, key) -> Any: ...
+
+    def log_prob(self, x, batch, rollout) -> jax.Array: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyGradient:
+    kl_coef: float = 0.0
+    normalize: bool = True
+
+    def __call__(self, objective: RewardObjective, x, batch, key):
+        rollout = objective.sample(jax.lax.stop_gradient(x), batch, key)
+        reward = jax.lax.stop_gradient(rollout.reward.astype(jnp.float32))  # [B, G]
+        advantage = reward - reward.mean(axis=1, keepdims=True)
+        if self.normalize:
+            advantage = advantage / (reward.std(axis=1, keepdims=True) + 1e-6)
+        ref = (jax.lax.stop_gradient(objective.log_prob(objective.reference, batch, rollout))
+               if self.kl_coef > 0 else None)
+
+        def surrogate(y):
+            logp = objective.log_prob(y, batch, rollout)
+            loss = -jnp.mean(advantage * logp)
+            if ref is not None:
+                q = ref - logp
+                loss = loss + self.kl_coef * jnp.mean(jnp.exp(q) - q - 1.0)
+            return loss
+
+        grad = jax.grad(surrogate)(x)
+        return grad, {"loss": -jnp.mean(reward), "reward": jnp.mean(reward),
+                      "grad_norm": jnp.sqrt(tree_dot(grad, grad)), "evaluations": reward.size}

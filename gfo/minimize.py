@@ -1,0 +1,118 @@
+"""`gfo.minimize`: any gfo optimizer on any JAX function of a pytree, in one call.
+
+    res = gfo.minimize(lambda x: jnp.sum((x - 3) ** 2), jnp.zeros(10), method="cma_es",
+                       steps=300, key=jax.random.key(0), popsize=16, sigma=0.5)
+    res.x, res.fun, res.history      # best point, its value, best-so-far value per step
+
+Methods: "adam", "sgd" (exact gradient), "spsa"/"zo_sgd", "zo_adam", "forward_grad", "open_es"/"es",
+"lowrank_es", "ga", and every evosax algorithm by name ("cma_es", "sep_cma_es", "snes", "pgpe", "de"
+→ DifferentialEvolution, "pso", "simulated_annealing", …). `fun(x) -> scalar` is minimised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gfo.estimators import SPSA, Backprop, ForwardGrad, LowRankES, OpenES
+from gfo.optimizer import Optimizer
+from gfo.strategies import EvosaxStrategy, resolve_name
+
+ALIASES = {"de": "DifferentialEvolution", "ga": "GA", "simulated_annealing": "SimulatedAnnealing",
+           "cma": "CMA_ES", "sep_cma": "Sep_CMA_ES"}
+
+
+@dataclasses.dataclass
+class MinimizeResult:
+    x: Any  # best point found (same structure as x0)
+    fun: float  # its value
+    history: np.ndarray  # [steps] best value found up to and including each step
+    nfev: int  # function evaluations used
+    method: str
+
+
+def make_optimizer(method: str, x0, lr: float = 1e-2, sigma: float = 0.1, popsize: int = 32,
+                   batch_size: int | None = None, options: dict | None = None, **kwargs):
+    """The gfo optimizer `minimize` uses for `method` (exposed for scripts that drive `step` themselves).
+
+    Gradient-type methods take `lr`, `sigma` (perturbation size: SPSA's ε, the ES σ), `popsize`
+    (ES population, SPSA/forward-gradient queries `n` = kwargs) and estimator fields as kwargs; evosax
+    methods take `popsize`, `sigma` (as `std_init` where the algorithm has it), `options` (constructor)
+    and `params` (its params dataclass) as kwargs.
+    """
+    m = method.lower()
+    if m in ("adam", "sgd"):
+        return Optimizer(Backprop(), optax.adam(lr) if m == "adam" else optax.sgd(lr))
+    if m in ("spsa", "zo_sgd", "mezo", "zo_adam"):
+        est = SPSA(eps=sigma, **kwargs)
+        return Optimizer(est, optax.adam(lr) if m == "zo_adam" else optax.sgd(lr))
+    if m == "forward_grad":
+        return Optimizer(ForwardGrad(**kwargs), optax.sgd(lr))
+    if m in ("open_es", "es"):
+        return Optimizer(OpenES(population=popsize, sigma=sigma, batch_size=batch_size, **kwargs), optax.adam(lr))
+    if m == "lowrank_es":
+        kwargs.setdefault("factored", False)  # a generic function cannot take LowRankKernel leaves
+        return Optimizer(LowRankES(population=popsize, sigma=sigma, batch_size=batch_size, **kwargs),
+                         optax.adam(lr))
+    name = resolve_name(ALIASES.get(m, method))
+    params = dict(kwargs.pop("params", {}) or {})
+    strategy_fields = _param_fields(name, popsize, x0)
+    if "std_init" in strategy_fields:
+        params.setdefault("std_init", sigma)
+    if kwargs:
+        raise ValueError(f"minimize(method={method!r}) got unexpected options {sorted(kwargs)}; pass the "
+                         "algorithm's constructor arguments as options={...} and its params as params={...}")
+    return EvosaxStrategy(name, popsize, x0, options=options, params=params, init_std=sigma,
+                          batch_size=batch_size)
+
+
+def _param_fields(name: str, popsize: int, x0) -> set[str]:
+    probe = EvosaxStrategy(name, popsize, x0, memory_limit=2**62)
+    return {f.name for f in dataclasses.fields(probe.algorithm.default_params)}
+
+
+def minimize(fun: Callable[[Any], jax.Array], x0, method: str = "cma_es", steps: int = 100,
+             key: jax.Array | None = None, **options) -> MinimizeResult:
+    """Minimise `fun(x) -> scalar` from `x0` for `steps` steps of `method` (see the module doc)."""
+    if steps < 1:
+        raise ValueError(f"minimize steps={steps} must be >= 1")
+    key = jax.random.key(0) if key is None else key
+    x0 = jax.tree.map(jnp.asarray, x0)
+    opt = make_optimizer(method, x0, **options)
+    objective = _Objective(fun)
+    k_init, k_run = jax.random.split(key)
+    state = opt.init(k_init, x0)
+    is_strategy = isinstance(opt, EvosaxStrategy)
+    evaluate = jax.jit(fun)
+    best_x, best_f = x0, float(evaluate(x0))
+    history, nfev = [], 1
+    for t in range(steps):
+        state, metrics = opt.step(state, objective, None, jax.random.fold_in(k_run, t))
+        nfev += int(metrics["evaluations"])
+        if is_strategy:
+            cand = opt.solution(state)
+            value = float(metrics["best_loss"])
+        else:
+            cand = opt.solution(state)
+            value = float(evaluate(cand))
+            nfev += 1
+        if value < best_f:
+            best_x, best_f = cand, value
+        history.append(best_f)
+    return MinimizeResult(x=best_x, fun=best_f, history=np.asarray(history), nfev=nfev, method=method)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Objective:
+    """`fun(x)` in the `objective(x, batch, key)` form; hashable by `fun` so that steps are jitted once."""
+
+    fun: Callable
+
+    def __call__(self, x, batch, key):
+        del batch, key
+        return self.fun(x)

@@ -1,0 +1,78 @@
+"""Rewards on generated text: one objective that ES (as a loss) and policy gradient (as rollouts) share.
+
+`GenerationReward` samples `group_size` completions per prompt with the KV-cache generator, scores
+them with `reward_fn`, and offers
+- `__call__(x, batch, key)`: the loss `−mean reward` (for ES, SPSA, evosax: any loss-minimiser);
+- `sample` / `log_prob`: the `RewardObjective` protocol of `gfo.estimators.PolicyGradient`.
+
+`reward_fn(completions [N, T] int32, lengths [N] int32) -> [N] float32` is a JAX function; a reward
+written in Python on decoded strings is wrapped with `host_reward` (a `jax.pure_callback`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import models
+
+
+class Rollout(NamedTuple):
+    tokens: jax.Array  # [B, G, N] completions
+    lengths: jax.Array  # [B, G]
+    reward: jax.Array  # [B, G]
+
+
+def host_reward(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]):
+    """Wrap a NumPy/Python reward `(tokens [N, T], lengths [N]) -> [N]` as a jittable JAX function."""
+
+    def reward(tokens, lengths):
+        out = jax.ShapeDtypeStruct((tokens.shape[0],), jnp.float32)
+        return jax.pure_callback(lambda t, n: np.asarray(fn(np.asarray(t), np.asarray(n)), np.float32),
+                                 out, tokens, lengths, vmap_method="sequential")
+
+    return reward
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GenerationReward:
+    """Batch: `(prompt_ids [B, T], prompt_mask [B, T])`, left-padded (`Tokenizer.batch_encode`)."""
+
+    model: models.TransformerLM
+    to_params: Callable[[Any], Any]  # the space's x -> model parameters
+    reward_fn: Callable[[jax.Array, jax.Array], jax.Array]
+    max_new_tokens: int
+    group_size: int = 4
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_tokens: tuple[int, ...] = ()
+    reference: Any = None  # x of the KL reference (policy gradient), e.g. the starting point
+
+    def sample(self, x, batch, key) -> Rollout:
+        ids, mask = batch
+        B, G = ids.shape[0], self.group_size
+        out = models.generate(self.model, self.to_params(x), jnp.repeat(ids, G, axis=0),
+                              jnp.repeat(mask, G, axis=0), key, self.max_new_tokens, self.temperature,
+                              self.top_k, self.top_p, self.stop_tokens)
+        reward = self.reward_fn(out.tokens, out.lengths)
+        return Rollout(out.tokens.reshape(B, G, -1), out.lengths.reshape(B, G), reward.reshape(B, G))
+
+    def log_prob(self, x, batch, rollout: Rollout) -> jax.Array:
+        """Summed log-probabilities `[B, G]` of the completions (teacher forcing, differentiable)."""
+        ids, mask = batch
+        B, G, N = rollout.tokens.shape
+        prompt = jnp.repeat(ids, G, axis=0)
+        seq = jnp.concatenate([prompt, rollout.tokens.reshape(B * G, N)], axis=1)
+        valid = (jnp.arange(N)[None, :] < rollout.lengths.reshape(B * G, 1)).astype(jnp.int32)
+        seq_mask = jnp.concatenate([jnp.repeat(mask, G, axis=0), valid], axis=1)
+        logits = self.model.apply(self.to_params(x), seq, seq_mask)[:, prompt.shape[1] - 1:-1]
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), seq[:, prompt.shape[1]:, None], axis=-1)[..., 0]
+        return jnp.sum(logp * valid, axis=1).reshape(B, G)
+
+    def __call__(self, x, batch, key) -> jax.Array:
+        return -jnp.mean(self.sample(x, batch, key).reward)

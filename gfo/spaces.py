@@ -1,0 +1,160 @@
+"""Search spaces: what is searched, and how a point of it becomes model parameters.
+
+A space is built around base parameters and exposes
+
+    x0 = space.init(key)          # the starting point, a pytree
+    params = space.to_params(x)   # model parameters for `model.apply`
+    space.dim                     # number of searched scalars
+    space.lowrank_ok              # to_params accepts `LowRankKernel` leaves for x's 2-D leaves
+
+Spaces: `Full` (all weights or a path-filtered subset), `LoRA`, `Prompt` (soft prompt), and
+`Subspace` (a fixed random projection of a small vector into any other space, Black-Box Tuning).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+import models
+from gfo.noise import leaf_key, path_name, tree_size
+from models.tree import set_path
+
+
+class Space:
+    lowrank_ok: bool = False
+
+    def init(self, key: jax.Array):
+        raise NotImplementedError
+
+    def to_params(self, x):
+        raise NotImplementedError
+
+    @property
+    def dim(self) -> int:
+        return tree_size(self.init(jax.random.key(0)))
+
+
+class Full(Space):
+    """The model's weights themselves, optionally only those whose path matches `filter`.
+
+    `x` is a flat dict `{"layers_0/attn/q/kernel": array, ...}` of the searched leaves; the others stay
+    at their base values. `filter` is a regular expression searched in each leaf's path name, or a
+    predicate `(path_name, leaf) -> bool`.
+    """
+
+    lowrank_ok = True
+
+    def __init__(self, params, filter: str | Callable[[str, jax.Array], bool] | None = None):
+        self.base = params
+        if filter is None:
+            pred = lambda name, leaf: True  # noqa: E731
+        elif isinstance(filter, str):
+            pattern = re.compile(filter)
+            pred = lambda name, leaf: bool(pattern.search(name))  # noqa: E731
+        else:
+            pred = filter
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        self._paths = {path_name(p): tuple(str(getattr(k, "key", k)) for k in p)
+                       for p, leaf in leaves if pred(path_name(p), leaf)}
+        if not self._paths:
+            names = [path_name(p) for p, _ in leaves]
+            raise ValueError(f"Full(filter={filter!r}) selects no parameter; paths look like {names[:4]}")
+
+    def init(self, key: jax.Array) -> dict:
+        del key
+        flat = {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(self.base)[0]}
+        return {name: flat[name] for name in self._paths}
+
+    def to_params(self, x: dict):
+        params = jax.tree.map(lambda v: v, self.base)
+        for name, value in x.items():
+            set_path(params, self._paths[name], value)
+        return params
+
+
+class LoRA(Space):
+    """LoRA factors of the `targets` projections: `W + (alpha/rank)·a bᵀ` (see `models.lora`)."""
+
+    def __init__(self, params, rank: int = 8, targets=("q", "v"), alpha: float | None = None):
+        self.base, self.rank, self.targets = params, rank, tuple(targets)
+        self.alpha = float(alpha if alpha is not None else 2 * rank)
+        models.lora.lora_target_paths(params, self.targets)  # validate early
+
+    def init(self, key: jax.Array) -> dict:
+        return models.init_lora(key, self.base, self.rank, self.targets)
+
+    def to_params(self, x: dict):
+        return models.merge_lora(self.base, x, self.alpha)
+
+
+class Prompt(Space):
+    """A soft prompt `[n_tokens, d_model]`, returned as `params["soft_prompt"]`."""
+
+    def __init__(self, params, n_tokens: int, from_tokens=None):
+        self.base, self.n_tokens, self.from_tokens = params, n_tokens, from_tokens
+
+    def init(self, key: jax.Array) -> jax.Array:
+        return models.init_prompt(key, self.base, self.n_tokens, self.from_tokens)
+
+    def to_params(self, x: jax.Array):
+        return {**self.base, "soft_prompt": x}
+
+
+class Subspace(Space):
+    """`z ∈ R^dim` mapped into `inner` as `x = x0 + P z` by a fixed random projection (BBT).
+
+    `P` has i.i.d. `N(0, scale²)` entries (default `scale = 1/√dim`), generated per inner leaf in
+    row blocks of `block` rows from `key`. When the inner space has more than `max_stored` scalars
+    times `dim`, `P` is regenerated block by block at each use instead of being stored; both modes give
+    the same numbers.
+    """
+
+    def __init__(self, inner: Space, dim: int, key: jax.Array, scale: float | None = None,
+                 max_stored: int = 2**26, block: int = 4096):
+        if dim < 1:
+            raise ValueError(f"Subspace dim={dim} must be >= 1")
+        self.inner, self._dim, self.key = inner, int(dim), key
+        self.scale = float(scale if scale is not None else dim ** -0.5)
+        self.block = int(block)
+        self.x0_inner = inner.init(jax.random.fold_in(key, 0))
+        self.stored = tree_size(self.x0_inner) * dim <= max_stored
+        self._proj = ({path_name(p): self._leaf_projection(p, v.size)
+                       for p, v in jax.tree_util.tree_flatten_with_path(self.x0_inner)[0]}
+                      if self.stored else None)
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _block_rows(self, key, block_index):
+        return self.scale * jax.random.normal(jax.random.fold_in(key, block_index), (self.block, self._dim))
+
+    def _leaf_projection(self, path, size: int) -> jax.Array:
+        key = leaf_key(self.key, path)
+        n_blocks = -(-size // self.block)
+        rows = jax.vmap(lambda b: self._block_rows(key, b))(jnp.arange(n_blocks))
+        return rows.reshape(-1, self._dim)[:size]
+
+    def _project_leaf(self, path, x0, z):
+        if self.stored:
+            delta = self._proj[path_name(path)] @ z
+        else:
+            key = leaf_key(self.key, path)
+            n_blocks = -(-x0.size // self.block)
+            delta = jax.lax.map(lambda b: self._block_rows(key, b) @ z, jnp.arange(n_blocks)).reshape(-1)[:x0.size]
+        return (x0.astype(jnp.float32) + delta.reshape(x0.shape)).astype(x0.dtype)
+
+    def init(self, key: jax.Array) -> jax.Array:
+        del key
+        return jnp.zeros((self._dim,), jnp.float32)
+
+    def to_params(self, z: jax.Array):
+        x = jax.tree_util.tree_map_with_path(lambda p, v: self._project_leaf(p, v, z), self.x0_inner)
+        return self.inner.to_params(x)
+
+
+SPACES = {"full": Full, "lora": LoRA, "prompt": Prompt, "subspace": Subspace}

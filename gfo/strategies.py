@@ -1,0 +1,174 @@
+"""evosax strategies (and our GA) behind gfo's optimizer protocol, with a memory guard.
+
+    opt = EvosaxStrategy("CMA_ES", population=16, x0_template=x0, params={"std_init": 0.5})
+    state = opt.init(key, x0)
+    state, metrics = opt.step(state, objective, batch, key)   # ask → evaluate (chunked) → tell
+    x = opt.solution(state)                                   # best point found so far
+
+Any algorithm of `evosax.algorithms` by name (case-insensitive), plus "GA" (`gfo.ga`). `options` go
+to the algorithm's constructor, `params` replace fields of its `default_params`; unknown names are
+errors that list what the algorithm accepts. These algorithms hold a dense `[population, dim]`
+population and some a `[dim, dim]` covariance, so they are for modest spaces (LoRA on a few layers,
+soft prompts, subspaces): before anything is allocated the guard compares their footprint with
+`memory_limit` bytes and refuses with the numbers and a smaller space or estimator to use instead.
+Losses are minimised; non-finite losses are ranked worst (set to the worst finite loss) and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import inspect
+import os
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from evosax import algorithms as evosax_algorithms
+from evosax.algorithms.distribution_based.base import DistributionBasedAlgorithm
+from flax import struct
+from jax.flatten_util import ravel_pytree
+
+from gfo import shaping
+from gfo.ga import GeneticAlgorithm
+from gfo.population import map_members
+
+STRATEGIES: dict[str, type] = {**evosax_algorithms.algorithms, "GA": GeneticAlgorithm}
+# Algorithms whose state holds dim × dim matrices (covariance, its eigenbasis, or a transform).
+FULL_MATRIX = {"CMA_ES", "SV_CMA_ES", "xNES", "MA_ES", "iAMaLGaM_Full", "CMAAnchoredLES"}
+
+
+class StrategyMemoryError(MemoryError):
+    """An evosax strategy whose population or covariance would not fit in memory."""
+
+
+def resolve_name(name: str) -> str:
+    by_lower = {k.lower(): k for k in STRATEGIES}
+    key = name.lower().replace("-", "_")
+    if key in by_lower:
+        return by_lower[key]
+    close = difflib.get_close_matches(key, list(by_lower), n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(by_lower[c]) for c in close)}?" if close else ""
+    raise ValueError(f"unknown evosax strategy {name!r}.{hint} Available: {sorted(STRATEGIES)}")
+
+
+def default_memory_limit() -> int:
+    """Half of the first device's memory (accelerators) or of the machine's RAM (CPU), in bytes."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"]) // 2
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def required_bytes(name: str, population: int, dim: int, itemsize: int = 4) -> int:
+    """Rough footprint of a strategy: ~3 population-sized buffers and, for full-matrix methods, ~4
+    `dim²` matrices (covariance, eigenvectors, the eigendecomposition's workspace)."""
+    return itemsize * (3 * population * dim + (4 * dim * dim if name in FULL_MATRIX else 0))
+
+
+def check_memory(name: str, population: int, dim: int, limit: int) -> None:
+    need = required_bytes(name, population, dim)
+    if need > limit:
+        detail = f"population × dim = {population} × {dim:,}"
+        if name in FULL_MATRIX:
+            detail += f" and dim² = {dim * dim:,} (its {dim:,} × {dim:,} matrices)"
+        raise StrategyMemoryError(
+            f"evosax strategy {name!r} needs about {need / 2**30:.2f} GiB for {detail}, over the limit of "
+            f"{limit / 2**30:.2f} GiB. Search a smaller space (spaces.LoRA with a low rank on a few "
+            f"layers, spaces.Prompt, or spaces.Subspace(dim=...)), a diagonal method (Sep_CMA_ES, SNES), "
+            f"or use the implicit-population estimators 'es' / 'lowrank_es', whose memory does not grow "
+            f"with the population.")
+
+
+@struct.dataclass
+class StrategyState:
+    es_state: Any
+    es_params: Any
+    initial_population: Any  # population-based algorithms: evaluated at step 0 instead of ask
+    step: jax.Array
+
+
+def _accepted(cls) -> set[str]:
+    return {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "population_size",
+                                                                                "solution")}
+
+
+class EvosaxStrategy:
+    """An evosax algorithm (or "GA") as a gfo optimizer over the raveled space."""
+
+    def __init__(self, name: str, population: int, x0_template, options: dict | None = None,
+                 params: dict | None = None, init_std: float = 1.0, batch_size: int | None = None,
+                 memory_limit: int | None = None, pop_sharding=None):
+        self.name = resolve_name(name)
+        cls = STRATEGIES[self.name]
+        options = dict(options or {})
+        unknown = set(options) - _accepted(cls)
+        if unknown:
+            raise ValueError(f"{self.name} does not accept options {sorted(unknown)}; its constructor takes "
+                             f"{sorted(_accepted(cls))}")
+        flat, _ = ravel_pytree(x0_template)
+        self.dim = int(flat.size)
+        if population < 2:
+            raise ValueError(f"{self.name} population={population} must be >= 2")
+        check_memory(self.name, population, self.dim, memory_limit or default_memory_limit())
+        self.population = population
+        self.algorithm = cls(population_size=population, solution=x0_template, **options)
+        fields = {f.name for f in dataclasses.fields(self.algorithm.default_params)}
+        unknown = set(params or {}) - fields
+        if unknown:
+            raise ValueError(f"{self.name} has no params {sorted(unknown)}; its params are {sorted(fields)}")
+        self.params_overrides = dict(params or {})
+        self.init_std = float(init_std)
+        self.batch_size = batch_size
+        self.pop_sharding = pop_sharding
+        self.distribution_based = isinstance(self.algorithm, DistributionBasedAlgorithm)
+
+    def __repr__(self) -> str:
+        return f"EvosaxStrategy({self.name!r}, population={self.population}, dim={self.dim})"
+
+    def _es_params(self):
+        overrides = {k: (jnp.asarray(v) if isinstance(v, (int, float, list, tuple)) else v)
+                     for k, v in self.params_overrides.items()}
+        return self.algorithm.default_params.replace(**overrides)
+
+    def init(self, key: jax.Array, x0) -> StrategyState:
+        es_params = self._es_params()
+        k_init, k_pop = jax.random.split(key)
+        if self.distribution_based:
+            es_state = self.algorithm.init(k_init, x0, es_params)
+            initial = None
+        else:
+            flat, unravel = ravel_pytree(x0)
+            noise = jax.random.normal(k_pop, (self.population, self.dim), flat.dtype)
+            pop = flat + self.init_std * noise
+            if hasattr(es_params, "lower"):
+                pop = jnp.clip(pop, es_params.lower, es_params.upper)
+            initial = jax.vmap(unravel)(pop)
+            es_state = self.algorithm.init(k_init, initial, jnp.full((self.population,), jnp.inf), es_params)
+        return StrategyState(es_state=es_state, es_params=es_params, initial_population=initial,
+                             step=jnp.zeros((), jnp.int32))
+
+    @functools.partial(jax.jit, static_argnums=(0, 2))
+    def step(self, state: StrategyState, objective: Callable, batch, key: jax.Array):
+        k_ask, k_tell, k_eval = jax.random.split(key, 3)
+        population, es_state = self.algorithm.ask(k_ask, state.es_state, state.es_params)
+        if state.initial_population is not None:  # generation 0 of a population-based algorithm
+            population = jax.tree.map(lambda a, b: jnp.where(state.step == 0, b, a),
+                                      population, state.initial_population)
+        losses = map_members(lambda i: objective(jax.tree.map(lambda p: p[i], population), batch, k_eval),
+                             self.population, self.batch_size, self.pop_sharding)
+        clean, bad = shaping.sanitize(losses)
+        es_state, es_metrics = self.algorithm.tell(k_tell, population, clean, es_state, state.es_params)
+        metrics = {"loss": jnp.mean(clean), "loss_min": jnp.min(clean), "best_loss": es_state.best_fitness,
+                   "nonfinite": bad, "evaluations": self.population}
+        return state.replace(es_state=es_state, step=state.step + 1), metrics
+
+    def solution(self, state: StrategyState):
+        """The best point evaluated so far (the archive of evosax's state)."""
+        return self.algorithm._unravel_solution(state.es_state.best_solution)
+
+    def mean(self, state: StrategyState):
+        """The search distribution's mean (distribution-based algorithms)."""
+        return self.algorithm.get_mean(state.es_state)
