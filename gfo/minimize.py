@@ -12,6 +12,7 @@ Methods: "adam", "sgd" (exact gradient), "spsa"/"zo_sgd", "zo_adam", "forward_gr
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -78,33 +79,43 @@ def _param_fields(name: str, popsize: int, x0) -> set[str]:
 
 def minimize(fun: Callable[[Any], jax.Array], x0, method: str = "cma_es", steps: int = 100,
              key: jax.Array | None = None, **options) -> MinimizeResult:
-    """Minimise `fun(x) -> scalar` from `x0` for `steps` steps of `method` (see the module doc)."""
+    """Minimise `fun(x) -> scalar` from `x0` for `steps` steps of `method` (see the module doc).
+
+    The whole run is one jitted `lax.scan`; the best point is tracked inside it (for gradient-type
+    methods by evaluating `fun` at every iterate, one extra evaluation per step).
+    """
     if steps < 1:
         raise ValueError(f"minimize steps={steps} must be >= 1")
     key = jax.random.key(0) if key is None else key
     x0 = jax.tree.map(jnp.asarray, x0)
     opt = make_optimizer(method, x0, **options)
-    objective = _Objective(fun)
     k_init, k_run = jax.random.split(key)
     state = opt.init(k_init, x0)
+    best_x, best_f, history, nfev = _run(opt, _Objective(fun), state, x0, jax.random.split(k_run, steps))
+    return MinimizeResult(x=best_x, fun=float(best_f), history=np.asarray(history), nfev=int(nfev),
+                          method=method)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _run(opt, objective, state, x0, keys):
     is_strategy = isinstance(opt, EvosaxStrategy)
-    evaluate = jax.jit(fun)
-    best_x, best_f = x0, float(evaluate(x0))
-    history, nfev = [], 1
-    for t in range(steps):
-        state, metrics = opt.step(state, objective, None, jax.random.fold_in(k_run, t))
-        nfev += int(metrics["evaluations"])
+    f0 = objective(x0, None, None).astype(jnp.float32)
+
+    def body(carry, key):
+        state, best_x, best_f, nfev = carry
+        state, metrics = opt.step(state, objective, None, key)
+        cand = opt.solution(state)
         if is_strategy:
-            cand = opt.solution(state)
-            value = float(metrics["best_loss"])
+            value, extra = metrics["best_loss"].astype(jnp.float32), 0
         else:
-            cand = opt.solution(state)
-            value = float(evaluate(cand))
-            nfev += 1
-        if value < best_f:
-            best_x, best_f = cand, value
-        history.append(best_f)
-    return MinimizeResult(x=best_x, fun=best_f, history=np.asarray(history), nfev=nfev, method=method)
+            value, extra = objective(cand, None, None).astype(jnp.float32), 1
+        better = value < best_f
+        best_x = jax.tree.map(lambda c, b: jnp.where(better, c, b), cand, best_x)
+        best_f = jnp.where(better, value, best_f)
+        return (state, best_x, best_f, nfev + metrics["evaluations"] + extra), best_f
+
+    (_, best_x, best_f, nfev), history = jax.lax.scan(body, (state, x0, f0, jnp.int32(1)), keys)
+    return best_x, best_f, history, nfev
 
 
 @dataclasses.dataclass(frozen=True)

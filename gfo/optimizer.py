@@ -47,7 +47,7 @@ class Optimizer:
         grad, metrics = self.estimator(objective, state.x, batch, key)
         updates, opt_state = self.transform.update(grad, state.opt_state, state.x)
         x = optax.apply_updates(state.x, updates)
-        metrics = {**metrics, "update_norm": optax.global_norm(updates)}
+        metrics = {**metrics, "update_norm": optax.tree.norm(updates)}
         return OptState(x=x, opt_state=opt_state, step=state.step + 1), metrics
 
     def solution(self, state: OptState):

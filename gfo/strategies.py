@@ -20,6 +20,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import os
 from typing import Any, Callable
 
@@ -108,12 +109,18 @@ class EvosaxStrategy:
         if unknown:
             raise ValueError(f"{self.name} does not accept options {sorted(unknown)}; its constructor takes "
                              f"{sorted(_accepted(cls))}")
-        flat, _ = ravel_pytree(x0_template)
-        self.dim = int(flat.size)
+        required = {name for name, p in inspect.signature(cls.__init__).parameters.items()
+                    if p.default is inspect.Parameter.empty and p.kind is p.POSITIONAL_OR_KEYWORD
+                    and name not in ("self", "population_size", "solution")} - set(options)
+        if required:
+            raise ValueError(f"{self.name} needs options {sorted(required)} (constructor arguments without "
+                             f"defaults); pass them as options={{...}}")
+        self.dim = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(x0_template))
         if population < 2:
             raise ValueError(f"{self.name} population={population} must be >= 2")
         check_memory(self.name, population, self.dim, memory_limit or default_memory_limit())
         self.population = population
+        self.options = options
         self.algorithm = cls(population_size=population, solution=x0_template, **options)
         fields = {f.name for f in dataclasses.fields(self.algorithm.default_params)}
         unknown = set(params or {}) - fields
@@ -124,9 +131,25 @@ class EvosaxStrategy:
         self.batch_size = batch_size
         self.pop_sharding = pop_sharding
         self.distribution_based = isinstance(self.algorithm, DistributionBasedAlgorithm)
+        # SV_* algorithms run `num_populations` particles of `population` members each.
+        self.n_particles = getattr(self.algorithm, "num_populations", 0)
+        self.n_evaluations = getattr(self.algorithm, "total_population_size", population)
 
     def __repr__(self) -> str:
         return f"EvosaxStrategy({self.name!r}, population={self.population}, dim={self.dim})"
+
+    def _identity(self):
+        leaves = jax.tree_util.tree_flatten_with_path(self.algorithm.solution)[0]
+        template = tuple((jax.tree_util.keystr(p), tuple(v.shape), str(v.dtype)) for p, v in leaves)
+        return (self.name, self.population, template, tuple(sorted(self.options.items(), key=str)),
+                repr(sorted(self.params_overrides.items())), self.init_std, self.batch_size, self.pop_sharding)
+
+    # Equal configurations compare and hash equal, so jitted steps compile once per configuration.
+    def __eq__(self, other) -> bool:
+        return isinstance(other, EvosaxStrategy) and self._identity() == other._identity()
+
+    def __hash__(self) -> int:
+        return hash(self._identity())
 
     def _es_params(self):
         overrides = {k: (jnp.asarray(v) if isinstance(v, (int, float, list, tuple)) else v)
@@ -136,13 +159,18 @@ class EvosaxStrategy:
     def init(self, key: jax.Array, x0) -> StrategyState:
         es_params = self._es_params()
         k_init, k_pop = jax.random.split(key)
-        if self.distribution_based:
+        if self.distribution_based and self.n_particles:  # Stein variational: one mean per particle
+            means = jax.tree.map(lambda v: v[None] + self.init_std * jax.random.normal(
+                k_pop, (self.n_particles,) + v.shape, v.dtype), x0)
+            es_state = self.algorithm.init(k_init, means, es_params)
+            initial = None
+        elif self.distribution_based:
             es_state = self.algorithm.init(k_init, x0, es_params)
             initial = None
         else:
             flat, unravel = ravel_pytree(x0)
             noise = jax.random.normal(k_pop, (self.population, self.dim), flat.dtype)
-            pop = flat + self.init_std * noise
+            pop = flat[None, :] + self.init_std * noise
             if hasattr(es_params, "lower"):
                 pop = jnp.clip(pop, es_params.lower, es_params.upper)
             initial = jax.vmap(unravel)(pop)
@@ -158,17 +186,23 @@ class EvosaxStrategy:
             population = jax.tree.map(lambda a, b: jnp.where(state.step == 0, b, a),
                                       population, state.initial_population)
         losses = map_members(lambda i: objective(jax.tree.map(lambda p: p[i], population), batch, k_eval),
-                             self.population, self.batch_size, self.pop_sharding)
+                             self.n_evaluations, self.batch_size, self.pop_sharding)
         clean, bad = shaping.sanitize(losses)
-        es_state, es_metrics = self.algorithm.tell(k_tell, population, clean, es_state, state.es_params)
-        metrics = {"loss": jnp.mean(clean), "loss_min": jnp.min(clean), "best_loss": es_state.best_fitness,
-                   "nonfinite": bad, "evaluations": self.population}
+        if self.n_particles:  # SV_* `ask` returns [total, ...] but `tell` wants [particles, members, ...]
+            population = jax.tree.map(lambda p: p.reshape((self.n_particles, -1) + p.shape[1:]), population)
+        es_state, _ = self.algorithm.tell(k_tell, population, clean, es_state, state.es_params)
+        metrics = {"loss": jnp.mean(clean), "loss_min": jnp.min(clean),
+                   "best_loss": jnp.min(es_state.best_fitness),
+                   "nonfinite": bad, "evaluations": self.n_evaluations}
         return state.replace(es_state=es_state, step=state.step + 1), metrics
 
     def solution(self, state: StrategyState):
         """The best point evaluated so far (the archive of evosax's state)."""
-        return self.algorithm._unravel_solution(state.es_state.best_solution)
+        best = state.es_state.best_solution
+        if self.n_particles:  # one archive per particle
+            best = best[jnp.argmin(state.es_state.best_fitness)]
+        return self.algorithm._unravel_solution(best)
 
     def mean(self, state: StrategyState):
-        """The search distribution's mean (distribution-based algorithms)."""
+        """The search distribution's mean (distribution-based algorithms; one per particle for SV_*)."""
         return self.algorithm.get_mean(state.es_state)
