@@ -1,0 +1,80 @@
+"""Search spaces map points to model parameters and know their dimension."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from gfo import spaces
+from models.linear import LowRankKernel
+
+
+def test_full_space_round_trips_and_filters(tiny_model):
+    model, params = tiny_model
+    full = spaces.Full(params)
+    x = full.init(jax.random.key(0))
+    assert full.dim == model.num_params(params)
+    jax.tree.map(np.testing.assert_array_equal, full.to_params(x), params)
+    attn = spaces.Full(params, filter=r"attn/(q|v)/kernel")
+    x = attn.init(None)
+    assert sorted(x) == ["layers_0/attn/q/kernel", "layers_0/attn/v/kernel", "layers_1/attn/q/kernel",
+                         "layers_1/attn/v/kernel"]
+    moved = attn.to_params({k: v + 1.0 for k, v in x.items()})
+    np.testing.assert_array_equal(moved["layers_1"]["attn"]["q"]["kernel"], params["layers_1"]["attn"]["q"]["kernel"] + 1)
+    np.testing.assert_array_equal(moved["layers_1"]["attn"]["k"]["kernel"], params["layers_1"]["attn"]["k"]["kernel"])
+    with pytest.raises(ValueError, match="selects no parameter"):
+        spaces.Full(params, filter="no_such_layer")
+
+
+def test_full_space_accepts_lowrank_leaves(tiny_model):
+    model, params = tiny_model
+    full = spaces.Full(params, filter="mlp")
+    x = full.init(None)
+    name = next(k for k in x if x[k].ndim == 2)
+    kernel = LowRankKernel(x[name], jnp.ones((x[name].shape[0], 1)), jnp.ones((x[name].shape[1], 1)), 0.01)
+    tokens = jnp.arange(8)[None]
+    low = model.apply(full.to_params({**x, name: kernel}), tokens)
+    dense = model.apply(full.to_params({**x, name: kernel.dense()}), tokens)
+    np.testing.assert_allclose(low, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_and_prompt_spaces(tiny_model):
+    model, params = tiny_model
+    tokens = jnp.arange(6)[None]
+    lora = spaces.LoRA(params, rank=2, targets=("q", "v"))
+    x = lora.init(jax.random.key(0))
+    d = model.config.d_model
+    kv = model.config.kv_heads * model.config.dim_per_head
+    assert lora.dim == model.config.n_layers * (2 * d * 2 + (d + kv) * 2)  # a: d×r, b: d_out×r for q and v
+    np.testing.assert_array_equal(model.apply(lora.to_params(x), tokens), model.apply(params, tokens))
+    prompt = spaces.Prompt(params, n_tokens=3)
+    p = prompt.init(jax.random.key(1))
+    assert prompt.dim == 3 * d
+    assert model.apply(prompt.to_params(p), tokens).shape == (1, 6, model.config.vocab_size)
+
+
+def test_subspace_stored_and_regenerated_projections_agree(tiny_model):
+    model, params = tiny_model
+    inner = spaces.Full(params, filter="layers_0")
+    stored = spaces.Subspace(inner, dim=8, key=jax.random.key(3), block=1000)
+    regenerated = spaces.Subspace(inner, dim=8, key=jax.random.key(3), block=1000, max_stored=0)
+    assert stored.stored and not regenerated.stored and stored.dim == 8
+    z = jax.random.normal(jax.random.key(4), (8,))
+    a, b = stored.to_params(z), jax.jit(regenerated.to_params)(z)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6), a, b)
+    jax.tree.map(np.testing.assert_array_equal, stored.to_params(stored.init(None)), params)  # z = 0 is x0
+    # the projection has the documented scale: entries N(0, 1/dim)
+    delta = np.concatenate([np.ravel(v - w) for v, w in zip(jax.tree.leaves(stored.to_params(jnp.eye(8)[0])),
+                                                             jax.tree.leaves(params))])
+    moved = delta[delta != 0]
+    assert abs(moved.std() - 8 ** -0.5) < 0.02
+
+
+def test_subspace_of_a_prompt_space(tiny_model):
+    model, params = tiny_model
+    sub = spaces.Subspace(spaces.Prompt(params, 4), dim=5, key=jax.random.key(0))
+    out = sub.to_params(jnp.ones(5))
+    assert out["soft_prompt"].shape == (4, model.config.d_model)
