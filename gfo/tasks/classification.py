@@ -1,0 +1,120 @@
+"""Few-shot prompt classification through label words, the way MeZO fine-tunes (Gao et al. 2021).
+
+Each example is rendered as `template.format(text=...)` (default `"{text} It was"`) and each class is a
+label word (default `" great"` / `" terrible"`); the class score is the summed log-probability of the
+label word's tokens after the prompt, and prediction is the arg-max over classes. Training uses a
+fixed k-shot set (`k` examples per class), evaluation a disjoint set. Built-in data: sentences
+synthesised from class-specific lexicons plus neutral words; or `data_path`, a JSONL file (or a
+`datasets` directory) of `{"text": str, "label": int}`. Objectives: `cross_entropy` over the class
+scores, `neg_accuracy`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gfo.tasks.base import Task
+from gfo.tasks.loaders import DataError, read_records
+
+LEXICONS = (
+    ("good", "great", "lovely", "superb", "fine", "brilliant", "fun", "charming"),
+    ("bad", "awful", "boring", "dull", "poor", "terrible", "weak", "messy"),
+)
+NEUTRAL = ("the", "film", "was", "a", "plot", "and", "with", "story", "very", "acting", "cast", "of")
+
+
+class PromptClassification(Task):
+    name = "prompt_classification"
+    objectives = ("cross_entropy", "neg_accuracy")
+    default_objective = "cross_entropy"
+
+    def __init__(self, k: int = 16, template: str = "{text} It was",
+                 label_words: tuple[str, ...] = (" great", " terrible"), data_path: str | None = None,
+                 max_prompt_tokens: int = 64, **kw):
+        super().__init__(**kw)
+        if "{text}" not in template:
+            raise ValueError(f"prompt_classification template={template!r} must contain '{{text}}'")
+        self.template, self.label_words, self.k = template, tuple(label_words), k
+        self.max_prompt_tokens = max_prompt_tokens
+        rng = np.random.default_rng([self.seed, 11])
+        if data_path is None:
+            if len(self.label_words) != len(LEXICONS):
+                raise ValueError(f"built-in data has {len(LEXICONS)} classes; got {len(self.label_words)} label words")
+            pool = [(self._synthesise(rng, c), c) for c in range(len(LEXICONS)) for _ in range(k + self.eval_size)]
+        else:
+            records = read_records(data_path, {"text": str, "label": int})
+            for i, r in enumerate(records):
+                if not 0 <= r["label"] < len(self.label_words):
+                    raise DataError(f"{data_path}: record {i} has label {r['label']}; expected 0.."
+                                    f"{len(self.label_words) - 1} (one per label word)")
+            pool = [(r["text"], r["label"]) for r in records]
+        order = rng.permutation(len(pool))
+        train, rest = [], []
+        counts = [0] * len(self.label_words)
+        for i in order:
+            text, label = pool[i]
+            if counts[label] < k:
+                train.append(pool[i])
+                counts[label] += 1
+            else:
+                rest.append(pool[i])
+        if min(counts) < k:
+            raise DataError(f"prompt_classification k={k}: some class has only {min(counts)} examples")
+        self.train_set, self.eval_set = train, rest[: self.eval_size]
+        tok = self.tokenizer
+        label_ids = [tok.encode(w) for w in self.label_words]
+        L = max(len(ids) for ids in label_ids)
+        self.label_tokens = np.full((len(label_ids), L), tok.pad_id, np.int32)
+        self.label_mask = np.zeros((len(label_ids), L), np.int32)
+        for c, ids in enumerate(label_ids):
+            self.label_tokens[c, :len(ids)], self.label_mask[c, :len(ids)] = ids, 1
+
+    @staticmethod
+    def _synthesise(rng, label: int) -> str:
+        words = list(rng.choice(NEUTRAL, size=int(rng.integers(3, 6))))
+        for _ in range(int(rng.integers(1, 3))):
+            words.insert(int(rng.integers(0, len(words) + 1)), str(rng.choice(LEXICONS[label])))
+        return " ".join(words) + "."
+
+    def _batch(self, examples):
+        prompts = [self.template.format(text=t) for t, _ in examples]
+        ids = [self.tokenizer.encode(p)[-self.max_prompt_tokens:] for p in prompts]
+        T = max(len(i) for i in ids)
+        prompt = np.full((len(ids), T), self.tokenizer.pad_id, np.int32)
+        mask = np.zeros((len(ids), T), np.int32)
+        for r, i in enumerate(ids):
+            prompt[r, T - len(i):], mask[r, T - len(i):] = i, 1
+        return {"prompt": prompt, "prompt_mask": mask, "label": np.asarray([y for _, y in examples], np.int32)}
+
+    def train_batch(self, step):
+        rng = self.rng("train", step)
+        return self._batch([self.train_set[i] for i in rng.integers(0, len(self.train_set), self.batch_size)])
+
+    def eval_batches(self):
+        return [self._batch(self.eval_set[i:i + self.batch_size]) for i in range(0, len(self.eval_set), self.batch_size)]
+
+    def class_scores(self, model, params, batch) -> jax.Array:
+        """`[B, C]` summed log-probabilities of each class's label word after the prompt."""
+        B, P = batch["prompt"].shape
+        C, L = self.label_tokens.shape
+        seq = jnp.concatenate([jnp.repeat(batch["prompt"], C, axis=0), jnp.tile(self.label_tokens, (B, 1))], axis=1)
+        mask = jnp.concatenate([jnp.repeat(batch["prompt_mask"], C, axis=0), jnp.tile(self.label_mask, (B, 1))], axis=1)
+        logits = model.apply(params, seq[:, :-1], mask[:, :-1])[:, P - 1:]
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), seq[:, P:, None], axis=-1)[..., 0]
+        return jnp.sum(logp * jnp.tile(self.label_mask, (B, 1)), axis=1).reshape(B, C)
+
+    def _objective(self, name, model, to_params):
+        if name == "cross_entropy":
+            def loss(x, batch, key):
+                scores = self.class_scores(model, to_params(x), batch)
+                return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(scores), batch["label"][:, None], 1))
+            return loss
+        return lambda x, batch, key: -self.metrics(model, to_params(x), batch, key)["accuracy"]
+
+    def metrics(self, model, params, batch, key):
+        scores = self.class_scores(model, params, batch)
+        ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(scores), batch["label"][:, None], 1))
+        return {"accuracy": jnp.mean((jnp.argmax(scores, axis=1) == batch["label"]).astype(jnp.float32)),
+                "cross_entropy": ce}

@@ -1,0 +1,77 @@
+"""Language modelling on a corpus sampled from a random probabilistic context-free grammar.
+
+The grammar is drawn from the task seed: `n_nonterminals` symbols, each with `n_rules` productions of
+1–4 symbols (a nonterminal with probability `recursion`, else a word), rule probabilities from a
+Dirichlet, and a lexicon of `n_words` pronounceable words. Sentences (depth-limited) are packed,
+separated by ". ", into windows of `seq_len + 1` bytes. Objective `cross_entropy`; metrics
+`cross_entropy` (nats/token) and `perplexity`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gfo.tasks.base import Task
+
+
+class GrammarLM(Task):
+    name = "grammar_lm"
+    objectives = ("cross_entropy",)
+    default_objective = "cross_entropy"
+
+    def __init__(self, seq_len: int = 64, n_nonterminals: int = 6, n_rules: int = 4, n_words: int = 24,
+                 recursion: float = 0.45, max_depth: int = 5, **kw):
+        if seq_len < 2:
+            raise ValueError(f"grammar_lm seq_len={seq_len} must be >= 2")
+        self.seq_len, self.max_depth = seq_len, max_depth
+        super().__init__(**kw)
+        g = np.random.default_rng([self.seed, 7])
+        consonants, vowels = list("bdfgklmnprstvz"), list("aeiou")
+        self.words = ["".join(g.choice(consonants) + g.choice(vowels) for _ in range(int(g.integers(1, 4))))
+                      for _ in range(n_words)]
+        self.rules = []  # per nonterminal: (list of productions, probabilities)
+        for _ in range(n_nonterminals):
+            productions = []
+            for _ in range(n_rules):
+                length = int(g.integers(1, 5))
+                productions.append([("N", int(g.integers(n_nonterminals))) if g.random() < recursion
+                                    else ("W", int(g.integers(n_words))) for _ in range(length)])
+            self.rules.append((productions, g.dirichlet(np.ones(n_rules))))
+
+    def sentence(self, rng: np.random.Generator) -> str:
+        words: list[str] = []
+
+        def expand(symbol: int, depth: int):
+            productions, probs = self.rules[symbol]
+            for kind, value in productions[rng.choice(len(productions), p=probs)]:
+                if kind == "W":
+                    words.append(self.words[value])
+                elif depth < self.max_depth:
+                    expand(value, depth + 1)
+
+        expand(0, 0)
+        return " ".join(words) or self.words[0]
+
+    def make_batch(self, rng, size):
+        rows = []
+        for _ in range(size):
+            text = ""
+            while len(text) < self.seq_len + 1:
+                text += self.sentence(rng) + ". "
+            rows.append(self.tokenizer.encode(text)[: self.seq_len + 1])
+        return {"tokens": np.asarray(rows, np.int32)}
+
+    def _objective(self, name, model, to_params):
+        return lambda x, batch, key: next_token_loss(model, to_params(x), batch["tokens"])
+
+    def metrics(self, model, params, batch, key):
+        ce = next_token_loss(model, params, batch["tokens"])
+        return {"cross_entropy": ce, "perplexity": jnp.exp(ce)}
+
+
+def next_token_loss(model, params, tokens):
+    """Mean next-token cross-entropy (nats) of `tokens: [B, T+1]`."""
+    logits = model.apply(params, tokens[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()

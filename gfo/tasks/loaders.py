@@ -1,0 +1,82 @@
+"""Readers for real data on disk: plain text, JSON Lines, and `datasets.load_from_disk` directories.
+
+Malformed input is an error naming the file, the line and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable
+
+
+class DataError(ValueError):
+    """A data file that cannot be read as the task expects."""
+
+
+def read_text(path: str) -> str:
+    if not os.path.isfile(path):
+        raise DataError(f"text file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text:
+        raise DataError(f"text file {path!r} is empty")
+    return text
+
+
+def read_jsonl(path: str, fields: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
+    """Records of a JSON Lines file, each an object with at least `fields` (name → expected type)."""
+    if not os.path.isfile(path):
+        raise DataError(f"JSONL file {path!r} does not exist")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}); expected one object per line "
+                                f"with fields {sorted(fields)}") from None
+            records.append(_check_record(record, fields, f"{path}:{line_no}"))
+    if not records:
+        raise DataError(f"JSONL file {path!r} has no records")
+    return records
+
+
+def read_records(path: str, fields: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
+    """JSONL file, or a Hugging Face `datasets` directory saved with `save_to_disk` (train split)."""
+    if os.path.isdir(path):
+        try:
+            import datasets
+        except ImportError:
+            raise DataError(f"{path!r} is a directory: reading it needs the `datasets` package "
+                            "(pip install datasets), or pass a .jsonl file") from None
+        data = datasets.load_from_disk(path)
+        if isinstance(data, datasets.DatasetDict):
+            if "train" not in data:
+                raise DataError(f"{path!r}: dataset dict without a 'train' split (has {list(data)})")
+            data = data["train"]
+        return [_check_record(dict(r), fields, f"{path}[{i}]") for i, r in enumerate(data)]
+    return read_jsonl(path, fields)
+
+
+def _check_record(record, fields, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with fields {sorted(fields)}, got {type(record).__name__}")
+    for name, kind in fields.items():
+        if name not in record:
+            raise DataError(f"{where}: missing field {name!r}; expected fields {sorted(fields)}")
+        if not isinstance(record[name], kind):
+            expected = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise DataError(f"{where}: field {name!r} is {type(record[name]).__name__}, expected {expected}")
+    return record
+
+
+def check_same_length(record: dict, a: str, b: str, where: str) -> None:
+    if len(record[a]) != len(record[b]):
+        raise DataError(f"{where}: {a!r} has {len(record[a])} items but {b!r} has {len(record[b])}")
+
+
+def cycle(items: list, rng, size: int) -> Iterable:
+    return [items[i] for i in rng.integers(0, len(items), size=size)]

@@ -1,0 +1,134 @@
+"""Prompt → completion tasks scored on the completion: arithmetic, sort, reverse (and countdown).
+
+Batch: `prompt` [B, P] left-padded ids with `prompt_mask`, `target` [B, A] ids of the reference
+completion followed by the end token, right-padded, with `target_mask`. Objectives:
+- `cross_entropy`: teacher-forced next-token loss on the target tokens (differentiable);
+- `neg_exact_match`: greedy decoding of `A` tokens compared with the target (`−accuracy`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import models
+from gfo.tasks.base import Task
+
+
+class CompletionTask(Task):
+    objectives = ("cross_entropy", "neg_exact_match")
+    default_objective = "cross_entropy"
+    max_answer_tokens = 8
+
+    def example(self, rng: np.random.Generator) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def make_batch(self, rng, size):
+        tok = self.tokenizer
+        pairs = [self.example(rng) for _ in range(size)]
+        prompt, prompt_mask = tok.batch_encode([p for p, _ in pairs], length=self.max_prompt_tokens)
+        A = self.max_answer_tokens + 1
+        target = np.full((size, A), tok.pad_id, np.int32)
+        target_mask = np.zeros((size, A), np.int32)
+        for row, (_, answer) in enumerate(pairs):
+            ids = tok.encode(answer)[: self.max_answer_tokens] + [tok.eos_id]
+            target[row, :len(ids)] = ids
+            target_mask[row, :len(ids)] = 1
+        return {"prompt": prompt, "prompt_mask": prompt_mask, "target": target, "target_mask": target_mask}
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        raise NotImplementedError
+
+    def _objective(self, name, model, to_params) -> Callable:
+        if name == "cross_entropy":
+            return lambda x, batch, key: teacher_forced_loss(model, to_params(x), batch)
+        return lambda x, batch, key: -exact_match(model, to_params(x), batch, self.tokenizer.eos_id)
+
+    def metrics(self, model, params, batch, key):
+        return {"cross_entropy": teacher_forced_loss(model, params, batch),
+                "exact_match": exact_match(model, params, batch, self.tokenizer.eos_id)}
+
+
+def teacher_forced_loss(model: models.TransformerLM, params, batch: dict) -> jax.Array:
+    """Mean cross-entropy of the target tokens given the prompt (and the target's own prefix)."""
+    P = batch["prompt"].shape[1]
+    seq = jnp.concatenate([batch["prompt"], batch["target"]], axis=1)
+    mask = jnp.concatenate([batch["prompt_mask"], batch["target_mask"]], axis=1)
+    logits = model.apply(params, seq[:, :-1], mask[:, :-1])[:, P - 1:]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target"])
+    weights = batch["target_mask"].astype(jnp.float32)
+    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def exact_match(model: models.TransformerLM, params, batch: dict, eos_id: int) -> jax.Array:
+    """Fraction of rows whose greedy completion reproduces the target up to and including its end."""
+    A = batch["target"].shape[1]
+    out = models.generate(model, params, batch["prompt"], batch["prompt_mask"], jax.random.key(0), A,
+                          temperature=0.0, stop_tokens=(eos_id,))
+    mask = batch["target_mask"].astype(bool)
+    match = jnp.all((out.tokens == batch["target"]) | ~mask, axis=1)
+    return jnp.mean(match.astype(jnp.float32))
+
+
+class Arithmetic(CompletionTask):
+    """`"47+385="` → `"432"`: multi-digit addition (or multiplication) with `digits`-digit operands."""
+
+    name = "arithmetic"
+
+    def __init__(self, digits: int = 2, operation: str = "+", **kw):
+        if operation not in ("+", "*"):
+            raise ValueError(f"arithmetic operation={operation!r}: expected '+' or '*'")
+        if not 1 <= digits <= 9:
+            raise ValueError(f"arithmetic digits={digits}: expected 1..9")
+        self.digits, self.operation = digits, operation
+        self.max_answer_tokens = 2 * digits if operation == "*" else digits + 1
+        super().__init__(**kw)
+
+    @property
+    def max_prompt_tokens(self):
+        return 2 * self.digits + 2
+
+    def example(self, rng):
+        a, b = (int(v) for v in rng.integers(0, 10 ** self.digits, size=2))
+        return f"{a}{self.operation}{b}=", str(a + b if self.operation == "+" else a * b)
+
+
+class _SymbolSequence(CompletionTask):
+    """`"<symbols>:"` → a transformation of the symbols (`length` letters from `alphabet`)."""
+
+    def __init__(self, length: int = 5, alphabet: str = "abcdefgh", **kw):
+        if length < 1 or not alphabet:
+            raise ValueError(f"{self.name}: length={length} must be >= 1 and alphabet non-empty")
+        self.length, self.alphabet = length, alphabet
+        self.max_answer_tokens = length
+        super().__init__(**kw)
+
+    @property
+    def max_prompt_tokens(self):
+        return self.length + 1
+
+    def example(self, rng):
+        symbols = "".join(rng.choice(list(self.alphabet), size=self.length))
+        return symbols + ":", self.transform(symbols)
+
+    def transform(self, symbols: str) -> str:
+        raise NotImplementedError
+
+
+class Sort(_SymbolSequence):
+    name = "sort"
+
+    def transform(self, symbols):
+        return "".join(sorted(symbols))
+
+
+class Reverse(_SymbolSequence):
+    name = "reverse"
+
+    def transform(self, symbols):
+        return symbols[::-1]

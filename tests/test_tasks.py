@@ -1,0 +1,97 @@
+"""Built-in tasks: deterministic data, objectives that agree with metrics, loaders with clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from gfo.tasks import TASKS
+from gfo.tasks.loaders import DataError
+from gfo.tasks.tagging import Tagging, entities, entity_report
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = models.TransformerLM(models.tiny("gpt2", d_model=32, n_layers=1, n_heads=2))
+    return m, m.init(jax.random.key(0))
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_task_batches_are_deterministic_and_objectives_match_metrics(name, model):
+    m, params = model
+    task = TASKS[name](seed=3, batch_size=4, eval_size=8)
+    a, b, c = task.train_batch(5), task.train_batch(5), task.train_batch(6)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+    assert sum(len(next(iter(e.values()))) for e in task.eval_batches()) == 8
+    metrics = jax.tree.map(float, task.metrics(m, params, a, jax.random.key(0)))
+    assert all(np.isfinite(v) for v in metrics.values()), metrics
+    for objective in task.objectives:
+        loss = float(jax.jit(task.objective(objective, m, lambda x: x))(params, a, jax.random.key(0)))
+        assert np.isfinite(loss)
+        mirror = {"cross_entropy": metrics.get("cross_entropy"), "neg_exact_match": -metrics.get("exact_match", 0),
+                  "neg_accuracy": -metrics.get("accuracy", 0), "neg_f1": -metrics.get("f1", 0),
+                  "neg_reward": -metrics.get("reward", 0)}[objective]
+        assert loss == pytest.approx(mirror, rel=1e-4, abs=1e-5), (name, objective)
+    with pytest.raises(ValueError, match="has no objective 'accuracy'"):
+        task.objective("accuracy", m, lambda x: x)
+
+
+def test_completion_tasks_render_correct_references():
+    tok = models.ByteTokenizer()
+    arith = TASKS["arithmetic"](digits=3, batch_size=8)
+    batch = arith.train_batch(0)
+    for p, pm, t, tm in zip(batch["prompt"], batch["prompt_mask"], batch["target"], batch["target_mask"]):
+        prompt, answer = tok.decode(p[pm == 1]), tok.decode(t[tm == 1])
+        a, b = prompt[:-1].split("+")
+        assert int(answer) == int(a) + int(b) and t[tm == 1][-1] == tok.eos_id
+    batch = TASKS["sort"](length=6, batch_size=4).train_batch(0)
+    for p, pm, t, tm in zip(batch["prompt"], batch["prompt_mask"], batch["target"], batch["target_mask"]):
+        assert tok.decode(t[tm == 1]) == "".join(sorted(tok.decode(p[pm == 1])[:-1]))
+    cd = TASKS["countdown"](n_numbers=4, batch_size=4)
+    batch = cd.train_batch(1)
+    from gfo.tasks.countdown_reward import reward
+    for t, tm, nums, target in zip(batch["target"], batch["target_mask"], batch["numbers"], batch["target_value"]):
+        reference = tok.decode(t[tm == 1])
+        assert reward(reference, nums.tolist(), float(target)) == pytest.approx(1.1)
+
+
+def test_entity_report_matches_hand_counts():
+    assert entities(["B-PER", "I-PER", "O", "I-LOC", "B-LOC"]) == {("PER", 0, 2), ("LOC", 3, 4), ("LOC", 4, 5)}
+    true = [["B-PER", "I-PER", "O", "B-LOC"], ["B-LOC", "O", "B-PER"]]
+    pred = [["B-PER", "I-PER", "O", "O"], ["B-LOC", "O", "B-LOC"]]
+    r = entity_report(true, pred)
+    assert r["PER"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
+    assert r["LOC"]["precision"] == 0.5 and r["LOC"]["recall"] == 0.5 and r["LOC"]["support"] == 2
+    assert r["micro"]["precision"] == pytest.approx(2 / 3) and r["micro"]["recall"] == 0.5
+    assert r["macro"]["f1"] == pytest.approx((2 / 3 + 0.5) / 2)
+    assert r["weighted"]["f1"] == pytest.approx((2 / 3 * 2 + 0.5 * 2) / 4)
+
+
+def test_loaders_read_real_files_and_name_bad_lines(tmp_path, model):
+    m, params = model
+    good = tmp_path / "cls.jsonl"
+    lines = [{"text": f"{w} movie", "label": i % 2} for i, w in enumerate(["good", "bad"] * 20)]
+    good.write_text("\n".join(json.dumps(r) for r in lines))
+    task = TASKS["prompt_classification"](data_path=str(good), k=4, batch_size=4, eval_size=8)
+    assert len(task.train_set) == 8 and len(task.eval_set) == 8
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(lines[0]) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        TASKS["prompt_classification"](data_path=str(bad), k=1)
+    bad.write_text(json.dumps({"text": "x", "label": "pos"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'label' is str, expected int"):
+        TASKS["prompt_classification"](data_path=str(bad), k=1)
+    tags = tmp_path / "tags.jsonl"
+    tags.write_text(json.dumps({"tokens": ["ada", "in", "rome"], "tags": ["B-PER", "O", "B-LOC"]}) + "\n"
+                    + json.dumps({"tokens": ["x"], "tags": ["O", "O"]}) + "\n")
+    with pytest.raises(DataError, match=r"'tokens' has 1 items but 'tags' has 2"):
+        Tagging(data_path=str(tags))
+    with pytest.raises(DataError, match="does not exist"):
+        Tagging(data_path=str(tmp_path / "missing.jsonl"))
