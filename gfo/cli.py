@@ -1,20 +1,69 @@
-"""The `gfo` command line: `gfo [demo] [...]`."""
+"""The `gfo` command line.
+
+    gfo train [CONFIG] [--set key=value ...]   run or resume (no CONFIG: the embedded quickstart)
+    gfo eval RUN_DIR                           evaluate a run's latest checkpoint
+    gfo report RUN_DIR... [--out DIR]          side-by-side table (and curves) of several runs
+    gfo demo                                   the model demo (train, save/load, generate)
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-COMMANDS = {"demo": "gfo.demo"}
+
+def _train(argv):
+    from gfo.config import load_config
+    from gfo.train import train
+
+    p = argparse.ArgumentParser(prog="gfo train")
+    p.add_argument("config", nargs="?", help="YAML config (default: the embedded quickstart)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = p.parse_args(argv)
+    train(load_config(args.config, args.overrides))
+
+
+def _eval(argv):
+    from gfo.evaluate import evaluate_run
+
+    p = argparse.ArgumentParser(prog="gfo eval")
+    p.add_argument("run_dir")
+    args = p.parse_args(argv)
+    evaluate_run(args.run_dir)
+
+
+def _report(argv):
+    from gfo.report import compare
+
+    p = argparse.ArgumentParser(prog="gfo report")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default=None, help="directory for report.md and curves.png")
+    args = p.parse_args(argv)
+    print(compare(args.run_dirs, args.out))
+
+
+def _demo(argv):
+    from gfo import demo
+
+    demo.main(argv)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "report": _report, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and not argv[0].startswith("-") else "demo"
+    command = argv.pop(0) if argv and not argv[0].startswith("-") else "train"
     if command not in COMMANDS:
         raise SystemExit(f"gfo: unknown command {command!r}; expected one of {sorted(COMMANDS)}")
-    import importlib
+    from gfo.config import ConfigError
+    from gfo.tasks.loaders import DataError
+    from gfo.train import CheckpointError, DivergenceError
 
-    importlib.import_module(COMMANDS[command]).main(argv)
+    try:
+        COMMANDS[command](argv)
+    except (ConfigError, DataError, CheckpointError, DivergenceError, FileNotFoundError) as e:
+        raise SystemExit(f"gfo {command}: {e}") from None
 
 
 if __name__ == "__main__":

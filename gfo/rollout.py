@@ -5,8 +5,11 @@ them with `reward_fn`, and offers
 - `__call__(x, batch, key)`: the loss `−mean reward` (for ES, SPSA, evosax: any loss-minimiser);
 - `sample` / `log_prob`: the `RewardObjective` protocol of `gfo.estimators.PolicyGradient`.
 
-`reward_fn(completions [N, T] int32, lengths [N] int32) -> [N] float32` is a JAX function; a reward
-written in Python on decoded strings is wrapped with `host_reward` (a `jax.pure_callback`).
+Batch: a dict with `prompt` [B, T] and `prompt_mask` [B, T] (left-padded, `Tokenizer.batch_encode`)
+and any per-prompt fields (e.g. countdown's `numbers`, `target_value`). `reward_fn(completions [N, L]
+int32, lengths [N] int32, rows) -> [N] float32` is a JAX function, where `rows` holds the batch's
+per-prompt fields repeated for each of the `G` completions (`N = B·G`); a reward written in Python on
+decoded strings is wrapped with `host_reward` (a `jax.pure_callback`).
 """
 
 from __future__ import annotations
@@ -27,24 +30,25 @@ class Rollout(NamedTuple):
     reward: jax.Array  # [B, G]
 
 
-def host_reward(fn: Callable[[np.ndarray, np.ndarray], np.ndarray]):
-    """Wrap a NumPy/Python reward `(tokens [N, T], lengths [N]) -> [N]` as a jittable JAX function."""
+def host_reward(fn: Callable[..., np.ndarray]):
+    """Wrap a NumPy/Python reward `(tokens [N, L], lengths [N], rows) -> [N]` as a jittable function."""
 
-    def reward(tokens, lengths):
+    def reward(tokens, lengths, rows):
         out = jax.ShapeDtypeStruct((tokens.shape[0],), jnp.float32)
-        return jax.pure_callback(lambda t, n: np.asarray(fn(np.asarray(t), np.asarray(n)), np.float32),
-                                 out, tokens, lengths, vmap_method="sequential")
+        host = lambda t, n, r: np.asarray(fn(np.asarray(t), np.asarray(n), jax.tree.map(np.asarray, r)),  # noqa
+                                          np.float32)
+        return jax.pure_callback(host, out, tokens, lengths, rows, vmap_method="sequential")
 
     return reward
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class GenerationReward:
-    """Batch: `(prompt_ids [B, T], prompt_mask [B, T])`, left-padded (`Tokenizer.batch_encode`)."""
+    """Sampled completions of a prompt batch, scored by `reward_fn` (see the module doc)."""
 
     model: models.TransformerLM
     to_params: Callable[[Any], Any]  # the space's x -> model parameters
-    reward_fn: Callable[[jax.Array, jax.Array], jax.Array]
+    reward_fn: Callable[[jax.Array, jax.Array, dict], jax.Array]
     max_new_tokens: int
     group_size: int = 4
     temperature: float = 1.0
@@ -54,17 +58,16 @@ class GenerationReward:
     reference: Any = None  # x of the KL reference (policy gradient), e.g. the starting point
 
     def sample(self, x, batch, key) -> Rollout:
-        ids, mask = batch
-        B, G = ids.shape[0], self.group_size
-        out = models.generate(self.model, self.to_params(x), jnp.repeat(ids, G, axis=0),
-                              jnp.repeat(mask, G, axis=0), key, self.max_new_tokens, self.temperature,
-                              self.top_k, self.top_p, self.stop_tokens)
-        reward = self.reward_fn(out.tokens, out.lengths)
+        B, G = batch["prompt"].shape[0], self.group_size
+        rows = jax.tree.map(lambda v: jnp.repeat(v, G, axis=0), batch)
+        out = models.generate(self.model, self.to_params(x), rows["prompt"], rows["prompt_mask"], key,
+                              self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.stop_tokens)
+        reward = self.reward_fn(out.tokens, out.lengths, rows)
         return Rollout(out.tokens.reshape(B, G, -1), out.lengths.reshape(B, G), reward.reshape(B, G))
 
     def log_prob(self, x, batch, rollout: Rollout) -> jax.Array:
         """Summed log-probabilities `[B, G]` of the completions (teacher forcing, differentiable)."""
-        ids, mask = batch
+        ids, mask = batch["prompt"], batch["prompt_mask"]
         B, G, N = rollout.tokens.shape
         prompt = jnp.repeat(ids, G, axis=0)
         seq = jnp.concatenate([prompt, rollout.tokens.reshape(B * G, N)], axis=1)

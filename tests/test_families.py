@@ -79,9 +79,9 @@ def test_policy_gradient_raises_a_reward_on_generated_text(lm_problem):
     model, params, _ = lm_problem
     tok = models.ByteTokenizer()
     ids, mask = tok.batch_encode(["ab", "xyz"])
-    batch = (jnp.asarray(ids), jnp.asarray(mask))
+    batch = {"prompt": jnp.asarray(ids), "prompt_mask": jnp.asarray(mask)}
     space = spaces.Full(params)
-    ascii_fraction = lambda t, n: jnp.mean((t < 128).astype(jnp.float32), axis=1)  # noqa: E731
+    ascii_fraction = lambda t, n, rows: jnp.mean((t < 128).astype(jnp.float32), axis=1)  # noqa: E731
     train = GenerationReward(model, space.to_params, ascii_fraction, max_new_tokens=6, group_size=8,
                              reference=space.init(None))
     evaluate = GenerationReward(model, space.to_params, ascii_fraction, max_new_tokens=6, group_size=32)
@@ -99,17 +99,17 @@ def test_host_reward_on_decoded_text_matches_the_jax_reward(lm_problem):
     ids, mask = tok.batch_encode(["ab"])
     space = spaces.Full(params)
 
-    def count_vowels(tokens, lengths):  # plain Python on decoded strings
+    def count_vowels(tokens, lengths, rows):  # plain Python on decoded strings
         return np.array([sum(c in "aeiou" for c in tok.decode(t[:n])) for t, n in zip(tokens, lengths)], np.float32)
 
-    def count_vowels_jax(tokens, lengths):
+    def count_vowels_jax(tokens, lengths, rows):
         vowels = jnp.isin(tokens, jnp.array([ord(c) for c in "aeiou"]))
         return jnp.sum(vowels & (jnp.arange(tokens.shape[1]) < lengths[:, None]), axis=1).astype(jnp.float32)
 
     kw = dict(max_new_tokens=8, group_size=16)
     a = GenerationReward(model, space.to_params, host_reward(count_vowels), **kw)
     b = GenerationReward(model, space.to_params, count_vowels_jax, **kw)
-    batch = (jnp.asarray(ids), jnp.asarray(mask))
+    batch = {"prompt": jnp.asarray(ids), "prompt_mask": jnp.asarray(mask)}
     key = jax.random.key(3)
     assert float(jax.jit(a, static_argnums=())(space.init(None), batch, key)) == float(b(space.init(None), batch, key))
 

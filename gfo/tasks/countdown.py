@@ -74,9 +74,15 @@ class Countdown(CompletionTask):
         """Rewards `[B]` of completions (greedy when temperature is 0) and whether each was correct."""
         out = models.generate(model, params, batch["prompt"], batch["prompt_mask"], key, self.max_answer_tokens,
                               temperature=self.temperature, stop_tokens=(self.tokenizer.eos_id,))
-        shapes = (jax.ShapeDtypeStruct(out.lengths.shape, jnp.float32),) * 2
-        return jax.pure_callback(self._host_rewards, shapes, out.tokens, out.lengths, batch["numbers"],
-                                 batch["target_value"], vmap_method="sequential")
+        return self.completion_rewards(out.tokens, out.lengths, batch, with_correct=True)
+
+    def completion_rewards(self, tokens, lengths, rows, with_correct: bool = False):
+        """Rewards `[N]` of completions `tokens [N, L]` of the prompts in `rows` (a `reward_fn` for
+        `gfo.rollout.GenerationReward`); with `with_correct`, also whether each answer was right."""
+        shapes = (jax.ShapeDtypeStruct(lengths.shape, jnp.float32),) * 2
+        reward, correct = jax.pure_callback(self._host_rewards, shapes, tokens, lengths, rows["numbers"],
+                                            rows["target_value"], vmap_method="sequential")
+        return (reward, correct) if with_correct else reward
 
     def _host_rewards(self, tokens, lengths, numbers, targets):
         rewards, correct = [], []

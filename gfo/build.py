@@ -1,0 +1,115 @@
+"""From a validated config to the four axes: model, space, optimizer, task (and its objective)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+import models
+from gfo import spaces
+from gfo.config import ConfigError, ModelSection, OptimizerSection, SpaceSection, TaskSection
+from gfo.estimators import ESTIMATORS
+from gfo.optimizer import Optimizer
+from gfo.rollout import GenerationReward
+from gfo.strategies import STRATEGIES, EvosaxStrategy, resolve_name
+from gfo.tasks import TASKS
+
+
+def build_model(section: ModelSection, key: jax.Array):
+    """`(model, params)` from a checkpoint path or a random `models.tiny(family, **overrides)`."""
+    if section.path is not None:
+        if section.overrides:
+            raise ConfigError(f"model.overrides={section.overrides} cannot change a checkpoint's architecture "
+                              f"(model.path={section.path!r})")
+        return models.from_pretrained(section.path, dtype=section.dtype)
+    fields = {f.name for f in dataclasses.fields(models.ModelConfig)}
+    unknown = set(section.overrides) - fields
+    if unknown:
+        raise ConfigError(f"model.overrides has unknown fields {sorted(unknown)}; ModelConfig fields are {sorted(fields)}")
+    try:
+        cfg = models.tiny(section.family, dtype=section.dtype, param_dtype=section.dtype, **section.overrides)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    model = models.TransformerLM(cfg)
+    return model, model.init(key)
+
+
+def build_task(section: TaskSection, seed: int):
+    if section.name not in TASKS:
+        raise ConfigError(f"task.name={section.name!r} is unknown: expected one of {sorted(TASKS)}")
+    try:
+        return TASKS[section.name](seed=seed, batch_size=section.batch_size, eval_size=section.eval_size,
+                                   **section.options)
+    except TypeError as e:
+        raise ConfigError(f"task.options for {section.name!r}: {e}") from None
+
+
+def build_space(section: SpaceSection, params, key: jax.Array) -> spaces.Space:
+    def simple(kind):
+        if kind == "full":
+            return spaces.Full(params, section.filter)
+        if kind == "lora":
+            return spaces.LoRA(params, section.rank, tuple(section.targets), section.alpha)
+        if kind == "prompt":
+            return spaces.Prompt(params, section.n_tokens)
+        raise ConfigError(f"space.kind={kind!r} is unknown: expected one of ['full', 'lora', 'prompt', 'subspace']")
+
+    if section.kind == "subspace":
+        if section.inner == "subspace":
+            raise ConfigError("space.inner='subspace' is not allowed: expected full, lora or prompt")
+        return spaces.Subspace(simple(section.inner), section.dim, key)
+    return simple(section.kind)
+
+
+def _transform(section: OptimizerSection) -> optax.GradientTransformation:
+    if section.transform == "adam":
+        return optax.adam(section.lr)
+    if section.transform == "adamw":
+        return optax.adamw(section.lr, weight_decay=section.weight_decay)
+    if section.transform == "sgd":
+        return optax.sgd(section.lr, momentum=section.momentum or None)
+    raise ConfigError(f"optimizer.transform={section.transform!r} is unknown: expected adam, adamw or sgd")
+
+
+def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool):
+    s = section
+    if s.method in ESTIMATORS:
+        common = dict(population=s.population, sigma=s.sigma, antithetic=s.antithetic, shaping=s.shaping,
+                      batch_size=s.eval_chunk)
+        kwargs = {"backprop": {}, "spsa": dict(eps=s.sigma, n=s.n), "forward_grad": dict(n=s.n),
+                  "es": common, "lowrank_es": dict(common, rank=s.rank, factored=lowrank_ok),
+                  "policy_gradient": dict(kl_coef=s.kl_coef)}[s.method]
+        try:
+            estimator = ESTIMATORS[s.method](**{**kwargs, **s.options})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"optimizer ({s.method}): {e}") from None
+        return Optimizer(estimator, _transform(s))
+    try:
+        name = resolve_name(s.method)
+    except ValueError as e:
+        raise ConfigError(f"optimizer.method={s.method!r}: not an estimator ({sorted(ESTIMATORS)}) nor an "
+                          f"evosax strategy. {e}") from None
+    params = dict(s.params)
+    probe_fields = {f.name for f in dataclasses.fields(STRATEGIES[name](population_size=2, solution=x0,
+                                                                       **s.options).default_params)}
+    if "std_init" in probe_fields:
+        params.setdefault("std_init", s.sigma)
+    try:
+        return EvosaxStrategy(name, s.population, x0, options=s.options, params=params, init_std=s.sigma,
+                              batch_size=s.eval_chunk)
+    except ValueError as e:
+        raise ConfigError(f"optimizer ({name}): {e}") from None
+
+
+def build_objective(task, section: TaskSection, optimizer: OptimizerSection, model, space, x0):
+    """The task's objective over the space; policy gradient gets the task's generation reward."""
+    if optimizer.method == "policy_gradient":
+        if not hasattr(task, "completion_rewards"):
+            raise ConfigError(f"optimizer.method='policy_gradient' needs a task with a reward on generated "
+                              f"text (countdown); task.name={section.name!r} has none")
+        return GenerationReward(model, space.to_params, task.completion_rewards, task.max_answer_tokens,
+                                group_size=optimizer.group_size, temperature=1.0,
+                                stop_tokens=(task.tokenizer.eos_id,), reference=x0)
+    return task.objective(section.objective, model, space.to_params)

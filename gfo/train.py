@@ -1,0 +1,225 @@
+"""`gfo train`: one run = model × space × optimizer × task, with checkpoints, metrics and a summary.
+
+A run directory `runs_dir/name/` holds `config.yaml` (the resolved config), `metrics.jsonl`,
+TensorBoard events (`tb/`), orbax checkpoints (`checkpoints/`, the last `keep_checkpoints`), and at the
+end `summary.md` and `curves.png`. Restarting the same command resumes from the latest checkpoint; the
+data of step `t` is `task.train_batch(t)` and its key `fold_in(key, t)`, so a resumed run ends
+bit-identical to an uninterrupted one. A `pretrain` stage runs first in `name/pretrain/` (reused when
+complete) and the run starts from its parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from gfo import build
+from gfo.config import ConfigError, RunConfig, SpaceSection, StageSection, to_dict
+from gfo.strategies import EvosaxStrategy
+
+
+class DivergenceError(RuntimeError):
+    """The searched parameters became non-finite; the last good checkpoint is kept."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be restored (corrupt, or written by an incompatible run)."""
+
+
+def _jsonable(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+class Stage:
+    """One optimisation stage over a task, with its own run directory."""
+
+    def __init__(self, run_dir: str, seed: int, steps: int, task_section, optimizer_section, space_section,
+                 model, params, cfg: RunConfig):
+        self.run_dir, self.steps, self.cfg = run_dir, steps, cfg
+        self.model = model
+        key = jax.random.key(seed)
+        k_space, k_opt, self.k_step = jax.random.split(jax.random.fold_in(key, 1), 3)
+        self.task = build.build_task(task_section, seed)
+        self.space = build.build_space(space_section, params, k_space)
+        self.x0 = self.space.init(k_space)
+        self.optimizer = build.build_optimizer(optimizer_section, self.x0, self.space.lowrank_ok)
+        self.objective = build.build_objective(self.task, task_section, optimizer_section, model, self.space,
+                                               self.x0)
+        self.state = self.optimizer.init(k_opt, self.x0)
+        self.metrics_fn = jax.jit(lambda x, batch, key: self.task.metrics(model, self.space.to_params(x), batch, key))
+
+    # ------------------------------------------------------------------ checkpoints
+    def _manager(self):
+        import orbax.checkpoint as ocp
+
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.cfg.keep_checkpoints, create=True)
+        return ocp.CheckpointManager(os.path.abspath(os.path.join(self.run_dir, "checkpoints")), options=options)
+
+    def restore(self, manager) -> int:
+        import orbax.checkpoint as ocp
+
+        step = manager.latest_step()
+        if step is None:
+            return 0
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
+        try:
+            self.state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        except Exception as e:  # orbax raises many types for unreadable data
+            raise CheckpointError(
+                f"cannot restore checkpoint step {step} in {manager.directory}: {type(e).__name__}: {e}. The "
+                f"checkpoint is corrupt or was written by a different configuration; remove that step "
+                f"directory to resume from an earlier one, or start a run with a new name.") from None
+        return int(step)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, x) -> dict:
+        totals: dict[str, float] = {}
+        batches = self.task.eval_batches()
+        for i, batch in enumerate(batches):
+            m = self.metrics_fn(x, jax.tree.map(jnp.asarray, batch), jax.random.key(i))
+            for k, v in m.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+        return totals
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, label: str) -> dict:
+        os.makedirs(self.run_dir, exist_ok=True)
+        manager = self._manager()
+        start = self.restore(manager)
+        log_path = os.path.join(self.run_dir, "metrics.jsonl")
+        records = _read_records(log_path, upto=start)
+        with open(log_path, "w") as f:  # drop lines past the checkpoint we resume from
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        writer = _tensorboard(self.run_dir)
+        if start == 0:
+            first = {"step": 0, "split": "eval", **self.evaluate(self.optimizer.solution(self.state))}
+            self._log(log_path, writer, first)
+            records.append(first)
+        elif start >= self.steps:
+            print(f"[{label}] complete at step {start}: reusing {self.run_dir}")
+        else:
+            print(f"[{label}] resuming {self.run_dir} from step {start}")
+        bar = _progress(total=self.steps, initial=start, label=label)
+        t0, evals = time.perf_counter(), 0
+        for step in range(start, self.steps):
+            batch = jax.tree.map(jnp.asarray, self.task.train_batch(step))
+            new_state, metrics = self.optimizer.step(self.state, self.objective, batch,
+                                                     jax.random.fold_in(self.k_step, step))
+            if not _all_finite(self.optimizer.solution(new_state)):
+                manager.wait_until_finished()
+                raise DivergenceError(
+                    f"[{label}] parameters became non-finite at step {step + 1} (loss {float(metrics['loss'])}); "
+                    f"the last good checkpoint is kept in {manager.directory} (step {manager.latest_step()}). "
+                    f"Lower the learning rate or sigma.")
+            self.state = new_state
+            evals += int(metrics.get("evaluations", 1))
+            done = step + 1
+            if done % self.cfg.log_every == 0 or done == self.steps:
+                row = {"step": done, "split": "train", **_jsonable(metrics)}
+                self._log(log_path, writer, row)
+                records.append(row)
+                rate = evals / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", evals_per_s=f"{rate:.0f}")
+            if done % self.cfg.eval_every == 0 or done == self.steps:
+                row = {"step": done, "split": "eval", **self.evaluate(self.optimizer.solution(self.state))}
+                self._log(log_path, writer, row)
+                records.append(row)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "split")})
+            if done % self.cfg.checkpoint_every == 0 or done == self.steps:
+                import orbax.checkpoint as ocp
+
+                manager.save(done, args=ocp.args.StandardSave(self.state))
+            bar.update(1)
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        if writer is not None:
+            writer.close()
+        return {"records": records, "params": self.space.to_params(self.optimizer.solution(self.state))}
+
+    def _log(self, path, writer, row):
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if writer is not None:
+            for k, v in row.items():
+                if k not in ("step", "split"):
+                    writer.add_scalar(f"{row['split']}/{k}", v, row["step"])
+
+
+def _read_records(path: str, upto: int) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["step"] <= upto] if upto else []
+
+
+@jax.jit
+def _finite(tree) -> jax.Array:
+    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+
+
+def _all_finite(tree) -> bool:
+    """Whether every float leaf is finite (one jitted reduction, not one op per leaf)."""
+    return bool(_finite(tree))
+
+
+def _tensorboard(run_dir):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # optional: metrics.jsonl always has everything
+        return None
+    return SummaryWriter(os.path.join(run_dir, "tb"))
+
+
+def _progress(total, initial, label):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=label, dynamic_ncols=True, mininterval=1.0)
+
+
+def _check_resumable(run_dir: str, resolved: dict) -> None:
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = yaml.safe_load(f)
+    strip = lambda d: {k: v for k, v in d.items() if k != "steps"}  # noqa: E731 - a longer run may resume
+    if strip(saved) != strip(resolved):
+        changed = sorted(k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k) and k != "steps")
+        raise ConfigError(f"run directory {run_dir} holds a run with a different config (sections {changed} "
+                          f"differ); resume it with the same config or choose another name (--set name=...)")
+
+
+def train(cfg: RunConfig) -> dict:
+    """Run (or resume) `cfg`; returns `{"records": [...], "params": ..., "run_dir": ...}`."""
+    run_dir = os.path.join(cfg.runs_dir, cfg.name)
+    resolved = to_dict(cfg)
+    _check_resumable(run_dir, resolved)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(resolved, f, sort_keys=False)
+    model, params = build.build_model(cfg.model, jax.random.fold_in(jax.random.key(cfg.seed), 0))
+    started = time.perf_counter()
+    if cfg.pretrain is not None:
+        pre: StageSection = cfg.pretrain
+        stage = Stage(os.path.join(run_dir, "pretrain"), cfg.seed, pre.steps, pre.task, pre.optimizer,
+                      SpaceSection(kind="full"), model, params, cfg)
+        params = stage.run("pretrain")["params"]
+    stage = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg)
+    result = stage.run(cfg.optimizer.method)
+    result["run_dir"] = run_dir
+    result["wall_s"] = time.perf_counter() - started
+    from gfo.report import write_summary
+
+    write_summary(run_dir, cfg, result["records"])
+    return result
