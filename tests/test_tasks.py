@@ -21,10 +21,18 @@ def model():
     return m, m.init(jax.random.key(0))
 
 
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("It was the best of times, it was the worst of times. " * 20)
+    return str(path)
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_task_batches_are_deterministic_and_objectives_match_metrics(name, model):
+def test_task_batches_are_deterministic_and_objectives_match_metrics(name, model, text_file):
     m, params = model
-    task = TASKS[name](seed=3, batch_size=4, eval_size=8)
+    extra = {"data_path": text_file, "seq_len": 16} if name == "text_lm" else {}
+    task = TASKS[name](seed=3, batch_size=4, eval_size=8, **extra)
     a, b, c = task.train_batch(5), task.train_batch(5), task.train_batch(6)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
@@ -95,3 +103,18 @@ def test_loaders_read_real_files_and_name_bad_lines(tmp_path, model):
         Tagging(data_path=str(tags))
     with pytest.raises(DataError, match="does not exist"):
         Tagging(data_path=str(tmp_path / "missing.jsonl"))
+
+
+def test_text_lm_and_countdown_read_local_files(tmp_path, text_file):
+    task = TASKS["text_lm"](data_path=text_file, seq_len=16, batch_size=2)
+    assert task.train_batch(0)["tokens"].shape == (2, 17)
+    with pytest.raises(DataError, match="need at least seq_len"):
+        TASKS["text_lm"](data_path=text_file, seq_len=500)
+    problems = tmp_path / "countdown.jsonl"
+    problems.write_text('{"numbers": [3, 4], "target": 12, "solution": "3*4"}\n{"numbers": [2, 2], "target": 4, "solution": "2+2"}\n')
+    cd = TASKS["countdown"](data_path=str(problems), n_numbers=2, max_number=9, batch_size=4)
+    batch = cd.train_batch(0)
+    assert set(map(tuple, batch["numbers"].tolist())) <= {(3, 4), (2, 2)}
+    problems.write_text('{"numbers": [3, 4, 5], "target": 12}\n')
+    with pytest.raises(DataError, match=r"record 0 has numbers \[3, 4, 5\]; expected 2 integers"):
+        TASKS["countdown"](data_path=str(problems), n_numbers=2)

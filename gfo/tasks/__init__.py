@@ -3,10 +3,12 @@
 from gfo.tasks.base import Task
 from gfo.tasks.classification import PromptClassification
 from gfo.tasks.countdown import Countdown
-from gfo.tasks.grammar_lm import GrammarLM
+from gfo.tasks.grammar_lm import GrammarLM, TextLM
 from gfo.tasks.sequence import Arithmetic, Reverse, Sort
 from gfo.tasks.tagging import Tagging
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Arithmetic, Sort, Reverse, Countdown, GrammarLM, PromptClassification, Tagging)}
+TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (Arithmetic, Sort, Reverse, Countdown, GrammarLM, TextLM,
+                                                          PromptClassification, Tagging)}
 
-__all__ = ["Task", "TASKS", "Arithmetic", "Sort", "Reverse", "Countdown", "GrammarLM", "PromptClassification", "Tagging"]
+__all__ = ["Task", "TASKS", "Arithmetic", "Sort", "Reverse", "Countdown", "GrammarLM", "TextLM",
+           "PromptClassification", "Tagging"]

@@ -5,7 +5,9 @@ The reasoning task on which ES is compared with PPO/GRPO (Qiu et al. 2025; EGGRO
 `<think>…</think>\\n<answer>expression</answer>` and earns `gfo.tasks.countdown_reward.reward`. The
 reference completion (for `cross_entropy` pre-training) is the generating expression with an empty
 think block. Objectives: `neg_reward` (default: greedy or sampled completions, reward negated) and
-`cross_entropy`.
+`cross_entropy`. `data_path`: a JSONL file (or `datasets` directory) of `{"numbers": [int], "target":
+int}` problems (an optional `"solution"` expression is the reference completion) instead of generated
+ones; all records must have `n_numbers` numbers.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 
 import models
 from gfo.tasks import countdown_reward
+from gfo.tasks.loaders import DataError, read_records
 from gfo.tasks.sequence import CompletionTask, teacher_forced_loss
 
 
@@ -24,7 +27,8 @@ class Countdown(CompletionTask):
     objectives = ("neg_reward", "cross_entropy")
     default_objective = "neg_reward"
 
-    def __init__(self, n_numbers: int = 3, max_number: int = 9, temperature: float = 0.0, **kw):
+    def __init__(self, n_numbers: int = 3, max_number: int = 9, temperature: float = 0.0,
+                 data_path: str | None = None, **kw):
         if not 2 <= n_numbers <= 6:
             raise ValueError(f"countdown n_numbers={n_numbers}: expected 2..6")
         if max_number < 1:
@@ -33,6 +37,16 @@ class Countdown(CompletionTask):
         digits = len(str(max_number))
         self.max_answer_tokens = len("<think></think>\n<answer></answer>") + n_numbers * (digits + 3) + 2
         super().__init__(**kw)
+        self.records = None if data_path is None else self._read(data_path)
+
+    def _read(self, path):
+        records = read_records(path, {"numbers": list, "target": (int, float)})
+        for i, r in enumerate(records):
+            if len(r["numbers"]) != self.n_numbers or not all(isinstance(n, int) and 0 < n <= self.max_number
+                                                              for n in r["numbers"]):
+                raise DataError(f"{path}: record {i} has numbers {r['numbers']}; expected {self.n_numbers} "
+                                f"integers in 1..{self.max_number} (task.options n_numbers / max_number)")
+        return records
 
     @property
     def max_prompt_tokens(self):
@@ -41,6 +55,9 @@ class Countdown(CompletionTask):
 
     def problem(self, rng: np.random.Generator) -> tuple[list[int], int, str]:
         """Numbers, a reachable integer target, and the expression that reaches it."""
+        if self.records is not None:
+            r = self.records[int(rng.integers(len(self.records)))]
+            return list(r["numbers"]), r["target"], r.get("solution", "")
         while True:
             numbers = [int(v) for v in rng.integers(1, self.max_number + 1, size=self.n_numbers)]
             expression = str(numbers[0])
@@ -66,6 +83,8 @@ class Countdown(CompletionTask):
         return batch
 
     def _objective(self, name, model, to_params):
+        if name == "cross_entropy" and self.records is not None and not all(r.get("solution") for r in self.records):
+            raise DataError("countdown objective 'cross_entropy' needs a reference 'solution' in every record")
         if name == "cross_entropy":
             return lambda x, batch, key: teacher_forced_loss(model, to_params(x), batch)
         return lambda x, batch, key: -jnp.mean(self.rewards(model, to_params(x), batch, key)[0])

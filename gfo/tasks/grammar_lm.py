@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from gfo.tasks.base import Task
+from gfo.tasks.loaders import DataError, read_text
 
 
 class GrammarLM(Task):
@@ -69,6 +70,40 @@ class GrammarLM(Task):
     def metrics(self, model, params, batch, key):
         ce = next_token_loss(model, params, batch["tokens"])
         return {"cross_entropy": ce, "perplexity": jnp.exp(ce)}
+
+
+class TextLM(GrammarLM):
+    """Language modelling on a local plain-text file: random windows of `seq_len + 1` bytes (tokens),
+    the last `eval_fraction` of the file held out for evaluation."""
+
+    name = "text_lm"
+
+    def __init__(self, data_path: str, seq_len: int = 64, eval_fraction: float = 0.1, **kw):
+        Task.__init__(self, **kw)
+        self.seq_len = seq_len
+        ids = np.asarray(self.tokenizer.encode(read_text(data_path)), np.int32)
+        split = int(len(ids) * (1 - eval_fraction))
+        self.train_ids, self.eval_ids = ids[:split], ids[split:]
+        for part, name in ((self.train_ids, "training"), (self.eval_ids, "evaluation")):
+            if len(part) < seq_len + 1:
+                raise DataError(f"{data_path}: the {name} part has {len(part)} tokens; need at least seq_len + 1 = "
+                                f"{seq_len + 1} (a longer file, a smaller seq_len or another eval_fraction)")
+
+    def make_batch(self, rng, size):
+        raise NotImplementedError  # batches come from train_batch / eval_batches below
+
+    def _windows(self, ids, starts):
+        return {"tokens": np.stack([ids[s:s + self.seq_len + 1] for s in starts]).astype(np.int32)}
+
+    def train_batch(self, step):
+        rng = self.rng("train", step)
+        return self._windows(self.train_ids, rng.integers(0, len(self.train_ids) - self.seq_len, self.batch_size))
+
+    def eval_batches(self):
+        last = len(self.eval_ids) - self.seq_len - 1
+        starts = np.linspace(0, last, num=min(self.eval_size, last + 1)).astype(int)
+        return [self._windows(self.eval_ids, starts[i:i + self.batch_size])
+                for i in range(0, len(starts), self.batch_size)]
 
 
 def next_token_loss(model, params, tokens):
