@@ -2,7 +2,8 @@
 
     gfo train [CONFIG] [--set key=value ...]   run or resume (no CONFIG: the embedded quickstart)
     gfo eval RUN_DIR                           evaluate a run's latest checkpoint
-    gfo report RUN_DIR... [--out DIR]          side-by-side table (and curves) of several runs
+    gfo report RUN_DIR... [--out DIR]          side-by-side table (and curves) of runs or sweeps
+    gfo sweep [CONFIG] --param K=loguniform(a,b) ... --metric M   optuna search, seeds, pruning
     gfo demo                                   the model demo (train, save/load, generate)
 """
 
@@ -42,13 +43,19 @@ def _report(argv):
     print(compare(args.run_dirs, args.out))
 
 
+def _sweep(argv):
+    from gfo.sweep import main as sweep_main
+
+    sweep_main(argv)
+
+
 def _demo(argv):
     from gfo import demo
 
     demo.main(argv)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "report": _report, "demo": _demo}
+COMMANDS = {"train": _train, "eval": _eval, "report": _report, "sweep": _sweep, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -161,13 +161,18 @@ def apply_override(data: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optimizer.sigma=0.01")
     dotted, raw = assignment.split("=", 1)
-    keys = dotted.strip().split(".")
+    set_dotted(data, dotted.strip(), yaml.safe_load(raw))
+
+
+def set_dotted(data: dict, dotted: str, value) -> None:
+    """`data[a][b][c] = value` for `dotted = "a.b.c"`, creating sections as needed."""
+    keys = dotted.split(".")
     node = data
     for k in keys[:-1]:
         node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {assignment!r}: '{k}' is not a section")
-    node[keys[-1]] = yaml.safe_load(raw)
+        if node is None or not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}': '{k}' is not a section")
+    node[keys[-1]] = value
 
 
 def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:

@@ -70,9 +70,21 @@ def write_summary(run_dir: str, cfg, records: list[dict]) -> str:
     return text
 
 
+def resolve_run(path: str) -> tuple[str, str]:
+    """`(label, run_dir)`: a run directory itself, or for a sweep directory its best trial's first seed."""
+    best = os.path.join(path, "best.yaml")
+    if not os.path.isfile(os.path.join(path, "metrics.jsonl")) and os.path.isfile(best):
+        with open(best) as f:
+            header = f.readline()  # "# best trial N: ..."
+        trial = int(header.split("best trial ")[1].split(":")[0])
+        return f"{os.path.basename(os.path.normpath(path))} (best trial {trial})", os.path.join(path, f"trial_{trial}_seed_0")
+    return os.path.basename(os.path.normpath(path)), path
+
+
 def compare(run_dirs: list[str], out: str | None = None) -> str:
-    """Side-by-side table of the final eval metrics of several runs, and their curves."""
-    runs = {os.path.basename(os.path.normpath(d)): read_metrics(d) for d in run_dirs}
+    """Side-by-side table of the final eval metrics of several runs or sweeps (their best trial), and
+    their curves."""
+    runs = {label: read_metrics(d) for label, d in map(resolve_run, run_dirs)}
     finals = {name: (_evals(rs)[-1] if _evals(rs) else {}) for name, rs in runs.items()}
     metrics = sorted({k for f in finals.values() for k in f if k not in ("step", "split")})
     lines = ["| run | step | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]

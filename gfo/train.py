@@ -90,7 +90,8 @@ class Stage:
         return totals
 
     # ------------------------------------------------------------------ the loop
-    def run(self, label: str) -> dict:
+    def run(self, label: str, on_eval=None) -> dict:
+        """Optimise to `self.steps`; `on_eval(step, metrics)` is called after each evaluation (pruning)."""
         os.makedirs(self.run_dir, exist_ok=True)
         manager = self._manager()
         start = self.restore(manager)
@@ -133,6 +134,8 @@ class Stage:
                 self._log(log_path, writer, row)
                 records.append(row)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "split")})
+                if on_eval is not None:
+                    on_eval(done, row)
             if done % self.cfg.checkpoint_every == 0 or done == self.steps:
                 import orbax.checkpoint as ocp
 
@@ -200,8 +203,11 @@ def _check_resumable(run_dir: str, resolved: dict) -> None:
                           f"differ); resume it with the same config or choose another name (--set name=...)")
 
 
-def train(cfg: RunConfig) -> dict:
-    """Run (or resume) `cfg`; returns `{"records": [...], "params": ..., "run_dir": ...}`."""
+def train(cfg: RunConfig, on_eval=None) -> dict:
+    """Run (or resume) `cfg`; returns `{"records": [...], "params": ..., "run_dir": ...}`.
+
+    `on_eval(step, row)` is called after every evaluation of the main stage (a sweep's pruner hook).
+    """
     run_dir = os.path.join(cfg.runs_dir, cfg.name)
     resolved = to_dict(cfg)
     _check_resumable(run_dir, resolved)
@@ -216,7 +222,7 @@ def train(cfg: RunConfig) -> dict:
                       SpaceSection(kind="full"), model, params, cfg)
         params = stage.run("pretrain")["params"]
     stage = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg)
-    result = stage.run(cfg.optimizer.method)
+    result = stage.run(cfg.optimizer.method, on_eval)
     result["run_dir"] = run_dir
     result["wall_s"] = time.perf_counter() - started
     from gfo.report import write_summary
