@@ -60,12 +60,15 @@ class Decoder(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, attention_mask=None, positions=None, prompt=None, cache=None):
+    def __call__(self, tokens, attention_mask=None, positions=None, prompt=None, cache=None, one_hot=None):
         cfg = self.config
         B, T = tokens.shape
         emb = self.param("embed", nn.initializers.normal(cfg.initializer_range),
                          (cfg.vocab_size, cfg.d_model), cfg.storage_dtype)
-        x = embed_lookup(emb, tokens, cfg.compute_dtype)
+        if one_hot is None:
+            x = embed_lookup(emb, tokens, cfg.compute_dtype)
+        else:  # a relaxed (soft) token distribution [B, T, vocab]: differentiable in the tokens
+            x = linear(one_hot, emb, dtype=cfg.compute_dtype)
         mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         n_prompt = 0
         if prompt is not None:  # soft prompt: [n, D] or [B, n, D], prepended, always attended
@@ -155,6 +158,14 @@ class TransformerLM:
         """
         params, prompt = _split_soft_prompt(params, prompt)
         logits, _ = self._apply({"params": params}, tokens, attention_mask, positions, prompt)
+        return logits
+
+    def apply_one_hot(self, params, one_hot: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Logits `[B, T, V]` for a relaxed input `one_hot: [B, T, V]` (rows of token probabilities), whose
+        embedding is `one_hot @ embed`; with exact one-hot rows it equals `apply` on their arg-max tokens."""
+        params, prompt = _split_soft_prompt(params, None)
+        tokens = jnp.zeros(one_hot.shape[:2], jnp.int32)
+        logits, _ = self._apply({"params": params}, tokens, attention_mask, None, prompt, None, one_hot)
         return logits
 
     def init_cache(self, batch_size: int, size: int, dtype=None) -> KVCache:
