@@ -13,7 +13,7 @@ from gfo.config import ConfigError, ModelSection, OptimizerSection, SpaceSection
 from gfo.estimators import ESTIMATORS
 from gfo.optimizer import Optimizer
 from gfo.rollout import GenerationReward
-from gfo.strategies import STRATEGIES, EvosaxStrategy, resolve_name
+from gfo.strategies import EvosaxStrategy, resolve_name
 from gfo.tasks import TASKS
 
 
@@ -91,13 +91,8 @@ def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool):
     except ValueError as e:
         raise ConfigError(f"optimizer.method={s.method!r}: not an estimator ({sorted(ESTIMATORS)}) nor an "
                           f"evosax strategy. {e}") from None
-    params = dict(s.params)
-    probe_fields = {f.name for f in dataclasses.fields(STRATEGIES[name](population_size=2, solution=x0,
-                                                                       **s.options).default_params)}
-    if "std_init" in probe_fields:
-        params.setdefault("std_init", s.sigma)
     try:
-        return EvosaxStrategy(name, s.population, x0, options=s.options, params=params, init_std=s.sigma,
+        return EvosaxStrategy(name, s.population, x0, options=s.options, params=s.params, init_std=s.sigma,
                               batch_size=s.eval_chunk)
     except ValueError as e:
         raise ConfigError(f"optimizer ({name}): {e}") from None

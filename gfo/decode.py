@@ -35,11 +35,8 @@ def _prompted(prompt_ids, prompt_mask, tokens, lengths):
 
 def sequence_logprob(model, params, prompt_ids, prompt_mask, tokens, lengths) -> jax.Array:
     """`log P(Y|X)` `[B]` of completions `tokens [B, N]` (first `lengths` tokens) after the prompts."""
-    T = prompt_ids.shape[1]
-    seq, mask, valid = _prompted(prompt_ids, prompt_mask, tokens, lengths)
-    logits = model.apply(params, seq[:, :-1], mask[:, :-1])[:, T - 1:]
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]
-    return jnp.sum(logp * valid, axis=1)
+    valid = (jnp.arange(tokens.shape[-1])[None, :] < lengths[:, None]).astype(jnp.int32)
+    return jnp.sum(models.completion_logprobs(model, params, prompt_ids, prompt_mask, tokens, valid), axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam_width", "max_new_tokens", "stop_tokens", "pad_id"))

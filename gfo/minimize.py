@@ -61,20 +61,12 @@ def make_optimizer(method: str, x0, lr: float = 1e-2, sigma: float = 0.1, popsiz
         return Optimizer(LowRankES(population=popsize, sigma=sigma, batch_size=batch_size, **kwargs),
                          optax.adam(lr))
     name = resolve_name(ALIASES.get(m, method))
-    params = dict(kwargs.pop("params", {}) or {})
-    strategy_fields = _param_fields(name, popsize, x0)
-    if "std_init" in strategy_fields:
-        params.setdefault("std_init", sigma)
+    params = kwargs.pop("params", None)
     if kwargs:
         raise ValueError(f"minimize(method={method!r}) got unexpected options {sorted(kwargs)}; pass the "
                          "algorithm's constructor arguments as options={...} and its params as params={...}")
     return EvosaxStrategy(name, popsize, x0, options=options, params=params, init_std=sigma,
                           batch_size=batch_size)
-
-
-def _param_fields(name: str, popsize: int, x0) -> set[str]:
-    probe = EvosaxStrategy(name, popsize, x0, memory_limit=2**62)
-    return {f.name for f in dataclasses.fields(probe.algorithm.default_params)}
 
 
 def minimize(fun: Callable[[Any], jax.Array], x0, method: str = "cma_es", steps: int = 100,

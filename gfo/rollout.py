@@ -67,15 +67,12 @@ class GenerationReward:
 
     def log_prob(self, x, batch, rollout: Rollout) -> jax.Array:
         """Summed log-probabilities `[B, G]` of the completions (teacher forcing, differentiable)."""
-        ids, mask = batch["prompt"], batch["prompt_mask"]
         B, G, N = rollout.tokens.shape
-        prompt = jnp.repeat(ids, G, axis=0)
-        seq = jnp.concatenate([prompt, rollout.tokens.reshape(B * G, N)], axis=1)
         valid = (jnp.arange(N)[None, :] < rollout.lengths.reshape(B * G, 1)).astype(jnp.int32)
-        seq_mask = jnp.concatenate([jnp.repeat(mask, G, axis=0), valid], axis=1)
-        logits = self.model.apply(self.to_params(x), seq, seq_mask)[:, prompt.shape[1] - 1:-1]
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), seq[:, prompt.shape[1]:, None], axis=-1)[..., 0]
-        return jnp.sum(logp * valid, axis=1).reshape(B, G)
+        logp = models.completion_logprobs(self.model, self.to_params(x), jnp.repeat(batch["prompt"], G, axis=0),
+                                          jnp.repeat(batch["prompt_mask"], G, axis=0),
+                                          rollout.tokens.reshape(B * G, N), valid)
+        return jnp.sum(logp, axis=1).reshape(B, G)
 
     def __call__(self, x, batch, key) -> jax.Array:
         return -jnp.mean(self.sample(x, batch, key).reward)

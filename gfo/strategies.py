@@ -6,7 +6,9 @@
     x = opt.solution(state)                                   # best point found so far
 
 Any algorithm of `evosax.algorithms` by name (case-insensitive), plus "GA" (`gfo.ga`). `options` go
-to the algorithm's constructor, `params` replace fields of its `default_params`; unknown names are
+to the algorithm's constructor, `params` replace fields of its `default_params` (`init_std`, when given,
+is the algorithm's `std_init` unless `params` sets it, and the spread of a population-based algorithm's
+first generation around `x0`); unknown names are
 errors that list what the algorithm accepts. These algorithms hold a dense `[population, dim]`
 population and some a `[dim, dim]` covariance, so they are for modest spaces (LoRA on a few layers,
 soft prompts, subspaces): before anything is allocated the guard compares their footprint with
@@ -100,7 +102,7 @@ class EvosaxStrategy:
     """An evosax algorithm (or "GA") as a gfo optimizer over the raveled space."""
 
     def __init__(self, name: str, population: int, x0_template, options: dict | None = None,
-                 params: dict | None = None, init_std: float = 1.0, batch_size: int | None = None,
+                 params: dict | None = None, init_std: float | None = None, batch_size: int | None = None,
                  memory_limit: int | None = None, pop_sharding=None):
         self.name = resolve_name(name)
         cls = STRATEGIES[self.name]
@@ -127,7 +129,9 @@ class EvosaxStrategy:
         if unknown:
             raise ValueError(f"{self.name} has no params {sorted(unknown)}; its params are {sorted(fields)}")
         self.params_overrides = dict(params or {})
-        self.init_std = float(init_std)
+        if init_std is not None and "std_init" in fields:  # the algorithm's own initial scale, unless given
+            self.params_overrides.setdefault("std_init", init_std)
+        self.init_std = 1.0 if init_std is None else float(init_std)
         self.batch_size = batch_size
         self.pop_sharding = pop_sharding
         self.distribution_based = isinstance(self.algorithm, DistributionBasedAlgorithm)

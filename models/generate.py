@@ -28,6 +28,21 @@ class Generation(NamedTuple):
     #   distribution's base model (temperature 1, no truncation); 0 after a row stops
 
 
+def completion_logprobs(model: TransformerLM, params, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                        completion: jax.Array, completion_mask: jax.Array) -> jax.Array:
+    """Per-token `log P(completion_t | prompt, completion_<t)` `[B, N]` (teacher forcing, differentiable).
+
+    `prompt_ids/prompt_mask: [B, P]` left-padded, `completion/completion_mask: [B, N]` right-padded;
+    entries where `completion_mask` is 0 are 0.
+    """
+    P = prompt_ids.shape[1]
+    seq = jnp.concatenate([prompt_ids, completion], axis=1)
+    mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
+    logits = model.apply(params, seq[:, :-1], mask[:, :-1])[:, P - 1:]
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), completion[..., None], axis=-1)[..., 0]
+    return logp * completion_mask.astype(logp.dtype)
+
+
 def sample_logits(key: jax.Array, logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
                   top_p: float = 1.0) -> jax.Array:
     """Token ids `[B]` from `logits: [B, V]`; greedy when `temperature == 0`; `top_k=0` disables."""

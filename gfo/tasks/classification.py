@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import models
 from gfo.tasks.base import Task
 from gfo.tasks.loaders import DataError, read_records
 
@@ -97,13 +98,12 @@ class PromptClassification(Task):
 
     def class_scores(self, model, params, batch) -> jax.Array:
         """`[B, C]` summed log-probabilities of each class's label word after the prompt."""
-        B, P = batch["prompt"].shape
-        C, L = self.label_tokens.shape
-        seq = jnp.concatenate([jnp.repeat(batch["prompt"], C, axis=0), jnp.tile(self.label_tokens, (B, 1))], axis=1)
-        mask = jnp.concatenate([jnp.repeat(batch["prompt_mask"], C, axis=0), jnp.tile(self.label_mask, (B, 1))], axis=1)
-        logits = model.apply(params, seq[:, :-1], mask[:, :-1])[:, P - 1:]
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), seq[:, P:, None], axis=-1)[..., 0]
-        return jnp.sum(logp * jnp.tile(self.label_mask, (B, 1)), axis=1).reshape(B, C)
+        B = batch["prompt"].shape[0]
+        C = self.label_tokens.shape[0]
+        logp = models.completion_logprobs(model, params, jnp.repeat(batch["prompt"], C, axis=0),
+                                          jnp.repeat(batch["prompt_mask"], C, axis=0),
+                                          jnp.tile(self.label_tokens, (B, 1)), jnp.tile(self.label_mask, (B, 1)))
+        return jnp.sum(logp, axis=1).reshape(B, C)
 
     def _objective(self, name, model, to_params):
         if name == "cross_entropy":

@@ -13,7 +13,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 import models
 from gfo.tasks.base import Task
@@ -56,13 +55,9 @@ class CompletionTask(Task):
 
 def teacher_forced_loss(model: models.TransformerLM, params, batch: dict) -> jax.Array:
     """Mean cross-entropy of the target tokens given the prompt (and the target's own prefix)."""
-    P = batch["prompt"].shape[1]
-    seq = jnp.concatenate([batch["prompt"], batch["target"]], axis=1)
-    mask = jnp.concatenate([batch["prompt_mask"], batch["target_mask"]], axis=1)
-    logits = model.apply(params, seq[:, :-1], mask[:, :-1])[:, P - 1:]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target"])
-    weights = batch["target_mask"].astype(jnp.float32)
-    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    logp = models.completion_logprobs(model, params, batch["prompt"], batch["prompt_mask"], batch["target"],
+                                      batch["target_mask"])
+    return -jnp.sum(logp) / jnp.maximum(jnp.sum(batch["target_mask"]).astype(jnp.float32), 1.0)
 
 
 def exact_match(model: models.TransformerLM, params, batch: dict, eos_id: int) -> jax.Array:
