@@ -2,17 +2,38 @@
 
 The four axes: a model (`models`), a space (`gfo.spaces`), an optimizer (`gfo.estimators` + optax via
 `gfo.Optimizer`, or `gfo.EvosaxStrategy`), and a task (an objective `loss(x, batch, key)`, minimised).
+
+Attributes are imported on first use, so `import gfo.config` or `gfo.distributed` stays light: a
+multi-process run must start `jax.distributed` before anything (evosax's import included) touches a
+device.
 """
 
-from gfo import estimators, spaces
-from gfo.estimators import SPSA, Backprop, ForwardGrad, LowRankES, OpenES, PolicyGradient
-from gfo.ga import GeneticAlgorithm
-from gfo.minimize import MinimizeResult, make_optimizer, minimize
-from gfo.optimizer import Optimizer, OptState
-from gfo.strategies import STRATEGIES, EvosaxStrategy, StrategyMemoryError
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["estimators", "spaces", "SPSA", "Backprop", "ForwardGrad", "LowRankES", "OpenES", "PolicyGradient",
-           "GeneticAlgorithm", "MinimizeResult", "make_optimizer", "minimize", "Optimizer", "OptState",
-           "STRATEGIES", "EvosaxStrategy", "StrategyMemoryError"]
+_EXPORTS = {
+    "estimators": ("gfo.estimators", None), "spaces": ("gfo.spaces", None),
+    "SPSA": ("gfo.estimators", "SPSA"), "Backprop": ("gfo.estimators", "Backprop"),
+    "ForwardGrad": ("gfo.estimators", "ForwardGrad"), "LowRankES": ("gfo.estimators", "LowRankES"),
+    "OpenES": ("gfo.estimators", "OpenES"), "PolicyGradient": ("gfo.estimators", "PolicyGradient"),
+    "GeneticAlgorithm": ("gfo.ga", "GeneticAlgorithm"), "MinimizeResult": ("gfo.minimize", "MinimizeResult"),
+    "make_optimizer": ("gfo.minimize", "make_optimizer"), "minimize": ("gfo.minimize", "minimize"),
+    "Optimizer": ("gfo.optimizer", "Optimizer"), "OptState": ("gfo.optimizer", "OptState"),
+    "STRATEGIES": ("gfo.strategies", "STRATEGIES"), "EvosaxStrategy": ("gfo.strategies", "EvosaxStrategy"),
+    "StrategyMemoryError": ("gfo.strategies", "StrategyMemoryError"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gfo' has no attribute {name!r}")
+    module, attr = _EXPORTS[name]
+    value = importlib.import_module(module)
+    return value if attr is None else getattr(value, attr)
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import optax
@@ -73,11 +74,20 @@ def _transform(section: OptimizerSection) -> optax.GradientTransformation:
     raise ConfigError(f"optimizer.transform={section.transform!r} is unknown: expected adam, adamw or sgd")
 
 
-def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool):
+def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_sharding=None):
+    """The optimizer of `section`; `pop_sharding` splits population members over the mesh's `pop` axis."""
     s = section
+    if pop_sharding is not None and s.method not in ("backprop", "spsa", "forward_grad", "policy_gradient"):
+        size = pop_sharding.mesh.shape["pop"]
+        uneven = {k: v for k, v in (("optimizer.population", s.population), ("optimizer.eval_chunk", s.eval_chunk))
+                  if v is not None and v % size}
+        if uneven:
+            warnings.warn(f"{uneven} not a multiple of mesh.pop={size}: members are padded over the devices "
+                          f"(correct, but some devices idle); choose multiples of {size} or set mesh.pop",
+                          stacklevel=2)
     if s.method in ESTIMATORS:
         common = dict(population=s.population, sigma=s.sigma, antithetic=s.antithetic, shaping=s.shaping,
-                      batch_size=s.eval_chunk)
+                      batch_size=s.eval_chunk, pop_sharding=pop_sharding)
         kwargs = {"backprop": {}, "spsa": dict(eps=s.sigma, n=s.n), "forward_grad": dict(n=s.n),
                   "es": common, "lowrank_es": dict(common, rank=s.rank, factored=lowrank_ok),
                   "policy_gradient": dict(kl_coef=s.kl_coef)}[s.method]
@@ -93,7 +103,7 @@ def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool):
                           f"evosax strategy. {e}") from None
     try:
         return EvosaxStrategy(name, s.population, x0, options=s.options, params=s.params, init_std=s.sigma,
-                              batch_size=s.eval_chunk)
+                              batch_size=s.eval_chunk, pop_sharding=pop_sharding)
     except ValueError as e:
         raise ConfigError(f"optimizer ({name}): {e}") from None
 

@@ -14,14 +14,29 @@ import sys
 
 
 def _train(argv):
+    from gfo import distributed
     from gfo.config import load_config
-    from gfo.train import train
 
     p = argparse.ArgumentParser(prog="gfo train")
     p.add_argument("config", nargs="?", help="YAML config (default: the embedded quickstart)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="multi-process: process 0's address (= --set distributed.coordinator_address=...)")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
     args = p.parse_args(argv)
-    train(load_config(args.config, args.overrides))
+    flags = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
+             "process_id": args.process_id}
+    overrides = args.overrides + [f"distributed.{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = load_config(args.config, overrides)
+    d = cfg.distributed
+    try:  # before gfo.train is imported: evosax's import already touches a device
+        distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+    except distributed.DistributedError as e:
+        raise SystemExit(f"gfo train: {e}") from None
+    from gfo.train import train
+
+    train(cfg)
 
 
 def _eval(argv):

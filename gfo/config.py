@@ -86,6 +86,28 @@ class StageSection:
 
 
 @dataclasses.dataclass
+class MeshSection:
+    """Device mesh axis sizes (one may be -1: the devices left); see `gfo.distributed`."""
+
+    pop: int = -1  # population members split over devices
+    data: int = 1  # each member's batch split over devices
+    model: int = 1  # weights split over devices (Megatron-style rules)
+
+
+@dataclasses.dataclass
+class DistributedSection:
+    """An explicit multi-process start (otherwise TPU pods / SLURM are detected; one process: nothing)."""
+
+    coordinator_address: Optional[str] = None  # host:port of process 0
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+
+# Sections that say where a run executes, not what it computes: a run may resume under other values.
+PLACEMENT_KEYS = ("mesh", "distributed")
+
+
+@dataclasses.dataclass
 class RunConfig:
     name: str = "quickstart"
     seed: int = 0
@@ -100,6 +122,8 @@ class RunConfig:
     optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
     task: TaskSection = dataclasses.field(default_factory=TaskSection)
     pretrain: Optional[StageSection] = None
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
 
     def __post_init__(self):
         for key in ("steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):

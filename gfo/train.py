@@ -6,6 +6,11 @@ end `summary.md` and `curves.png`. Restarting the same command resumes from the 
 data of step `t` is `task.train_batch(t)` and its key `fold_in(key, t)`, so a resumed run ends
 bit-identical to an uninterrupted one. A `pretrain` stage runs first in `name/pretrain/` (reused when
 complete) and the run starts from its parameters.
+
+The run executes on the `(pop, data, model)` mesh of `cfg.mesh` (`gfo.distributed`); with several
+processes every process runs this same function, all write the (sharded) checkpoints, and process 0
+alone writes the logs and the summary. A checkpoint restores onto any mesh shape, so a run may resume
+on other hardware (the `mesh` and `distributed` sections may change between restarts).
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from gfo import build
-from gfo.config import ConfigError, RunConfig, SpaceSection, StageSection, to_dict
+from gfo import build, distributed
+from gfo.config import PLACEMENT_KEYS, ConfigError, RunConfig, SpaceSection, StageSection, to_dict
 from gfo.strategies import EvosaxStrategy
 
 
@@ -35,25 +40,29 @@ class CheckpointError(RuntimeError):
 
 
 def _jsonable(metrics: dict) -> dict:
-    return {k: float(v) for k, v in metrics.items()}
+    return {k: float(v) for k, v in distributed.to_host(metrics).items()}
 
 
 class Stage:
     """One optimisation stage over a task, with its own run directory."""
 
     def __init__(self, run_dir: str, seed: int, steps: int, task_section, optimizer_section, space_section,
-                 model, params, cfg: RunConfig):
-        self.run_dir, self.steps, self.cfg = run_dir, steps, cfg
+                 model, params, cfg: RunConfig, mesh):
+        self.run_dir, self.steps, self.cfg, self.mesh = run_dir, steps, cfg, mesh
         self.model = model
         key = jax.random.key(seed)
         k_space, k_opt, self.k_step = jax.random.split(jax.random.fold_in(key, 1), 3)
         self.task = build.build_task(task_section, seed)
+        params = distributed.place(params, mesh)  # frozen weights too are split over `model`
         self.space = build.build_space(space_section, params, k_space)
         self.x0 = self.space.init(k_space)
-        self.optimizer = build.build_optimizer(optimizer_section, self.x0, self.space.lowrank_ok)
+        self.optimizer = build.build_optimizer(optimizer_section, self.x0, self.space.lowrank_ok,
+                                               distributed.pop_sharding(mesh))
         self.objective = build.build_objective(self.task, task_section, optimizer_section, model, self.space,
                                                self.x0)
-        self.state = self.optimizer.init(k_opt, self.x0)
+        # Model-axis rules follow parameter paths; an evosax state holds populations, kept replicated.
+        rules = () if isinstance(self.optimizer, EvosaxStrategy) else distributed.DEFAULT_RULES
+        self.state = distributed.place(self.optimizer.init(k_opt, self.x0), mesh, rules)
         self.metrics_fn = jax.jit(lambda x, batch, key: self.task.metrics(model, self.space.to_params(x), batch, key))
 
     # ------------------------------------------------------------------ checkpoints
@@ -69,6 +78,7 @@ class Stage:
         step = manager.latest_step()
         if step is None:
             return 0
+        # The shardings of the current mesh: a checkpoint written on another mesh is resharded on read.
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
         try:
             self.state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -84,22 +94,25 @@ class Stage:
         totals: dict[str, float] = {}
         batches = self.task.eval_batches()
         for i, batch in enumerate(batches):
-            m = self.metrics_fn(x, jax.tree.map(jnp.asarray, batch), jax.random.key(i))
-            for k, v in m.items():
+            m = self.metrics_fn(x, distributed.place_batch(batch, self.mesh), jax.random.key(i))
+            for k, v in distributed.to_host(m).items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
         return totals
 
     # ------------------------------------------------------------------ the loop
     def run(self, label: str, on_eval=None) -> dict:
         """Optimise to `self.steps`; `on_eval(step, metrics)` is called after each evaluation (pruning)."""
+        primary = distributed.is_primary()
         os.makedirs(self.run_dir, exist_ok=True)
         manager = self._manager()
         start = self.restore(manager)
         log_path = os.path.join(self.run_dir, "metrics.jsonl")
         records = _read_records(log_path, upto=start)
-        with open(log_path, "w") as f:  # drop lines past the checkpoint we resume from
-            f.writelines(json.dumps(r) + "\n" for r in records)
-        writer = _tensorboard(self.run_dir)
+        if primary:
+            with open(log_path, "w") as f:  # drop lines past the checkpoint we resume from
+                f.writelines(json.dumps(r) + "\n" for r in records)
+        writer = _tensorboard(self.run_dir) if primary else None
+        self._log_path = log_path if primary else None
         if start == 0:
             first = {"step": 0, "split": "eval", **self.evaluate(self.optimizer.solution(self.state))}
             self._log(log_path, writer, first)
@@ -108,10 +121,10 @@ class Stage:
             print(f"[{label}] complete at step {start}: reusing {self.run_dir}")
         else:
             print(f"[{label}] resuming {self.run_dir} from step {start}")
-        bar = _progress(total=self.steps, initial=start, label=label)
+        bar = _progress(total=self.steps, initial=start, label=label, disable=not primary)
         t0, evals = time.perf_counter(), 0
         for step in range(start, self.steps):
-            batch = jax.tree.map(jnp.asarray, self.task.train_batch(step))
+            batch = distributed.place_batch(self.task.train_batch(step), self.mesh)
             new_state, metrics = self.optimizer.step(self.state, self.objective, batch,
                                                      jax.random.fold_in(self.k_step, step))
             if not _all_finite(self.optimizer.solution(new_state)):
@@ -149,6 +162,8 @@ class Stage:
         return {"records": records, "params": self.space.to_params(self.optimizer.solution(self.state))}
 
     def _log(self, path, writer, row):
+        if self._log_path is None:  # not the primary process
+            return
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if writer is not None:
@@ -173,7 +188,7 @@ def _finite(tree) -> jax.Array:
 
 def _all_finite(tree) -> bool:
     """Whether every float leaf is finite (one jitted reduction, not one op per leaf)."""
-    return bool(_finite(tree))
+    return bool(distributed.to_host(_finite(tree)))
 
 
 def _tensorboard(run_dir):
@@ -184,10 +199,10 @@ def _tensorboard(run_dir):
     return SummaryWriter(os.path.join(run_dir, "tb"))
 
 
-def _progress(total, initial, label):
+def _progress(total, initial, label, disable=False):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=label, dynamic_ncols=True, mininterval=1.0)
+    return tqdm(total=total, initial=initial, desc=label, dynamic_ncols=True, mininterval=1.0, disable=disable)
 
 
 def _check_resumable(run_dir: str, resolved: dict) -> None:
@@ -196,9 +211,10 @@ def _check_resumable(run_dir: str, resolved: dict) -> None:
         return
     with open(path) as f:
         saved = yaml.safe_load(f)
-    strip = lambda d: {k: v for k, v in d.items() if k != "steps"}  # noqa: E731 - a longer run may resume
+    free = ("steps",) + PLACEMENT_KEYS  # a longer run, or the same run on other devices, may resume
+    strip = lambda d: {k: v for k, v in d.items() if k not in free}  # noqa: E731
     if strip(saved) != strip(resolved):
-        changed = sorted(k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k) and k != "steps")
+        changed = sorted(k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k) and k not in free)
         raise ConfigError(f"run directory {run_dir} holds a run with a different config (sections {changed} "
                           f"differ); resume it with the same config or choose another name (--set name=...)")
 
@@ -208,24 +224,39 @@ def train(cfg: RunConfig, on_eval=None) -> dict:
 
     `on_eval(step, row)` is called after every evaluation of the main stage (a sweep's pruner hook).
     """
+    mesh = build_mesh(cfg)
     run_dir = os.path.join(cfg.runs_dir, cfg.name)
     resolved = to_dict(cfg)
     _check_resumable(run_dir, resolved)
+    distributed.barrier("gfo:checked")  # every process has read the old config.yaml before it is rewritten
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(resolved, f, sort_keys=False)
+    if distributed.is_primary():
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(resolved, f, sort_keys=False)
+    distributed.barrier("gfo:config")  # no process reads a half-written config.yaml on resume
     model, params = build.build_model(cfg.model, jax.random.fold_in(jax.random.key(cfg.seed), 0))
     started = time.perf_counter()
     if cfg.pretrain is not None:
         pre: StageSection = cfg.pretrain
         stage = Stage(os.path.join(run_dir, "pretrain"), cfg.seed, pre.steps, pre.task, pre.optimizer,
-                      SpaceSection(kind="full"), model, params, cfg)
+                      SpaceSection(kind="full"), model, params, cfg, mesh)
         params = stage.run("pretrain")["params"]
-    stage = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg)
+    stage = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg, mesh)
     result = stage.run(cfg.optimizer.method, on_eval)
     result["run_dir"] = run_dir
     result["wall_s"] = time.perf_counter() - started
-    from gfo.report import write_summary
+    if distributed.is_primary():
+        from gfo.report import write_summary
 
-    write_summary(run_dir, cfg, result["records"])
+        write_summary(run_dir, cfg, result["records"])
     return result
+
+
+def build_mesh(cfg: RunConfig):
+    """Start multi-process JAX if `cfg.distributed` (or the environment) asks for it; the run's mesh."""
+    d = cfg.distributed
+    try:
+        distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+        return distributed.make_mesh(cfg.mesh.pop, cfg.mesh.data, cfg.mesh.model)
+    except distributed.DistributedError as e:
+        raise ConfigError(str(e)) from None

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import jax
+import os
+
+# Eight fake CPU devices for the whole session (read when the backend starts, before any test runs):
+# scale-out tests shard over them, and every `gfo train` test runs on the default all-device mesh.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
 import pytest
 
-import models
-
+import models  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

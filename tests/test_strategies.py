@@ -23,18 +23,17 @@ NEEDS = {"RandomSearch": {"sampling_fn": lambda key: jax.random.normal(key, (6,)
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_every_strategy_runs_the_same_in_a_python_loop_and_under_scan(name):
+def test_every_strategy_steps_under_scan_with_a_stable_state(name):
+    """Two steps inside `lax.scan`: the state is a fixed-type carry and the best loss is the running min."""
     opt = EvosaxStrategy(name, 8, X0, options=NEEDS.get(name))
     keys = jax.random.split(jax.random.key(0), 2)
-    state = opt.init(jax.random.key(1), X0)
-    for k in keys:
-        state, metrics = opt.step(state, SPHERE, None, k)
-    scanned, scan_metrics = jax.lax.scan(lambda s, k: opt.step(s, SPHERE, None, k),
-                                         opt.init(jax.random.key(1), X0), keys)
-    chex.assert_trees_all_close(opt.solution(state), opt.solution(scanned), rtol=1e-5, atol=1e-6)
-    best = float(metrics["best_loss"])
-    assert np.isfinite(best) and best <= float(scan_metrics["loss_min"].max()) + 1e-6
+    state, metrics = jax.lax.scan(lambda s, k: opt.step(s, SPHERE, None, k), opt.init(jax.random.key(1), X0), keys)
+    best = np.asarray(metrics["best_loss"])
+    assert np.all(np.isfinite(best)) and best[1] <= best[0] + 1e-6
+    assert best[1] <= float(np.max(metrics["loss_min"])) + 1e-6
+    assert int(state.step) == 2
     chex.assert_trees_all_equal_structs(opt.solution(state), X0)
+    chex.assert_tree_all_finite(opt.solution(state))
 
 
 def test_cma_es_solves_rosenbrock_10d():

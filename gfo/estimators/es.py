@@ -86,6 +86,6 @@ class OpenES(PopulationConfig):
         _, shaped, metrics = self.evaluate(evaluate, self.population)
         weights = self.direction_weights(shaped) / (self.population * self.sigma)
         total = weighted_sum(weights, lambda d: noise_like(member_key(noise_key, d), x, self.distribution),
-                             self.batch_size)
+                             self.batch_size, self.pop_sharding)
         grad = jax.tree.map(lambda t, u: t.astype(u.dtype), total, x)
         return grad, {**metrics, "grad_norm": jnp.sqrt(tree_dot(grad, grad))}

@@ -94,11 +94,11 @@ class LowRankES(PopulationConfig):
             return jax.tree_util.tree_map_with_path(leaf, x)
 
         # Σ_p w_p A_p B_pᵀ: per chunk one contraction over (direction, rank), no per-member matrices.
-        grad = _lowrank_weighted_sum(weights, direction_update, x, self.batch_size, self.rank)
+        grad = _lowrank_weighted_sum(weights, direction_update, x, self.batch_size, self.rank, self.pop_sharding)
         return grad, {**metrics, "grad_norm": jnp.sqrt(tree_dot(grad, grad))}
 
 
-def _lowrank_weighted_sum(weights, direction_update, x, batch_size, rank):
+def _lowrank_weighted_sum(weights, direction_update, x, batch_size, rank, pop_sharding=None):
     inv_sqrt_r = 1.0 / math.sqrt(rank)
 
     def contract(w, j):
@@ -111,5 +111,5 @@ def _lowrank_weighted_sum(weights, direction_update, x, batch_size, rank):
 
         return jax.tree.map(leaf, parts, is_leaf=lambda t: isinstance(t, (_Factors, _Dense)))
 
-    total = chunked_contraction(weights, contract, batch_size)
+    total = chunked_contraction(weights, contract, batch_size, pop_sharding)
     return jax.tree.map(lambda t, u: t.astype(u.dtype), total, x)
