@@ -11,6 +11,7 @@ import optax
 import models
 from gfo import spaces
 from gfo.config import ConfigError, ModelSection, OptimizerSection, SpaceSection, TaskSection
+from gfo.discrete import METHODS as DISCRETE_METHODS, DiscreteSearch
 from gfo.estimators import ESTIMATORS
 from gfo.optimizer import Optimizer
 from gfo.rollout import GenerationReward
@@ -55,11 +56,17 @@ def build_space(section: SpaceSection, params, key: jax.Array) -> spaces.Space:
             return spaces.LoRA(params, section.rank, tuple(section.targets), section.alpha)
         if kind == "prompt":
             return spaces.Prompt(params, section.n_tokens)
-        raise ConfigError(f"space.kind={kind!r} is unknown: expected one of ['full', 'lora', 'prompt', 'subspace']")
+        if kind == "hard_prompt":
+            try:
+                return spaces.HardPrompt(params, section.n_tokens, section.vocab, section.initial)
+            except ValueError as e:
+                raise ConfigError(f"space: {e}") from None
+        raise ConfigError(f"space.kind={kind!r} is unknown: expected one of ['full', 'lora', 'prompt', "
+                          f"'hard_prompt', 'subspace']")
 
     if section.kind == "subspace":
-        if section.inner == "subspace":
-            raise ConfigError("space.inner='subspace' is not allowed: expected full, lora or prompt")
+        if section.inner in ("subspace", "hard_prompt"):
+            raise ConfigError(f"space.inner={section.inner!r} is not allowed: expected full, lora or prompt")
         return spaces.Subspace(simple(section.inner), section.dim, key)
     return simple(section.kind)
 
@@ -74,10 +81,24 @@ def _transform(section: OptimizerSection) -> optax.GradientTransformation:
     raise ConfigError(f"optimizer.transform={section.transform!r} is unknown: expected adam, adamw or sgd")
 
 
-def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_sharding=None):
-    """The optimizer of `section`; `pop_sharding` splits population members over the mesh's `pop` axis."""
+def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_sharding=None, vocab=None):
+    """The optimizer of `section`; `pop_sharding` splits population members over the mesh's `pop` axis.
+
+    `vocab` is the hard-prompt space's token set: the discrete searches need it, nothing else takes it.
+    """
     s = section
-    if pop_sharding is not None and s.method not in ("backprop", "spsa", "forward_grad", "policy_gradient"):
+    if (s.method in DISCRETE_METHODS) != (vocab is not None):
+        raise ConfigError(f"optimizer.method={s.method!r} " + (
+            "searches token ids: it needs space.kind='hard_prompt'" if vocab is None else
+            f"cannot search a hard_prompt space (token ids): use one of {list(DISCRETE_METHODS)}"))
+    if s.method in DISCRETE_METHODS:
+        try:
+            return DiscreteSearch(s.method, vocab, population=s.population, batch_size=s.eval_chunk,
+                                  pop_sharding=pop_sharding, **s.options)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"optimizer ({s.method}): {e}") from None
+    if pop_sharding is not None and s.method not in ("backprop", "spsa", "forward_grad", "policy_gradient",
+                                                     *DISCRETE_METHODS):
         size = pop_sharding.mesh.shape["pop"]
         uneven = {k: v for k, v in (("optimizer.population", s.population), ("optimizer.eval_chunk", s.eval_chunk))
                   if v is not None and v % size}

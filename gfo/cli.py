@@ -2,6 +2,7 @@
 
     gfo train [CONFIG] [--set key=value ...]   run or resume (no CONFIG: the embedded quickstart)
     gfo eval RUN_DIR                           evaluate a run's latest checkpoint
+    gfo decode RUN_DIR [--set decode.k=v ...]  greedy vs beam search vs refinement at the latest checkpoint
     gfo report RUN_DIR... [--out DIR]          side-by-side table (and curves) of runs or sweeps
     gfo sweep [CONFIG] --param K=loguniform(a,b) ... --metric M   optuna search, seeds, pruning
     gfo demo                                   the model demo (train, save/load, generate)
@@ -48,6 +49,16 @@ def _eval(argv):
     evaluate_run(args.run_dir)
 
 
+def _decode(argv):
+    from gfo.evaluate import decode_run
+
+    p = argparse.ArgumentParser(prog="gfo decode")
+    p.add_argument("run_dir")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="decode.KEY=VALUE")
+    args = p.parse_args(argv)
+    decode_run(args.run_dir, args.overrides)
+
+
 def _report(argv):
     from gfo.report import compare
 
@@ -70,7 +81,7 @@ def _demo(argv):
     demo.main(argv)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "report": _report, "sweep": _sweep, "demo": _demo}
+COMMANDS = {"train": _train, "eval": _eval, "decode": _decode, "report": _report, "sweep": _sweep, "demo": _demo}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,19 +34,22 @@ class ModelSection:
 
 @dataclasses.dataclass
 class SpaceSection:
-    kind: str = "full"  # full | lora | prompt | subspace
+    kind: str = "full"  # full | lora | prompt | hard_prompt | subspace
     filter: Optional[str] = None  # full: regex over parameter paths
     rank: int = 4  # lora
     targets: list = dataclasses.field(default_factory=lambda: ["q", "v"])  # lora
     alpha: Optional[float] = None  # lora (default 2 * rank)
-    n_tokens: int = 8  # prompt
+    n_tokens: int = 8  # prompt, hard_prompt
+    vocab: list = dataclasses.field(default_factory=list)  # hard_prompt: allowed token ids ([] = all)
+    initial: Optional[list] = None  # hard_prompt: starting token ids (default: random from vocab)
     dim: int = 64  # subspace
     inner: str = "full"  # subspace: the space it projects into (full | lora | prompt)
 
 
 @dataclasses.dataclass
 class OptimizerSection:
-    """`method`: backprop | spsa | es | lowrank_es | forward_grad | policy_gradient | an evosax name."""
+    """`method`: backprop | spsa | es | lowrank_es | forward_grad | policy_gradient | an evosax name,
+    or annealing | tabu | aco over a `hard_prompt` space (`population` = proposals or ants per step)."""
 
     method: str = "lowrank_es"
     transform: str = "adam"  # adam | sgd | adamw (estimator methods)
@@ -103,6 +106,27 @@ class DistributedSection:
     process_id: Optional[int] = None
 
 
+@dataclasses.dataclass
+class DecodeSection:
+    """Decoders compared on the eval prompts after a run and by `gfo decode` (completion tasks):
+    greedy, beam search, and refinement of greedy by log-probability and by the task's reward."""
+
+    beam_width: int = 4
+    sweeps: int = 2  # refinement passes over the output positions
+    top_k: int = 8  # candidate tokens per position
+    proposals: str = "both"  # model | gradient | both
+    length_penalty: float = 0.0
+
+    def __post_init__(self):
+        if self.beam_width < 1 or self.sweeps < 1 or self.top_k < 1:
+            raise ConfigError(f"decode: beam_width={self.beam_width}, sweeps={self.sweeps}, top_k={self.top_k} "
+                              f"must all be >= 1")
+        if self.proposals not in ("model", "gradient", "both"):
+            raise ConfigError(f"decode.proposals={self.proposals!r}: expected model, gradient or both")
+
+
+# Sections that do not change what a run optimises: a run may resume under other values.
+POSTHOC_KEYS = ("decode",)
 # Sections that say where a run executes, not what it computes: a run may resume under other values.
 PLACEMENT_KEYS = ("mesh", "distributed")
 
@@ -124,6 +148,7 @@ class RunConfig:
     pretrain: Optional[StageSection] = None
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
+    decode: Optional[DecodeSection] = None  # compare decoders on the eval prompts at the end
 
     def __post_init__(self):
         for key in ("steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -193,8 +218,10 @@ def set_dotted(data: dict, dotted: str, value) -> None:
     keys = dotted.split(".")
     node = data
     for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if node is None or not isinstance(node, dict):
+        if node.get(k) is None:  # an absent or null optional section (pretrain, decode) is created
+            node[k] = {}
+        node = node[k]
+        if not isinstance(node, dict):
             raise ConfigError(f"config key '{dotted}': '{k}' is not a section")
     node[keys[-1]] = value
 

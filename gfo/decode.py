@@ -141,3 +141,59 @@ def _refine(model, params, prompt_ids, prompt_mask, tokens, lengths, score_fn, s
         carry = jax.lax.fori_loop(0, N, position, carry)
     tok, n, best = carry
     return Decoded(tok, n, best), start
+
+
+def compare_decoders(model: models.TransformerLM, params, task, batches, beam_width: int = 4, sweeps: int = 2,
+                     top_k: int = 8, proposals: str = "both", length_penalty: float = 0.0) -> dict[str, dict]:
+    """Greedy decoding, beam search and refinement (of greedy, by log-probability and by the task's
+    verifier reward) on `batches` of a completion task: `{decoder: {"logprob", "reward", "length"}}`.
+
+    `logprob` is the mean `log P(Y|X)` of the outputs, `reward` the mean of
+    `task.completion_rewards` (exact match, or countdown's reward), `length` the mean output length.
+    """
+    if not hasattr(task, "completion_rewards"):
+        raise ValueError(f"task {task.name!r} has no reward on generated text: decoding needs a completion task "
+                         f"(arithmetic, sort, reverse, countdown)")
+    eos, pad = task.tokenizer.eos_id, task.tokenizer.pad_id
+    N = task.max_answer_tokens + 1
+    totals: dict[str, dict] = {}
+    for i, batch in enumerate(batches):
+        batch = jax.tree.map(jnp.asarray, batch)
+        p, m = batch["prompt"], batch["prompt_mask"]
+        reward = _RowReward(task, batch)
+        greedy = models.generate(model, params, p, m, jax.random.key(i), N, stop_tokens=(eos,), pad_id=pad)
+        beams = beam_search(model, params, p, m, beam_width, N, stop_tokens=(eos,), pad_id=pad,
+                            length_penalty=length_penalty)
+        by_logp, _ = refine(model, params, p, m, greedy.tokens, greedy.lengths, None, sweeps, top_k, proposals,
+                            length_penalty, (eos,))
+        by_reward, _ = refine(model, params, p, m, greedy.tokens, greedy.lengths, reward, sweeps, top_k, proposals,
+                              length_penalty, (eos,))
+        outputs = {"greedy": (greedy.tokens, greedy.lengths), f"beam{beam_width}": (beams.tokens[:, 0], beams.lengths[:, 0]),
+                   "refine(logprob)": (by_logp.tokens, by_logp.lengths),
+                   "refine(reward)": (by_reward.tokens, by_reward.lengths)}
+        for name, (tokens, lengths) in outputs.items():
+            row = {"logprob": sequence_logprob(model, params, p, m, tokens, lengths), "reward": reward(tokens, lengths),
+                   "length": lengths.astype(jnp.float32)}
+            acc = totals.setdefault(name, {k: 0.0 for k in row})
+            for k, v in row.items():
+                acc[k] += float(jnp.mean(v)) / len(batches)
+    return totals
+
+
+class _RowReward:
+    """`score_fn(tokens, lengths) -> [B]`: the task's reward for the rows of one batch (jit-static, hashable
+    by identity: one compilation per batch)."""
+
+    def __init__(self, task, batch):
+        self.task, self.batch = task, batch
+
+    def __call__(self, tokens, lengths):
+        return self.task.completion_rewards(tokens, lengths, self.batch)
+
+
+def format_decoders(results: dict[str, dict]) -> str:
+    """A Markdown table of `compare_decoders` results."""
+    lines = ["| decoder | mean log-prob of the output | reward | length |", "|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['logprob']:.3f} | {r['reward']:.3f} | {r['length']:.2f} |")
+    return "\n".join(lines)

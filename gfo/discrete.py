@@ -1,33 +1,166 @@
 """Discrete search over token sequences (hard prompts): simulated annealing, tabu search, ant colony.
 
-    res = gfo.discrete.search(loss, initial, vocab, method="annealing", steps=100, key=key)
-    res.tokens, res.fun, res.history     # best sequence, its loss, best-so-far loss per step
+Two ways in:
 
-`loss(tokens [N, L] int32) -> [N]` scores a batch of candidate sequences (minimised; jit it: every step
-evaluates one batch). `vocab` lists the tokens allowed at any position. A move sets one position to one
-vocabulary token.
-- `annealing` (Kirkpatrick et al. 1983): `proposals` random moves per step, the best of them accepted
-  with Metropolis probability `min(1, exp(−Δ/T))`, geometric cooling `T_k = T_0 α^k`.
-- `tabu` (Glover 1986): the best of `proposals` sampled moves that is not tabu, unless it beats the best
-  loss so far (aspiration); a move stays tabu for `tenure` steps.
-- `aco` (Dorigo et al. 1996): a pheromone table `τ [L, |vocab|]`; `ants` sequences per step drawn with
-  probability `∝ τ^α`, evaporation `τ ← (1−ρ) τ`, each ant deposits `Q / cost` on its choices, with
-  `cost = loss − (best loss seen) + 1 > 0`.
-`prompt_objective` turns any task with `prompt`/`prompt_mask` batches into such a loss over a hard prompt
-prepended to every example.
+    opt = DiscreteSearch("tabu", vocab, proposals=16)        # the gfo optimizer protocol, jitted:
+    state = opt.init(key, x0)                                # x0: int32 [L] token ids from `vocab`
+    state, metrics = opt.step(state, objective, batch, key)  # objective(tokens [L], batch, key) -> loss
+    tokens = opt.solution(state)                             # the best sequence found
+
+    res = gfo.discrete.search(loss, initial, vocab, method="annealing", steps=100, key=key)   # one call
+
+`gfo train` reaches them with `space: {kind: hard_prompt, n_tokens: L, vocab: [...]}` and
+`optimizer: {method: annealing | tabu | aco, population: <proposals or ants>, options: {...}}`.
+
+Every step evaluates, on the step's batch, the current sequence, the best one so far and `population`
+candidates (so acceptance compares losses on the same data even when batches change), split over the
+mesh's `pop` axis like any population. A move sets one position to one vocabulary token.
+- `annealing` (Kirkpatrick et al. 1983): the best of the proposed moves is accepted with Metropolis
+  probability `min(1, exp(−Δ/T))`, geometric cooling `T_k = t0 · cooling^k`.
+- `tabu` (Glover 1986): the best proposed move that is not tabu, unless it beats the best loss
+  (aspiration), is taken even when worse; undoing it is tabu for `tenure` steps (a `[L, |vocab|]` table
+  of expiry steps).
+- `aco` (Dorigo et al. 1996): a pheromone table `τ [L, |vocab|]`; `population` ants draw sequences with
+  probability `∝ τ^alpha`; evaporation `τ ← (1−ρ) τ`; each ant deposits `Q / cost` on its choices, with
+  `cost = loss − min(losses, best) + 1 > 0` (Q = `deposit`, ρ = `evaporation`).
+`prompt_objective` turns any task with `prompt`/`prompt_mask` batches into a batched loss over a hard
+prompt prepended to every example (for `search`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Callable
+import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
+
+from gfo import shaping
+from gfo.population import map_members
 
 METHODS = ("annealing", "tabu", "aco")
+
+
+@struct.dataclass
+class DiscreteState:
+    current: jax.Array  # int32 [L] vocabulary indices of the current sequence
+    best: jax.Array  # int32 [L] vocabulary indices of the best sequence found
+    best_loss: jax.Array  # float32, its loss on the latest batch
+    tabu: jax.Array  # int32 [L, V]: step until which setting (position, index) is tabu (tabu search)
+    pheromone: jax.Array  # float32 [L, V] (ant colony)
+    step: jax.Array  # int32
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscreteSearch:
+    """A discrete local search over sequences of vocabulary tokens (see the module doc)."""
+
+    method: str
+    vocab: tuple  # allowed token ids
+    population: int = 16  # proposals per step (annealing, tabu) or ants (aco)
+    t0: float = 0.1
+    cooling: float = 0.97
+    tenure: int = 10
+    evaporation: float = 0.1
+    alpha: float = 1.0
+    deposit: float = 1.0
+    batch_size: int | None = None  # members evaluated at once
+    pop_sharding: Any = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "vocab", tuple(int(v) for v in self.vocab))
+        if self.method not in METHODS:
+            raise ValueError(f"discrete search method={self.method!r}: expected one of {METHODS}")
+        if not self.vocab:
+            raise ValueError("discrete search needs a non-empty vocab")
+        if self.population < 1 or self.tenure < 0:
+            raise ValueError(f"population={self.population} must be >= 1 and tenure={self.tenure} >= 0")
+        if not 0 < self.cooling <= 1 or not 0 <= self.evaporation < 1 or self.t0 <= 0:
+            raise ValueError(f"need t0 > 0 (got {self.t0}), 0 < cooling <= 1 (got {self.cooling}), "
+                             f"0 <= evaporation < 1 (got {self.evaporation})")
+
+    def __repr__(self) -> str:
+        return f"DiscreteSearch({self.method!r}, |vocab|={len(self.vocab)}, population={self.population})"
+
+    @property
+    def evaluations_per_step(self) -> int:
+        return self.population + 2
+
+    def init(self, key: jax.Array, x0) -> DiscreteState:
+        del key
+        x0 = np.asarray(x0)
+        lookup = {t: i for i, t in enumerate(self.vocab)}
+        missing = sorted({int(t) for t in x0.ravel()} - set(lookup))
+        if x0.ndim != 1 or missing:
+            raise ValueError(f"the initial sequence must be 1-D token ids from vocab (shape {x0.shape}; "
+                             f"not in vocab: {missing[:5]})")
+        idx = jnp.asarray([lookup[int(t)] for t in x0], jnp.int32)
+        L, V = idx.shape[0], len(self.vocab)
+        return DiscreteState(current=idx, best=idx, best_loss=jnp.asarray(jnp.inf, jnp.float32),
+                             tabu=jnp.zeros((L, V), jnp.int32), pheromone=jnp.ones((L, V), jnp.float32),
+                             step=jnp.zeros((), jnp.int32))
+
+    def solution(self, state: DiscreteState) -> jax.Array:
+        return jnp.asarray(self.vocab, jnp.int32)[state.best]
+
+    def _moves(self, key, current):
+        """`population` single-position changes of `current`: candidates `[P, L]`, positions, indices."""
+        k_pos, k_tok = jax.random.split(key)
+        L, P = current.shape[0], self.population
+        positions = jax.random.randint(k_pos, (P,), 0, L)
+        indices = jax.random.randint(k_tok, (P,), 0, len(self.vocab))
+        return current[None].repeat(P, 0).at[jnp.arange(P), positions].set(indices), positions, indices
+
+    @functools.partial(jax.jit, static_argnums=(0, 2))
+    def step(self, state: DiscreteState, objective: Callable, batch, key: jax.Array):
+        k_move, k_accept, k_eval = jax.random.split(key, 3)
+        vocab = jnp.asarray(self.vocab, jnp.int32)
+        if self.method == "aco":
+            logits = self.alpha * jnp.log(state.pheromone)  # p ∝ τ^α per position
+            candidates = jax.random.categorical(k_move, logits, axis=-1, shape=(self.population,) + logits.shape[:1])
+        else:
+            candidates, positions, indices = self._moves(k_move, state.current)
+        members = jnp.concatenate([state.current[None], state.best[None], candidates])
+        losses = map_members(lambda i: objective(vocab[members[i]], batch, k_eval), self.population + 2,
+                             self.batch_size, self.pop_sharding)
+        clean, bad = shaping.sanitize(losses)
+        clean = jnp.where(jnp.isfinite(losses), clean, jnp.inf)  # a non-finite candidate never wins
+        f_current, f_best_now, values = clean[0], clean[1], clean[2:]
+        i = jnp.argmin(values)
+        current, tabu, pheromone = state.current, state.tabu, state.pheromone
+        if self.method == "annealing":
+            temperature = self.t0 * self.cooling ** state.step.astype(jnp.float32)
+            delta = values[i] - f_current
+            accept = (delta <= 0) | (jax.random.uniform(k_accept) < jnp.exp(-delta / temperature))
+            current = jnp.where(accept, candidates[i], current)
+        elif self.method == "tabu":
+            admissible = (tabu[positions, indices] <= state.step) | (values < f_best_now)  # aspiration
+            j = jnp.argmin(jnp.where(admissible, values, jnp.inf))
+            move = admissible[j] & jnp.isfinite(values[j])
+            undo = tabu.at[positions[j], current[positions[j]]].set(state.step + 1 + self.tenure)
+            tabu = jnp.where(move, undo, tabu)
+            current = jnp.where(move, candidates[j], current)
+        else:  # aco
+            pheromone = pheromone * (1.0 - self.evaporation)
+            offset = jnp.minimum(f_best_now, jnp.min(values)) - 1.0
+            amount = jnp.where(jnp.isfinite(values), self.deposit / (values - offset), 0.0)
+            L = candidates.shape[1]
+            pheromone = pheromone.at[jnp.broadcast_to(jnp.arange(L), candidates.shape), candidates].add(
+                jnp.broadcast_to(amount[:, None], candidates.shape))
+            current = candidates[i]
+        improved = values[i] < f_best_now
+        best = jnp.where(improved, candidates[i], state.best)
+        best_loss = jnp.minimum(values[i], f_best_now)
+        new = DiscreteState(current=current, best=best, best_loss=best_loss, tabu=tabu, pheromone=pheromone,
+                            step=state.step + 1)
+        finite = jnp.isfinite(losses)
+        metrics = {"loss": jnp.sum(jnp.where(finite, losses, 0.0)) / jnp.maximum(jnp.sum(finite), 1),
+                   "loss_min": jnp.min(clean), "best_loss": best_loss, "nonfinite": bad,
+                   "evaluations": self.population + 2}
+        return new, metrics
 
 
 @dataclasses.dataclass
@@ -38,76 +171,36 @@ class SearchResult:
     evaluations: int
 
 
-def _moves(rng: np.random.Generator, current: np.ndarray, vocab: np.ndarray, n: int):
-    positions = rng.integers(0, len(current), n)
-    tokens = vocab[rng.integers(0, len(vocab), n)]
-    candidates = np.repeat(current[None], n, axis=0)
-    candidates[np.arange(n), positions] = tokens
-    return candidates, positions, tokens
-
-
 def search(loss: Callable[[jax.Array], jax.Array], initial, vocab, method: str = "annealing", steps: int = 100,
-           key: jax.Array | None = None, proposals: int = 16, t0: float = 0.1, cooling: float = 0.97,
-           tenure: int = 10, ants: int = 16, evaporation: float = 0.1, alpha: float = 1.0,
-           deposit: float = 1.0) -> SearchResult:
-    """Minimise `loss` over sequences of the length of `initial` (see the module doc)."""
-    if method not in METHODS:
-        raise ValueError(f"discrete search method={method!r}: expected one of {METHODS}")
-    if steps < 1 or proposals < 1 or ants < 1:
-        raise ValueError(f"steps={steps}, proposals={proposals}, ants={ants} must all be >= 1")
-    if not 0 < cooling <= 1 or not 0 <= evaporation < 1 or t0 <= 0:
-        raise ValueError(f"need t0 > 0 (got {t0}), 0 < cooling <= 1 (got {cooling}), 0 <= evaporation < 1 "
-                         f"(got {evaporation})")
-    vocab = np.asarray(vocab, np.int32)
-    current = np.asarray(initial, np.int32).copy()
-    if current.ndim != 1 or len(vocab) == 0:
-        raise ValueError(f"initial must be a 1-D token sequence (got shape {current.shape}) and vocab non-empty")
-    seed = 0 if key is None else int(jax.random.randint(key, (), 0, 2**31 - 1))
-    rng = np.random.default_rng(seed)
-    evaluate = lambda c: np.asarray(loss(jnp.asarray(c)), np.float64)  # noqa: E731
-    f_current = float(evaluate(current[None])[0])
-    best, f_best, evaluations, history = current.copy(), f_current, 1, []
-    tabu: dict[tuple[int, int], int] = {}
-    pheromone = np.ones((len(current), len(vocab)))
-    for step in range(steps):
-        if method == "aco":
-            probs = pheromone ** alpha
-            probs /= probs.sum(axis=1, keepdims=True)
-            choice = np.stack([[rng.choice(len(vocab), p=probs[i]) for i in range(len(current))]
-                               for _ in range(ants)])
-            candidates = vocab[choice]
-            values = evaluate(candidates)
-            evaluations += ants
-            pheromone *= 1 - evaporation
-            offset = min(f_best, float(np.nanmin(values))) - 1.0
-            for ant in range(ants):
-                if np.isfinite(values[ant]):
-                    pheromone[np.arange(len(current)), choice[ant]] += deposit / (values[ant] - offset)
-            i = int(np.nanargmin(values))
-            if values[i] < f_best:
-                best, f_best = candidates[i].copy(), float(values[i])
-        else:
-            candidates, positions, tokens = _moves(rng, current, vocab, proposals)
-            values = evaluate(candidates)
-            evaluations += proposals
-            order = np.argsort(values)
-            if method == "annealing":
-                i = int(order[0])
-                temperature = t0 * cooling ** step
-                delta = values[i] - f_current
-                if delta <= 0 or rng.random() < math.exp(-delta / temperature):
-                    current, f_current = candidates[i].copy(), float(values[i])
-            else:  # tabu
-                for i in map(int, order):
-                    move = (int(positions[i]), int(tokens[i]))
-                    if tabu.get(move, -1) < step or values[i] < f_best:  # not tabu, or aspiration
-                        tabu[(move[0], int(current[move[0]]))] = step + tenure  # forbid undoing it
-                        current, f_current = candidates[i].copy(), float(values[i])
-                        break
-            if f_current < f_best:
-                best, f_best = current.copy(), f_current
-        history.append(f_best)
-    return SearchResult(tokens=best, fun=f_best, history=np.asarray(history), evaluations=evaluations)
+           key: jax.Array | None = None, proposals: int = 16, ants: int | None = None, **options) -> SearchResult:
+    """Minimise a batched `loss(tokens [N, L]) -> [N]` over sequences of the length of `initial`.
+
+    `proposals` (annealing, tabu) or `ants` (aco) candidates per step; `options` are the other
+    `DiscreteSearch` fields (`t0`, `cooling`, `tenure`, `evaporation`, `alpha`, `deposit`).
+    """
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    population = (ants or proposals) if method == "aco" else proposals
+    opt = DiscreteSearch(method, tuple(np.asarray(vocab).tolist()), population=population, **options)
+    key = jax.random.key(0) if key is None else key
+    state = opt.init(key, initial)
+    objective = _BatchedLoss(loss)
+    history = []
+    for t in range(steps):
+        state, metrics = opt.step(state, objective, None, jax.random.fold_in(key, t))
+        history.append(float(metrics["best_loss"]))
+    return SearchResult(tokens=np.asarray(opt.solution(state)), fun=history[-1], history=np.asarray(history),
+                        evaluations=steps * opt.evaluations_per_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BatchedLoss:
+    """`objective(tokens [L], batch, key)` from a batched `loss(tokens [N, L]) -> [N]` (hashable: jit-static)."""
+
+    loss: Callable
+
+    def __call__(self, tokens, batch, key):
+        return self.loss(tokens[None])[0]
 
 
 def prompt_objective(task, model, params, batch: dict, objective: str | None = None) -> Callable:

@@ -7,10 +7,12 @@ import os
 
 import yaml
 
-from gfo.config import DistributedSection, MeshSection, RunConfig, from_dict
+from gfo.config import DistributedSection, MeshSection, RunConfig, SpaceSection, apply_override, from_dict
 
 
-def evaluate_run(run_dir: str) -> dict:
+def restore_run(run_dir: str, overrides: list[str] = ()):
+    """`(cfg, stage, step)`: a run rebuilt from its `config.yaml` (plus `a.b=v` overrides of sections that do
+    not change the optimisation, e.g. `decode.*`) at its latest checkpoint, on this machine's devices."""
     from gfo import build
     from gfo.train import Stage, build_mesh
 
@@ -18,27 +20,51 @@ def evaluate_run(run_dir: str) -> dict:
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{run_dir!r} is not a gfo run directory: it has no config.yaml")
     with open(config_file) as f:
-        cfg = from_dict(RunConfig, yaml.safe_load(f))
+        data = yaml.safe_load(f)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    cfg = from_dict(RunConfig, data)
     import jax
 
     # Evaluation runs on this machine's devices, whatever mesh the run was trained on.
     mesh = build_mesh(dataclasses.replace(cfg, mesh=MeshSection(), distributed=DistributedSection()))
     model, params = build.build_model(cfg.model, jax.random.fold_in(jax.random.key(cfg.seed), 0))
     if cfg.pretrain is not None:
-        from gfo.config import SpaceSection
-
         pre = Stage(os.path.join(run_dir, "pretrain"), cfg.seed, cfg.pretrain.steps, cfg.pretrain.task,
                     cfg.pretrain.optimizer, SpaceSection(kind="full"), model, params, cfg, mesh)
         _restore_or_fail(pre)
         params = pre.space.to_params(pre.optimizer.solution(pre.state))
     stage = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg, mesh)
-    step = _restore_or_fail(stage)
+    return cfg, stage, _restore_or_fail(stage)
+
+
+def evaluate_run(run_dir: str) -> dict:
+    """`gfo eval`: the run's eval metrics at its latest checkpoint, printed as a table."""
+    _, stage, step = restore_run(run_dir)
     metrics = stage.evaluate(stage.optimizer.solution(stage.state))
     print(f"{run_dir} @ step {step}:")
     print("| metric | value |\n|---|---|")
     for k, v in metrics.items():
         print(f"| {k} | {v:.4f} |")
     return {"step": step, **metrics}
+
+
+def decode_run(run_dir: str, overrides: list[str] = ()) -> dict:
+    """`gfo decode`: greedy vs beam search vs refinement at the run's latest checkpoint (`decode` section,
+    defaults when the run has none); writes `decode.md`/`decode.json` into the run directory."""
+    from gfo.config import ConfigError
+    from gfo.train import compare_decoders_of
+
+    bad = [o for o in overrides if not o.strip().startswith("decode.")]
+    if bad:
+        raise ConfigError(f"gfo decode --set {bad}: only decode.* keys can change (the run is fixed)")
+    cfg, stage, step = restore_run(run_dir, list(overrides))
+    if cfg.decode is None:
+        from gfo.config import DecodeSection
+
+        cfg = dataclasses.replace(cfg, decode=DecodeSection())
+    print(f"{run_dir} @ step {step}:")
+    return compare_decoders_of(stage, cfg)
 
 
 def _restore_or_fail(stage) -> int:

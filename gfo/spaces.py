@@ -7,7 +7,8 @@ A space is built around base parameters and exposes
     space.dim                     # number of searched scalars
     space.lowrank_ok              # to_params accepts `LowRankKernel` leaves for x's 2-D leaves
 
-Spaces: `Full` (all weights or a path-filtered subset), `LoRA`, `Prompt` (soft prompt), and
+Spaces: `Full` (all weights or a path-filtered subset), `LoRA`, `Prompt` (soft prompt), `HardPrompt`
+(token ids, for the discrete searches of `gfo.discrete`), and
 `Subspace` (a fixed random projection of a small vector into any other space, Black-Box Tuning).
 """
 
@@ -21,6 +22,7 @@ import jax.numpy as jnp
 
 import models
 from gfo.noise import leaf_key, path_name, tree_size
+from models.linear import embed_lookup
 from models.tree import set_path
 
 
@@ -102,6 +104,41 @@ class Prompt(Space):
 
     def to_params(self, x: jax.Array):
         return {**self.base, "soft_prompt": x}
+
+
+class HardPrompt(Space):
+    """A hard prompt: `n_tokens` token ids (int32 `[n]`) drawn from `vocab`, prepended to every input.
+
+    `to_params` returns `params["soft_prompt"] = embed[x]`, which the model reads exactly as if the
+    tokens were prepended (positions `0..n-1`, the input shifted by `n`). Searched by the discrete
+    optimizers of `gfo.discrete` (annealing, tabu search, ant colony), not by continuous ones.
+    """
+
+    def __init__(self, params, n_tokens: int, vocab=None, initial=None):
+        vocab_size = params["embed"].shape[0]
+        self.base, self.n_tokens = params, int(n_tokens)
+        self.vocab = tuple(range(vocab_size)) if vocab is None or len(vocab) == 0 else tuple(int(v) for v in vocab)
+        bad = [v for v in self.vocab if not 0 <= v < vocab_size]
+        if bad or self.n_tokens < 1:
+            raise ValueError(f"HardPrompt: n_tokens={n_tokens} must be >= 1 and vocab ids in [0, {vocab_size}) "
+                             f"(out of range: {bad[:5]})")
+        self.initial = None if initial is None else tuple(int(t) for t in initial)
+        if self.initial is not None and (len(self.initial) != self.n_tokens
+                                         or not set(self.initial) <= set(self.vocab)):
+            raise ValueError(f"HardPrompt initial={list(self.initial)}: expected {self.n_tokens} ids from vocab")
+
+    def init(self, key: jax.Array) -> jax.Array:
+        if self.initial is not None:
+            return jnp.asarray(self.initial, jnp.int32)
+        return jnp.asarray(self.vocab, jnp.int32)[jax.random.randint(key, (self.n_tokens,), 0, len(self.vocab))]
+
+    def to_params(self, x: jax.Array):
+        table = self.base["embed"]
+        return {**self.base, "soft_prompt": embed_lookup(table, x, table.dtype)}
+
+    @property
+    def dim(self) -> int:
+        return self.n_tokens
 
 
 class Subspace(Space):

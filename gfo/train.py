@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from gfo import build, distributed
-from gfo.config import PLACEMENT_KEYS, ConfigError, RunConfig, SpaceSection, StageSection, to_dict
+from gfo.config import PLACEMENT_KEYS, POSTHOC_KEYS, ConfigError, RunConfig, SpaceSection, StageSection, to_dict
 from gfo.strategies import EvosaxStrategy
 
 
@@ -57,7 +57,7 @@ class Stage:
         self.space = build.build_space(space_section, params, k_space)
         self.x0 = self.space.init(k_space)
         self.optimizer = build.build_optimizer(optimizer_section, self.x0, self.space.lowrank_ok,
-                                               distributed.pop_sharding(mesh))
+                                               distributed.pop_sharding(mesh), getattr(self.space, "vocab", None))
         self.objective = build.build_objective(self.task, task_section, optimizer_section, model, self.space,
                                                self.x0)
         # Model-axis rules follow parameter paths; an evosax state holds populations, kept replicated.
@@ -211,7 +211,7 @@ def _check_resumable(run_dir: str, resolved: dict) -> None:
         return
     with open(path) as f:
         saved = yaml.safe_load(f)
-    free = ("steps",) + PLACEMENT_KEYS  # a longer run, or the same run on other devices, may resume
+    free = ("steps",) + PLACEMENT_KEYS + POSTHOC_KEYS  # a longer run, or the same run on other devices, may resume
     strip = lambda d: {k: v for k, v in d.items() if k not in free}  # noqa: E731
     if strip(saved) != strip(resolved):
         changed = sorted(k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k) and k not in free)
@@ -245,11 +245,35 @@ def train(cfg: RunConfig, on_eval=None) -> dict:
     result = stage.run(cfg.optimizer.method, on_eval)
     result["run_dir"] = run_dir
     result["wall_s"] = time.perf_counter() - started
+    if cfg.decode is not None:
+        result["decode"] = compare_decoders_of(stage, cfg)
     if distributed.is_primary():
         from gfo.report import write_summary
 
         write_summary(run_dir, cfg, result["records"])
     return result
+
+
+def compare_decoders_of(stage: Stage, cfg: RunConfig) -> dict:
+    """`gfo.decode.compare_decoders` at the stage's current parameters, on its eval prompts; process 0
+    writes `decode.md` and `decode.json` into the run directory and prints the table."""
+    from gfo.decode import compare_decoders, format_decoders
+
+    d = cfg.decode
+    params = stage.space.to_params(stage.optimizer.solution(stage.state))
+    try:
+        results = compare_decoders(stage.model, params, stage.task, stage.task.eval_batches(), d.beam_width,
+                                   d.sweeps, d.top_k, d.proposals, d.length_penalty)
+    except ValueError as e:
+        raise ConfigError(f"decode: {e}") from None
+    if distributed.is_primary():
+        table = format_decoders(results)
+        with open(os.path.join(stage.run_dir, "decode.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(stage.run_dir, "decode.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print(table)
+    return results
 
 
 def build_mesh(cfg: RunConfig):

@@ -77,3 +77,28 @@ def test_refinement_raises_a_task_reward_over_greedy(arithmetic_model):
     assert np.all(np.asarray(out.scores) >= np.asarray(before))
     assert float(out.scores.mean()) > float(before.mean())  # measured: 0.06 -> 0.50
 
+
+
+def test_decode_section_compares_decoders_at_the_end_of_gfo_train(tmp_path):
+    """`decode:` in a config: greedy, beam, refinement by log-prob and by reward on the eval prompts."""
+    import json
+    import os
+
+    from gfo import cli
+    from gfo.config import load_config
+    from gfo.train import train
+
+    cfg = load_config(None, ["pretrain=null", f"runs_dir={tmp_path}", "task.name=arithmetic", "task.options={digits: 1}",
+                             "task.batch_size=32", "task.eval_size=16", "optimizer.method=backprop", "optimizer.lr=0.01",
+                             "model.overrides={d_model: 32, n_layers: 1, n_heads: 2}", "steps=40", "eval_every=40",
+                             "checkpoint_every=40", "decode={beam_width: 2, sweeps: 1, top_k: 4, proposals: model}"])
+    result = train(cfg)
+    table = result["decode"]
+    print(json.dumps(table, indent=1))
+    assert list(table) == ["greedy", "beam2", "refine(logprob)", "refine(reward)"]
+    assert table["refine(logprob)"]["logprob"] >= table["greedy"]["logprob"] - 1e-4
+    assert table["refine(reward)"]["reward"] >= table["greedy"]["reward"]
+    assert table["beam2"]["logprob"] >= table["greedy"]["logprob"] - 1e-4
+    assert os.path.isfile(os.path.join(result["run_dir"], "decode.md"))
+    with pytest.raises(SystemExit, match=r"only decode.\* keys can change"):
+        cli.main(["decode", result["run_dir"], "--set", "optimizer.lr=1"])

@@ -40,3 +40,24 @@ def test_search_errors(problem):
         search(loss, np.zeros(3, np.int32), vocab, method="genetic")
     with pytest.raises(ValueError, match="cooling"):
         search(loss, np.zeros(3, np.int32), vocab, cooling=1.5)
+
+
+def test_hard_prompt_search_runs_through_gfo_train_and_resumes(tmp_path):
+    """`space.kind: hard_prompt` + `optimizer.method: tabu`: checkpoints, resume, tokens from the vocab."""
+    from gfo.config import load_config
+    from gfo.train import train
+
+    letters = list(range(97, 123))
+    args = ["pretrain=null", f"runs_dir={tmp_path}", "task.name=prompt_classification", "task.options={k: 2}",
+            "task.batch_size=8", "task.eval_size=8", "model.overrides={d_model: 32, n_layers: 1, n_heads: 2}",
+            "space.kind=hard_prompt", "space.n_tokens=3", f"space.vocab={letters}", "optimizer.method=tabu",
+            "optimizer.population=6", "optimizer.options={tenure: 2}", "eval_every=2", "checkpoint_every=2"]
+    first = train(load_config(None, [*args, "steps=2"]))
+    resumed = train(load_config(None, [*args, "steps=4"]))
+    prompt = np.asarray(resumed["params"]["soft_prompt"])
+    assert prompt.shape == (3, 32)
+    train_rows = [r for r in resumed["records"] if r["split"] == "train"]
+    assert [r["step"] for r in train_rows][-1] == 4 and all(r["evaluations"] == 8 for r in train_rows)
+    assert resumed["records"][: len(first["records"])] == first["records"]
+    with pytest.raises(Exception, match="needs space.kind='hard_prompt'"):
+        train(load_config(None, [*args, "name=other", "space.kind=prompt"]))

@@ -52,6 +52,16 @@ class CompletionTask(Task):
         return {"cross_entropy": teacher_forced_loss(model, params, batch),
                 "exact_match": exact_match(model, params, batch, self.tokenizer.eos_id)}
 
+    def completion_rewards(self, tokens, lengths, rows, with_correct: bool = False):
+        """A verifier reward `[N]`: 1 where the completion `tokens [N, L]` (its first `lengths` tokens)
+        is the reference answer of `rows` followed by end-of-sequence, else 0 (a `reward_fn` for
+        `gfo.rollout.GenerationReward` and for `gfo.decode.refine`)."""
+        target, mask = rows["target"], rows["target_mask"].astype(bool)
+        A, L = target.shape[1], tokens.shape[1]
+        tokens = jnp.pad(tokens, ((0, 0), (0, max(A - L, 0))))[:, :A]
+        reward = (jnp.all((tokens == target) | ~mask, axis=1) & (lengths == mask.sum(axis=1))).astype(jnp.float32)
+        return (reward, reward) if with_correct else reward
+
 
 def teacher_forced_loss(model: models.TransformerLM, params, batch: dict) -> jax.Array:
     """Mean cross-entropy of the target tokens given the prompt (and the target's own prefix)."""
