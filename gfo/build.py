@@ -76,9 +76,11 @@ def _transform(section: OptimizerSection) -> optax.GradientTransformation:
         return optax.adam(section.lr)
     if section.transform == "adamw":
         return optax.adamw(section.lr, weight_decay=section.weight_decay)
+    if section.transform == "adam_l2":  # OpenAI-ES: Adam on g + l2·x (coupled L2, not AdamW's decoupled decay)
+        return optax.chain(optax.add_decayed_weights(section.weight_decay), optax.adam(section.lr))
     if section.transform == "sgd":
         return optax.sgd(section.lr, momentum=section.momentum or None)
-    raise ConfigError(f"optimizer.transform={section.transform!r} is unknown: expected adam, adamw or sgd")
+    raise ConfigError(f"optimizer.transform={section.transform!r} is unknown: expected adam, adamw, adam_l2 or sgd")
 
 
 def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_sharding=None, vocab=None):

@@ -1,6 +1,6 @@
 """The `gfo` command line.
 
-    gfo train [CONFIG] [--set key=value ...]   run or resume (no CONFIG: the embedded quickstart)
+    gfo train [CONFIG] [--variant smoke] [--set key=value ...]   run or resume (no CONFIG: the quickstart)
     gfo eval RUN_DIR                           evaluate a run's latest checkpoint
     gfo decode RUN_DIR [--set decode.k=v ...]  greedy vs beam search vs refinement at the latest checkpoint
     gfo report RUN_DIR... [--out DIR]          side-by-side table (and curves) of runs or sweeps
@@ -21,6 +21,7 @@ def _train(argv):
     p = argparse.ArgumentParser(prog="gfo train")
     p.add_argument("config", nargs="?", help="YAML config (default: the embedded quickstart)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--variant", default=None, help="a named variant of the config file (e.g. smoke)")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="multi-process: process 0's address (= --set distributed.coordinator_address=...)")
     p.add_argument("--num-processes", type=int, default=None)
@@ -29,7 +30,7 @@ def _train(argv):
     flags = {"coordinator_address": args.coordinator, "num_processes": args.num_processes,
              "process_id": args.process_id}
     overrides = args.overrides + [f"distributed.{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides, args.variant)
     d = cfg.distributed
     try:  # before gfo.train is imported: evosax's import already touches a device
         distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)

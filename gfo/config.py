@@ -52,7 +52,7 @@ class OptimizerSection:
     or annealing | tabu | aco over a `hard_prompt` space (`population` = proposals or ants per step)."""
 
     method: str = "lowrank_es"
-    transform: str = "adam"  # adam | sgd | adamw (estimator methods)
+    transform: str = "adam"  # adam | adamw | adam_l2 | sgd (estimator methods)
     lr: float = 1e-2
     momentum: float = 0.0  # sgd
     weight_decay: float = 0.0  # adamw / OpenAI-ES l2
@@ -149,6 +149,7 @@ class RunConfig:
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
     decode: Optional[DecodeSection] = None  # compare decoders on the eval prompts at the end
+    reference: dict = dataclasses.field(default_factory=dict)  # paper configs: citation, table, paths (metadata)
 
     def __post_init__(self):
         for key in ("steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -226,8 +227,20 @@ def set_dotted(data: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig:
-    """The run config of a YAML file (or the embedded quickstart when `path` is None) plus overrides."""
+def _merge(base: dict, update: dict) -> dict:
+    """`update` deep-merged into a copy of `base` (nested mappings merge, anything else replaces)."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), variant: str | None = None) -> RunConfig:
+    """The run config of a YAML file (or the embedded quickstart when `path` is None) plus overrides.
+
+    A file may hold named `variants:` (e.g. `smoke`, the CPU-sized version of a paper config): nested
+    overrides merged over the file when `variant` names one, and dropped otherwise.
+    """
     if path is None:
         from gfo.quickstart import QUICKSTART
 
@@ -240,6 +253,13 @@ def load_config(path: str | None = None, overrides: list[str] = ()) -> RunConfig
             raise ConfigError(f"config file {path!r} does not exist") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    variants = data.pop("variants", None) or {}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise ConfigError(f"'variants' in {path!r} must map variant names to mappings of overrides")
+    if variant is not None:
+        if variant not in variants:
+            raise ConfigError(f"variant {variant!r} is not in {path or 'the quickstart'}: it has {sorted(variants)}")
+        data = _merge(data, variants[variant])
     for assignment in overrides:
         apply_override(data, assignment)
     return from_dict(RunConfig, data)

@@ -194,7 +194,10 @@ class EvosaxStrategy:
         clean, bad = shaping.sanitize(losses)
         if self.n_particles:  # SV_* `ask` returns [total, ...] but `tell` wants [particles, members, ...]
             population = jax.tree.map(lambda p: p.reshape((self.n_particles, -1) + p.shape[1:]), population)
-        es_state, _ = self.algorithm.tell(k_tell, population, clean, es_state, state.es_params)
+        told, _ = self.algorithm.tell(k_tell, population, clean, es_state, state.es_params)
+        # Every member non-finite: no information (and `clean` is all zeros, which evosax would archive as
+        # a perfect loss): keep the state as it was.
+        es_state = jax.tree.map(lambda new, old: jnp.where(bad == losses.shape[0], old, new), told, es_state)
         metrics = {"loss": jnp.mean(clean), "loss_min": jnp.min(clean),
                    "best_loss": jnp.min(es_state.best_fitness),
                    "nonfinite": bad, "evaluations": self.n_evaluations}

@@ -11,7 +11,7 @@ import pytest
 
 import gfo
 from gfo.ga import polynomial_mutation, sbx, tournament
-from gfo.minimize import _Objective
+from gfo.minimizer import _Objective
 from gfo.strategies import STRATEGIES, EvosaxStrategy, StrategyMemoryError
 
 ALLOW_RANK_PROMOTION = True  # evosax's internals broadcast implicitly

@@ -1,4 +1,4 @@
-"""`gfo.minimize`: any gfo optimizer on any JAX function of a pytree, in one call.
+"""`gfo.minimize` (module `gfo.minimizer`): any gfo optimizer on any JAX function of a pytree, in one call.
 
     res = gfo.minimize(lambda x: jnp.sum((x - 3) ** 2), jnp.zeros(10), method="cma_es",
                        steps=300, key=jax.random.key(0), popsize=16, sigma=0.5)
