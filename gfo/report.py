@@ -8,6 +8,10 @@ import os
 _LOWER_IS_BETTER = ("loss", "cross_entropy", "perplexity")
 
 
+
+# Record fields that are not metrics: the step, the split, and the optimisation wall time.
+NOT_METRICS = ("step", "split", "time_s")
+
 def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
@@ -26,7 +30,7 @@ def summary_table(records: list[dict]) -> str:
     if not evals:
         return "(no evaluations)\n"
     first, last = evals[0], evals[-1]
-    names = [k for k in last if k not in ("step", "split")]
+    names = [k for k in last if k not in NOT_METRICS]
     lines = ["| metric | step 0 | final (step %d) | best |" % last["step"], "|---|---|---|---|"]
     for name in names:
         values = [r[name] for r in evals if name in r]
@@ -43,7 +47,7 @@ def plot_curves(runs: dict[str, list[dict]], path: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = ["train/loss"] + sorted({f"eval/{k}" for rs in runs.values() for r in _evals(rs) for k in r
-                                      if k not in ("step", "split")})
+                                      if k not in NOT_METRICS})
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         split, name = panel.split("/")
@@ -86,7 +90,7 @@ def compare(run_dirs: list[str], out: str | None = None) -> str:
     their curves."""
     runs = {label: read_metrics(d) for label, d in map(resolve_run, run_dirs)}
     finals = {name: (_evals(rs)[-1] if _evals(rs) else {}) for name, rs in runs.items()}
-    metrics = sorted({k for f in finals.values() for k in f if k not in ("step", "split")})
+    metrics = sorted({k for f in finals.values() for k in f if k not in NOT_METRICS})
     lines = ["| run | step | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, final in finals.items():
         cells = [f"{final[m]:.4f}" if m in final else "–" for m in metrics]

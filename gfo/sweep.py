@@ -23,6 +23,7 @@ import numpy as np
 import yaml
 
 from gfo.config import ConfigError, RunConfig, from_dict, set_dotted, to_dict
+from gfo.report import NOT_METRICS
 
 PARAM_FORMS = ("KEY=uniform(LOW,HIGH)", "KEY=loguniform(LOW,HIGH)", "KEY=int(LOW,HIGH)", "KEY=choice(A,B,...)")
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
@@ -114,7 +115,7 @@ def trial_config(base: dict, name: str, runs_dir: str, values: dict, seed: int) 
 def _final_metric(records: list[dict], metric: str) -> float:
     evals = [r for r in records if r.get("split") == "eval"]
     if not evals or metric not in evals[-1]:
-        names = sorted(k for k in (evals[-1] if evals else {}) if k not in ("step", "split"))
+        names = sorted(k for k in (evals[-1] if evals else {}) if k not in NOT_METRICS)
         raise ConfigError(f"--metric {metric!r} is not an eval metric of this task: expected one of {names}")
     return float(evals[-1][metric])
 

@@ -114,7 +114,7 @@ class Stage:
         writer = _tensorboard(self.run_dir) if primary else None
         self._log_path = log_path if primary else None
         if start == 0:
-            first = {"step": 0, "split": "eval", **self.evaluate(self.optimizer.solution(self.state))}
+            first = {"step": 0, "split": "eval", "time_s": 0.0, **self.evaluate(self.optimizer.solution(self.state))}
             self._log(log_path, writer, first)
             records.append(first)
         elif start >= self.steps:
@@ -123,11 +123,22 @@ class Stage:
             print(f"[{label}] resuming {self.run_dir} from step {start}")
         bar = _progress(total=self.steps, initial=start, label=label, disable=not primary)
         t0, evals = time.perf_counter(), 0
+        # `time_s`: optimisation wall time so far (steps only: no evaluation, no compilation — the first
+        # step of a session counts as the second one did), carried over a resume.
+        opt_time = records[-1].get("time_s", 0.0) if records else 0.0
+        first_step_s = None
         for step in range(start, self.steps):
             batch = distributed.place_batch(self.task.train_batch(step), self.mesh)
+            t_step = time.perf_counter()
             new_state, metrics = self.optimizer.step(self.state, self.objective, batch,
                                                      jax.random.fold_in(self.k_step, step))
-            if not _all_finite(self.optimizer.solution(new_state)):
+            finite = _all_finite(self.optimizer.solution(new_state))  # blocks on the step
+            elapsed = time.perf_counter() - t_step
+            if first_step_s is None:
+                first_step_s = elapsed  # compilation included: replaced by the next step's time
+            else:
+                opt_time += elapsed + (elapsed if step == start + 1 else 0.0)
+            if not finite:
                 manager.wait_until_finished()
                 raise DivergenceError(
                     f"[{label}] parameters became non-finite at step {step + 1} (loss {float(metrics['loss'])}); "
@@ -137,13 +148,14 @@ class Stage:
             evals += int(metrics.get("evaluations", 1))
             done = step + 1
             if done % self.cfg.log_every == 0 or done == self.steps:
-                row = {"step": done, "split": "train", **_jsonable(metrics)}
+                row = {"step": done, "split": "train", "time_s": opt_time, **_jsonable(metrics)}
                 self._log(log_path, writer, row)
                 records.append(row)
                 rate = evals / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", evals_per_s=f"{rate:.0f}")
             if done % self.cfg.eval_every == 0 or done == self.steps:
-                row = {"step": done, "split": "eval", **self.evaluate(self.optimizer.solution(self.state))}
+                row = {"step": done, "split": "eval", "time_s": opt_time,
+                       **self.evaluate(self.optimizer.solution(self.state))}
                 self._log(log_path, writer, row)
                 records.append(row)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "split")})

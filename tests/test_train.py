@@ -82,7 +82,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypa
     resumed = train(_config(tmp_path / "b", **sections))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  full["params"], resumed["params"])
-    strip = lambda rs: [{k: v for k, v in r.items()} for r in rs]  # noqa: E731
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]  # noqa: E731 - wall time varies
     assert strip(full["records"]) == strip(resumed["records"])
 
 
