@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class ModelSection:
     """The model: a random one (`family` + `overrides` of `models.tiny`) or a checkpoint (`path`)."""
 
-    family: str = "gpt2"  # gpt2 | llama, for a random model
+    family: str = "gpt2"  # gpt2 | llama | opt, for a random model
     path: Optional[str] = None  # a local Hugging Face checkpoint directory
     overrides: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields, e.g. {d_model: 128}
     dtype: str = "float32"

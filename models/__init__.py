@@ -8,7 +8,7 @@
     params = model.init(jax.random.key(0))
 """
 
-from models.config import ModelConfig, gpt2, llama, tiny
+from models.config import ModelConfig, gpt2, llama, opt, tiny
 from models.decoder import KVCache, TransformerLM
 from models.generate import Generation, completion_logprobs, generate, sample_logits
 from models.hf import CheckpointError, config_from_hf, config_to_hf, from_pretrained, save_pretrained
@@ -18,7 +18,7 @@ from models.prompt import init_prompt
 from models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
-    "ModelConfig", "gpt2", "llama", "tiny", "KVCache", "TransformerLM", "Generation", "generate", "completion_logprobs",
+    "ModelConfig", "gpt2", "llama", "opt", "tiny", "KVCache", "TransformerLM", "Generation", "generate", "completion_logprobs",
     "sample_logits", "CheckpointError", "config_from_hf", "config_to_hf", "from_pretrained",
     "save_pretrained", "LowRankKernel", "linear", "init_lora", "merge_lora", "init_prompt",
     "ByteTokenizer", "HFTokenizer", "load_tokenizer",

@@ -1,7 +1,7 @@
 """Model configuration: one decoder, configured into the GPT-2 and Llama families.
 
 A `ModelConfig` is a frozen dataclass, hashable so that it can be a static argument of `jax.jit`.
-`gpt2(...)` and `llama(...)` fill in the family's architecture choices; `tiny(family)` gives the
+`gpt2(...)`, `llama(...)` and `opt(...)` fill in the family's architecture choices; `tiny(family)` gives the
 small random models used by tests and the quickstart.
 """
 
@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import jax.numpy as jnp
 
-Family = Literal["gpt2", "llama"]
-_FAMILIES = ("gpt2", "llama")
+Family = Literal["gpt2", "llama", "opt"]
+_FAMILIES = ("gpt2", "llama", "opt")
 _ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
 _ROPE_SCALINGS = (None, "linear", "llama3")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -36,6 +36,7 @@ class ModelConfig:
     head_dim: int | None = None  # None = d_model // n_heads
     d_ff: int | None = None  # None = 4 * d_model
     max_seq_len: int = 256  # learned-position table size; RoPE models accept any length
+    position_offset: int = 0  # learned positions: row of position p is p + offset (OPT: 2)
     norm_eps: float = 1e-5
     activation: str = "gelu_new"
     rope_theta: float = 10000.0
@@ -120,6 +121,14 @@ def gpt2(**overrides) -> ModelConfig:
     return ModelConfig(**{**base, **overrides})
 
 
+def opt(**overrides) -> ModelConfig:
+    """OPT family (Zhang et al. 2022): GPT-2's layout with ReLU, learned positions offset by 2, pre-LN,
+    biases and a tied head (the `do_layer_norm_before=True` variants: all sizes but 350M)."""
+    base = dict(family="opt", activation="relu", tie_embeddings=True, attention_bias=True, mlp_bias=True,
+                norm_eps=1e-5, position_offset=2)
+    return ModelConfig(**{**base, **overrides})
+
+
 def llama(**overrides) -> ModelConfig:
     """Llama family: RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases, untied head."""
     base = dict(family="llama", activation="silu", tie_embeddings=False, attention_bias=False,
@@ -137,6 +146,8 @@ def tiny(family: Family = "gpt2", **overrides) -> ModelConfig:
     if family == "llama":
         base.update(n_kv_heads=2, d_ff=128)
         return llama(**{**base, **overrides})
+    if family == "opt":
+        return opt(**{**base, **overrides})
     if family == "gpt2":
         return gpt2(**{**base, **overrides})
     raise ValueError(f"tiny(family={family!r}): expected one of {_FAMILIES}.")

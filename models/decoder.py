@@ -85,8 +85,8 @@ class Decoder(nn.Module):
                 [jnp.broadcast_to(jnp.arange(n_prompt), (B, n_prompt)), positions + n_prompt], axis=1)
         if not cfg.uses_rope:
             pos_table = self.param("pos_embed", nn.initializers.normal(cfg.initializer_range),
-                                   (cfg.max_seq_len, cfg.d_model), cfg.storage_dtype)
-            x = x + embed_lookup(pos_table, positions, cfg.compute_dtype)
+                                   (cfg.max_seq_len + cfg.position_offset, cfg.d_model), cfg.storage_dtype)
+            x = x + embed_lookup(pos_table, positions + cfg.position_offset, cfg.compute_dtype)
 
         if cache is None:
             q_slots = k_slots = jnp.arange(L)

@@ -1,4 +1,4 @@
-"""Import and export of local Hugging Face checkpoints (`model_type` gpt2 and llama).
+"""Import and export of local Hugging Face checkpoints (`model_type` gpt2, llama and opt).
 
 A checkpoint directory holds `config.json` and either `model.safetensors` or a sharded
 `model.safetensors.index.json` with its shard files. Nothing is downloaded: a path only.
@@ -7,7 +7,8 @@ A checkpoint directory holds `config.json` and either `model.safetensors` or a s
     save_pretrained(model, params, "/out/gpt2-finetuned")   # loadable by transformers
 
 Conventions: HF `nn.Linear` weights are `[out, in]` and are transposed into our `[in, out]` kernels;
-GPT-2's `Conv1D` weights are already `[in, out]`; GPT-2's fused `c_attn` is split into q, k, v.
+GPT-2's `Conv1D` weights are already `[in, out]`; GPT-2's fused `c_attn` is split into q, k, v. OPT's
+position table keeps its 2 leading offset rows (`ModelConfig.position_offset`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig, gpt2, llama
+from models.config import ModelConfig, gpt2, llama, opt
 from models.decoder import TransformerLM
 from models.tree import get_path, set_path
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "opt")
 _ACT_FROM_HF = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
                 "relu": "relu", "silu": "silu", "swish": "silu"}
 
@@ -40,7 +41,8 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"config.json model_type={model_type!r} is not supported: expected one "
                               f"of {SUPPORTED_MODEL_TYPES}")
-    act = hf.get("activation_function" if model_type == "gpt2" else "hidden_act", "gelu_new")
+    act = hf.get("hidden_act" if model_type == "llama" else "activation_function",
+                 "relu" if model_type == "opt" else "gelu_new")
     if act not in _ACT_FROM_HF:
         raise CheckpointError(f"activation {act!r} is not supported: expected one of {tuple(_ACT_FROM_HF)}")
     special = dict(bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")),
@@ -56,6 +58,18 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
                     initializer_range=hf.get("initializer_range", 0.02),
                     tie_embeddings=hf.get("tie_word_embeddings", True), dtype=dtype, param_dtype=dtype,
                     **special)
+    if model_type == "opt":
+        d = hf["hidden_size"]
+        for flag, ok in (("do_layer_norm_before", True), ("word_embed_proj_dim", d), ("enable_bias", True),
+                         ("layer_norm_elementwise_affine", True), ("_remove_final_layer_norm", False)):
+            if hf.get(flag, ok) != ok:
+                raise CheckpointError(f"opt config {flag}={hf[flag]!r} is not supported: expected {ok} "
+                                      f"(OPT-350M's post-LN / projected-embedding layout is not implemented)")
+        return opt(vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"],
+                   n_heads=hf["num_attention_heads"], d_ff=hf["ffn_dim"],
+                   max_seq_len=hf.get("max_position_embeddings", 2048), activation=_ACT_FROM_HF[act],
+                   initializer_range=hf.get("init_std", 0.02), tie_embeddings=hf.get("tie_word_embeddings", True),
+                   dtype=dtype, param_dtype=dtype, **special)
     if hf.get("pretraining_tp", 1) != 1:
         raise CheckpointError(f"llama config pretraining_tp={hf['pretraining_tp']} is not supported: expected 1")
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
@@ -84,6 +98,13 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                     n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
                     activation_function=cfg.activation, initializer_range=cfg.initializer_range,
                     tie_word_embeddings=cfg.tie_embeddings, torch_dtype=dtype, **special)
+    if cfg.family == "opt":
+        return dict(model_type="opt", architectures=["OPTForCausalLM"], vocab_size=cfg.vocab_size,
+                    hidden_size=cfg.d_model, word_embed_proj_dim=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                    num_attention_heads=cfg.n_heads, ffn_dim=cfg.ff_dim, max_position_embeddings=cfg.max_seq_len,
+                    activation_function=cfg.activation, do_layer_norm_before=True, enable_bias=True,
+                    init_std=cfg.initializer_range, tie_word_embeddings=cfg.tie_embeddings, torch_dtype=dtype,
+                    **special)
     rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **cfg.rope_scaling_dict}
     return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=cfg.vocab_size,
                 hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -123,6 +144,24 @@ def _tensor_map(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], Any]]:
             for hf_mod, our_mod in (("attn.c_proj", ("attn", "o")), ("mlp.c_fc", ("mlp", "fc")),
                                     ("mlp.c_proj", ("mlp", "proj"))):
                 entries += [(hf + hf_mod + ".weight", (our,) + our_mod + ("kernel",), "copy"),
+                            (hf + hf_mod + ".bias", (our,) + our_mod + ("bias",), "copy")]
+        if not cfg.tie_embeddings:
+            entries.append(("lm_head.weight", ("lm_head",), "T"))
+        return entries
+    if cfg.family == "opt":
+        entries += [("model.decoder.embed_tokens.weight", ("embed",), "copy"),
+                    ("model.decoder.embed_positions.weight", ("pos_embed",), "copy"),
+                    ("model.decoder.final_layer_norm.weight", ("final_norm", "scale"), "copy"),
+                    ("model.decoder.final_layer_norm.bias", ("final_norm", "bias"), "copy")]
+        for i in range(cfg.n_layers):
+            hf, our = f"model.decoder.layers.{i}.", f"layers_{i}"
+            for hf_mod, our_mod in (("self_attn_layer_norm", ("attn_norm",)), ("final_layer_norm", ("mlp_norm",))):
+                entries += [(hf + hf_mod + ".weight", (our,) + our_mod + ("scale",), "copy"),
+                            (hf + hf_mod + ".bias", (our,) + our_mod + ("bias",), "copy")]
+            for hf_mod, our_mod in (("self_attn.q_proj", ("attn", "q")), ("self_attn.k_proj", ("attn", "k")),
+                                    ("self_attn.v_proj", ("attn", "v")), ("self_attn.out_proj", ("attn", "o")),
+                                    ("fc1", ("mlp", "fc")), ("fc2", ("mlp", "proj"))):
+                entries += [(hf + hf_mod + ".weight", (our,) + our_mod + ("kernel",), "T"),
                             (hf + hf_mod + ".bias", (our,) + our_mod + ("bias",), "copy")]
         if not cfg.tie_embeddings:
             entries.append(("lm_head.weight", ("lm_head",), "T"))

@@ -26,6 +26,8 @@ HF_CONFIGS = {
                         max_position_embeddings=128,
                         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                           high_freq_factor=4.0, original_max_position_embeddings=8)),
+    "opt": dict(model_type="opt", vocab_size=79, hidden_size=32, word_embed_proj_dim=32, ffn_dim=56,
+                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=48, do_layer_norm_before=True),
     "llama-linear-rope": dict(model_type="llama", vocab_size=83, hidden_size=32, intermediate_size=48,
                               num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64,
                               rope_scaling=dict(rope_type="linear", factor=3.0)),
@@ -37,8 +39,10 @@ def build_hf_model(name: str, seed: int = 0):
     under which every logit would be near zero and a parity test would prove little)."""
     spec = dict(bos_token_id=0, eos_token_id=1, **HF_CONFIGS[name])
     model_type = spec.pop("model_type")
-    config_cls = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig}[model_type]
-    model_cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM}[model_type]
+    config_cls = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig,
+                  "opt": transformers.OPTConfig}[model_type]
+    model_cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
+                 "opt": transformers.OPTForCausalLM}[model_type]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**spec)).eval()
     with torch.no_grad():
