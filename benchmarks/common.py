@@ -11,12 +11,22 @@ import time
 import jax
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     """What the numbers were measured on."""
     device = jax.devices()[0]
     return {"platform": device.platform, "device": getattr(device, "device_kind", str(device)),
-            "devices": jax.device_count(), "cpu_count": os.cpu_count(), "processor": platform.processor() or
-            platform.machine(), "jax": jax.__version__, "python": platform.python_version(),
+            "devices": jax.device_count(), "cpu_count": os.cpu_count(), "processor": _cpu_model(), "jax": jax.__version__, "python": platform.python_version(),
             "date": time.strftime("%Y-%m-%d")}
 
 

@@ -8,7 +8,8 @@ Every method starts from the same pretrained tiny model per task (Adam on the ta
 `gfo train` with a budget of *forward-pass equivalents over one batch*: an ES step of population N
 costs N, an SPSA step 2 (two-point), an Adam step 3 (a backward pass counted as two forwards), a policy-
 gradient step 3 per sampled completion (sampling, then the log-probability forward and backward).
-`steps = budget // cost`. Results are the final eval metric, mean ± std over seeds, at the equal
+`steps = budget // cost`. On countdown the objective is the reward of generated answers, which has no
+gradient: the Adam baseline there fine-tunes on the reference solutions' cross-entropy (SFT). Results are the final eval metric, mean ± std over seeds, at the equal
 forward budget, and separately at equal wall-clock: each method's last evaluation whose optimisation
 time (`time_s` in `metrics.jsonl`, compilation and evaluation excluded) is within the shortest method's
 total. Writes `convergence.json`, `convergence.md` and `convergence.png` to `--out`.
@@ -19,8 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 
+import jax
 import numpy as np
 
 from benchmarks.common import machine, write
@@ -28,7 +29,7 @@ from benchmarks.common import machine, write
 TASKS = {
     "countdown": {"task": {"name": "countdown", "batch_size": 16, "eval_size": 32,
                            "options": {"n_numbers": 2, "max_number": 3}},
-                  "metric": "reward", "higher": True},
+                  "metric": "reward", "higher": True, "reward_objective": True},
     "prompt_classification": {"task": {"name": "prompt_classification", "batch_size": 16, "eval_size": 32,
                                        "options": {"k": 16}},
                               "metric": "accuracy", "higher": True},
@@ -73,12 +74,15 @@ def run(root: str, task: str, method: str, seed: int, budget: int, evals: int, c
     optimizer, cost = METHODS[method]
     steps = max(1, budget // cost)
     every = max(1, steps // evals)
-    name = f"{task}-{method}-s{seed}"
-    shutil.rmtree(os.path.join(root, "runs", name), ignore_errors=True)
+    name = f"{task}-{method}-s{seed}"  # a finished run in `root` is reused (gfo train resumes it)
+    task_section = dict(TASKS[task]["task"])
+    if method == "adam" and TASKS[task].get("reward_objective"):
+        task_section["objective"] = "cross_entropy"  # a reward on generated text has no gradient: SFT instead
     cfg = from_dict(RunConfig, {"name": name, "runs_dir": os.path.join(root, "runs"), "seed": seed, "steps": steps,
                                 "eval_every": every, "log_every": every, "checkpoint_every": steps,
-                                "model": {"path": checkpoint}, "task": TASKS[task]["task"], "optimizer": optimizer})
+                                "model": {"path": checkpoint}, "task": task_section, "optimizer": optimizer})
     result = train(cfg)
+    jax.clear_caches()  # dozens of runs in one process: drop their executables (memory, mmap count)
     curve = [r for r in result["records"] if r["split"] == "eval"]
     return {"steps": steps, "cost_per_step": cost, "curve": curve}
 
@@ -105,7 +109,7 @@ def summarise(results: dict) -> dict:
 def markdown(payload) -> str:
     m = payload["machine"]
     lines = [f"# Convergence at an equal budget ({'quick' if payload['quick'] else 'full'} run)", "",
-             f"Machine: {m['device']} ({m['platform']}), {m['cpu_count']} CPU cores, JAX {m['jax']}, {m['date']}. "
+             f"Machine: {m['processor']} ({m['platform']}), {m['cpu_count']} CPU cores, JAX {m['jax']}, {m['date']}. "
              f"Budget: {payload['budget']} forward-pass equivalents over one batch; seeds {payload['seeds']}; "
              f"pretraining {payload['pretrain_steps']} Adam steps. Costs per step: "
              + ", ".join(f"{k} {v[1]}" for k, v in METHODS.items()) + ".", ""]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from gfo.spaces import Full
 SIZES = {"micro": dict(d_model=32, n_layers=1, n_heads=2), "tiny": dict(d_model=64, n_layers=2, n_heads=4), "small": dict(d_model=128, n_layers=4, n_heads=4),
          "medium": dict(d_model=256, n_layers=6, n_heads=8)}
 TARGETS = ("low-rank ES at >= 0.9 of the inference ceiling for populations >= 64",
-           "seed-regenerated ES memory independent of the population (largest/smallest peak <= 1.1)",
+           "seed-regenerated ES memory independent of the population at a fixed chunk (peak at the largest N <= 1.1 × at the smallest)",
            "an SPSA step <= 2.5 forward passes of time",
            "es and lowrank_es faster per step than evosax's plain Open_ES wherever it fits")
 
@@ -64,7 +65,7 @@ def measure_size(name: str, overrides: dict, populations, batch: int, seq: int, 
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab_size)
     key = jax.random.key(2)
     row = {"size": name, "params": int(dim), "param_bytes": int(param_bytes), "batch": batch, "seq": seq,
-           "populations": {}}
+           "chunk": chunk, "populations": {}}
 
     forward, exe = compiled(lambda x, t: objective(x, t, key), x0, tokens)
     row["forward_s"] = seconds(forward, x0, tokens, repeats=repeats)
@@ -118,10 +119,18 @@ def measure_size(name: str, overrides: dict, populations, batch: int, seq: int, 
     return row
 
 
+def payload_chunk(row) -> int:
+    return row.get("chunk", 64)
+
+
 def evaluate_targets(rows) -> list[dict]:
     lowrank = [r["populations"][n]["lowrank_es"]["ratio_to_ceiling"] for r in rows for n in r["populations"] if n >= 64]
-    es_mem = [r["populations"][max(r["populations"])]["es"]["peak_bytes"] /
-              r["populations"][min(r["populations"])]["es"]["peak_bytes"] for r in rows]
+    # At a fixed chunk (populations >= the chunk): memory may depend on the chunk, never on N.
+    es_mem = []
+    for r in rows:
+        fixed = [n for n in r["populations"] if n >= payload_chunk(r)]
+        if len(fixed) >= 2:  # growth from the smallest to the largest population
+            es_mem.append(r["populations"][max(fixed)]["es"]["peak_bytes"] / r["populations"][min(fixed)]["es"]["peak_bytes"])
     spsa = [r["spsa"]["forward_passes"] for r in rows]
     ahead = [r["populations"][n][m]["step_s"] < r["populations"][n]["evosax_open_es"]["step_s"]
              for r in rows for n in r["populations"] if "step_s" in r["populations"][n]["evosax_open_es"]
@@ -129,7 +138,9 @@ def evaluate_targets(rows) -> list[dict]:
     return [
         {"target": TARGETS[0], "met": (min(lowrank) >= 0.9) if lowrank else None,
          "measured": f"min ratio {min(lowrank):.2f}" if lowrank else "no population >= 64 measured"},
-        {"target": TARGETS[1], "met": max(es_mem) <= 1.1, "measured": f"max peak ratio {max(es_mem):.3f}"},
+        {"target": TARGETS[1], "met": (max(es_mem) <= 1.1) if es_mem else None,
+         "measured": f"max growth {max(es_mem):.3f} over populations >= the chunk" if es_mem else
+         "fewer than two populations >= the chunk"},
         {"target": TARGETS[2], "met": max(spsa) <= 2.5, "measured": f"max {max(spsa):.2f} forward passes"},
         {"target": TARGETS[3], "met": all(ahead) if ahead else None,
          "measured": f"{sum(ahead)}/{len(ahead)} comparisons ahead"},
@@ -139,9 +150,11 @@ def evaluate_targets(rows) -> list[dict]:
 def markdown(payload) -> str:
     m = payload["machine"]
     lines = [f"# Throughput and memory of one step ({'quick' if payload['quick'] else 'full'} run)", "",
-             f"Machine: {m['device']} ({m['platform']}, {m['devices']} device(s)), {m['cpu_count']} CPU cores, "
+             f"Machine: {m['processor']} ({m['platform']}, {m['devices']} device(s)), {m['cpu_count']} CPU cores, "
              f"JAX {m['jax']}, {m['date']}. Batch {payload['rows'][0]['batch']} × {payload['rows'][0]['seq']} "
-             f"tokens per member; members evaluated in chunks of ≤ {payload['chunk']}.", "", "## Targets", "",
+             f"tokens per member; members evaluated in chunks of ≤ {payload['chunk']}. A ratio above 1 means the "
+             f"chunked step beats the single N·B-sequence forward pass (smaller working sets fit the CPU caches).",
+             "", "## Targets", "",
              "| target | measured | status |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {mark(t['met'])} |" for t in payload["targets"]]
     for r in payload["rows"]:
@@ -166,13 +179,33 @@ def markdown(payload) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render(path: str) -> str:
+    """Re-evaluate the targets and rewrite the Markdown of a saved `throughput*.json` (no measuring)."""
+    import json
+
+    with open(path) as f:
+        payload = json.load(f)
+    for r in payload["rows"]:
+        r.setdefault("chunk", payload["chunk"])
+        r["populations"] = {int(n): e for n, e in r["populations"].items()}
+    payload["targets"] = evaluate_targets(payload["rows"])
+    text = markdown(payload)
+    write(os.path.dirname(path) or ".", os.path.basename(path)[:-5], payload, text)
+    return text
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a 1-layer model, populations 8 and 16, one repeat")
     p.add_argument("--out", default="benchmarks/results", help="directory for throughput.json / .md")
     p.add_argument("--sizes", nargs="*", default=None, help=f"model sizes among {list(SIZES)}")
     p.add_argument("--populations", nargs="*", type=int, default=None)
+    p.add_argument("--render", metavar="JSON", default=None, help="only re-render a saved result file")
     args = p.parse_args(argv)
+    if args.render:
+        text = render(args.render)
+        print(text)
+        return {}
     sizes = args.sizes or (["micro"] if args.quick else [s for s in SIZES if s != "micro"])
     unknown = set(sizes) - set(SIZES)
     if unknown:

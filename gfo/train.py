@@ -126,7 +126,6 @@ class Stage:
         # `time_s`: optimisation wall time so far (steps only: no evaluation, no compilation — the first
         # step of a session counts as the second one did), carried over a resume.
         opt_time = records[-1].get("time_s", 0.0) if records else 0.0
-        first_step_s = None
         for step in range(start, self.steps):
             batch = distributed.place_batch(self.task.train_batch(step), self.mesh)
             t_step = time.perf_counter()
@@ -134,10 +133,8 @@ class Stage:
                                                      jax.random.fold_in(self.k_step, step))
             finite = _all_finite(self.optimizer.solution(new_state))  # blocks on the step
             elapsed = time.perf_counter() - t_step
-            if first_step_s is None:
-                first_step_s = elapsed  # compilation included: replaced by the next step's time
-            else:
-                opt_time += elapsed + (elapsed if step == start + 1 else 0.0)
+            if step > start:  # the session's first step includes compilation: the second counts twice
+                opt_time += elapsed * (2 if step == start + 1 else 1)
             if not finite:
                 manager.wait_until_finished()
                 raise DivergenceError(
