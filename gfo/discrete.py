@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from gfo import shaping
 from gfo.population import map_members
 
 METHODS = ("annealing", "tabu", "aco")
@@ -126,8 +125,8 @@ class DiscreteSearch:
         members = jnp.concatenate([state.current[None], state.best[None], candidates])
         losses = map_members(lambda i: objective(vocab[members[i]], batch, k_eval), self.population + 2,
                              self.batch_size, self.pop_sharding)
-        clean, bad = shaping.sanitize(losses)
-        clean = jnp.where(jnp.isfinite(losses), clean, jnp.inf)  # a non-finite candidate never wins
+        finite = jnp.isfinite(losses)
+        clean = jnp.where(finite, losses, jnp.inf)  # a non-finite candidate never wins
         f_current, f_best_now, values = clean[0], clean[1], clean[2:]
         i = jnp.argmin(values)
         current, tabu, pheromone = state.current, state.tabu, state.pheromone
@@ -156,9 +155,8 @@ class DiscreteSearch:
         best_loss = jnp.minimum(values[i], f_best_now)
         new = DiscreteState(current=current, best=best, best_loss=best_loss, tabu=tabu, pheromone=pheromone,
                             step=state.step + 1)
-        finite = jnp.isfinite(losses)
         metrics = {"loss": jnp.sum(jnp.where(finite, losses, 0.0)) / jnp.maximum(jnp.sum(finite), 1),
-                   "loss_min": jnp.min(clean), "best_loss": best_loss, "nonfinite": bad,
+                   "loss_min": jnp.min(clean), "best_loss": best_loss, "nonfinite": jnp.sum(~finite),
                    "evaluations": self.population + 2}
         return new, metrics
 

@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from gfo.noise import path_name
+
 AXES = ("pop", "data", "model")
 
 # (regex over the leaf's path, which axis of the leaf goes over `model`); the first match wins. Paths
@@ -158,12 +160,6 @@ def pop_sharding(mesh: Mesh) -> NamedSharding | None:
     return NamedSharding(mesh, P("pop")) if mesh.shape["pop"] > 1 else None
 
 
-def _path(path) -> str:
-    from gfo.noise import path_name
-
-    return path_name(path)
-
-
 def leaf_spec(name: str, shape: tuple, model_size: int, rules=DEFAULT_RULES) -> P:
     """The `PartitionSpec` of one parameter-like leaf: one axis over `model` by `rules`, else replicated.
 
@@ -183,7 +179,7 @@ def shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
     """A tree of `NamedSharding`s like `tree` (arrays or shape/dtype structs): `leaf_spec` per leaf."""
     size = mesh.shape["model"]
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: NamedSharding(mesh, leaf_spec(_path(p), tuple(np.shape(x)), size, rules)), tree)
+        lambda p, x: NamedSharding(mesh, leaf_spec(path_name(p), tuple(np.shape(x)), size, rules)), tree)
 
 
 def _put(x, sharding: NamedSharding):
