@@ -30,6 +30,12 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
+def describe(m: dict) -> str:
+    """One line naming the machine of `machine()` for a result file's header."""
+    return (f"Machine: {m['processor']} ({m['platform']}, {m.get('devices', 1)} device(s)), {m['cpu_count']} CPU "
+            f"cores, JAX {m['jax']}, {m['date']}.")
+
+
 def compiled(fn, *args):
     """`(jitted fn, compiled executable)` for `args` (compiling once, outside any timing)."""
     jitted = jax.jit(fn)

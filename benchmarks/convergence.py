@@ -24,7 +24,7 @@ import os
 import jax
 import numpy as np
 
-from benchmarks.common import machine, write
+from benchmarks.common import describe, machine, write
 
 TASKS = {
     "countdown": {"task": {"name": "countdown", "batch_size": 16, "eval_size": 32,
@@ -109,8 +109,7 @@ def summarise(results: dict) -> dict:
 def markdown(payload) -> str:
     m = payload["machine"]
     lines = [f"# Convergence at an equal budget ({'quick' if payload['quick'] else 'full'} run)", "",
-             f"Machine: {m['processor']} ({m['platform']}), {m['cpu_count']} CPU cores, JAX {m['jax']}, {m['date']}. "
-             f"Budget: {payload['budget']} forward-pass equivalents over one batch; seeds {payload['seeds']}; "
+             f"{describe(m)} Budget: {payload['budget']} forward-pass equivalents over one batch; seeds {payload['seeds']}; "
              f"pretraining {payload['pretrain_steps']} Adam steps. Costs per step: "
              + ", ".join(f"{k} {v[1]}" for k, v in METHODS.items()) + ".", ""]
     for task, t in payload["table"].items():

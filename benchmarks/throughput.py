@@ -26,7 +26,7 @@ import optax
 
 import gfo
 import models
-from benchmarks.common import available_memory_bytes, compiled, machine, mark, peak_bytes, seconds, write
+from benchmarks.common import available_memory_bytes, compiled, describe, machine, mark, peak_bytes, seconds, write
 from gfo.spaces import Full
 
 SIZES = {"micro": dict(d_model=32, n_layers=1, n_heads=2), "tiny": dict(d_model=64, n_layers=2, n_heads=4), "small": dict(d_model=128, n_layers=4, n_heads=4),
@@ -150,8 +150,7 @@ def evaluate_targets(rows) -> list[dict]:
 def markdown(payload) -> str:
     m = payload["machine"]
     lines = [f"# Throughput and memory of one step ({'quick' if payload['quick'] else 'full'} run)", "",
-             f"Machine: {m['processor']} ({m['platform']}, {m['devices']} device(s)), {m['cpu_count']} CPU cores, "
-             f"JAX {m['jax']}, {m['date']}. Batch {payload['rows'][0]['batch']} × {payload['rows'][0]['seq']} "
+             f"{describe(m)} Batch {payload['rows'][0]['batch']} × {payload['rows'][0]['seq']} "
              f"tokens per member; members evaluated in chunks of ≤ {payload['chunk']}. A ratio above 1 means the "
              f"chunked step beats the single N·B-sequence forward pass (smaller working sets fit the CPU caches).",
              "", "## Targets", "",
