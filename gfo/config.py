@@ -27,7 +27,8 @@ class ModelSection:
     """The model: a random one (`family` + `overrides` of `models.tiny`) or a checkpoint (`path`)."""
 
     family: str = "gpt2"  # gpt2 | llama | opt, for a random model
-    path: Optional[str] = None  # a local Hugging Face checkpoint directory
+    path: Optional[str] = None  # a local Hugging Face checkpoint directory or a .gguf file
+    tokenizer: Optional[str] = None  # default: the checkpoint's own (path), else the byte tokenizer
     overrides: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields, e.g. {d_model: 128}
     dtype: str = "float32"
 
@@ -76,6 +77,8 @@ class TaskSection:
     batch_size: int = 16
     eval_size: int = 64
     options: dict = dataclasses.field(default_factory=dict)  # task-specific, e.g. {digits: 3}
+    chat_template: str = "auto"  # auto (the tokenizer's, if any) | none (plain text) | a .jinja path
+    system_prompt: Optional[str] = None  # default: the task's own (countdown: the reference's)
 
 
 @dataclasses.dataclass

@@ -8,6 +8,11 @@
 Prompts of different lengths are left-padded (`Tokenizer.batch_encode`). Sampling is greedy when
 `temperature == 0`; otherwise softmax(logits / temperature) restricted to the `top_k` most likely
 tokens and to the smallest set whose probability reaches `top_p`.
+
+Generation is a `lax.while_loop` that ends as soon as every row has stopped: at a stop token, or once
+its generated text contains a stop string (`stop_strings=stop_string_table(tok.token_bytes(), ["</answer>"])`:
+one small automaton per string over the bytes each token stands for, so a string split across tokens
+is found too, inside the jitted loop).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models.decoder import TransformerLM, _split_soft_prompt
 
@@ -26,6 +32,56 @@ class Generation(NamedTuple):
     lengths: jax.Array  # [B] int32
     logprobs: jax.Array  # [B, N] float32, log-probability of each chosen token under the sampling
     #   distribution's base model (temperature 1, no truncation); 0 after a row stops
+
+
+class StopStrings(NamedTuple):
+    """Automata over token bytes: `table[s, q, t]` is the state of string `s`'s matcher after reading
+    token `t` in state `q`; state `accept[s]` (the string's length in bytes) means "seen"."""
+
+    table: jax.Array  # [S, Q, V] int32
+    accept: jax.Array  # [S] int32
+
+
+def stop_string_table(token_bytes: Sequence[bytes], strings: Sequence[str]) -> StopStrings | None:
+    """The `StopStrings` of `strings` for a vocabulary whose id `i` stands for `token_bytes[i]`."""
+    strings = [s for s in strings]
+    if not strings:
+        return None
+    for s in strings:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"stop string {s!r}: expected a non-empty string")
+    V = len(token_bytes)
+    width = max(len(b) for b in token_bytes)
+    data = np.zeros((V, max(width, 1)), np.int32)
+    valid = np.zeros((V, max(width, 1)), bool)
+    for i, b in enumerate(token_bytes):
+        data[i, :len(b)], valid[i, :len(b)] = list(b), True
+    encoded = [s.encode("utf-8") for s in strings]
+    Q = max(len(b) for b in encoded) + 1
+    tables = np.zeros((len(encoded), Q, V), np.int32)
+    for k, pattern in enumerate(encoded):
+        delta = _kmp_automaton(pattern)  # [len+1, 256]
+        state = np.broadcast_to(np.arange(len(pattern) + 1)[:, None], (len(pattern) + 1, V)).copy()
+        for j in range(data.shape[1]):
+            state = np.where(valid[None, :, j], delta[state, data[None, :, j]], state)
+        tables[k, :len(pattern) + 1] = state
+        tables[k, len(pattern) + 1:] = len(pattern)
+    return StopStrings(jnp.asarray(tables), jnp.asarray([len(b) for b in encoded], jnp.int32))
+
+
+def _kmp_automaton(pattern: bytes) -> np.ndarray:
+    """`delta[q, byte]`: the longest prefix of `pattern` that is a suffix of (prefix `q` + byte);
+    the full-match state `len(pattern)` is absorbing."""
+    n = len(pattern)
+    delta = np.zeros((n + 1, 256), np.int32)
+    delta[0, pattern[0]] = 1
+    fallback = 0
+    for q in range(1, n):
+        delta[q] = delta[fallback]
+        delta[q, pattern[q]] = q + 1
+        fallback = delta[fallback, pattern[q]]
+    delta[n] = n
+    return delta
 
 
 def completion_logprobs(model: TransformerLM, params, prompt_ids: jax.Array, prompt_mask: jax.Array,
@@ -65,10 +121,11 @@ def sample_logits(key: jax.Array, logits: jax.Array, temperature: float = 1.0, t
 def generate(model: TransformerLM, params, prompt_ids: jax.Array, prompt_mask: jax.Array | None,
              key: jax.Array, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_id: int | None = None,
-             soft_prompt: jax.Array | None = None) -> Generation:
+             soft_prompt: jax.Array | None = None, stop_strings: StopStrings | None = None) -> Generation:
     """Generate up to `max_new_tokens` after each left-padded prompt `prompt_ids: [B, T]`.
 
-    Stops a row at its first token in `stop_tokens`, and the whole batch when every row has stopped.
+    Stops a row at its first token in `stop_tokens` or once its generated text contains one of
+    `stop_strings` (see `stop_string_table`), and the whole batch when every row has stopped.
     """
     _check_sampling(temperature, top_k, top_p, max_new_tokens)
     if pad_id is None:
@@ -80,7 +137,7 @@ def generate(model: TransformerLM, params, prompt_ids: jax.Array, prompt_mask: j
     cache_size = n_soft + prompt_ids.shape[1] + max_new_tokens
     cache = model.init_cache(prompt_ids.shape[0], cache_size)
     return _generate(model, params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
-                     key, cache, soft_prompt, max_new_tokens=max_new_tokens, temperature=float(temperature),
+                     key, cache, soft_prompt, stop_strings, max_new_tokens=max_new_tokens, temperature=float(temperature),
                      top_k=int(top_k), top_p=float(top_p), stop_tokens=tuple(int(t) for t in stop_tokens),
                      pad_id=int(pad_id))
 
@@ -98,34 +155,41 @@ def _check_sampling(temperature, top_k, top_p, max_new_tokens):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p",
                                              "stop_tokens", "pad_id"))
-def _generate(model, params, prompt_ids, prompt_mask, key, cache, soft_prompt, *, max_new_tokens,
+def _generate(model, params, prompt_ids, prompt_mask, key, cache, soft_prompt, stop_strings, *, max_new_tokens,
               temperature, top_k, top_p, stop_tokens, pad_id) -> Generation:
     B = prompt_ids.shape[0]
     logits, cache = model.apply_with_cache(params, prompt_ids, cache, prompt_mask, prompt=soft_prompt)
     last = logits[:, -1]
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
 
+    if stop_strings is None:
+        stop_strings = StopStrings(jnp.zeros((0, 1, 1), jnp.int32), jnp.zeros((0,), jnp.int32))
+    S = stop_strings.accept.shape[0]
+
     def body(carry):
-        step, key, last, cache, done, tokens, logprobs = carry
+        step, key, last, cache, done, matched, lengths, tokens, logprobs = carry
         key, sub = jax.random.split(key)
         token = sample_logits(sub, last, temperature, top_k, top_p)
         logp = jnp.take_along_axis(jax.nn.log_softmax(last), token[:, None], axis=-1)[:, 0]
         token = jnp.where(done, pad_id, token)
         tokens = tokens.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logp))
+        lengths = lengths + (~done).astype(jnp.int32)
         # A row that had already stopped feeds a masked pad token, invisible to later steps.
         feed_mask = (~done).astype(jnp.int32)[:, None]
+        if S:
+            matched = stop_strings.table[jnp.arange(S)[None, :], matched, token[:, None]]
+            done = done | jnp.any(matched == stop_strings.accept[None, :], axis=1)
         done = done | jnp.isin(token, stops)
         logits, cache = model.apply_with_cache(params, token[:, None], cache, feed_mask)
-        return step + 1, key, logits[:, -1], cache, done, tokens, logprobs
+        return step + 1, key, logits[:, -1], cache, done, matched, lengths, tokens, logprobs
 
     def cond(carry):
-        step, *_, done, _, _ = carry
+        step, done = carry[0], carry[4]
         return (step < max_new_tokens) & ~jnp.all(done)
 
-    init = (jnp.array(0), key, last, cache, jnp.zeros((B,), bool),
-            jnp.full((B, max_new_tokens), pad_id, jnp.int32), jnp.zeros((B, max_new_tokens), jnp.float32))
-    step, _, _, _, _, tokens, logprobs = jax.lax.while_loop(cond, body, init)
-    is_stop = jnp.isin(tokens, stops)
-    lengths = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1) + 1, step).astype(jnp.int32)
+    init = (jnp.array(0), key, last, cache, jnp.zeros((B,), bool), jnp.zeros((B, S), jnp.int32),
+            jnp.zeros((B,), jnp.int32), jnp.full((B, max_new_tokens), pad_id, jnp.int32),
+            jnp.zeros((B, max_new_tokens), jnp.float32))
+    *_, lengths, tokens, logprobs = jax.lax.while_loop(cond, body, init)
     return Generation(tokens=tokens, lengths=lengths, logprobs=logprobs)

@@ -303,5 +303,10 @@ def test_checkpoint_tokenizer_json_is_used(tmp_path):
     ids = loaded.encode("the cat sat")
     assert ids == tok.encode("the cat sat").ids and loaded.decode(ids) == "the cat sat"
     assert len(ids) < len("the cat sat")  # merges were applied
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    from models.tokenizer import TokenizerError
+
+    with pytest.raises(TokenizerError, match="does not exist"):
         models.load_tokenizer(str(tmp_path / "missing"))
+    (tmp_path / "tokenizer.json").unlink()
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+        models.load_tokenizer(str(tmp_path))
