@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import jax
@@ -38,14 +39,37 @@ def build_model(section: ModelSection, key: jax.Array):
     return model, model.init(key)
 
 
-def build_task(section: TaskSection, seed: int):
+def build_tokenizer(section: ModelSection, vocab_size: int):
+    """The tokenizer of the run: `model.tokenizer`, else the checkpoint's own (`model.path`), else the byte
+    tokenizer of the tiny models. Its ids must fit the model's vocabulary."""
+    from models.tokenizer import TokenizerError, check_fits
+
+    source = section.tokenizer or section.path
+    try:
+        tok = _load_tokenizer(source)
+        check_fits(tok, vocab_size, f"model.tokenizer={source!r}" if section.tokenizer else f"model.path={source!r}")
+    except TokenizerError as e:
+        raise ConfigError(str(e)) from None
+    return tok
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(source):
+    return models.load_tokenizer(source)
+
+
+def build_task(section: TaskSection, seed: int, tokenizer=None):
+    """The task of `section`, encoding through `tokenizer` (default: the byte tokenizer)."""
     if section.name not in TASKS:
         raise ConfigError(f"task.name={section.name!r} is unknown: expected one of {sorted(TASKS)}")
     try:
         return TASKS[section.name](seed=seed, batch_size=section.batch_size, eval_size=section.eval_size,
-                                   **section.options)
+                                   tokenizer=tokenizer, chat_template=section.chat_template,
+                                   system_prompt=section.system_prompt, **section.options)
     except TypeError as e:
         raise ConfigError(f"task.options for {section.name!r}: {e}") from None
+    except ValueError as e:  # DataError, ChatTemplateError and option checks are ValueErrors
+        raise ConfigError(f"task {section.name!r}: {e}") from None
 
 
 def build_space(section: SpaceSection, params, key: jax.Array) -> spaces.Space:
@@ -139,5 +163,6 @@ def build_objective(task, section: TaskSection, optimizer: OptimizerSection, mod
                               f"text (countdown); task.name={section.name!r} has none")
         return GenerationReward(model, space.to_params, task.completion_rewards, task.max_answer_tokens,
                                 group_size=optimizer.group_size, temperature=1.0,
-                                stop_tokens=(task.tokenizer.eos_id,), reference=x0)
+                                stop_tokens=task.stop_tokens, stop_strings=getattr(task, "_stop_table", None),
+                                reference=x0)
     return task.objective(section.objective, model, space.to_params)

@@ -77,7 +77,8 @@ class TaskSection:
     batch_size: int = 16
     eval_size: int = 64
     options: dict = dataclasses.field(default_factory=dict)  # task-specific, e.g. {digits: 3}
-    chat_template: str = "auto"  # auto (the tokenizer's, if any) | none (plain text) | a .jinja path
+    chat_template: Optional[str] = None  # auto (the tokenizer's, if any) | none | a .jinja path; None: the task's
+    # default (auto for instruction tasks: countdown, gsm8k; none for LM, classification, sequence tasks)
     system_prompt: Optional[str] = None  # default: the task's own (countdown: the reference's)
 
 

@@ -55,13 +55,15 @@ class GenerationReward:
     top_k: int = 0
     top_p: float = 1.0
     stop_tokens: tuple[int, ...] = ()
+    stop_strings: Any = None  # models.generate.StopStrings
     reference: Any = None  # x of the KL reference (policy gradient), e.g. the starting point
 
     def sample(self, x, batch, key) -> Rollout:
         B, G = batch["prompt"].shape[0], self.group_size
         rows = jax.tree.map(lambda v: jnp.repeat(v, G, axis=0), batch)
         out = models.generate(self.model, self.to_params(x), rows["prompt"], rows["prompt_mask"], key,
-                              self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.stop_tokens)
+                              self.max_new_tokens, self.temperature, self.top_k, self.top_p, self.stop_tokens,
+                              stop_strings=self.stop_strings)
         reward = self.reward_fn(out.tokens, out.lengths, rows)
         return Rollout(out.tokens.reshape(B, G, -1), out.lengths.reshape(B, G), reward.reshape(B, G))
 

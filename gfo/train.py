@@ -52,7 +52,7 @@ class Stage:
         self.model = model
         key = jax.random.key(seed)
         k_space, k_opt, self.k_step = jax.random.split(jax.random.fold_in(key, 1), 3)
-        self.task = build.build_task(task_section, seed)
+        self.task = build.build_task(task_section, seed, build.build_tokenizer(cfg.model, model.config.vocab_size))
         params = distributed.place(params, mesh)  # frozen weights too are split over `model`
         self.space = build.build_space(space_section, params, k_space)
         self.x0 = self.space.init(k_space)

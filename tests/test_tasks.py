@@ -28,10 +28,21 @@ def text_file(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def gsm8k_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gsm") / "gsm8k.jsonl"
+    rows = [{"question": f"Ann has {i} apples and buys {i + 2} more. How many apples?",
+             "answer": f"She has {i} + {i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2} apples.\n#### {2 * i + 2}"}
+            for i in range(20)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_task_batches_are_deterministic_and_objectives_match_metrics(name, model, text_file):
+def test_task_batches_are_deterministic_and_objectives_match_metrics(name, model, text_file, gsm8k_file):
     m, params = model
-    extra = {"data_path": text_file, "seq_len": 16} if name == "text_lm" else {}
+    extra = {"text_lm": {"data_path": text_file, "seq_len": 16},
+             "gsm8k": {"data_path": gsm8k_file, "max_new_tokens": 6}}.get(name, {})
     task = TASKS[name](seed=3, batch_size=4, eval_size=8, **extra)
     a, b, c = task.train_batch(5), task.train_batch(5), task.train_batch(6)
     for k in a:
@@ -110,11 +121,37 @@ def test_text_lm_and_countdown_read_local_files(tmp_path, text_file):
     assert task.train_batch(0)["tokens"].shape == (2, 17)
     with pytest.raises(DataError, match="need at least seq_len"):
         TASKS["text_lm"](data_path=text_file, seq_len=500)
+    # The ES-at-scale reference's countdown.json shape: target as a string, a pre-rendered "context".
+    from gfo.tasks.countdown import REFERENCE_PREFIX, REFERENCE_SYSTEM
+
     problems = tmp_path / "countdown.jsonl"
-    problems.write_text('{"numbers": [3, 4], "target": 12, "solution": "3*4"}\n{"numbers": [2, 2], "target": 4, "solution": "2+2"}\n')
-    cd = TASKS["countdown"](data_path=str(problems), n_numbers=2, max_number=9, batch_size=4)
-    batch = cd.train_batch(0)
-    assert set(map(tuple, batch["numbers"].tolist())) <= {(3, 4), (2, 2)}
-    problems.write_text('{"numbers": [3, 4, 5], "target": 12}\n')
-    with pytest.raises(DataError, match=r"record 0 has numbers \[3, 4, 5\]; expected 2 integers"):
-        TASKS["countdown"](data_path=str(problems), n_numbers=2)
+    rows = [{"id": i, "numbers": [44, 19, i + 1], "target": str(63 + i + 1), "solution": f"((44 + 19) + {i + 1})"}
+            for i in range(6)]
+    for r in rows:
+        r["context"] = (REFERENCE_SYSTEM + f"Using the numbers [{' '.join(map(str, r['numbers']))}], create an equation "
+                        f"that equals {r['target']}. You can use basic arithmetic operations (+, -, *, /) and each "
+                        "number can only be used once. Show your work in <think> </think> tags. And return the final "
+                        "answer in <answer> </answer> tags, for example <answer> (1 + 2) / 3 </answer>." + REFERENCE_PREFIX)
+    problems.write_text("\n".join(json.dumps(r) for r in rows))
+    cd = TASKS["countdown"](data_path=str(problems), prompt="reference", chat_template="none", batch_size=2,
+                            eval_size=2, max_new_tokens=4)
+    tok = cd.tokenizer
+    seen = []
+    for step in (0, 1):  # one epoch over the 4 training questions: each drawn exactly once
+        batch = cd.train_batch(step)
+        for ids, mask in zip(batch["prompt"], batch["prompt_mask"]):
+            text = tok.decode(ids[mask == 1])
+            match = [r for r in rows if r["context"] == text]
+            assert len(match) == 1  # the prompt is the reference's context, byte for byte
+            seen.append(match[0]["id"])
+    assert sorted(seen) == [0, 1, 2, 3]
+    assert [int(v) for v in cd.eval_batches()[0]["target_value"]] == [68, 69]  # the held-out questions
+    # The reward is computed on "<think>" + completion, as the reference does.
+    assert cd.score("reasoning</think>\n<answer>(44 + 19) + 5</answer>", {"numbers": np.asarray([44, 19, 5, -1]),
+                                                                             "target_value": 68.0}) == (1.1, 1.0)
+    problems.write_text('{"numbers": [3, 4, 5, 1, 1, 1, 1], "target": 12}\n' * 3)
+    with pytest.raises(DataError, match=r"record 0 has 7 numbers; expected 2..6"):
+        TASKS["countdown"](data_path=str(problems), eval_size=1)
+    problems.write_text('{"numbers": "3 4", "target": 12}\n' * 3)
+    with pytest.raises(DataError, match=r"record 0 has numbers '3 4'; expected a list"):
+        TASKS["countdown"](data_path=str(problems), eval_size=1)

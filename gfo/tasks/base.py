@@ -63,14 +63,15 @@ class Task:
     objectives: ClassVar[tuple[str, ...]]
     default_objective: ClassVar[str]
     default_system_prompt: ClassVar[str | None] = None
+    default_chat_template: ClassVar[str] = "none"  # instruction-following tasks use "auto"
 
     def __init__(self, seed: int = 0, batch_size: int = 16, eval_size: int = 64,
-                 tokenizer=None, chat_template: str = "auto", system_prompt: str | None = None):
+                 tokenizer=None, chat_template: str | None = None, system_prompt: str | None = None):
         if batch_size < 1 or eval_size < 1:
             raise ValueError(f"{self.name}: batch_size={batch_size} and eval_size={eval_size} must be >= 1")
         self.seed, self.batch_size, self.eval_size = seed, batch_size, eval_size
         self.tokenizer = tokenizer or models.ByteTokenizer()
-        self.format = prompt_format(self.tokenizer, chat_template)
+        self.format = prompt_format(self.tokenizer, chat_template or self.default_chat_template)
         self.system_prompt = system_prompt if system_prompt is not None else self.default_system_prompt
 
     # ------------------------------------------------------------------ prompts

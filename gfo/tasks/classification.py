@@ -4,12 +4,17 @@ Each example is rendered as `template.format(text=...)` (default `"{text} It was
 label word (default `" great"` / `" terrible"`); the class score is the summed log-probability of the
 label word's tokens after the prompt, and prediction is the arg-max over classes. Training uses a
 fixed k-shot set (`k` examples per class), evaluation a disjoint set. Built-in data: sentences
-synthesised from class-specific lexicons plus neutral words; or `data_path`, a JSONL file (or a
-`datasets` directory) of `{"text": str, "label": int}`. Objectives: `cross_entropy` over the class
-scores, `neg_accuracy`.
+synthesised from class-specific lexicons plus neutral words; or `data_path`: a JSONL file, a `datasets`
+directory, or a CSV/TSV table with a header (GLUE's SST-2 `train.tsv`: `sentence\tlabel`) of records with
+a text field (`text_field`, default `text`, else `sentence`) and an integer `label`. Prompts are plain
+text by default (`task.chat_template: auto` wraps them in the checkpoint's template) and are padded
+to one length, the longest prompt of the data (at most `max_prompt_tokens`, keeping the prompt's end).
+Objectives: `cross_entropy` over the class scores, `neg_accuracy`.
 """
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +23,7 @@ import numpy as np
 import models
 from gfo.tasks.base import Task
 from gfo.tasks.loaders import DataError, read_records
+from models.tokenizer import pad_left
 
 LEXICONS = (
     ("good", "great", "lovely", "superb", "fine", "brilliant", "fun", "charming"),
@@ -33,7 +39,7 @@ class PromptClassification(Task):
 
     def __init__(self, k: int = 16, template: str = "{text} It was",
                  label_words: tuple[str, ...] = (" great", " terrible"), data_path: str | None = None,
-                 max_prompt_tokens: int = 64, **kw):
+                 max_prompt_tokens: int = 64, text_field: str | None = None, **kw):
         super().__init__(**kw)
         if "{text}" not in template:
             raise ValueError(f"prompt_classification template={template!r} must contain '{{text}}'")
@@ -45,7 +51,7 @@ class PromptClassification(Task):
                 raise ValueError(f"built-in data has {len(LEXICONS)} classes; got {len(self.label_words)} label words")
             pool = [(self._synthesise(rng, c), c) for c in range(len(LEXICONS)) for _ in range(k + self.eval_size)]
         else:
-            records = read_records(data_path, {"text": str, "label": int})
+            records = self._read(data_path, text_field)
             for i, r in enumerate(records):
                 if not 0 <= r["label"] < len(self.label_words):
                     raise DataError(f"{data_path}: record {i} has label {r['label']}; expected 0.."
@@ -64,6 +70,8 @@ class PromptClassification(Task):
         if min(counts) < k:
             raise DataError(f"prompt_classification k={k}: some class has only {min(counts)} examples")
         self.train_set, self.eval_set = train, rest[: self.eval_size]
+        longest = max(len(self.encode_prompt(self.render(self.template.format(text=t)))) for t, _ in train + rest)
+        self.prompt_length = min(longest, self.max_prompt_tokens)
         tok = self.tokenizer
         label_ids = [tok.encode(w) for w in self.label_words]
         L = max(len(ids) for ids in label_ids)
@@ -73,6 +81,28 @@ class PromptClassification(Task):
             self.label_tokens[c, :len(ids)], self.label_mask[c, :len(ids)] = ids, 1
 
     @staticmethod
+    def _read(path: str, text_field: str | None) -> list[dict]:
+        """Records `{"text", "label"}`; the text column is `text_field`, else `text`, else `sentence`."""
+        import json
+
+        if text_field is None:
+            if path.endswith((".csv", ".tsv")):
+                with open(path, encoding="utf-8") as f:
+                    header = f.readline().rstrip("\n").split("\t" if path.endswith(".tsv") else ",")
+            elif path.endswith(".jsonl") and os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    first = f.readline()
+                try:
+                    header = list(json.loads(first)) if first.strip() else []
+                except (json.JSONDecodeError, TypeError):
+                    header = []
+            else:
+                header = []
+            text_field = "sentence" if "text" not in header and "sentence" in header else "text"
+        records = read_records(path, {text_field: str, "label": int})
+        return [{"text": r[text_field], "label": r["label"]} for r in records]
+
+    @staticmethod
     def _synthesise(rng, label: int) -> str:
         words = list(rng.choice(NEUTRAL, size=int(rng.integers(3, 6))))
         for _ in range(int(rng.integers(1, 3))):
@@ -80,13 +110,9 @@ class PromptClassification(Task):
         return " ".join(words) + "."
 
     def _batch(self, examples):
-        prompts = [self.template.format(text=t) for t, _ in examples]
-        ids = [self.tokenizer.encode(p)[-self.max_prompt_tokens:] for p in prompts]
-        T = max(len(i) for i in ids)
-        prompt = np.full((len(ids), T), self.tokenizer.pad_id, np.int32)
-        mask = np.zeros((len(ids), T), np.int32)
-        for r, i in enumerate(ids):
-            prompt[r, T - len(i):], mask[r, T - len(i):] = i, 1
+        ids = [self.encode_prompt(self.render(self.template.format(text=t)))[-self.prompt_length:]
+               for t, _ in examples]
+        prompt, mask = pad_left(ids, self.tokenizer.pad_id, self.prompt_length)
         return {"prompt": prompt, "prompt_mask": mask, "label": np.asarray([y for _, y in examples], np.int32)}
 
     def train_batch(self, step):

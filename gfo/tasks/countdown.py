@@ -1,118 +1,153 @@
 """Countdown: reach a target with the given numbers; the reward is computed on *generated* text.
 
-The reasoning task on which ES is compared with PPO/GRPO (Qiu et al. 2025; EGGROLL). A prompt lists
-`n_numbers` numbers and a target that some expression over all of them reaches; the model writes
-`<think>…</think>\\n<answer>expression</answer>` and earns `gfo.tasks.countdown_reward.reward`. The
-reference completion (for `cross_entropy` pre-training) is the generating expression with an empty
-think block. Objectives: `neg_reward` (default: greedy or sampled completions, reward negated) and
-`cross_entropy`. `data_path`: a JSONL file (or `datasets` directory) of `{"numbers": [int], "target":
-int}` problems (an optional `"solution"` expression is the reference completion) instead of generated
-ones; all records must have `n_numbers` numbers.
+The reasoning task on which ES is compared with PPO/GRPO (Qiu et al. 2025, arXiv 2509.24372; EGGROLL).
+Two prompt styles (`prompt`):
+- `reference` (default with a checkpoint's tokenizer): the ES-at-scale prompt — its system prompt, the
+  user turn "Using the numbers [44 19 35], create an equation that equals 98. …" and the assistant turn
+  opened with "Let me solve this step by step.\\n<think>" — rendered through the chat template
+  (`task.chat_template: none` gives the reference's plain concatenation, its `context` field exactly).
+  The model continues the think block, and the reward is `gfo.tasks.countdown_reward.reward` on
+  `"<think>" + completion`, generating up to `max_new_tokens` (1,024, as the reference);
+- `compact` (default with the byte tokenizer of the tiny models): `"3 5 7=22:"`, and the model writes
+  `<think>…</think>\\n<answer>…</answer>` itself.
+
+Data: problems generated from the seed (`n_numbers` numbers in 1..`max_number`, a reachable integer
+target), or `data_path`: a JSONL file / `datasets` directory of `{"numbers" (or "nums"): [int],
+"target": int or str}` records (the reference's `countdown.json` shape; an optional `"solution"` is the
+reference completion; "context" is ignored, being what `task.chat_template: none` renders), or
+`reasoning_gym:countdown` (the `reasoning` extra; `source_options` are passed
+to `reasoning_gym.create_dataset`). With records, the first `train_size` are the training questions
+(default: all but the `eval_size` evaluation ones), drawn without replacement epoch by epoch, as the
+reference does; `batch_size: 1000` over 1,000 questions is the reference's whole-set iteration.
+Objectives: `neg_reward` (default; greedy or sampled completions, reward negated) and `cross_entropy`.
 """
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 import models
 from gfo.tasks import countdown_reward
-from gfo.tasks.loaders import DataError, read_records
-from gfo.tasks.sequence import CompletionTask, teacher_forced_loss
+from gfo.tasks.loaders import DataError, read_records, reasoning_gym_records
+from gfo.tasks.reasoning import ReasoningTask
+
+REFERENCE_SYSTEM = ("You are a helpful assistant. You first think about the reasoning process in your mind and "
+                    "then provide the user with the answer.")
+REFERENCE_USER = ("Using the numbers [{numbers}], create an equation that equals {target}. You can use basic "
+                  "arithmetic operations (+, -, *, /) and each number can only be used once. Show your work in "
+                  "<think> </think> tags. And return the final answer in <answer> </answer> tags, for example "
+                  "<answer> (1 + 2) / 3 </answer>.")
+REFERENCE_PREFIX = "Let me solve this step by step.\n<think>"
 
 
-class Countdown(CompletionTask):
+class Countdown(ReasoningTask):
     name = "countdown"
-    objectives = ("neg_reward", "cross_entropy")
-    default_objective = "neg_reward"
+    reward_fields = ("numbers", "target_value")
 
-    def __init__(self, n_numbers: int = 3, max_number: int = 9, temperature: float = 0.0,
-                 data_path: str | None = None, **kw):
-        if not 2 <= n_numbers <= 6:
-            raise ValueError(f"countdown n_numbers={n_numbers}: expected 2..6")
+    def __init__(self, n_numbers: int | list = 3, max_number: int = 9, data_path: str | None = None,
+                 prompt: str = "auto", max_new_tokens: int | None = None, train_size: int | None = None,
+                 source_options: dict | None = None, **kw):
+        lo, hi = (n_numbers, n_numbers) if isinstance(n_numbers, int) else tuple(n_numbers)
+        if not 2 <= lo <= hi <= 6:
+            raise ValueError(f"countdown n_numbers={n_numbers}: expected 2..6 (or [min, max] within it)")
         if max_number < 1:
             raise ValueError(f"countdown max_number={max_number} must be >= 1")
-        self.n_numbers, self.max_number, self.temperature = n_numbers, max_number, temperature
+        tokenizer = kw.get("tokenizer")
+        if prompt == "auto":
+            prompt = "compact" if tokenizer is None or isinstance(tokenizer, models.ByteTokenizer) else "reference"
+        if prompt not in ("reference", "compact"):
+            raise ValueError(f"countdown prompt={prompt!r}: expected 'reference', 'compact' or 'auto'")
+        self.style = prompt
+        if self.style == "reference" and kw.get("system_prompt") is None:
+            kw["system_prompt"] = REFERENCE_SYSTEM
+        self.assistant_prefix = REFERENCE_PREFIX if self.style == "reference" else ""
+        records = None
+        if data_path is not None:
+            records = self._read(data_path, dict(source_options or {}), kw.get("seed", 0),
+                                 kw.get("eval_size", 64))
+            lo = min(len(r["numbers"]) for r in records)
+            hi = max(len(r["numbers"]) for r in records)
+            max_number = max(max(r["numbers"]) for r in records)
+        self.n_numbers, self.max_number = (lo, hi), max_number
         digits = len(str(max_number))
-        self.max_answer_tokens = len("<think></think>\n<answer></answer>") + n_numbers * (digits + 3) + 2
-        super().__init__(**kw)
-        self.records = None if data_path is None else self._read(data_path)
-
-    def _read(self, path):
-        records = read_records(path, {"numbers": list, "target": (int, float)})
-        for i, r in enumerate(records):
-            if len(r["numbers"]) != self.n_numbers or not all(isinstance(n, int) and 0 < n <= self.max_number
-                                                              for n in r["numbers"]):
-                raise DataError(f"{path}: record {i} has numbers {r['numbers']}; expected {self.n_numbers} "
-                                f"integers in 1..{self.max_number} (task.options n_numbers / max_number)")
-        return records
+        if self.style == "compact":
+            self.max_prompt_tokens = hi * (digits + 1) + 2 * digits * hi + 4
+            default_new = len("<think></think>\n<answer></answer>") + hi * (digits + 3) + 2
+        else:
+            self.max_prompt_tokens = len(REFERENCE_USER.format(numbers=" ".join(["9" * digits] * hi),
+                                                               target="9" * (digits * hi + 1)))
+            default_new = 1024
+        super().__init__(max_new_tokens=max_new_tokens if max_new_tokens is not None else default_new, **kw)
+        if records is not None:
+            self.use_records(records, train_size, data_path)
 
     @property
-    def max_prompt_tokens(self):
+    def target_length(self) -> int:
+        """The teacher-forced reference completion: a short expression, not `max_new_tokens`."""
         digits = len(str(self.max_number))
-        return self.n_numbers * (digits + 1) + 2 * digits * self.n_numbers + 4
+        return min(self.max_answer_tokens, len("</think>\n<answer></answer>") + 6 * self.n_numbers[1] * (digits + 3)) + 1
 
-    def problem(self, rng: np.random.Generator) -> tuple[list[int], int, str]:
-        """Numbers, a reachable integer target, and the expression that reaches it."""
-        if self.records is not None:
-            r = self.records[int(rng.integers(len(self.records)))]
-            return list(r["numbers"]), r["target"], r.get("solution", "")
+    # ------------------------------------------------------------------ data
+    @staticmethod
+    def _read(path: str, source_options: dict, seed: int, eval_size: int) -> list[dict]:
+        if path.startswith("reasoning_gym:"):
+            items = reasoning_gym_records(path, seed, source_options.pop("size", 1000 + eval_size), **source_options)
+            records = [{"numbers": list(i["metadata"]["numbers"]), "target": i["metadata"]["target"],
+                        "solution": i["metadata"].get("expression", "")} for i in items]
+        else:
+            records = []
+            for i, r in enumerate(read_records(path, {"target": (int, float, str)})):
+                numbers = r.get("numbers", r.get("nums"))
+                if not isinstance(numbers, list) or not all(isinstance(n, int) and n >= 0 for n in numbers):
+                    raise DataError(f"{path}: record {i} has numbers {numbers!r}; expected a list of non-negative "
+                                    f"integers under 'numbers' (or 'nums')")
+                try:
+                    target = float(r["target"])
+                except ValueError:
+                    raise DataError(f"{path}: record {i} has target {r['target']!r}; expected a number") from None
+                records.append({"numbers": numbers, "target": int(target) if target == int(target) else target,
+                                "solution": r.get("solution", "")})
+        for i, r in enumerate(records):
+            if not 2 <= len(r["numbers"]) <= 6:
+                raise DataError(f"{path}: record {i} has {len(r['numbers'])} numbers; expected 2..6")
+        return records
+
+    def user_text(self, problem: dict) -> str:
+        numbers, target = problem["numbers"], problem["target"]
+        if self.style == "compact":
+            return f"{' '.join(map(str, numbers))}={target}:"
+        return REFERENCE_USER.format(numbers=" ".join(map(str, numbers)), target=target)
+
+    def completion_of(self, problem: dict) -> str:
+        """The reference completion (cross-entropy pre-training): an empty think block and the answer."""
+        solution = problem.get("solution", "")
+        if not solution:
+            return ""
+        return f"</think>\n<answer>{solution}</answer>" if self.style == "reference" else \
+            f"<think></think>\n<answer>{solution}</answer>"
+
+    def generated_problem(self, rng: np.random.Generator) -> dict:
+        """Numbers, a reachable positive integer target, and the expression that reaches it."""
+        lo, hi = self.n_numbers
+        n = lo if lo == hi else int(rng.integers(lo, hi + 1))
         while True:
-            numbers = [int(v) for v in rng.integers(1, self.max_number + 1, size=self.n_numbers)]
+            numbers = [int(v) for v in rng.integers(1, self.max_number + 1, size=n)]
             expression = str(numbers[0])
-            for n in numbers[1:]:
-                expression = f"{expression}{rng.choice(['+', '-', '*'])}{n}"
+            for v in numbers[1:]:
+                expression = f"{expression}{rng.choice(['+', '-', '*'])}{v}"
             value = countdown_reward.evaluate(expression)
             if value > 0 and value == int(value):
-                order = list(rng.permutation(numbers))
-                return [int(v) for v in order], int(value), expression
+                return {"numbers": [int(v) for v in rng.permutation(numbers)], "target": int(value),
+                        "solution": expression}
 
-    def example(self, rng):
-        numbers, target, expression = self.problem(rng)
-        return (f"{' '.join(map(str, numbers))}={target}:",
-                f"<think></think>\n<answer>{expression}</answer>")
+    def fields(self, problems: list[dict]) -> dict:
+        numbers = np.full((len(problems), self.n_numbers[1]), -1, np.int32)  # -1 pads shorter lists
+        for row, p in enumerate(problems):
+            numbers[row, :len(p["numbers"])] = p["numbers"]
+        return {"numbers": numbers, "target_value": np.asarray([float(p["target"]) for p in problems], np.float32)}
 
-    def make_batch(self, rng, size):
-        state = rng.bit_generator.state
-        batch = super().make_batch(rng, size)
-        rng.bit_generator.state = state  # replay the same problems to record their numbers and targets
-        problems = [self.problem(rng) for _ in range(size)]
-        batch["numbers"] = np.asarray([p[0] for p in problems], np.int32)
-        batch["target_value"] = np.asarray([p[1] for p in problems], np.float32)
-        return batch
-
-    def _objective(self, name, model, to_params):
-        if name == "cross_entropy" and self.records is not None and not all(r.get("solution") for r in self.records):
-            raise DataError("countdown objective 'cross_entropy' needs a reference 'solution' in every record")
-        if name == "cross_entropy":
-            return lambda x, batch, key: teacher_forced_loss(model, to_params(x), batch)
-        return lambda x, batch, key: -jnp.mean(self.rewards(model, to_params(x), batch, key)[0])
-
-    def rewards(self, model: models.TransformerLM, params, batch, key):
-        """Rewards `[B]` of completions (greedy when temperature is 0) and whether each was correct."""
-        out = models.generate(model, params, batch["prompt"], batch["prompt_mask"], key, self.max_answer_tokens,
-                              temperature=self.temperature, stop_tokens=(self.tokenizer.eos_id,))
-        return self.completion_rewards(out.tokens, out.lengths, batch, with_correct=True)
-
-    def completion_rewards(self, tokens, lengths, rows, with_correct: bool = False):
-        """Rewards `[N]` of completions `tokens [N, L]` of the prompts in `rows` (a `reward_fn` for
-        `gfo.rollout.GenerationReward`); with `with_correct`, also whether each answer was right."""
-        shapes = (jax.ShapeDtypeStruct(lengths.shape, jnp.float32),) * 2
-        reward, correct = jax.pure_callback(self._host_rewards, shapes, tokens, lengths, rows["numbers"],
-                                            rows["target_value"], vmap_method="sequential")
-        return (reward, correct) if with_correct else reward
-
-    def _host_rewards(self, tokens, lengths, numbers, targets):
-        rewards, correct = [], []
-        for row, n, nums, target in zip(np.asarray(tokens), np.asarray(lengths), np.asarray(numbers),
-                                        np.asarray(targets)):
-            text = self.tokenizer.decode([t for t in row[:n] if t != self.tokenizer.eos_id])
-            rewards.append(countdown_reward.reward(text, nums.tolist(), float(target)))
-            correct.append(countdown_reward.answer_reward(text, nums.tolist(), float(target)))
-        return np.asarray(rewards, np.float32), np.asarray(correct, np.float32)
-
-    def metrics(self, model, params, batch, key):
-        reward, correct = self.rewards(model, params, batch, key)
-        return {"reward": jnp.mean(reward), "accuracy": jnp.mean(correct),
-                "cross_entropy": teacher_forced_loss(model, params, batch)}
+    def score(self, text: str, row: dict) -> tuple[float, float]:
+        used = [int(v) for v in row["numbers"] if v >= 0]
+        target = float(row["target_value"])
+        return (countdown_reward.reward(text, used, target, think_prefix=self.style == "reference"),
+                countdown_reward.answer_reward(text, used, target))

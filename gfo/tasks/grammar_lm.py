@@ -58,10 +58,11 @@ class GrammarLM(Task):
     def make_batch(self, rng, size):
         rows = []
         for _ in range(size):
-            text = ""
-            while len(text) < self.seq_len + 1:
+            text, ids = "", []
+            while len(ids) < self.seq_len + 1:  # as many tokens as needed, whatever the tokenizer
                 text += self.sentence(rng) + ". "
-            rows.append(self.tokenizer.encode(text)[: self.seq_len + 1])
+                ids = self.tokenizer.encode(text)
+            rows.append(ids[: self.seq_len + 1])
         return {"tokens": np.asarray(rows, np.int32)}
 
     def _objective(self, name, model, to_params):

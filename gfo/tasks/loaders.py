@@ -1,4 +1,5 @@
-"""Readers for real data on disk: plain text, JSON Lines, and `datasets.load_from_disk` directories.
+"""Readers for real data: plain text, JSON Lines, CSV/TSV tables (GLUE's SST-2 TSV), `datasets.load_from_disk`
+directories, and procedurally generated `reasoning-gym` datasets (`reasoning_gym:NAME`).
 
 Malformed input is an error naming the file, the line and what was expected.
 """
@@ -44,8 +45,55 @@ def read_jsonl(path: str, fields: dict[str, type | tuple[type, ...]]) -> list[di
     return records
 
 
+def read_table(path: str, fields: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
+    """Rows of a CSV (`.csv`) or tab-separated (`.tsv`) file with a header line, as dicts; integer-typed
+    fields are converted (`label` of GLUE's SST-2 `sentence\tlabel` files)."""
+    import csv
+
+    if not os.path.isfile(path):
+        raise DataError(f"table file {path!r} does not exist")
+    delimiter = "\t" if path.endswith(".tsv") else ","
+    records = []
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        missing = [name for name in fields if name not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: the header {reader.fieldnames} lacks {missing}; expected columns {sorted(fields)}")
+        for line_no, row in enumerate(reader, 2):
+            record: dict[str, Any] = dict(row)
+            for name, kind in fields.items():
+                if kind is int or (isinstance(kind, tuple) and int in kind and str not in kind):
+                    try:
+                        record[name] = int(row[name])
+                    except (TypeError, ValueError):
+                        raise DataError(f"{path}:{line_no}: column {name!r} is {row[name]!r}, expected an "
+                                        f"integer") from None
+            records.append(_check_record(record, fields, f"{path}:{line_no}"))
+    if not records:
+        raise DataError(f"table file {path!r} has no rows")
+    return records
+
+
+def reasoning_gym_records(spec: str, seed: int, size: int, **options) -> list[dict[str, Any]]:
+    """`size` items of the `reasoning-gym` dataset named by `spec` (`reasoning_gym:countdown`), each a dict
+    with `question`, `answer` and `metadata` (the optional `reasoning` extra installs the package)."""
+    name = spec.split(":", 1)[1]
+    try:
+        import reasoning_gym
+    except ImportError:
+        raise DataError(f"data_path={spec!r} needs the `reasoning-gym` package: pip install 'gfo[reasoning]'") from None
+    try:
+        data = reasoning_gym.create_dataset(name, size=size, seed=seed, **options)
+    except Exception as e:  # noqa: BLE001 - unknown names and bad options come as various errors
+        raise DataError(f"reasoning_gym dataset {name!r} with options {options}: {e}") from None
+    return [dict(item) for item in data]
+
+
 def read_records(path: str, fields: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
-    """JSONL file, or a Hugging Face `datasets` directory saved with `save_to_disk` (train split)."""
+    """JSONL file, a CSV/TSV table, or a Hugging Face `datasets` directory saved with `save_to_disk`
+    (train split)."""
+    if path.endswith((".csv", ".tsv")):
+        return read_table(path, fields)
     if os.path.isdir(path):
         try:
             import datasets

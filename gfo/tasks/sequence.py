@@ -21,36 +21,56 @@ from gfo.tasks.base import Task
 class CompletionTask(Task):
     objectives = ("cross_entropy", "neg_exact_match")
     default_objective = "cross_entropy"
-    max_answer_tokens = 8
+    max_answer_tokens = 8  # tokens generated at most (a bound in bytes holds for every tokenizer)
+    assistant_prefix = ""  # text the assistant turn opens with, continued by the model
 
     def example(self, rng: np.random.Generator) -> tuple[str, str]:
+        """`(user text, reference completion)` of one problem."""
         raise NotImplementedError
 
+    # Bytes of the longest user text the task makes (a bound on its tokens under any tokenizer); set by
+    # each task, as an attribute or a property.
+    max_prompt_tokens: int
+
+    @property
+    def prompt_length(self) -> int:
+        """Tokens every prompt batch is padded to: the rendered longest prompt's bytes, which bounds its
+        tokens under any tokenizer (exact for the byte tokenizer on plain prompts)."""
+        if isinstance(self.tokenizer, models.ByteTokenizer) and self.format.template is None:
+            return len(self.render("x" * self.max_prompt_tokens, self.assistant_prefix).encode("utf-8"))
+        return self.prompt_length_bound("x" * self.max_prompt_tokens, self.assistant_prefix)
+
+    @property
+    def target_length(self) -> int:
+        """Tokens of the teacher-forced target: the reference completion and the end token."""
+        return self.max_answer_tokens + 1
+
     def make_batch(self, rng, size):
-        tok = self.tokenizer
         pairs = [self.example(rng) for _ in range(size)]
-        prompt, prompt_mask = tok.batch_encode([p for p, _ in pairs], length=self.max_prompt_tokens)
-        A = self.max_answer_tokens + 1
-        target = np.full((size, A), tok.pad_id, np.int32)
-        target_mask = np.zeros((size, A), np.int32)
+        return self.encode_examples(pairs)
+
+    def encode_examples(self, pairs: list[tuple[str, str]]) -> dict:
+        """`prompt`/`prompt_mask` `[B, prompt_length]` and `target`/`target_mask` `[B, target_length]`."""
+        tok = self.tokenizer
+        prompt, prompt_mask = self.encode_prompts([self.render(user, self.assistant_prefix) for user, _ in pairs],
+                                                  self.prompt_length)
+        A = self.target_length
+        target = np.full((len(pairs), A), tok.pad_id, np.int32)
+        target_mask = np.zeros((len(pairs), A), np.int32)
         for row, (_, answer) in enumerate(pairs):
-            ids = tok.encode(answer)[: self.max_answer_tokens] + [tok.eos_id]
+            ids = tok.encode(answer)[: A - 1] + [tok.eos_id]
             target[row, :len(ids)] = ids
             target_mask[row, :len(ids)] = 1
         return {"prompt": prompt, "prompt_mask": prompt_mask, "target": target, "target_mask": target_mask}
 
-    @property
-    def max_prompt_tokens(self) -> int:
-        raise NotImplementedError
-
     def _objective(self, name, model, to_params) -> Callable:
         if name == "cross_entropy":
             return lambda x, batch, key: teacher_forced_loss(model, to_params(x), batch)
-        return lambda x, batch, key: -exact_match(model, to_params(x), batch, self.tokenizer.eos_id)
+        return lambda x, batch, key: -exact_match(model, to_params(x), batch, self.stop_tokens)
 
     def metrics(self, model, params, batch, key):
         return {"cross_entropy": teacher_forced_loss(model, params, batch),
-                "exact_match": exact_match(model, params, batch, self.tokenizer.eos_id)}
+                "exact_match": exact_match(model, params, batch, self.stop_tokens)}
 
     def completion_rewards(self, tokens, lengths, rows, with_correct: bool = False):
         """A verifier reward `[N]`: 1 where the completion `tokens [N, L]` (its first `lengths` tokens)
@@ -70,11 +90,12 @@ def teacher_forced_loss(model: models.TransformerLM, params, batch: dict) -> jax
     return -jnp.sum(logp) / jnp.maximum(jnp.sum(batch["target_mask"]).astype(jnp.float32), 1.0)
 
 
-def exact_match(model: models.TransformerLM, params, batch: dict, eos_id: int) -> jax.Array:
+def exact_match(model: models.TransformerLM, params, batch: dict, stop_tokens) -> jax.Array:
     """Fraction of rows whose greedy completion reproduces the target up to and including its end."""
     A = batch["target"].shape[1]
+    stop_tokens = (stop_tokens,) if isinstance(stop_tokens, int) else tuple(stop_tokens)
     out = models.generate(model, params, batch["prompt"], batch["prompt_mask"], jax.random.key(0), A,
-                          temperature=0.0, stop_tokens=(eos_id,))
+                          temperature=0.0, stop_tokens=stop_tokens)
     mask = batch["target_mask"].astype(bool)
     match = jnp.all((out.tokens == batch["target"]) | ~mask, axis=1)
     return jnp.mean(match.astype(jnp.float32))

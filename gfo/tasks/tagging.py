@@ -90,7 +90,12 @@ class Tagging(Task):
         self.tags = ["O"] + [f"{p}-{c}" for c in classes for p in ("B", "I")]
         if len(self.tags) > 26:
             raise DataError(f"tagging supports up to 12 entity classes; got {len(classes)}")
-        self.tag_tokens = np.asarray([65 + i for i in range(len(self.tags))], np.int32)
+        # A tag is read from the logit of a letter token ("A", "B", …) at its word's last token.
+        self.tag_tokens = np.asarray([self.tokenizer.encode(chr(65 + i))[0] for i in range(len(self.tags))], np.int32)
+        words = [w for r in self.records for w in r["tokens"]] if self.records else \
+            [w for names in NAMES.values() for n in names for w in n.split()] + list(FILLER)
+        longest = max(len(w.encode("utf-8")) for w in words) + 1
+        self.seq_length = self.max_words * longest  # tokens ≤ bytes, for every tokenizer
 
     def _sentence(self, rng):
         words, tags = [], []
@@ -112,17 +117,16 @@ class Tagging(Task):
             examples = [(self.records[i]["tokens"][: self.max_words], self.records[i]["tags"][: self.max_words])
                         for i in rng.integers(0, len(self.records), size)]
         texts = [" ".join(w) for w, _ in examples]
-        T = max(len(self.tokenizer.encode(t)) for t in texts)
+        T = self.seq_length
         tokens = np.full((size, T), self.tokenizer.pad_id, np.int32)
         mask = np.zeros((size, T), np.int32)
         ends = np.zeros((size, self.max_words), np.int32)
         labels = np.zeros((size, self.max_words), np.int32)
         word_mask = np.zeros((size, self.max_words), np.int32)
         for r, (words, tags) in enumerate(examples):
-            pos = -1
-            for j, (w, t) in enumerate(zip(words, tags)):
-                pos += len(self.tokenizer.encode((" " if j else "") + w))
-                ends[r, j], labels[r, j], word_mask[r, j] = pos, self.tags.index(t), 1
+            for j, t in enumerate(tags):  # a word ends where the encoding of the words up to it ends
+                ends[r, j] = len(self.tokenizer.encode(" ".join(words[:j + 1]))) - 1
+                labels[r, j], word_mask[r, j] = self.tags.index(t), 1
             ids = self.tokenizer.encode(texts[r])
             tokens[r, :len(ids)], mask[r, :len(ids)] = ids, 1  # right-padded: causal reading is unaffected
         return {"tokens": tokens, "mask": mask, "word_end": ends, "labels": labels, "word_mask": word_mask}
