@@ -84,8 +84,10 @@ class Countdown(ReasoningTask):
     @property
     def target_length(self) -> int:
         """The teacher-forced reference completion: a short expression, not `max_new_tokens`."""
-        digits = len(str(self.max_number))
-        return min(self.max_answer_tokens, len("</think>\n<answer></answer>") + 6 * self.n_numbers[1] * (digits + 3)) + 1
+        if self.style == "compact":
+            return self.max_answer_tokens + 1
+        digits = len(str(self.max_number))  # an expression: numbers, operators, spaces, parentheses
+        return len("</think>\n<answer></answer>") + 6 * self.n_numbers[1] * (digits + 3) + 1
 
     # ------------------------------------------------------------------ data
     @staticmethod
