@@ -99,7 +99,7 @@ class Task:
         longest = max((len(s) for s in seqs), default=0)
         if longest > length:
             raise ValueError(f"{self.name}: a prompt encodes to {longest} tokens, more than the task's prompt "
-                             f"length {length}: raise task.options max_prompt_tokens")
+                             f"length {length}: set a larger task.options prompt_length")
         return pad_left(seqs, self.tokenizer.pad_id, length)
 
     @property

@@ -90,10 +90,22 @@ def reasoning_gym_records(spec: str, seed: int, size: int, **options) -> list[di
 
 
 def read_records(path: str, fields: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
-    """JSONL file, a CSV/TSV table, or a Hugging Face `datasets` directory saved with `save_to_disk`
+    """JSONL file, a JSON array (`.json`), a CSV/TSV table, or a Hugging Face `datasets` directory saved with `save_to_disk`
     (train split)."""
     if path.endswith((".csv", ".tsv")):
         return read_table(path, fields)
+    if path.endswith(".json"):  # one JSON array of objects (the ES-at-scale reference's countdown.json)
+        if not os.path.isfile(path):
+            raise DataError(f"JSON file {path!r} does not exist")
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected an array of "
+                                f"objects with fields {sorted(fields)}") from None
+        if not isinstance(data, list) or not data:
+            raise DataError(f"{path}: expected a non-empty JSON array of objects with fields {sorted(fields)}")
+        return [_check_record(r, fields, f"{path}[{i}]") for i, r in enumerate(data)]
     if os.path.isdir(path):
         try:
             import datasets

@@ -30,8 +30,9 @@ class ReasoningTask(CompletionTask):
     reward_fields: ClassVar[tuple[str, ...]] = ()  # batch arrays the verifier reads per row
 
     def __init__(self, temperature: float = 0.0, max_new_tokens: int = 512, stop_strings: list | tuple = (),
-                 **kw):
+                 prompt_length: int | None = None, **kw):
         super().__init__(**kw)
+        self._prompt_length = prompt_length
         if temperature < 0:
             raise ValueError(f"{self.name} temperature={temperature} must be >= 0 (0 = greedy)")
         if max_new_tokens < 1:
@@ -50,14 +51,26 @@ class ReasoningTask(CompletionTask):
         if not 0 < self.train_size < len(records):
             raise DataError(f"{where}: {len(records)} records cannot give train_size={self.train_size} training "
                             f"and eval_size={self.eval_size} evaluation questions")
-        if not isinstance(self.tokenizer, models.ByteTokenizer):
+        if self._prompt_length is None and not isinstance(self.tokenizer, models.ByteTokenizer):
             # The exact longest prompt (a real tokenizer packs text 3-4x tighter than the byte bound).
             self._prompt_length = max(len(self.encode_prompt(self.render(self.user_text(r), self.assistant_prefix)))
                                       for r in records)
 
     @property
     def prompt_length(self) -> int:
-        return getattr(self, "_prompt_length", None) or super().prompt_length
+        """Records: the exact longest prompt. Generated problems under a real tokenizer: the longest of
+        512 sample prompts plus 16 tokens of margin (the byte bound would be 3-4x longer); a later prompt
+        that does not fit is an error naming `task.options prompt_length`."""
+        if getattr(self, "_prompt_length", None) is None:
+            if self.records is None and not isinstance(self.tokenizer, models.ByteTokenizer) and \
+                    type(self).generated_problem is not ReasoningTask.generated_problem:
+                rng = np.random.default_rng([self.seed, 3])
+                self._prompt_length = 16 + max(
+                    len(self.encode_prompt(self.render(self.user_text(self.generated_problem(rng)),
+                                                       self.assistant_prefix))) for _ in range(512))
+            else:
+                self._prompt_length = super().prompt_length
+        return self._prompt_length
 
     def user_text(self, problem: dict) -> str:
         raise NotImplementedError
