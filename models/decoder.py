@@ -60,7 +60,8 @@ class Decoder(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, tokens, attention_mask=None, positions=None, prompt=None, cache=None, one_hot=None):
+    def __call__(self, tokens, attention_mask=None, positions=None, prompt=None, cache=None, one_hot=None,
+                 last_only=False):
         cfg = self.config
         B, T = tokens.shape
         emb = self.param("embed", nn.initializers.normal(cfg.initializer_range),
@@ -103,6 +104,8 @@ class Decoder(nn.Module):
             new_k.append(k)
             new_v.append(v)
         x = Norm(cfg, name="final_norm")(x)[:, n_prompt:]
+        if last_only:  # generation's prefill needs the next-token logits only: [B, 1, V], not [B, T, V]
+            x = x[:, -1:]
         if cfg.tie_embeddings:
             logits = linear(x, transpose(emb), dtype=cfg.compute_dtype)
         else:
@@ -129,7 +132,7 @@ class TransformerLM:
     def __init__(self, config: ModelConfig):
         self.config = config
         self.module = Decoder(config)
-        self._apply = jax.jit(self.module.apply)
+        self._apply = jax.jit(self.module.apply, static_argnames=("last_only",))
 
     def __repr__(self) -> str:
         return f"TransformerLM({self.config})"
@@ -182,10 +185,12 @@ class TransformerLM:
 
     def apply_with_cache(self, params, tokens: jax.Array, cache: KVCache,
                          attention_mask: jax.Array | None = None,
-                         prompt: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-        """Run `tokens: [B, T]` after what `cache` holds; returns `(logits [B, T, V], cache)`."""
+                         prompt: jax.Array | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache]:
+        """Run `tokens: [B, T]` after what `cache` holds; returns `(logits [B, T, V], cache)` (`[B, 1, V]`,
+        the last position's, with `last_only`)."""
         params, prompt = _split_soft_prompt(params, prompt)
-        return self._apply({"params": params}, tokens, attention_mask, None, prompt, cache)
+        return self._apply({"params": params}, tokens, attention_mask, None, prompt, cache, None,
+                           last_only=last_only)
 
     def num_params(self, params) -> int:
         return sum(x.size for x in jax.tree.leaves(params))

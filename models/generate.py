@@ -158,7 +158,7 @@ def _check_sampling(temperature, top_k, top_p, max_new_tokens):
 def _generate(model, params, prompt_ids, prompt_mask, key, cache, soft_prompt, stop_strings, *, max_new_tokens,
               temperature, top_k, top_p, stop_tokens, pad_id) -> Generation:
     B = prompt_ids.shape[0]
-    logits, cache = model.apply_with_cache(params, prompt_ids, cache, prompt_mask, prompt=soft_prompt)
+    logits, cache = model.apply_with_cache(params, prompt_ids, cache, prompt_mask, prompt=soft_prompt, last_only=True)
     last = logits[:, -1]
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
 
