@@ -163,3 +163,43 @@ def test_generation_stops_right_after_a_stop_string(tiny_model):
         np.testing.assert_array_equal(out.tokens[row, :expected], rows[row, :expected])
         assert np.all(np.asarray(out.tokens[row, expected:]) == model.config.pad_token_id)
     assert int(out.lengths[0]) < 24
+
+
+def _dot_operand_shapes(jaxpr) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Operand shapes of every dot_general in `jaxpr` and the jaxprs nested in it (loops, jits)."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(tuple(tuple(v.aval.shape) for v in eqn.invars))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (list, tuple)) else [value]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    out += _dot_operand_shapes(inner)
+    return out
+
+
+def test_population_generation_runs_one_shared_matmul_per_kernel(tiny_model):
+    """Members × prompts are generated together: under `vmap` over members whose kernels are low-rank
+    perturbations `W + s·A_i B_iᵀ`, the base `W` enters every matmul unbatched (one big matmul)."""
+    model, params = tiny_model
+    path = ("layers_0", "mlp", "up" if "up" in params["layers_0"]["mlp"] else "fc", "kernel")
+    W = params[path[0]][path[1]][path[2]][path[3]]
+    members, rank = 3, 1
+    A = jax.random.normal(jax.random.key(1), (members, W.shape[0], rank))
+    B = jax.random.normal(jax.random.key(2), (members, W.shape[1], rank))
+    tok = models.ByteTokenizer()
+    ids, mask = tok.batch_encode(["abc", "de"])
+
+    def member(a, b):
+        p = jax.tree.map(lambda x: x, params)
+        p[path[0]][path[1]][path[2]][path[3]] = models.LowRankKernel(W, a, b, 0.01)
+        return models.generate(model, p, ids, mask, jax.random.key(0), 4).tokens
+
+    jaxpr = jax.make_jaxpr(jax.vmap(member))(A, B).jaxpr
+    shapes = [s for pair in _dot_operand_shapes(jaxpr) for s in pair]
+    assert W.shape in shapes  # the base kernel, shared by all members
+    assert (members,) + W.shape not in shapes  # never materialised per member
+    tokens = jax.vmap(member)(A, B)
+    for i in range(members):  # and each member generates exactly what it would alone
+        np.testing.assert_array_equal(tokens[i], member(A[i], B[i]))
