@@ -14,8 +14,6 @@ Objectives: `cross_entropy` over the class scores, `neg_accuracy`.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -83,24 +81,13 @@ class PromptClassification(Task):
     @staticmethod
     def _read(path: str, text_field: str | None) -> list[dict]:
         """Records `{"text", "label"}`; the text column is `text_field`, else `text`, else `sentence`."""
-        import json
-
-        if text_field is None:
-            if path.endswith((".csv", ".tsv")):
-                with open(path, encoding="utf-8") as f:
-                    header = f.readline().rstrip("\n").split("\t" if path.endswith(".tsv") else ",")
-            elif path.endswith(".jsonl") and os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    first = f.readline()
-                try:
-                    header = list(json.loads(first)) if first.strip() else []
-                except (json.JSONDecodeError, TypeError):
-                    header = []
-            else:
-                header = []
-            text_field = "sentence" if "text" not in header and "sentence" in header else "text"
-        records = read_records(path, {text_field: str, "label": int})
-        return [{"text": r[text_field], "label": r["label"]} for r in records]
+        records = read_records(path, {"label": int})
+        field = text_field or ("sentence" if "text" not in records[0] and "sentence" in records[0] else "text")
+        bad = next((i for i, r in enumerate(records) if not isinstance(r.get(field), str)), None)
+        if bad is not None:
+            raise DataError(f"{path}: record {bad} has no text field {field!r}; expected a string column "
+                            f"'text' or 'sentence' (or set task.options text_field)")
+        return [{"text": r[field], "label": r["label"]} for r in records]
 
     @staticmethod
     def _synthesise(rng, label: int) -> str:
