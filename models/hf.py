@@ -149,34 +149,62 @@ def _read_tensors(path: str) -> Callable[[str], jax.Array | None]:
 
 
 def from_pretrained(path: str, dtype: str = "float32") -> tuple[TransformerLM, dict]:
-    """Load a local Hugging Face checkpoint directory as `(model, params)`.
+    """Load a local checkpoint as `(model, params)`: a Hugging Face directory, or a GGUF file (or a
+    directory holding exactly one `.gguf` and no `config.json`; see `models.gguf.load_gguf`).
 
     Args:
-      path: directory with `config.json` and `model.safetensors` (or a sharded index).
+      path: directory with `config.json` and `model.safetensors` (or a sharded index), or a `.gguf` file.
       dtype: dtype of the returned parameters and of computation ("float32" or "bfloat16").
     Raises:
       CheckpointError: unsupported `model_type`, a missing tensor, or a shape mismatch (naming it).
     """
     config_file = os.path.join(path, "config.json")
+    gguf_file = _single_gguf(path)
+    if gguf_file is not None:
+        from models.gguf import load_gguf
+
+        return load_gguf(gguf_file, dtype=dtype)
     if not os.path.isfile(config_file):
-        raise CheckpointError(f"no config.json in {path!r}: expected a Hugging Face checkpoint directory")
+        raise CheckpointError(f"no config.json in {path!r}: expected a Hugging Face checkpoint directory "
+                              "(or a .gguf file)")
     with open(config_file) as f:
         cfg = config_from_hf(json.load(f), dtype=dtype)
     model = TransformerLM(cfg)
+    return model, params_from_tensors(model, _read_tensors(path), path)
+
+
+def _single_gguf(path: str) -> str | None:
+    """The GGUF file `path` names: itself, or the only `.gguf` of a directory without `config.json`."""
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return path
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) > 1:
+            raise CheckpointError(f"{path!r} holds {len(ggufs)} .gguf files {ggufs} and no config.json: "
+                                  "expected exactly one (pass the file itself)")
+        if ggufs:
+            return os.path.join(path, ggufs[0])
+    return None
+
+
+def params_from_tensors(model: TransformerLM, lookup: Callable[[str], Any], source: str,
+                        name: Callable[[str], str] = lambda hf_name: hf_name) -> dict:
+    """Our parameter pytree from `lookup(hf_name) -> array [HF layout] or None`, checking every shape;
+    `name(hf_name)` is the tensor's name in the file, for error messages."""
+    cfg = model.config
     expected = jax.eval_shape(model.init, jax.random.key(0))
-    lookup = _read_tensors(path)
     params: dict = {}
     for hf_name, our_path, transform in _tensor_map(cfg):
         tensor = lookup(hf_name)
         if tensor is None:
-            raise CheckpointError(f"{path}: tensor {hf_name!r} (for {'/'.join(our_path)}) is missing")
+            raise CheckpointError(f"{source}: tensor {name(hf_name)!r} (for {'/'.join(our_path)}) is missing")
         value = _to_ours(tensor, transform)
         want = get_path(expected, our_path).shape
         if value.shape != want:
-            raise CheckpointError(f"{path}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, which gives "
+            raise CheckpointError(f"{source}: tensor {name(hf_name)!r} has shape {tuple(tensor.shape)}, which gives "
                                   f"{tuple(value.shape)} for {'/'.join(our_path)}; expected {want}")
         set_path(params, our_path, jnp.asarray(value, dtype=cfg.storage_dtype))
-    return model, params
+    return params
 
 
 def save_pretrained(model: TransformerLM, params: dict, path: str, shard_size_mb: float | None = None) -> None:
