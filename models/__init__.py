@@ -11,6 +11,7 @@
 from models.config import ModelConfig, gemma3, gpt2, llama, opt, qwen2, qwen3, tiny
 from models.decoder import KVCache, TransformerLM
 from models.generate import Generation, completion_logprobs, generate, sample_logits
+from models.gguf import gguf_tokenizer, load_gguf
 from models.hf import CheckpointError, config_from_hf, config_to_hf, from_pretrained, save_pretrained
 from models.linear import LowRankKernel, linear
 from models.lora import init_lora, merge_lora
@@ -19,7 +20,7 @@ from models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
     "ModelConfig", "gpt2", "llama", "opt", "qwen2", "qwen3", "gemma3", "tiny", "KVCache", "TransformerLM", "Generation", "generate", "completion_logprobs",
-    "sample_logits", "CheckpointError", "config_from_hf", "config_to_hf", "from_pretrained",
+    "sample_logits", "load_gguf", "gguf_tokenizer", "CheckpointError", "config_from_hf", "config_to_hf", "from_pretrained",
     "save_pretrained", "LowRankKernel", "linear", "init_lora", "merge_lora", "init_prompt",
     "ByteTokenizer", "HFTokenizer", "load_tokenizer",
 ]
