@@ -63,7 +63,9 @@ def _byte_alphabet() -> list[str]:
 
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "r e", "o n", "Ġa n", "e r", "Ġ s"]
+# ", t" and "1 2" make the pre-tokenizer patterns visible: GPT-2's splits ",the" before "the" but keeps
+# "123" whole; Llama 3's keeps ",the" whole and cuts digits in threes; Qwen 2's cuts single digits.
+MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "r e", "o n", "Ġa n", "e r", "Ġ s", ", t", "1 2"]
 
 
 def byte_level_vocab() -> tuple[list[str], list[int], list[str]]:
@@ -107,7 +109,7 @@ def _encode(w: np.ndarray, kind, rng) -> tuple[np.ndarray, object]:
     return gguf.quants.quantize(w.astype(np.float32), kind), kind
 
 
-def write_gguf(path, arch: str, kind=Q.F32, seed: int = 0, tokenizer: str = "gpt2", **config_overrides):
+def write_gguf(path, arch: str, kind=Q.F32, seed: int = 0, pre: str = "default", **config_overrides):
     """Write a tiny random `arch` model as llama.cpp would; returns the transformers config used."""
     cfg_cls, model_cls, kw = ARCHS[arch]
     tokens, types, merges = byte_level_vocab()
@@ -137,8 +139,8 @@ def write_gguf(path, arch: str, kind=Q.F32, seed: int = 0, tokenizer: str = "gpt
     if arch in ("qwen3", "gemma3"):
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    w.add_tokenizer_model(tokenizer)
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -213,7 +215,7 @@ def test_gguf_logits_match_transformers(tmp_path, arch, kind):
     assert err < REL_TOL, f"{arch} {kind.name}: relative logit error {err:.2e}"
 
 
-@pytest.mark.parametrize("kind", [Q.BF16, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda v: v.name)
+@pytest.mark.parametrize("kind", [Q.BF16, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K], ids=lambda v: v.name)
 def test_gguf_quantisation_types_dequantise_as_transformers(tmp_path, kind):
     """Rows of 256 values so that the K-quants' super-blocks fit; one layer."""
     path = tmp_path / "tiny.gguf"
@@ -271,14 +273,16 @@ def test_unsupported_architecture_and_ambiguous_directory(tmp_path):
 
 # ----------------------------------------------------------------------------- tokenizer
 TEXTS = ["the cat sat on the mat", "  there are\ttabs and   spaces\n", "<|im_start|>user\nhello<|im_end|>",
-         "naïve café — 日本 🙂 123", "<think>reason</think>", "it's here"]
+         "naïve café — 日本 🙂 123 4567", "<think>reason</think>", "it's here, THEY'LL see\n\n\nx", "x,the 123"]
 
 
-def test_gguf_byte_level_tokenizer_matches_transformers(tmp_path):
+@pytest.mark.parametrize("pre", ["default", "llama-bpe", "qwen2"])
+def test_gguf_byte_level_tokenizer_matches_transformers(tmp_path, pre):
+    """The pre-tokenizer split follows `tokenizer.ggml.pre` (GPT-2's, Llama 3's or Qwen 2's pattern)."""
     from models.gguf import gguf_tokenizer
 
     path = tmp_path / "tiny.gguf"
-    write_gguf(path, "llama", Q.F32)
+    write_gguf(path, "llama", Q.F32, pre=pre, num_hidden_layers=1)
     tok, config = gguf_tokenizer(str(path))
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     assert config["bos_token"] == "<|im_start|>" and config["eos_token"] == "<|im_end|>"
@@ -297,15 +301,12 @@ def test_smollm_pre_tokenizer_splits_digits(tmp_path):
     from models.gguf_tokenizer import tokenizer_from_metadata
 
     tokens, types, merges = byte_level_vocab()
-    tokens = tokens + ["12"]
-    types = types + [1]
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
-            "tokenizer.ggml.merges": merges + ["1 2"]}
+            "tokenizer.ggml.merges": merges}
     plain, _ = tokenizer_from_metadata(meta)
     smollm, _ = tokenizer_from_metadata({**meta, "tokenizer.ggml.pre": "smollm"})
-    one, two = tokens.index("1"), tokens.index("2")
-    assert plain.encode("12").ids == [len(tokens) - 1]
-    assert smollm.encode("12").ids == [one, two]
+    assert plain.encode("12").ids == [tokens.index("12")]
+    assert smollm.encode("12").ids == [tokens.index("1"), tokens.index("2")]
 
 
 def _sentencepiece_meta() -> dict:
