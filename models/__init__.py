@@ -1,7 +1,8 @@
 """Flax Transformer language models with a pure functional boundary.
 
     import models
-    model, params = models.from_pretrained("/path/to/hf-checkpoint")   # gpt2, opt, llama, qwen2, qwen3, gemma3_text; or a .gguf file
+    model, params = models.from_pretrained("/path/to/hf-checkpoint")   # gpt2/opt/llama/qwen2/qwen3/gemma3
+    model, params = models.from_pretrained("/path/to/model.gguf")      # llama.cpp's GGUF, dequantised
     logits = model.apply(params, tokens)                                # [B, T, vocab] float32
 
     model = models.TransformerLM(models.tiny("llama"))                   # or models.gpt2(...), llama(...)
@@ -19,8 +20,9 @@ from models.prompt import init_prompt
 from models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
-    "ModelConfig", "gpt2", "llama", "opt", "qwen2", "qwen3", "gemma3", "tiny", "KVCache", "TransformerLM", "Generation", "generate", "completion_logprobs",
-    "sample_logits", "load_gguf", "gguf_tokenizer", "CheckpointError", "config_from_hf", "config_to_hf", "from_pretrained",
+    "ModelConfig", "gpt2", "llama", "opt", "qwen2", "qwen3", "gemma3", "tiny", "KVCache", "TransformerLM",
+    "Generation", "generate", "completion_logprobs", "sample_logits", "load_gguf", "gguf_tokenizer",
+    "CheckpointError", "config_from_hf", "config_to_hf", "from_pretrained",
     "save_pretrained", "LowRankKernel", "linear", "init_lora", "merge_lora", "init_prompt",
     "ByteTokenizer", "HFTokenizer", "load_tokenizer",
 ]

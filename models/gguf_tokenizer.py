@@ -11,7 +11,9 @@ keys, not a `tokenizer.json`. Two kinds are rebuilt:
   the vocabulary was trained (`tokenizer.ggml.pre`): GPT-2's pattern by default, Llama 3's or Qwen 2's
   pattern, or single digits first for SmolLM ("smollm", as its own `tokenizer.json` does).
 * `tokenizer.ggml.model == "llama"`: SentencePiece-style BPE over "▁"-spelled pieces with byte fallback;
-  the merges are recovered from the pieces' scores (a merge's rank is its result's score).
+  the merges are recovered from the pieces' scores (a merge's rank is its result's score). Gemma's
+  vocabularies (architectures gemma*) differ: no space is prepended, whitespace-only pieces are stored
+  with real spaces, and their merge order is the pieces' order in the file, not their scores.
 
 Control tokens (type 3) become special tokens and user-defined ones (type 4) added tokens, so both are
 matched whole. With `add_special_tokens=True`, `encode` adds BOS/EOS as the file's `add_bos_token` /
@@ -73,6 +75,10 @@ def tokenizer_from_metadata(meta: dict[str, Any], source: str = "<gguf>") -> tup
     config["chat_template"] = meta.get("tokenizer.chat_template")
     if kind == "gpt2":
         tok = _byte_level_bpe(tokens, meta.get("tokenizer.ggml.merges"), meta.get("tokenizer.ggml.pre"), source)
+    elif kind == "llama" and str(meta.get("general.architecture", "")).startswith("gemma"):
+        tokens = ["▁" * len(t) if t and not t.strip(" ") else t for t in tokens]
+        tok = _sentencepiece_bpe(tokens, types, [-float(i) for i in range(len(tokens))], config["unk_token"],
+                                 add_space_prefix=False, source=source, gemma=True)
     elif kind == "llama":
         tok = _sentencepiece_bpe(tokens, types, meta.get("tokenizer.ggml.scores"), config["unk_token"],
                                  bool(meta.get("tokenizer.ggml.add_space_prefix", True)), source)
@@ -107,8 +113,8 @@ def _byte_level_bpe(tokens: list[str], merges: list[str] | None, pre: str | None
 
 
 def _sentencepiece_bpe(tokens: list[str], types: list[int], scores: list[float] | None, unk: str | None,
-                       add_space_prefix: bool, source: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+                       add_space_prefix: bool, source: str, gemma: bool = False):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     if scores is None:
         raise GGUFTokenizerError(f"{source}: a SentencePiece vocabulary needs tokenizer.ggml.scores; none found")
@@ -125,8 +131,11 @@ def _sentencepiece_bpe(tokens: list[str], types: list[int], scores: list[float] 
     merges.sort()
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk,
                                fuse_unk=True, byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if add_space_prefix
-                                                 else "never", split=False)
+    if gemma:  # spaces spelled "▁", nothing prepended, no pre-split
+        tok.normalizer = normalizers.Replace(" ", "▁")
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if add_space_prefix
+                                                     else "never", split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_space_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))

@@ -32,7 +32,8 @@ def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
                               f"of {SUPPORTED_MODEL_TYPES}")
     act_key = {"gpt2": "activation_function", "opt": "activation_function",
                "gemma3_text": "hidden_activation"}.get(model_type, "hidden_act")
-    act = hf.get(act_key, {"opt": "relu", "gpt2": "gelu_new", "gemma3_text": "gelu_pytorch_tanh"}.get(model_type, "silu"))
+    default_act = {"opt": "relu", "gpt2": "gelu_new", "gemma3_text": "gelu_pytorch_tanh"}.get(model_type, "silu")
+    act = hf.get(act_key, default_act)
     if act not in _ACT_FROM_HF:
         raise CheckpointError(f"activation {act!r} is not supported: expected one of {tuple(_ACT_FROM_HF)}")
     common = dict(bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")),
@@ -91,7 +92,8 @@ def _rope_family_from_hf(model_type: str, hf: dict[str, Any], common: dict[str, 
                                           for i in range(n)]
         window = hf.get("sliding_window", 4096)
         kw.update(tie_embeddings=hf.get("tie_word_embeddings", True),
-                  attention_bias=hf.get("attention_bias", False), query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+                  attention_bias=hf.get("attention_bias", False),
+                  query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
                   final_logit_softcap=hf.get("final_logit_softcapping"))
         # `attn_logit_softcapping` is read but never applied by transformers' Gemma 3 (nor llama.cpp's):
         # Gemma 3 replaced Gemma 2's score capping by q/k norm, and released configs set it to null.

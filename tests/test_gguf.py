@@ -51,7 +51,7 @@ ARCHS = {  # arch -> (transformers config class, model class, config kwargs)
 # ----------------------------------------------------------------------------- a tiny tokenizer
 def _byte_alphabet() -> list[str]:
     """GPT-2's printable spelling of the 256 bytes (the byte-level BPE alphabet)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     spelled, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -320,12 +320,19 @@ def _sentencepiece_meta() -> dict:
             "tokenizer.ggml.unknown_token_id": 0}
 
 
-def test_gguf_sentencepiece_tokenizer_matches_transformers(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_gguf_sentencepiece_tokenizer_matches_transformers(tmp_path, arch):
+    """Llama's SentencePiece vocabulary (space prepended, merges by score) and Gemma's (no prefix,
+    whitespace pieces stored as spaces, merges in file order)."""
     from models.gguf import gguf_tokenizer
 
     meta = _sentencepiece_meta()
+    if arch == "gemma3":  # a whitespace piece, stored with real spaces as llama.cpp writes Gemma's
+        meta["tokenizer.ggml.tokens"] = meta["tokenizer.ggml.tokens"] + ["  "]
+        meta["tokenizer.ggml.token_type"] = meta["tokenizer.ggml.token_type"] + [1]
+        meta["tokenizer.ggml.scores"] = [-x for x in meta["tokenizer.ggml.scores"]] + [0.0]  # not merge order
     path = tmp_path / "sp.gguf"  # the tokenizer's metadata alone is enough for both readers
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_tokenizer_model("llama")
     w.add_token_list(meta["tokenizer.ggml.tokens"])
     w.add_token_types(meta["tokenizer.ggml.token_type"])
@@ -340,7 +347,8 @@ def test_gguf_sentencepiece_tokenizer_matches_transformers(tmp_path):
     tok, config = gguf_tokenizer(str(path))
     assert config["add_bos_token"] is True and config["bos_token"] == "<s>" and config["unk_token"] == "<unk>"
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
-    for text in ["the cat sat on the mat", "a theta in the hat", "héllo ✓", " leading space", "that"]:
+    for text in ["the cat sat on the mat", "a theta in the hat", "héllo ✓", " leading space", "that",
+                 "the  cat   on"]:
         ids = tok.encode(text, add_special_tokens=True).ids
         assert ids == ref(text)["input_ids"], (text, ids, ref(text)["input_ids"])
         assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True)
