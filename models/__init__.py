@@ -1,16 +1,18 @@
 """Flax Transformer language models with a pure functional boundary.
 
     import models
-    model, params = models.from_pretrained("/path/to/hf-checkpoint")   # gpt2 or llama
+    model, params = models.from_pretrained("/path/to/hf-checkpoint")   # gpt2/opt/llama/qwen2/qwen3/gemma3
+    model, params = models.from_pretrained("/path/to/model.gguf")      # llama.cpp's GGUF, dequantised
     logits = model.apply(params, tokens)                                # [B, T, vocab] float32
 
     model = models.TransformerLM(models.tiny("llama"))                   # or models.gpt2(...), llama(...)
     params = model.init(jax.random.key(0))
 """
 
-from models.config import ModelConfig, gpt2, llama, opt, tiny
+from models.config import ModelConfig, gemma3, gpt2, llama, opt, qwen2, qwen3, tiny
 from models.decoder import KVCache, TransformerLM
 from models.generate import Generation, completion_logprobs, generate, sample_logits
+from models.gguf import gguf_tokenizer, load_gguf
 from models.hf import CheckpointError, config_from_hf, config_to_hf, from_pretrained, save_pretrained
 from models.linear import LowRankKernel, linear
 from models.lora import init_lora, merge_lora
@@ -18,8 +20,9 @@ from models.prompt import init_prompt
 from models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 __all__ = [
-    "ModelConfig", "gpt2", "llama", "opt", "tiny", "KVCache", "TransformerLM", "Generation", "generate", "completion_logprobs",
-    "sample_logits", "CheckpointError", "config_from_hf", "config_to_hf", "from_pretrained",
+    "ModelConfig", "gpt2", "llama", "opt", "qwen2", "qwen3", "gemma3", "tiny", "KVCache", "TransformerLM",
+    "Generation", "generate", "completion_logprobs", "sample_logits", "load_gguf", "gguf_tokenizer",
+    "CheckpointError", "config_from_hf", "config_to_hf", "from_pretrained",
     "save_pretrained", "LowRankKernel", "linear", "init_lora", "merge_lora", "init_prompt",
     "ByteTokenizer", "HFTokenizer", "load_tokenizer",
 ]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from models.config import ModelConfig
-from models.layers import MLP, Attention, Norm
+from models.layers import MLP, Attention, Norm, softcap
 from models.linear import embed_lookup, linear, transpose
 
 
@@ -43,15 +43,23 @@ class KVCache:
 
 
 class Block(nn.Module):
+    """Pre-norm residual block; with `post_norms` (Gemma 3) each branch output is normalised too."""
+
     config: ModelConfig
+    sliding: bool = False
 
     @nn.compact
     def __call__(self, x, positions, q_slots, k_slots, key_valid, cache=None):
-        h, kv = Attention(self.config, name="attn")(
-            Norm(self.config, name="attn_norm")(x), positions, q_slots, k_slots, key_valid, cache)
+        cfg = self.config
+        h, kv = Attention(cfg, self.sliding, name="attn")(
+            Norm(cfg, name="attn_norm")(x), positions, q_slots, k_slots, key_valid, cache)
+        if cfg.post_norms:
+            h = Norm(cfg, name="attn_post_norm")(h)
         x = x + h
-        x = x + MLP(self.config, name="mlp")(Norm(self.config, name="mlp_norm")(x))
-        return x, kv
+        h = MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
+        if cfg.post_norms:
+            h = Norm(cfg, name="mlp_post_norm")(h)
+        return x + h, kv
 
 
 class Decoder(nn.Module):
@@ -70,6 +78,8 @@ class Decoder(nn.Module):
             x = embed_lookup(emb, tokens, cfg.compute_dtype)
         else:  # a relaxed (soft) token distribution [B, T, vocab]: differentiable in the tokens
             x = linear(one_hot, emb, dtype=cfg.compute_dtype)
+        if cfg.scale_embeddings:  # Gemma: the scale is rounded to the dtype first, as in its reference
+            x = x * jnp.asarray(cfg.d_model ** 0.5, cfg.compute_dtype)
         mask = jnp.ones((B, T), bool) if attention_mask is None else attention_mask.astype(bool)
         n_prompt = 0
         if prompt is not None:  # soft prompt: [n, D] or [B, n, D], prepended, always attended
@@ -99,8 +109,8 @@ class Decoder(nn.Module):
         new_k, new_v = [], []
         for i in range(cfg.n_layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-            x, (k, v) = Block(cfg, name=f"layers_{i}")(x, positions, q_slots, k_slots, key_valid,
-                                                       layer_cache)
+            x, (k, v) = Block(cfg, cfg.is_sliding(i), name=f"layers_{i}")(
+                x, positions, q_slots, k_slots, key_valid, layer_cache)
             new_k.append(k)
             new_v.append(v)
         x = Norm(cfg, name="final_norm")(x)[:, n_prompt:]
@@ -113,6 +123,8 @@ class Decoder(nn.Module):
                               (cfg.d_model, cfg.vocab_size), cfg.storage_dtype)
             logits = linear(x, head, dtype=cfg.compute_dtype)
         logits = logits.astype(jnp.float32)
+        if cfg.final_logit_softcap is not None:
+            logits = softcap(logits, cfg.final_logit_softcap)
         if cache is None:
             return logits, None
         new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid,

@@ -1,4 +1,4 @@
-"""Import and export of local Hugging Face checkpoints (`model_type` gpt2, llama and opt).
+"""Import and export of local Hugging Face checkpoints (`model_type` gpt2, opt, llama, qwen2, qwen3, gemma3_text).
 
 A checkpoint directory holds `config.json` and either `model.safetensors` or a sharded
 `model.safetensors.index.json` with its shard files. Nothing is downloaded: a path only.
@@ -21,105 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.config import ModelConfig, gpt2, llama, opt
+from models.config import ModelConfig
 from models.decoder import TransformerLM
+from models.hf_config import SUPPORTED_MODEL_TYPES, CheckpointError, config_from_hf, config_to_hf  # noqa: F401
 from models.tree import get_path, set_path
-
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "opt")
-_ACT_FROM_HF = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
-                "relu": "relu", "silu": "silu", "swish": "silu"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as the model it claims to be."""
-
-
-# ----------------------------------------------------------------------------- config mapping
-def config_from_hf(hf: dict[str, Any], dtype: str = "float32") -> ModelConfig:
-    """Our `ModelConfig` from a Hugging Face `config.json` dict."""
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"config.json model_type={model_type!r} is not supported: expected one "
-                              f"of {SUPPORTED_MODEL_TYPES}")
-    act = hf.get("hidden_act" if model_type == "llama" else "activation_function",
-                 "relu" if model_type == "opt" else "gelu_new")
-    if act not in _ACT_FROM_HF:
-        raise CheckpointError(f"activation {act!r} is not supported: expected one of {tuple(_ACT_FROM_HF)}")
-    special = dict(bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")),
-                   pad_token_id=_first(hf.get("pad_token_id")))
-    if model_type == "gpt2":
-        for flag, ok in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True),
-                         ("add_cross_attention", False)):
-            if hf.get(flag, ok) != ok:
-                raise CheckpointError(f"gpt2 config {flag}={hf[flag]!r} is not supported: expected {ok}")
-        return gpt2(vocab_size=hf["vocab_size"], d_model=hf["n_embd"], n_layers=hf["n_layer"],
-                    n_heads=hf["n_head"], d_ff=hf.get("n_inner"), max_seq_len=hf.get("n_positions", 1024),
-                    norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=_ACT_FROM_HF[act],
-                    initializer_range=hf.get("initializer_range", 0.02),
-                    tie_embeddings=hf.get("tie_word_embeddings", True), dtype=dtype, param_dtype=dtype,
-                    **special)
-    if model_type == "opt":
-        d = hf["hidden_size"]
-        for flag, ok in (("do_layer_norm_before", True), ("word_embed_proj_dim", d), ("enable_bias", True),
-                         ("layer_norm_elementwise_affine", True), ("_remove_final_layer_norm", False)):
-            if hf.get(flag, ok) != ok:
-                raise CheckpointError(f"opt config {flag}={hf[flag]!r} is not supported: expected {ok} "
-                                      f"(OPT-350M's post-LN / projected-embedding layout is not implemented)")
-        return opt(vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"],
-                   n_heads=hf["num_attention_heads"], d_ff=hf["ffn_dim"],
-                   max_seq_len=hf.get("max_position_embeddings", 2048), activation=_ACT_FROM_HF[act],
-                   initializer_range=hf.get("init_std", 0.02), tie_embeddings=hf.get("tie_word_embeddings", True),
-                   dtype=dtype, param_dtype=dtype, **special)
-    if hf.get("pretraining_tp", 1) != 1:
-        raise CheckpointError(f"llama config pretraining_tp={hf['pretraining_tp']} is not supported: expected 1")
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    kind = rope.pop("rope_type", rope.pop("type", None))
-    kind = None if kind == "default" else kind
-    rope_scaling = None if kind is None else (("rope_type", kind),) + tuple(sorted(rope.items()))
-    return llama(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                 n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
-                 head_dim=hf.get("head_dim"), d_ff=hf["intermediate_size"],
-                 max_seq_len=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                 activation=_ACT_FROM_HF[act], rope_theta=theta, rope_scaling=rope_scaling,
-                 tie_embeddings=hf.get("tie_word_embeddings", False),
-                 attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
-                 initializer_range=hf.get("initializer_range", 0.02), dtype=dtype, param_dtype=dtype,
-                 **special)
-
-
-def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """The Hugging Face `config.json` dict of our config (inverse of `config_from_hf`)."""
-    special = dict(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
-    dtype = cfg.param_dtype
-    if cfg.family == "gpt2":
-        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=cfg.vocab_size,
-                    n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads, n_inner=cfg.d_ff,
-                    n_positions=cfg.max_seq_len, layer_norm_epsilon=cfg.norm_eps,
-                    activation_function=cfg.activation, initializer_range=cfg.initializer_range,
-                    tie_word_embeddings=cfg.tie_embeddings, torch_dtype=dtype, **special)
-    if cfg.family == "opt":
-        return dict(model_type="opt", architectures=["OPTForCausalLM"], vocab_size=cfg.vocab_size,
-                    hidden_size=cfg.d_model, word_embed_proj_dim=cfg.d_model, num_hidden_layers=cfg.n_layers,
-                    num_attention_heads=cfg.n_heads, ffn_dim=cfg.ff_dim, max_position_embeddings=cfg.max_seq_len,
-                    activation_function=cfg.activation, do_layer_norm_before=True, enable_bias=True,
-                    init_std=cfg.initializer_range, tie_word_embeddings=cfg.tie_embeddings, torch_dtype=dtype,
-                    **special)
-    rope = {"rope_theta": cfg.rope_theta, "rope_type": "default", **cfg.rope_scaling_dict}
-    return dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=cfg.vocab_size,
-                hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                num_key_value_heads=cfg.kv_heads, head_dim=cfg.dim_per_head, intermediate_size=cfg.ff_dim,
-                max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, hidden_act=cfg.activation,
-                rope_theta=cfg.rope_theta, rope_parameters=rope,
-                rope_scaling=None if cfg.rope_type is None else rope,
-                tie_word_embeddings=cfg.tie_embeddings, attention_bias=cfg.attention_bias,
-                mlp_bias=cfg.mlp_bias, initializer_range=cfg.initializer_range, pretraining_tp=1,
-                torch_dtype=dtype, **special)
-
-
-def _first(value):
-    return value[0] if isinstance(value, list) and value else value
-
 
 # ----------------------------------------------------------------------------- tensor mapping
 # Each entry: (HF tensor name, our path, HF→ours transform). Transforms are their own description:
@@ -168,14 +73,21 @@ def _tensor_map(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], Any]]:
         return entries
     entries += [("model.embed_tokens.weight", ("embed",), "copy"),
                 ("model.norm.weight", ("final_norm", "scale"), "copy")]
+    norms = [("input_layernorm", ("attn_norm",))]
+    if cfg.post_norms:  # Gemma 3 names the MLP's pre-norm "pre_feedforward"
+        norms += [("post_attention_layernorm", ("attn_post_norm",)), ("pre_feedforward_layernorm", ("mlp_norm",)),
+                  ("post_feedforward_layernorm", ("mlp_post_norm",))]
+    else:
+        norms += [("post_attention_layernorm", ("mlp_norm",))]
+    if cfg.qk_norm:
+        norms += [("self_attn.q_norm", ("attn", "q_norm")), ("self_attn.k_norm", ("attn", "k_norm"))]
     for i in range(cfg.n_layers):
         hf, our = f"model.layers.{i}.", f"layers_{i}"
-        entries += [(hf + "input_layernorm.weight", (our, "attn_norm", "scale"), "copy"),
-                    (hf + "post_attention_layernorm.weight", (our, "mlp_norm", "scale"), "copy")]
+        entries += [(hf + hf_mod + ".weight", (our,) + our_mod + ("scale",), "copy") for hf_mod, our_mod in norms]
         linears = [("self_attn.q_proj", ("attn", "q"), cfg.attention_bias),
                    ("self_attn.k_proj", ("attn", "k"), cfg.attention_bias),
                    ("self_attn.v_proj", ("attn", "v"), cfg.attention_bias),
-                   ("self_attn.o_proj", ("attn", "o"), cfg.attention_bias),
+                   ("self_attn.o_proj", ("attn", "o"), cfg.out_bias),
                    ("mlp.gate_proj", ("mlp", "gate"), cfg.mlp_bias),
                    ("mlp.up_proj", ("mlp", "up"), cfg.mlp_bias),
                    ("mlp.down_proj", ("mlp", "down"), cfg.mlp_bias)]
@@ -237,34 +149,62 @@ def _read_tensors(path: str) -> Callable[[str], jax.Array | None]:
 
 
 def from_pretrained(path: str, dtype: str = "float32") -> tuple[TransformerLM, dict]:
-    """Load a local Hugging Face checkpoint directory as `(model, params)`.
+    """Load a local checkpoint as `(model, params)`: a Hugging Face directory, or a GGUF file (or a
+    directory holding exactly one `.gguf` and no `config.json`; see `models.gguf.load_gguf`).
 
     Args:
-      path: directory with `config.json` and `model.safetensors` (or a sharded index).
+      path: directory with `config.json` and `model.safetensors` (or a sharded index), or a `.gguf` file.
       dtype: dtype of the returned parameters and of computation ("float32" or "bfloat16").
     Raises:
       CheckpointError: unsupported `model_type`, a missing tensor, or a shape mismatch (naming it).
     """
     config_file = os.path.join(path, "config.json")
+    gguf_file = _single_gguf(path)
+    if gguf_file is not None:
+        from models.gguf import load_gguf
+
+        return load_gguf(gguf_file, dtype=dtype)
     if not os.path.isfile(config_file):
-        raise CheckpointError(f"no config.json in {path!r}: expected a Hugging Face checkpoint directory")
+        raise CheckpointError(f"no config.json in {path!r}: expected a Hugging Face checkpoint directory "
+                              "(or a .gguf file)")
     with open(config_file) as f:
         cfg = config_from_hf(json.load(f), dtype=dtype)
     model = TransformerLM(cfg)
+    return model, params_from_tensors(model, _read_tensors(path), path)
+
+
+def _single_gguf(path: str) -> str | None:
+    """The GGUF file `path` names: itself, or the only `.gguf` of a directory without `config.json`."""
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return path
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) > 1:
+            raise CheckpointError(f"{path!r} holds {len(ggufs)} .gguf files {ggufs} and no config.json: "
+                                  "expected exactly one (pass the file itself)")
+        if ggufs:
+            return os.path.join(path, ggufs[0])
+    return None
+
+
+def params_from_tensors(model: TransformerLM, lookup: Callable[[str], Any], source: str,
+                        name: Callable[[str], str] = lambda hf_name: hf_name) -> dict:
+    """Our parameter pytree from `lookup(hf_name) -> array [HF layout] or None`, checking every shape;
+    `name(hf_name)` is the tensor's name in the file, for error messages."""
+    cfg = model.config
     expected = jax.eval_shape(model.init, jax.random.key(0))
-    lookup = _read_tensors(path)
     params: dict = {}
     for hf_name, our_path, transform in _tensor_map(cfg):
         tensor = lookup(hf_name)
         if tensor is None:
-            raise CheckpointError(f"{path}: tensor {hf_name!r} (for {'/'.join(our_path)}) is missing")
+            raise CheckpointError(f"{source}: tensor {name(hf_name)!r} (for {'/'.join(our_path)}) is missing")
         value = _to_ours(tensor, transform)
         want = get_path(expected, our_path).shape
         if value.shape != want:
-            raise CheckpointError(f"{path}: tensor {hf_name!r} has shape {tuple(tensor.shape)}, which gives "
+            raise CheckpointError(f"{source}: tensor {name(hf_name)!r} has shape {tuple(tensor.shape)}, which gives "
                                   f"{tuple(value.shape)} for {'/'.join(our_path)}; expected {want}")
         set_path(params, our_path, jnp.asarray(value, dtype=cfg.storage_dtype))
-    return model, params
+    return params
 
 
 def save_pretrained(model: TransformerLM, params: dict, path: str, shard_size_mb: float | None = None) -> None:

@@ -39,7 +39,8 @@ class Linear(nn.Module):
 
 
 class Norm(nn.Module):
-    """LayerNorm (GPT-2: scale and bias) or RMSNorm (Llama: scale only), computed in float32."""
+    """LayerNorm (GPT-2, OPT: scale and bias) or RMSNorm (the others: scale only, times `1 + scale` in
+    Gemma's convention), over the last axis of `x: [..., d]`, computed in float32."""
 
     config: ModelConfig
 
@@ -47,11 +48,13 @@ class Norm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         d = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (d,), cfg.storage_dtype)
+        init = nn.initializers.zeros if cfg.norm_plus_one else nn.initializers.ones
+        scale = self.param("scale", init, (d,), cfg.storage_dtype)
         h = x.astype(jnp.float32)
-        if cfg.family == "llama":
+        if cfg.rms_norm:
             h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + cfg.norm_eps)
-            return (_row(scale, h) * h).astype(cfg.compute_dtype)
+            gain = 1.0 + _row(scale, h) if cfg.norm_plus_one else _row(scale, h)
+            return (gain * h).astype(cfg.compute_dtype)
         bias = self.param("bias", nn.initializers.zeros, (d,), cfg.storage_dtype)
         mean = jnp.mean(h, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
@@ -64,11 +67,13 @@ def _row(v: jax.Array, like: jax.Array) -> jax.Array:
     return v.astype(jnp.float32).reshape((1,) * (like.ndim - 1) + v.shape)
 
 
-def rope_frequencies(config: ModelConfig) -> jax.Array:
-    """Inverse frequencies `[E/2]` of rotary embeddings, with Hugging Face's `rope_scaling` rules."""
+def rope_frequencies(config: ModelConfig, local: bool = False) -> jax.Array:
+    """Inverse frequencies `[E/2]` of rotary embeddings, with Hugging Face's `rope_scaling` rules;
+    `local=True`: those of sliding-window layers (base `rope_local_theta`, never scaled, as Gemma 3)."""
     dim = config.dim_per_head
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-    scaling = config.rope_scaling_dict
+    theta = config.rope_local_theta if local and config.rope_local_theta is not None else config.rope_theta
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = {} if local and config.rope_local_theta is not None else config.rope_scaling_dict
     kind = scaling.get("rope_type")
     if kind == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -102,9 +107,11 @@ class Attention(nn.Module):
     `k_slots: [S]` (order of queries and keys in the sequence, for the causal mask), `key_valid: [B, S]`
     (padding mask of the keys), and optionally `cache = (k, v, index)` with `k, v: [B, S, K, E]`
     into which this call's keys/values are written at slot `index`. Returns `(y: [B, T, D], (k, v))`.
+    A sliding layer (`sliding=True`) lets the query at slot q see keys at slots q - window < s <= q.
     """
 
     config: ModelConfig
+    sliding: bool = False
 
     @nn.compact
     def __call__(self, x, positions, q_slots, k_slots, key_valid, cache=None):
@@ -115,8 +122,11 @@ class Attention(nn.Module):
         q = Linear(H * E, cfg.attention_bias, cfg, name="q")(x).reshape(B, T, H, E)
         k = Linear(K * E, cfg.attention_bias, cfg, name="k")(x).reshape(B, T, K, E)
         v = Linear(K * E, cfg.attention_bias, cfg, name="v")(x).reshape(B, T, K, E)
+        if cfg.qk_norm:
+            q = Norm(cfg, name="q_norm")(q)
+            k = Norm(cfg, name="k_norm")(k)
         if cfg.uses_rope:
-            inv_freq = rope_frequencies(cfg)
+            inv_freq = rope_frequencies(cfg, local=self.sliding)
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
         if cache is not None:
@@ -124,14 +134,25 @@ class Attention(nn.Module):
             k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, index, 0, 0))
         q = q.reshape(B, T, K, H // K, E)
+        scale = (cfg.query_pre_attn_scalar or E) ** -0.5
         scores = jnp.einsum("btkge,bske->bkgts", q, k.astype(q.dtype),
-                            preferred_element_type=jnp.float32) / math.sqrt(E)
-        allowed = (k_slots[None, :] <= q_slots[:, None])[None] & key_valid[:, None, :]  # [B, T, S]
+                            preferred_element_type=jnp.float32) * scale
+        if cfg.attn_logit_softcap is not None:
+            scores = softcap(scores, cfg.attn_logit_softcap)
+        causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+        if self.sliding:
+            causal &= k_slots[None, :] > q_slots[:, None] - cfg.sliding_window
+        allowed = causal[None] & key_valid[:, None, :]  # [B, T, S]
         scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
         y = jnp.einsum("bkgts,bske->btkge", probs, v.astype(cfg.compute_dtype)).reshape(B, T, H * E)
-        y = Linear(cfg.d_model, cfg.attention_bias, cfg, init_std=out_std, name="o")(y)
+        y = Linear(cfg.d_model, cfg.out_bias, cfg, init_std=out_std, name="o")(y)
         return y, (k, v)
+
+
+def softcap(x: jax.Array, cap: float) -> jax.Array:
+    """`cap * tanh(x / cap)`: a smooth clip of `x` (float32) to (-cap, cap) (Gemma's soft-capping)."""
+    return cap * jnp.tanh(x / cap)
 
 
 def _activation(name: str):

@@ -31,6 +31,33 @@ HF_CONFIGS = {
     "llama-linear-rope": dict(model_type="llama", vocab_size=83, hidden_size=32, intermediate_size=48,
                               num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=64,
                               rope_scaling=dict(rope_type="linear", factor=3.0)),
+    # Qwen2/2.5: q/k/v biases (o none), tied (0.5B-style) and untied heads.
+    "qwen2-tied": dict(model_type="qwen2", vocab_size=91, hidden_size=48, intermediate_size=80,
+                       num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                       max_position_embeddings=64, rope_theta=1_000_000.0, tie_word_embeddings=True),
+    "qwen2-untied": dict(model_type="qwen2", vocab_size=73, hidden_size=32, intermediate_size=48,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=64, tie_word_embeddings=False),
+    # Qwen2 with its (rarely used) sliding window on the layers from max_window_layers on.
+    "qwen2-sliding": dict(model_type="qwen2", vocab_size=71, hidden_size=32, intermediate_size=48,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=64, use_sliding_window=True, sliding_window=5,
+                          max_window_layers=1),
+    # Qwen3: per-head q/k RMSNorm, explicit head_dim larger than hidden/heads.
+    "qwen3": dict(model_type="qwen3", vocab_size=87, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=64, tie_word_embeddings=False),
+    # Gemma 3 text: sliding (window 4, base 1e4) and global (base 1e6, linear-scaled) layers,
+    # query_pre_attn_scalar != head_dim, final soft-cap, (1 + w) norms; attn_logit_softcapping is set
+    # to check that we ignore it as transformers' Gemma 3 does.
+    "gemma3": dict(model_type="gemma3_text", vocab_size=93, hidden_size=32, intermediate_size=56,
+                   num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                   max_position_embeddings=64, sliding_window=4, query_pre_attn_scalar=20,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                    "full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                       "rope_theta": 1_000_000.0}},
+                   attn_logit_softcapping=3.0, final_logit_softcapping=5.0, pad_token_id=0),
 }
 
 
@@ -40,11 +67,15 @@ def build_hf_model(name: str, seed: int = 0):
     spec = dict(bos_token_id=0, eos_token_id=1, **HF_CONFIGS[name])
     model_type = spec.pop("model_type")
     config_cls = {"gpt2": transformers.GPT2Config, "llama": transformers.LlamaConfig,
-                  "opt": transformers.OPTConfig}[model_type]
+                  "opt": transformers.OPTConfig, "qwen2": transformers.Qwen2Config,
+                  "qwen3": transformers.Qwen3Config, "gemma3_text": transformers.Gemma3TextConfig}[model_type]
     model_cls = {"gpt2": transformers.GPT2LMHeadModel, "llama": transformers.LlamaForCausalLM,
-                 "opt": transformers.OPTForCausalLM}[model_type]
+                 "opt": transformers.OPTForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                 "qwen3": transformers.Qwen3ForCausalLM, "gemma3_text": transformers.Gemma3ForCausalLM}[model_type]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**spec)).eval()
+    config = config_cls(**spec)
+    config._attn_implementation = "eager"  # the reference semantics (soft-capping, sliding windows)
+    model = model_cls(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * (0.3 if p.ndim > 1 else 0.5) + (1.0 if p.ndim == 1 else 0.0))

@@ -135,3 +135,18 @@ def test_es_step_memory_is_independent_of_population_at_fixed_chunk(lm_problem, 
           f"({per_member:.0f} B per extra member; unchunked pop 32 → {unchunked:,}); params {param_bytes:,}")
     assert per_member < 0.01 * param_bytes  # per-member scalars only (fitness, ranks), never parameters
     assert unchunked > large + 8 * param_bytes  # the analysis does see population-sized buffers
+
+
+# ----------------------------------------------------------------------------- model families
+@pytest.mark.parametrize("family", [pytest.param("qwen2", marks=pytest.mark.slow),
+                                    pytest.param("qwen3", marks=pytest.mark.slow), "gemma3"])
+def test_new_model_families_generate_with_cache_as_without(family, byte_tokenizer):
+    """Greedy KV-cache generation equals full recomputation per token, with prompts longer than
+    Gemma 3's sliding window (8 in `tiny`), so that the window masks part of the cache."""
+    from tests.test_models import _greedy_without_cache
+
+    model = models.TransformerLM(models.tiny(family))
+    params = model.init(jax.random.key(0))
+    ids, mask = byte_tokenizer.batch_encode(["The quick brown fox", "Hi", "jumps over"])
+    out = models.generate(model, params, ids, mask, jax.random.key(0), max_new_tokens=10)
+    np.testing.assert_array_equal(np.asarray(out.tokens), _greedy_without_cache(model, params, ids, mask, 10))

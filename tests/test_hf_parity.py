@@ -89,6 +89,9 @@ def test_bfloat16_checkpoint_loads(tmp_path):
 @pytest.mark.parametrize("edit, message", [
     (lambda cfg, d: cfg.update(model_type="bert"), "model_type='bert' is not supported"),
     (lambda cfg, d: cfg.update(pretraining_tp=2), "pretraining_tp=2"),
+    (lambda cfg, d: cfg.update(model_type="gemma3"), "expected a text-only 'gemma3_text'"),
+    (lambda cfg, d: cfg.update(rope_scaling=dict(rope_type="yarn", factor=4.0), rope_parameters=None),
+     "rope_type"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, edit, message):
     build_hf_model("llama-gqa").save_pretrained(str(tmp_path))
@@ -136,3 +139,14 @@ def test_original_gpt2_names_without_transformer_prefix(tmp_path):
     model, params = models.from_pretrained(str(tmp_path))
     ids = np.arange(8)[None]
     assert _rel_err(model.apply(params, jnp.asarray(ids)), hf_logits(hf_model, ids)) < REL_TOL
+
+
+@pytest.mark.parametrize("config, message", [
+    (models.tiny("qwen2", attention_out_bias=True), "attention_out_bias|out_bias=True"),
+    (models.tiny("qwen3", qk_norm=False), "qk_norm=False"),
+    (models.tiny("llama", post_norms=True), "post_norms=True"),
+])
+def test_configs_transformers_cannot_express_are_refused_on_export(tmp_path, config, message):
+    model = models.TransformerLM(config)
+    with pytest.raises(ValueError, match=message):
+        models.save_pretrained(model, model.init(jax.random.key(0)), str(tmp_path))
