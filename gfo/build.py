@@ -163,6 +163,6 @@ def build_objective(task, section: TaskSection, optimizer: OptimizerSection, mod
                               f"text (countdown); task.name={section.name!r} has none")
         return GenerationReward(model, space.to_params, task.completion_rewards, task.max_answer_tokens,
                                 group_size=optimizer.group_size, temperature=1.0,
-                                stop_tokens=task.stop_tokens, stop_strings=getattr(task, "_stop_table", None),
+                                stop_tokens=task.stop_tokens, stop_strings=getattr(task, "stop_matcher", None),
                                 reference=x0)
     return task.objective(section.objective, model, space.to_params)

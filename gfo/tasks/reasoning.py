@@ -39,7 +39,7 @@ class ReasoningTask(CompletionTask):
             raise ValueError(f"{self.name} max_new_tokens={max_new_tokens} must be >= 1")
         self.temperature, self.max_answer_tokens = temperature, max_new_tokens
         self.stop_strings = tuple(stop_strings)
-        self._stop_table = stop_string_table(self.tokenizer.token_bytes(), self.stop_strings) \
+        self.stop_matcher = stop_string_table(self.tokenizer.token_bytes(), self.stop_strings) \
             if self.stop_strings else None
         self.records: list[dict] | None = None
 
@@ -117,7 +117,7 @@ class ReasoningTask(CompletionTask):
     def generate(self, model: models.TransformerLM, params, batch, key, temperature: float | None = None):
         return models.generate(model, params, batch["prompt"], batch["prompt_mask"], key, self.max_answer_tokens,
                                temperature=self.temperature if temperature is None else temperature,
-                               stop_tokens=self.stop_tokens, stop_strings=self._stop_table)
+                               stop_tokens=self.stop_tokens, stop_strings=self.stop_matcher)
 
     def rewards(self, model: models.TransformerLM, params, batch, key):
         """Rewards `[B]` of completions (greedy when temperature is 0) and whether each was correct."""
