@@ -69,3 +69,64 @@ def tree_dot(x, y) -> jax.Array:
 
 def tree_size(tree) -> int:
     return sum(int(jnp.size(x)) for x in jax.tree.leaves(tree))
+
+
+NOISE_KINDS = ("lowrank", "full", "frozen")
+
+
+def check_noise_map(noise_map, allowed=NOISE_KINDS) -> tuple[tuple[str, str], ...]:
+    """`noise_map` (a mapping or pairs `regex → kind`) as a tuple of pairs, validated.
+
+    The first pattern that `re.search`es a leaf's path name decides its kind: `lowrank` (EGGROLL's
+    factored `A Bᵀ`, 2-D leaves only), `full` (i.i.d. noise) or `frozen` (no noise, no update)
+    — HyperscaleES's per-leaf map.
+    """
+    import re
+
+    pairs = tuple(noise_map.items()) if isinstance(noise_map, dict) else tuple(tuple(p) for p in noise_map or ())
+    for pattern, kind in pairs:
+        if kind not in allowed:
+            raise ValueError(f"noise_map {pattern!r}: {kind!r} is not a noise kind; expected one of {allowed}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"noise_map pattern {pattern!r} is not a regular expression: {e}") from None
+    return pairs
+
+
+def leaf_kind(path, leaf, noise_map, default) -> str:
+    """The noise kind of the leaf at `path`: the first matching pattern of `noise_map`, else `default(leaf)`."""
+    import re
+
+    name = path_name(path)
+    for pattern, kind in noise_map:
+        if re.search(pattern, name):
+            if kind == "lowrank" and jnp.ndim(leaf) != 2:
+                raise ValueError(f"noise_map gives {name!r} (shape {jnp.shape(leaf)}) 'lowrank' noise, which "
+                                 f"needs a 2-D leaf; use 'full' or 'frozen' for it")
+            return kind
+    return default(leaf)
+
+
+def unmatched_patterns(noise_map, tree) -> list[str]:
+    """The patterns of `noise_map` that match no leaf path of `tree` (a typo in a config)."""
+    import re
+
+    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return [p for p, _ in noise_map if not any(re.search(p, n) for n in names)]
+
+
+def mapped_noise_like(key: jax.Array, tree, noise_map=(), distribution: str = "gaussian"):
+    """`noise_like` with `frozen` leaves of `noise_map` set to zero (no noise, hence no update)."""
+    def leaf(p, x):
+        if leaf_kind(p, x, noise_map, lambda _: "full") == "frozen":
+            return jnp.zeros(jnp.shape(x), jnp.result_type(x))
+        return sample(leaf_key(key, p), jnp.shape(x), jnp.result_type(x), distribution)
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def cosine(a, b) -> jax.Array:
+    """Cosine between two pytrees (0 where either is zero)."""
+    na, nb = jnp.sqrt(tree_dot(a, a)), jnp.sqrt(tree_dot(b, b))
+    return tree_dot(a, b) / jnp.maximum(na * nb, 1e-30)

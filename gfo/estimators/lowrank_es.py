@@ -7,8 +7,10 @@ For every 2-D leaf `W: [m, n]`, direction `p` draws `A_p: [m, r]`, `B_p: [n, r]`
 `(key, p, leaf path)` and member `i` uses `W + s_i σ A_p B_pᵀ / √r`. When the space accepts factored
 kernels (`factored=True`, e.g. `spaces.Full`), the member's leaf is the `LowRankKernel(W, s_i A_p, B_p,
 σ/√r)`, so the model computes `x@W + …` with `W` shared across the population — one big matmul; other
-spaces get the dense `W + …`. Leaves that are not matrices (biases, norms) get ordinary full-rank
-noise. The pseudo-gradient of a matrix is `Σ_p w_p A_p B_pᵀ / (N σ √r)` with direction weights `w_p`
+spaces get the dense `W + …`. `noise_map` (regex on leaf paths → `lowrank` | `full` | `frozen`, first
+match wins, as HyperscaleES decides per leaf) overrides the default, which is `lowrank` for matrices and
+`full` for other leaves; EGGROLL's own default freezes non-matrix leaves and embeddings
+(`EGGROLL_NOISE_MAP`). The pseudo-gradient of a matrix is `Σ_p w_p A_p B_pᵀ / (N σ √r)` with direction weights `w_p`
 from the shaped losses, contracted chunk by chunk (`einsum('pmr,pnr->mn')`), never forming per-member
 matrices; its expectation over directions is the full-rank ES gradient (variance-matched: each entry
 of `A Bᵀ/√r` has unit variance).
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from gfo.estimators.es import PopulationConfig
-from gfo.noise import leaf_key, member_key, sample, tree_dot
+from gfo.noise import leaf_key, leaf_kind, member_key, sample, tree_dot
 from gfo.population import chunked_contraction
 from models.linear import LowRankKernel
 
@@ -36,6 +38,15 @@ class _Factors(NamedTuple):
 
 class _Dense(NamedTuple):
     e: jax.Array
+
+
+# EGGROLL's defaults (HyperscaleES): matrices low-rank; embeddings, norms, biases and other vectors frozen.
+# In gfo's models every non-matrix leaf is a `bias` or a norm `scale`.
+EGGROLL_NOISE_MAP = (("^(embed|pos_embed)$", "frozen"), ("(bias|scale)$", "frozen"))
+
+
+def _default_kind(w) -> str:
+    return "lowrank" if jnp.ndim(w) == 2 else "full"
 
 
 def lowrank_factors(key: jax.Array, path, shape, rank: int):
@@ -53,6 +64,7 @@ def dense_noise(key: jax.Array, path, shape):
 class LowRankES(PopulationConfig):
     rank: int = 1
     factored: bool = True  # hand factored LowRankKernel leaves to the objective
+    _noise_kinds = ("lowrank", "full", "frozen")
 
     def __post_init__(self):
         super().__post_init__()
@@ -63,7 +75,10 @@ class LowRankES(PopulationConfig):
         scale = self.sigma / math.sqrt(self.rank)
 
         def leaf(path, w):
-            if w.ndim == 2:
+            kind = leaf_kind(path, w, self.noise_map, _default_kind)
+            if kind == "frozen":
+                return w
+            if kind == "lowrank":
                 a, b = lowrank_factors(direction_key, path, w.shape, self.rank)
                 kernel = LowRankKernel(w, (sign * a).astype(w.dtype), b.astype(w.dtype), scale)
                 return kernel if self.factored else kernel.dense()
@@ -77,7 +92,8 @@ class LowRankES(PopulationConfig):
 
         def evaluate(member):
             direction, sign = self.direction_and_sign(member)
-            return objective(self._perturb(x, member_key(noise_key, direction), sign), batch, eval_key)
+            return objective(self._perturb(x, member_key(noise_key, direction), sign),
+                             self.member_batch(batch, member), eval_key)
 
         _, shaped, metrics = self.evaluate(evaluate, self.population)
         weights = self.direction_weights(shaped) / (self.population * self.sigma)
@@ -86,16 +102,20 @@ class LowRankES(PopulationConfig):
             k = member_key(noise_key, d)
 
             def leaf(path, w):
-                if w.ndim == 2:
+                kind = leaf_kind(path, w, self.noise_map, _default_kind)
+                if kind == "lowrank":
                     a, b = lowrank_factors(k, path, w.shape, self.rank)
                     return _Factors(a, b)
+                if kind == "frozen":
+                    return _Dense(jnp.zeros(w.shape, jnp.float32))
                 return _Dense(dense_noise(k, path, w.shape))
 
             return jax.tree_util.tree_map_with_path(leaf, x)
 
         # Σ_p w_p A_p B_pᵀ: per chunk one contraction over (direction, rank), no per-member matrices.
-        grad = _lowrank_weighted_sum(weights, direction_update, x, self.batch_size, self.rank, self.pop_sharding)
-        return grad, {**metrics, "grad_norm": jnp.sqrt(tree_dot(grad, grad))}
+        grad, snr = self.halves(weights, lambda w, offset: _lowrank_weighted_sum(
+            w, lambda d: direction_update(d + offset), x, self.batch_size, self.rank, self.pop_sharding))
+        return grad, {**metrics, "grad_norm": jnp.sqrt(tree_dot(grad, grad)), "snr_cosine": snr}
 
 
 def _lowrank_weighted_sum(weights, direction_update, x, batch_size, rank, pop_sharding=None):
