@@ -96,7 +96,7 @@ def _run(opt, objective, state, x0, keys):
     def body(carry, key):
         state, best_x, best_f, nfev = carry
         state, metrics = opt.step(state, objective, None, key)
-        cand = opt.solution(state)
+        cand = opt.best_solution(state) if is_strategy else opt.solution(state)
         if is_strategy:
             value, extra = metrics["best_loss"].astype(jnp.float32), 0
         else:

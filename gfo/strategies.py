@@ -3,13 +3,18 @@
     opt = EvosaxStrategy("CMA_ES", population=16, x0_template=x0, params={"std_init": 0.5})
     state = opt.init(key, x0)
     state, metrics = opt.step(state, objective, batch, key)   # ask → evaluate (chunked) → tell
-    x = opt.solution(state)                                   # best point found so far
+    x = opt.solution(state)                                   # the current point (the mean; x0 before a tell)
+    x = opt.best_solution(state)                              # the best point evaluated so far
 
 Any algorithm of `evosax.algorithms` by name (case-insensitive), plus "GA" (`gfo.ga`). `options` go
-to the algorithm's constructor, `params` replace fields of its `default_params` (`init_std`, when given,
-is the algorithm's `std_init` unless `params` sets it, and the spread of a population-based algorithm's
-first generation around `x0`); unknown names are
-errors that list what the algorithm accepts. These algorithms hold a dense `[population, dim]`
+to the algorithm's constructor, `params` replace fields of its `default_params`; unknown names are
+errors that list what the algorithm accepts. `init_std` (σ) reaches every algorithm through the field
+that sets its scale: the constructor's `std_schedule` (a constant σ: Open_ES, ARS, SimpleGA, …), else
+the params' `std_init` (CMA-ES, SNES, …); for population-based algorithms it is also the spread of the
+first generation around `x0`. A distribution-based algorithm with neither field refuses a σ.
+`solution(state)` is the current point for every algorithm: the search distribution's mean
+(distribution-based; `x0` before the first `tell`) or the best member of the current population
+(population-based; `x0` before the first `tell`), never evosax's NaN-initialised archive. These algorithms hold a dense `[population, dim]`
 population and some a `[dim, dim]` covariance, so they are for modest spaces (LoRA on a few layers,
 soft prompts, subspaces): before anything is allocated the guard compares their footprint with
 `memory_limit` bytes and refuses with the numbers and a smaller space or estimator to use instead.
@@ -30,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from evosax import algorithms as evosax_algorithms
 from evosax.algorithms.distribution_based.base import DistributionBasedAlgorithm
+from evosax.core.fitness_shaping import standardize_fitness_shaping_fn
 from flax import struct
 from jax.flatten_util import ravel_pytree
 
@@ -39,6 +45,8 @@ from gfo.population import map_members
 
 STRATEGIES: dict[str, type] = {**evosax_algorithms.algorithms, "GA": GeneticAlgorithm}
 # Algorithms whose state holds dim × dim matrices (covariance, its eigenbasis, or a transform).
+# Algorithms whose initial spread is their covariance `C` (std_schedule is only a floor added to it).
+INITIAL_COVARIANCE = {"iAMaLGaM_Full", "iAMaLGaM_Univariate"}
 FULL_MATRIX = {"CMA_ES", "SV_CMA_ES", "xNES", "MA_ES", "iAMaLGaM_Full", "CMAAnchoredLES"}
 
 
@@ -91,6 +99,7 @@ class StrategyState:
     es_params: Any
     initial_population: Any  # population-based algorithms: evaluated at step 0 instead of ask
     step: jax.Array
+    x0: Any = None  # the starting point: the solution before the first tell
 
 
 def _accepted(cls) -> set[str]:
@@ -107,6 +116,9 @@ class EvosaxStrategy:
         self.name = resolve_name(name)
         cls = STRATEGIES[self.name]
         options = dict(options or {})
+        if options.get("fitness_shaping_fn") is standardize_fitness_shaping_fn:
+            # evosax's standardize computes E[x²] − E[x]²: wrong for tightly spread losses. Same map, stable.
+            options["fitness_shaping_fn"] = shaping.stable_standardize
         unknown = set(options) - _accepted(cls)
         if unknown:
             raise ValueError(f"{self.name} does not accept options {sorted(unknown)}; its constructor takes "
@@ -129,15 +141,44 @@ class EvosaxStrategy:
         if unknown:
             raise ValueError(f"{self.name} has no params {sorted(unknown)}; its params are {sorted(fields)}")
         self.params_overrides = dict(params or {})
-        if init_std is not None and "std_init" in fields:  # the algorithm's own initial scale, unless given
-            self.params_overrides.setdefault("std_init", init_std)
+        self.distribution_based = isinstance(self.algorithm, DistributionBasedAlgorithm)
+        self.scale_field = self._route_scale(cls, init_std, fields, x0_template, population, options)
         self.init_std = 1.0 if init_std is None else float(init_std)
         self.batch_size = batch_size
         self.pop_sharding = pop_sharding
-        self.distribution_based = isinstance(self.algorithm, DistributionBasedAlgorithm)
         # SV_* algorithms run `num_populations` particles of `population` members each.
         self.n_particles = getattr(self.algorithm, "num_populations", 0)
         self.n_evaluations = getattr(self.algorithm, "total_population_size", population)
+
+    def _route_scale(self, cls, init_std, fields, x0_template, population, options) -> str | None:
+        """Give σ to the field the algorithm samples with; the name of that field (None: no σ given)."""
+        if init_std is None:
+            return None
+        import optax
+
+        takes_schedule = "std_schedule" in inspect.signature(cls.__init__).parameters
+        if self.name in INITIAL_COVARIANCE and "std_schedule" not in options:
+            # iAMaLGaM samples from N(m, C + std²I) with C = I at the start: σ sets C, the floor is 0.
+            self.algorithm = cls(population_size=population, solution=x0_template,
+                                 std_schedule=optax.constant_schedule(0.0), **options)
+            return "C (initial covariance σ²I)"
+        if takes_schedule and "std_schedule" not in options:  # Open_ES & co. sample with std_schedule(t)
+            self.algorithm = cls(population_size=population, solution=x0_template,
+                                 std_schedule=optax.constant_schedule(float(init_std)), **options)
+            return "std_schedule"
+        if self.name == "GradientlessDescent":  # samples radii in [radius_min, radius_max]
+            self.params_overrides.setdefault("radius_max", init_std)
+            return "radius_max"
+        if takes_schedule:
+            return "std_schedule (options)"
+        if "std_init" in fields:
+            self.params_overrides.setdefault("std_init", init_std)
+            return "std_init"
+        if self.distribution_based:
+            raise ValueError(f"{self.name} has no scale field (neither a std_schedule option nor a std_init "
+                             f"param) to receive sigma={init_std}; set its own params instead "
+                             f"({sorted(fields)}) and leave sigma unset")
+        return "initial population"
 
     def __repr__(self) -> str:
         return f"EvosaxStrategy({self.name!r}, population={self.population}, dim={self.dim})"
@@ -171,6 +212,11 @@ class EvosaxStrategy:
         elif self.distribution_based:
             es_state = self.algorithm.init(k_init, x0, es_params)
             initial = None
+            if self.name == "xNES":  # evosax samples mean + std·z@B with B = std_init·I: σ² without this
+                es_state = es_state.replace(B=jnp.eye(self.dim, dtype=es_state.B.dtype))
+            if self.scale_field and self.scale_field.startswith("C ("):
+                c = es_state.C
+                es_state = es_state.replace(C=jnp.asarray(self.init_std ** 2, c.dtype) * c)
         else:
             flat, unravel = ravel_pytree(x0)
             noise = jax.random.normal(k_pop, (self.population, self.dim), flat.dtype)
@@ -180,7 +226,7 @@ class EvosaxStrategy:
             initial = jax.vmap(unravel)(pop)
             es_state = self.algorithm.init(k_init, initial, jnp.full((self.population,), jnp.inf), es_params)
         return StrategyState(es_state=es_state, es_params=es_params, initial_population=initial,
-                             step=jnp.zeros((), jnp.int32))
+                             step=jnp.zeros((), jnp.int32), x0=x0)
 
     @functools.partial(jax.jit, static_argnums=(0, 2))
     def step(self, state: StrategyState, objective: Callable, batch, key: jax.Array):
@@ -198,13 +244,31 @@ class EvosaxStrategy:
         # Every member non-finite: no information (and `clean` is all zeros, which evosax would archive as
         # a perfect loss): keep the state as it was.
         es_state = jax.tree.map(lambda new, old: jnp.where(bad == losses.shape[0], old, new), told, es_state)
-        metrics = {"loss": jnp.mean(clean), "loss_min": jnp.min(clean),
+        none = bad == losses.shape[0]  # every member non-finite: report NaN, not the sanitised zeros
+        metrics = {"loss": jnp.where(none, jnp.nan, jnp.mean(clean)),
+                   "loss_min": jnp.where(none, jnp.nan, jnp.min(clean)),
+                   "loss_std": jnp.sqrt(shaping.centered(losses)[1]),
+                   "loss_range": jnp.max(clean) - jnp.min(clean),
                    "best_loss": jnp.min(es_state.best_fitness),
                    "nonfinite": bad, "evaluations": self.n_evaluations}
         return state.replace(es_state=es_state, step=state.step + 1), metrics
 
     def solution(self, state: StrategyState):
-        """The best point evaluated so far (the archive of evosax's state)."""
+        """The current point: the mean (distribution-based; the first particle's for SV_*) or the best
+        member of the current population (population-based); `x0` before the first `tell`."""
+        if self.distribution_based:
+            current = self.algorithm.get_mean(state.es_state)
+            if self.n_particles:
+                current = jax.tree.map(lambda v: v[0], current)
+        else:
+            pop, fit = state.es_state.population, state.es_state.fitness
+            current = self.algorithm._unravel_solution(pop[jnp.argmin(jnp.where(jnp.isfinite(fit), fit, jnp.inf))])
+        if state.x0 is None:
+            return current
+        return jax.tree.map(lambda c, x: jnp.where(state.step == 0, x.astype(c.dtype), c), current, state.x0)
+
+    def best_solution(self, state: StrategyState):
+        """The best point evaluated so far (evosax's archive; NaN before the first `tell`)."""
         best = state.es_state.best_solution
         if self.n_particles:  # one archive per particle
             best = best[jnp.argmin(state.es_state.best_fitness)]
