@@ -13,7 +13,7 @@ import models
 from gfo import spaces
 from gfo.config import ConfigError, ModelSection, OptimizerSection, SpaceSection, TaskSection
 from gfo.discrete import METHODS as DISCRETE_METHODS, DiscreteSearch
-from gfo.estimators import ESTIMATORS
+from gfo.estimators import ESTIMATORS, SPSA, RandOpt, ZOSGDCons
 from gfo.optimizer import Optimizer
 from gfo.rollout import GenerationReward
 from gfo.strategies import EvosaxStrategy, resolve_name
@@ -107,10 +107,12 @@ def _transform(section: OptimizerSection) -> optax.GradientTransformation:
     raise ConfigError(f"optimizer.transform={section.transform!r} is unknown: expected adam, adamw, adam_l2 or sgd")
 
 
-def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_sharding=None, vocab=None):
+def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_sharding=None, vocab=None,
+                    noise_map: dict | None = None):
     """The optimizer of `section`; `pop_sharding` splits population members over the mesh's `pop` axis.
 
     `vocab` is the hard-prompt space's token set: the discrete searches need it, nothing else takes it.
+    `noise_map` is the space's per-leaf noise kinds (`space.noise_map`: regex → lowrank | full | frozen).
     """
     s = section
     if (s.method in DISCRETE_METHODS) != (vocab is not None):
@@ -123,8 +125,8 @@ def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_shardin
                                   pop_sharding=pop_sharding, **s.options)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"optimizer ({s.method}): {e}") from None
-    if pop_sharding is not None and s.method not in ("backprop", "spsa", "forward_grad", "policy_gradient",
-                                                     *DISCRETE_METHODS):
+    if pop_sharding is not None and s.method not in ("backprop", "spsa", "forward_grad", "policy_gradient", "lozo",
+                                                     "hizoo", "mezo_svrg", "zo_sgd_cons", *DISCRETE_METHODS):
         size = pop_sharding.mesh.shape["pop"]
         uneven = {k: v for k, v in (("optimizer.population", s.population), ("optimizer.eval_chunk", s.eval_chunk))
                   if v is not None and v % size}
@@ -132,12 +134,40 @@ def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_shardin
             warnings.warn(f"{uneven} not a multiple of mesh.pop={size}: members are padded over the devices "
                           f"(correct, but some devices idle); choose multiples of {size} or set mesh.pop",
                           stacklevel=2)
+    if noise_map and s.method not in ("es", "lowrank_es"):
+        raise ConfigError(f"space.noise_map is set but optimizer.method={s.method!r} does not read it: only "
+                          f"es and lowrank_es perturb per leaf kind")
+    if s.groups != 1 and s.method not in ("es", "lowrank_es"):
+        raise ConfigError(f"optimizer.groups={s.groups} applies to es / lowrank_es, not {s.method!r}")
+    if noise_map:
+        from gfo.noise import unmatched_patterns
+
+        unmatched = unmatched_patterns(tuple(noise_map.items()), x0)
+        if unmatched:
+            from gfo.noise import path_name
+
+            names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(x0)[0]]
+            raise ConfigError(f"space.noise_map patterns {unmatched} match no searched leaf; paths look like "
+                              f"{names[:6]}")
+    if s.method == "zo_sgd_cons":
+        try:
+            return ZOSGDCons(SPSA(**{"eps": s.sigma, "n": s.n, **s.options}), s.lr)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"optimizer (zo_sgd_cons): {e}") from None
+    if s.method == "randopt":
+        try:
+            return RandOpt(**{"population": s.population, "sigma": s.sigma, "batch_size": s.eval_chunk,
+                              "pop_sharding": pop_sharding, **s.options})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"optimizer (randopt): {e}") from None
     if s.method in ESTIMATORS:
         common = dict(population=s.population, sigma=s.sigma, antithetic=s.antithetic, shaping=s.shaping,
-                      batch_size=s.eval_chunk, pop_sharding=pop_sharding)
+                      batch_size=s.eval_chunk, pop_sharding=pop_sharding, groups=s.groups,
+                      noise_map=tuple((noise_map or {}).items()))
         kwargs = {"backprop": {}, "spsa": dict(eps=s.sigma, n=s.n), "forward_grad": dict(n=s.n),
                   "es": common, "lowrank_es": dict(common, rank=s.rank, factored=lowrank_ok),
-                  "policy_gradient": dict(kl_coef=s.kl_coef)}[s.method]
+                  "policy_gradient": dict(kl_coef=s.kl_coef), "lozo": dict(eps=s.sigma, n=s.n, rank=s.rank),
+                  "hizoo": dict(eps=s.sigma), "mezo_svrg": dict(eps=s.sigma)}[s.method]
         try:
             estimator = ESTIMATORS[s.method](**{**kwargs, **s.options})
         except (TypeError, ValueError) as e:

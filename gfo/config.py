@@ -45,6 +45,7 @@ class SpaceSection:
     initial: Optional[list] = None  # hard_prompt: starting token ids (default: random from vocab)
     dim: int = 64  # subspace
     inner: str = "full"  # subspace: the space it projects into (full | lora | prompt)
+    noise_map: dict = dataclasses.field(default_factory=dict)  # regex on leaf paths -> lowrank | full | frozen
 
 
 @dataclasses.dataclass
@@ -61,7 +62,8 @@ class OptimizerSection:
     population: int = 16  # ES / evosax population
     rank: int = 1  # lowrank_es
     antithetic: bool = True
-    shaping: str = "centered_ranks"
+    shaping: str = "centered_ranks"  # centered_ranks | z_score | z_score_var (EGGROLL) | raw
+    groups: int = 1  # es / lowrank_es: member groups, each on its own slice of the batch, shaped within
     eval_chunk: Optional[int] = None  # members evaluated at once (memory knob)
     n: int = 1  # spsa / forward_grad queries
     kl_coef: float = 0.0  # policy_gradient
@@ -129,6 +131,32 @@ class DecodeSection:
             raise ConfigError(f"decode.proposals={self.proposals!r}: expected model, gradient or both")
 
 
+@dataclasses.dataclass
+class EvalSection:
+    """Model selection and research diagnostics (see `gfo.train`).
+
+    `select_by: dev_<metric>` evaluates a dev split of `dev_size` examples at every evaluation and keeps the
+    point with the best dev metric; the run reports that point's test (eval) metrics (MeZO's protocol).
+    `kl_prompts` > 0 logs the KL divergence of the current model from the starting one on that many held-out
+    prompts' next-token distributions. `samples`/`temperature`: pass@k with n samples on generation tasks.
+    """
+
+    select_by: Optional[str] = None  # e.g. dev_accuracy, dev_cross_entropy (lower is better for losses)
+    dev_size: int = 0  # examples in the dev split (needed by select_by)
+    kl_prompts: int = 0  # held-out batches' prompts for the KL drift (0: off)
+    samples: int = 0  # pass@k: completions sampled per prompt (0: off)
+    temperature: float = 1.0  # pass@k sampling temperature
+
+    def __post_init__(self):
+        if self.select_by is not None and not self.select_by.startswith("dev_"):
+            raise ConfigError(f"eval.select_by={self.select_by!r}: expected 'dev_<metric>', e.g. dev_accuracy")
+        if self.select_by is not None and self.dev_size < 1:
+            raise ConfigError(f"eval.select_by={self.select_by!r} needs eval.dev_size >= 1 (got {self.dev_size})")
+        if self.dev_size < 0 or self.kl_prompts < 0 or self.samples < 0 or self.temperature < 0:
+            raise ConfigError(f"eval: dev_size={self.dev_size}, kl_prompts={self.kl_prompts}, samples={self.samples}, "
+                              f"temperature={self.temperature} must be >= 0")
+
+
 # Sections that do not change what a run optimises: a run may resume under other values.
 POSTHOC_KEYS = ("decode",)
 # Sections that say where a run executes, not what it computes: a run may resume under other values.
@@ -153,6 +181,7 @@ class RunConfig:
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
     decode: Optional[DecodeSection] = None  # compare decoders on the eval prompts at the end
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)  # model selection, diagnostics
     reference: dict = dataclasses.field(default_factory=dict)  # paper configs: citation, table, paths (metadata)
 
     def __post_init__(self):

@@ -34,14 +34,15 @@ def restore_run(run_dir: str, overrides: list[str] = ()):
                     cfg.pretrain.optimizer, SpaceSection(kind="full"), model, params, cfg, mesh)
         _restore_or_fail(pre)
         params = pre.space.to_params(pre.optimizer.solution(pre.state))
-    stage = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg, mesh)
+    stage = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg, mesh,
+                  eval_section=cfg.eval)
     return cfg, stage, _restore_or_fail(stage)
 
 
 def evaluate_run(run_dir: str) -> dict:
     """`gfo eval`: the run's eval metrics at its latest checkpoint, printed as a table."""
     _, stage, step = restore_run(run_dir)
-    metrics = stage.evaluate(stage.optimizer.solution(stage.state))
+    metrics = stage.eval_row()
     print(f"{run_dir} @ step {step}:")
     print("| metric | value |\n|---|---|")
     for k, v in metrics.items():

@@ -9,6 +9,9 @@ _LOWER_IS_BETTER = ("loss", "cross_entropy", "perplexity")
 
 
 
+# Per-step estimator diagnostics (train records): signal-to-noise cosine of two halves, fitness spread.
+DIAGNOSTICS = ("snr_cosine", "loss_std", "loss_range")
+
 # Record fields that are not metrics: the step, the split, and the optimisation wall time.
 NOT_METRICS = ("step", "split", "time_s")
 
@@ -46,7 +49,9 @@ def plot_curves(runs: dict[str, list[dict]], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = ["train/loss"] + sorted({f"eval/{k}" for rs in runs.values() for r in _evals(rs) for k in r
+    diagnostics = [f"train/{k}" for k in DIAGNOSTICS if any(k in r for rs in runs.values() for r in rs
+                                                              if r.get("split") == "train")]
+    panels = ["train/loss"] + diagnostics + sorted({f"eval/{k}" for rs in runs.values() for r in _evals(rs) for k in r
                                       if k not in NOT_METRICS})
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, panel in zip(axes[0], panels):
@@ -63,10 +68,36 @@ def plot_curves(runs: dict[str, list[dict]], path: str) -> None:
     plt.close(fig)
 
 
+def selection_text(records: list[dict], select_by: str | None) -> str:
+    """Markdown: the eval record chosen by `select_by` (a dev metric) and its test metrics."""
+    from gfo.diagnostics import select
+
+    row = select(records, select_by) if select_by else None
+    if row is None:
+        return ""
+    cells = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in NOT_METRICS and not k.startswith("dev_"))
+    return f"\n**Selected by {select_by}** ({row[select_by]:.4f}): step {row['step']} — test {cells}\n"
+
+
+def diagnostics_text(records: list[dict]) -> str:
+    """Markdown: mean and last value of the per-step estimator diagnostics, when logged."""
+    train = [r for r in records if r.get("split") == "train"]
+    names = [k for k in DIAGNOSTICS if any(k in r for r in train)]
+    if not names:
+        return ""
+    lines = ["\n| diagnostic | mean over logged steps | last |", "|---|---|---|"]
+    for k in names:
+        values = [r[k] for r in train if k in r and r[k] == r[k]]
+        if values:
+            lines.append(f"| {k} | {sum(values) / len(values):.4g} | {values[-1]:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_summary(run_dir: str, cfg, records: list[dict]) -> str:
+    select_by = getattr(getattr(cfg, "eval", None), "select_by", None)
     text = (f"# {cfg.name}\n\nmodel `{cfg.model.path or cfg.model.family}` · space `{cfg.space.kind}` · optimizer "
             f"`{cfg.optimizer.method}` · task `{cfg.task.name}` · {cfg.steps} steps · seed {cfg.seed}\n\n"
-            + summary_table(records))
+            + summary_table(records) + selection_text(records, select_by) + diagnostics_text(records))
     with open(os.path.join(run_dir, "summary.md"), "w") as f:
         f.write(text)
     plot_curves({cfg.name: records}, os.path.join(run_dir, "curves.png"))
@@ -85,11 +116,36 @@ def resolve_run(path: str) -> tuple[str, str]:
     return os.path.basename(os.path.normpath(path)), path
 
 
+def _select_by(run_dir: str) -> str | None:
+    """The run's `eval.select_by` from its config.yaml (None if unset or unreadable)."""
+    import yaml
+
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    return ((cfg.get("eval") or {}).get("select_by"))
+
+
 def compare(run_dirs: list[str], out: str | None = None) -> str:
-    """Side-by-side table of the final eval metrics of several runs or sweeps (their best trial), and
-    their curves."""
-    runs = {label: read_metrics(d) for label, d in map(resolve_run, run_dirs)}
-    finals = {name: (_evals(rs)[-1] if _evals(rs) else {}) for name, rs in runs.items()}
+    """Side-by-side table of several runs or sweeps (their best trial): the final eval metrics, or the
+    dev-selected record's where a run selects by dev (`eval.select_by`), the mean per-step diagnostics
+    (`mean_snr_cosine`, `mean_loss_std`, …), and their curves."""
+    from gfo.diagnostics import select
+
+    resolved = [resolve_run(d) for d in run_dirs]
+    runs = {label: read_metrics(d) for label, d in resolved}
+    finals = {}
+    for label, d in resolved:  # the dev-selected record where the run selects by dev, else the last
+        rs, select_by = runs[label], _select_by(d)
+        row = select(rs, select_by) if select_by else None
+        finals[label] = dict(row or (_evals(rs)[-1] if _evals(rs) else {}))
+        train = [r for r in rs if r.get("split") == "train"]
+        for k in DIAGNOSTICS:  # per-step diagnostics: their mean over the logged steps
+            values = [r[k] for r in train if k in r and r[k] == r[k]]
+            if values:
+                finals[label][f"mean_{k}"] = sum(values) / len(values)
     metrics = sorted({k for f in finals.values() for k in f if k not in NOT_METRICS})
     lines = ["| run | step | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for name, final in finals.items():

@@ -47,8 +47,9 @@ class Stage:
     """One optimisation stage over a task, with its own run directory."""
 
     def __init__(self, run_dir: str, seed: int, steps: int, task_section, optimizer_section, space_section,
-                 model, params, cfg: RunConfig, mesh):
+                 model, params, cfg: RunConfig, mesh, eval_section=None):
         self.run_dir, self.steps, self.cfg, self.mesh = run_dir, steps, cfg, mesh
+        self.eval_section = eval_section  # model selection and diagnostics (the main stage's `eval`)
         self.model = model
         key = jax.random.key(seed)
         k_space, k_opt, self.k_step = jax.random.split(jax.random.fold_in(key, 1), 3)
@@ -57,13 +58,15 @@ class Stage:
         self.space = build.build_space(space_section, params, k_space)
         self.x0 = self.space.init(k_space)
         self.optimizer = build.build_optimizer(optimizer_section, self.x0, self.space.lowrank_ok,
-                                               distributed.pop_sharding(mesh), getattr(self.space, "vocab", None))
+                                               distributed.pop_sharding(mesh), getattr(self.space, "vocab", None),
+                                               noise_map=getattr(space_section, "noise_map", None))
         self.objective = build.build_objective(self.task, task_section, optimizer_section, model, self.space,
                                                self.x0)
         # Model-axis rules follow parameter paths; an evosax state holds populations, kept replicated.
         rules = () if isinstance(self.optimizer, EvosaxStrategy) else distributed.DEFAULT_RULES
         self.state = distributed.place(self.optimizer.init(k_opt, self.x0), mesh, rules)
         self.metrics_fn = jax.jit(lambda x, batch, key: self.task.metrics(model, self.space.to_params(x), batch, key))
+        self._setup_eval()
 
     # ------------------------------------------------------------------ checkpoints
     def _manager(self):
@@ -99,6 +102,96 @@ class Stage:
                 totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
         return totals
 
+    def _setup_eval(self):
+        """Dev batches for `eval.select_by`, the KL-drift function, the RandOpt vote (checked here, early)."""
+        e = self.eval_section
+        self.dev_batches = None
+        if e is not None and e.select_by is not None:
+            if not hasattr(self.task, "dev_batches"):
+                raise ConfigError(f"eval.select_by={e.select_by!r}: task {self.task.name!r} has no dev split")
+            try:
+                self.dev_batches = self.task.dev_batches(e.dev_size)
+            except (ValueError, NotImplementedError) as err:
+                raise ConfigError(f"eval.select_by={e.select_by!r}: task {self.task.name!r}: {err}") from None
+        self.kl_fn = None
+        if e is not None and e.kl_prompts > 0:
+            from gfo.diagnostics import drift_kl, input_tokens
+
+            input_tokens(self.task.eval_batches()[0])  # fails early if the task has no token inputs
+            params0 = self.space.to_params(self.x0)
+            self.kl_fn = jax.jit(lambda x, tokens, mask: drift_kl(self.model, self.space.to_params(x), params0,
+                                                                   tokens, mask))
+        self.vote_fn = None
+        if hasattr(self.optimizer, "members") and hasattr(self.task, "class_scores"):
+            from gfo.estimators.randopt import ensemble_metrics
+
+            self.vote_fn = jax.jit(lambda members, batch: ensemble_metrics(self.task, self.model, self.space.to_params,
+                                                                            members, batch))
+
+    def _mean_over(self, batches, fn) -> dict:
+        totals: dict[str, float] = {}
+        for i, batch in enumerate(batches):
+            for k, v in distributed.to_host(fn(i, distributed.place_batch(batch, self.mesh))).items():
+                totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+        return totals
+
+    def eval_row(self) -> dict:
+        """The eval metrics of the current solution, with the dev metrics (`dev_*`, for `select_by`), the
+        KL drift from the start (`kl_drift`) and the RandOpt ensemble vote where configured."""
+        x = self.optimizer.solution(self.state)
+        row = self.evaluate(x)
+        if self.dev_batches is not None:
+            dev = self._mean_over(self.dev_batches, lambda i, b: self.metrics_fn(x, b, jax.random.key(10_000 + i)))
+            row.update({f"dev_{k}": v for k, v in dev.items()})
+        if self.kl_fn is not None:
+            from gfo.diagnostics import input_tokens
+
+            batches = self.task.eval_batches()[: self.eval_section.kl_prompts]
+            row.update(self._mean_over(batches, lambda i, b: {"kl_drift": self.kl_fn(x, *input_tokens(b))}))
+        if self.vote_fn is not None:
+            members = self.optimizer.members(self.state)
+            row.update(self._mean_over(self.task.eval_batches(), lambda i, b: self.vote_fn(members, b)))
+        return row
+
+    def _best_manager(self):
+        import orbax.checkpoint as ocp
+
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+        return ocp.CheckpointManager(os.path.abspath(os.path.join(self.run_dir, "best")), options=options)
+
+    def _track_best(self, row: dict, records: list[dict]) -> None:
+        """Save the solution when `row` is the best by `eval.select_by` so far (the selected checkpoint)."""
+        from gfo.diagnostics import select
+
+        e = self.eval_section
+        if e is None or e.select_by is None:
+            return
+        if e.select_by not in row:
+            raise ConfigError(f"eval.select_by={e.select_by!r}: the dev metrics are {sorted(k for k in row if k.startswith('dev_'))}")
+        if select(records, e.select_by) is row:
+            import orbax.checkpoint as ocp
+
+            manager = self._best_manager()
+            manager.save(row["step"], args=ocp.args.StandardSave(self.optimizer.solution(self.state)), force=True)
+            manager.wait_until_finished()
+            manager.close()
+
+    def selected_params(self, records: list[dict]):
+        """`(row, params)` of the point selected by `eval.select_by` (None, None without selection)."""
+        from gfo.diagnostics import select
+
+        e = self.eval_section
+        if e is None or e.select_by is None:
+            return None, None
+        row = select(records, e.select_by)
+        import orbax.checkpoint as ocp
+
+        manager = self._best_manager()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.optimizer.solution(self.state))
+        x = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+        manager.close()
+        return row, self.space.to_params(x)
+
     # ------------------------------------------------------------------ the loop
     def run(self, label: str, on_eval=None) -> dict:
         """Optimise to `self.steps`; `on_eval(step, metrics)` is called after each evaluation (pruning)."""
@@ -114,9 +207,10 @@ class Stage:
         writer = _tensorboard(self.run_dir) if primary else None
         self._log_path = log_path if primary else None
         if start == 0:
-            first = {"step": 0, "split": "eval", "time_s": 0.0, **self.evaluate(self.optimizer.solution(self.state))}
+            first = {"step": 0, "split": "eval", "time_s": 0.0, **self.eval_row()}
             self._log(log_path, writer, first)
             records.append(first)
+            self._track_best(first, records)
         elif start >= self.steps:
             print(f"[{label}] complete at step {start}: reusing {self.run_dir}")
         else:
@@ -151,10 +245,10 @@ class Stage:
                 rate = evals / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", evals_per_s=f"{rate:.0f}")
             if done % self.cfg.eval_every == 0 or done == self.steps:
-                row = {"step": done, "split": "eval", "time_s": opt_time,
-                       **self.evaluate(self.optimizer.solution(self.state))}
+                row = {"step": done, "split": "eval", "time_s": opt_time, **self.eval_row()}
                 self._log(log_path, writer, row)
                 records.append(row)
+                self._track_best(row, records)
                 bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "split")})
                 if on_eval is not None:
                     on_eval(done, row)
@@ -168,7 +262,11 @@ class Stage:
         manager.close()
         if writer is not None:
             writer.close()
-        return {"records": records, "params": self.space.to_params(self.optimizer.solution(self.state))}
+        result = {"records": records, "params": self.space.to_params(self.optimizer.solution(self.state))}
+        selected, params = self.selected_params(records)
+        if selected is not None:  # the protocol's model is the dev-selected point; the final one stays available
+            result.update(selected=selected, final_params=result["params"], params=params)
+        return result
 
     def _log(self, path, writer, row):
         if self._log_path is None:  # not the primary process
@@ -250,7 +348,8 @@ def train(cfg: RunConfig, on_eval=None) -> dict:
         stage = Stage(os.path.join(run_dir, "pretrain"), cfg.seed, pre.steps, pre.task, pre.optimizer,
                       SpaceSection(kind="full"), model, params, cfg, mesh)
         params = stage.run("pretrain")["params"]
-    stage = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg, mesh)
+    stage = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg, mesh,
+                  eval_section=cfg.eval)
     result = stage.run(cfg.optimizer.method, on_eval)
     result["run_dir"] = run_dir
     result["wall_s"] = time.perf_counter() - started

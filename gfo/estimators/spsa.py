@@ -8,7 +8,9 @@ For each of `n` queries, `z ~ N(0, I)` (or Rademacher) from `fold_in(key, k)`, a
 `one_sided` (`(L(x+εz) − L(x)) / ε`), `sign` (ZO-SGD-Sign: the sign of the estimate), `sparsity`
 (Sparse MeZO: perturb only the `1 − sparsity` smallest-magnitude entries of each leaf). Momentum and
 Adam come from the optax transformation (ZO-SGD-MMT = `optax.sgd(momentum=0.9)`, ZO-Adam = `optax.adam`).
-A query whose losses are not finite contributes nothing and is counted in `nonfinite`.
+A query whose losses are not finite contributes nothing and is counted in `nonfinite`. Diagnostics:
+`loss_range` (mean |L₊ − L₋|, the fitness spread) and, with `n >= 2`, `snr_cosine` (cosine between the
+estimates of the first ⌊n/2⌋ queries and of the rest).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gfo.noise import DISTRIBUTIONS, member_key, noise_like, tree_axpy, tree_dot
+from gfo.noise import DISTRIBUTIONS, cosine, member_key, noise_like, tree_axpy, tree_dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +55,10 @@ class SPSA:
         mask = self._mask(x)
         base = objective(x, batch, eval_key) if self.one_sided else None
 
+        half = self.n // 2  # queries k < half sum into `first` (the SNR diagnostic's two halves)
+
         def query(k, carry):
-            total, loss_sum, bad = carry
+            (total, first), loss_sum, bad, spread = carry
             z = noise_like(member_key(noise_key, k), x, self.distribution)
             if mask is not None:
                 z = jax.tree.map(jnp.multiply, z, mask)
@@ -66,13 +70,21 @@ class SPSA:
             ok = jnp.isfinite(plus) & jnp.isfinite(minus)
             proj = jnp.where(ok, (plus - minus) / denom, 0.0)
             total = jax.tree.map(lambda t, u: t + proj * u.astype(jnp.float32), total, z)
+            if first is not None:
+                first = jax.tree.map(lambda t, u: t + jnp.where(k < half, proj, 0.0) * u.astype(jnp.float32), first, z)
             loss = jnp.where(ok, (plus + minus) / 2, 0.0)
-            return total, loss_sum + loss, bad + (~ok).astype(jnp.int32)
+            spread = spread + jnp.where(ok, jnp.abs(plus - minus), 0.0)
+            return (total, first), loss_sum + loss, bad + (~ok).astype(jnp.int32), spread
 
         zero = jax.tree.map(lambda u: jnp.zeros(u.shape, jnp.float32), x)
-        init = (zero, jnp.float32(0), jnp.int32(0))
+        init = ((zero, zero if self.n >= 2 else None), jnp.float32(0), jnp.int32(0), jnp.float32(0))
         # One query (MeZO's setting) inline: no loop boundary between the two forwards and the update.
-        total, loss_sum, bad = query(0, init) if self.n == 1 else jax.lax.fori_loop(0, self.n, query, init)
+        (total, first), loss_sum, bad, spread = (query(0, init) if self.n == 1
+                                                 else jax.lax.fori_loop(0, self.n, query, init))
+        extra = {}
+        if first is not None:  # cosine between the estimates of the first and the last ⌊n/2⌋ queries
+            second = jax.tree.map(jnp.subtract, total, first)
+            extra["snr_cosine"] = cosine(first, second)
         grad = jax.tree.map(lambda t: t / self.n, total)
         if self.sign:
             grad = jax.tree.map(jnp.sign, grad)
@@ -80,4 +92,4 @@ class SPSA:
         n_ok = jnp.maximum(self.n - bad, 1)
         evaluations = self.n * (1 if self.one_sided else 2) + (1 if self.one_sided else 0)
         return grad, {"loss": loss_sum / n_ok, "grad_norm": jnp.sqrt(tree_dot(grad, grad)),
-                      "nonfinite": bad, "evaluations": evaluations}
+                      "loss_range": spread / n_ok, "nonfinite": bad, "evaluations": evaluations, **extra}

@@ -110,7 +110,7 @@ class Task:
     # ------------------------------------------------------------------ data
     def rng(self, split: str, step: int = 0) -> np.random.Generator:
         """The generator of `(seed, split, step)`; train and eval streams never overlap."""
-        return np.random.default_rng([self.seed, {"train": 0, "eval": 1}[split], step])
+        return np.random.default_rng([self.seed, {"train": 0, "eval": 1, "dev": 3}[split], step])
 
     def train_batch(self, step: int) -> dict:
         return self.make_batch(self.rng("train", step), self.batch_size)
@@ -118,6 +118,12 @@ class Task:
     def eval_batches(self) -> list[dict]:
         rng = self.rng("eval")
         n = self.eval_size
+        return [self.make_batch(rng, min(self.batch_size, n - i)) for i in range(0, n, self.batch_size)]
+
+    def dev_batches(self, n: int) -> list[dict]:
+        """A dev split of `n` examples for model selection (`eval.select_by`), disjoint in stream from the
+        train and eval data (generated tasks draw it from its own generator)."""
+        rng = self.rng("dev")
         return [self.make_batch(rng, min(self.batch_size, n - i)) for i in range(0, n, self.batch_size)]
 
     def make_batch(self, rng: np.random.Generator, size: int) -> dict:

@@ -37,7 +37,7 @@ class PromptClassification(Task):
 
     def __init__(self, k: int = 16, template: str = "{text} It was",
                  label_words: tuple[str, ...] = (" great", " terrible"), data_path: str | None = None,
-                 max_prompt_tokens: int = 64, text_field: str | None = None, **kw):
+                 max_prompt_tokens: int = 64, text_field: str | None = None, n_train: int | None = None, **kw):
         super().__init__(**kw)
         if "{text}" not in template:
             raise ValueError(f"prompt_classification template={template!r} must contain '{{text}}'")
@@ -58,16 +58,22 @@ class PromptClassification(Task):
         order = rng.permutation(len(pool))
         train, rest = [], []
         counts = [0] * len(self.label_words)
-        for i in order:
-            text, label = pool[i]
-            if counts[label] < k:
-                train.append(pool[i])
-                counts[label] += 1
-            else:
-                rest.append(pool[i])
-        if min(counts) < k:
-            raise DataError(f"prompt_classification k={k}: some class has only {min(counts)} examples")
+        if n_train is not None:  # MeZO's large-model setup: n_train examples drawn at random, not per class
+            if not 1 <= n_train < len(pool):
+                raise DataError(f"prompt_classification n_train={n_train}: the data has {len(pool)} examples")
+            train, rest = [pool[i] for i in order[:n_train]], [pool[i] for i in order[n_train:]]
+        else:
+            for i in order:
+                text, label = pool[i]
+                if counts[label] < k:
+                    train.append(pool[i])
+                    counts[label] += 1
+                else:
+                    rest.append(pool[i])
+            if min(counts) < k:
+                raise DataError(f"prompt_classification k={k}: some class has only {min(counts)} examples")
         self.train_set, self.eval_set = train, rest[: self.eval_size]
+        self._dev_pool = rest[self.eval_size:] if data_path is not None else None
         longest = max(len(self.encode_prompt(self.render(self.template.format(text=t)))) for t, _ in train + rest)
         self.prompt_length = min(longest, self.max_prompt_tokens)
         tok = self.tokenizer
@@ -108,6 +114,19 @@ class PromptClassification(Task):
 
     def eval_batches(self):
         return [self._batch(self.eval_set[i:i + self.batch_size]) for i in range(0, len(self.eval_set), self.batch_size)]
+
+    def dev_batches(self, n: int):
+        """`n` dev examples: from a data file, the examples after the eval split (disjoint from train and
+        eval); built-in data synthesises them from the dev stream."""
+        if self._dev_pool is None:
+            rng = self.rng("dev")
+            dev = [(self._synthesise(rng, c), c) for c in rng.integers(0, len(LEXICONS), n)]
+        elif len(self._dev_pool) < n:
+            raise DataError(f"prompt_classification: dev_size={n} but only {len(self._dev_pool)} examples remain "
+                            f"after train ({len(self.train_set)}) and eval ({len(self.eval_set)})")
+        else:
+            dev = self._dev_pool[:n]
+        return [self._batch(dev[i:i + self.batch_size]) for i in range(0, n, self.batch_size)]
 
     def class_scores(self, model, params, batch) -> jax.Array:
         """`[B, C]` summed log-probabilities of each class's label word after the prompt."""
