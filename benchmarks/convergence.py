@@ -1,7 +1,9 @@
-"""Convergence of ES, low-rank ES, SPSA (ZO-SGD), Adam and policy gradient at an equal budget.
+"""Convergence of ES, low-rank ES, SPSA (ZO-SGD), ZO-SGD-Cons, LOZO, HiZOO, MeZO-SVRG, RandOpt, Adam and
+policy gradient at an equal budget.
 
     python -m benchmarks.convergence            # full: 3 tasks × 5 methods × 3 seeds
     python -m benchmarks.convergence --quick    # seconds: one task, a tiny budget, one seed
+    python -m benchmarks.convergence --quick --methods lozo hizoo   # chosen rows only
 
 Every method starts from the same pretrained tiny model per task (Adam on the task's cross-entropy for
 `pretrain_steps`, saved as a Hugging Face checkpoint and loaded through `model.path`) and runs through
@@ -43,7 +45,18 @@ METHODS = {
     "spsa": ({"method": "spsa", "sigma": 1e-3, "n": 1, "lr": 2e-4, "transform": "sgd"}, 2),
     "adam": ({"method": "backprop", "lr": 1e-3, "transform": "adam"}, 3),
     "policy_gradient": ({"method": "policy_gradient", "group_size": 4, "lr": 1e-3, "transform": "adam"}, 12),
+    # ZO-Bench's conservative ZO-SGD: SPSA (2) + θ, θ ± ηg (3).
+    "zo_sgd_cons": ({"method": "zo_sgd_cons", "sigma": 1e-3, "n": 1, "lr": 2e-4}, 5),
+    "lozo": ({"method": "lozo", "sigma": 1e-3, "rank": 2, "lr": 2e-4, "transform": "sgd", "options": {"nu": 50}}, 2),
+    "hizoo": ({"method": "hizoo", "sigma": 1e-3, "lr": 2e-4, "transform": "sgd", "options": {"alpha": 1e-4}}, 3),
+    # 4 mini-batch forwards per step + a full-batch anchor (2 forwards of 4 mini-batches) every 10 steps.
+    "mezo_svrg": ({"method": "mezo_svrg", "sigma": 1e-3, "lr": 2e-4, "transform": "sgd",
+                   "options": {"q": 10, "minibatch": 4}}, 5),
+    # One round spending the whole budget (population = budget), top 8 by loss, majority vote where the task
+    # scores classes (its `vote_accuracy` is reported as its accuracy).
+    "randopt": ({"method": "randopt", "sigma": 0.01, "eval_chunk": 16, "options": {"top_k": 8}}, None),
 }
+NEW_METHODS = ("zo_sgd_cons", "lozo", "hizoo", "mezo_svrg", "randopt")
 MODEL = {"family": "gpt2", "overrides": {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 160}}
 QUICK_MODEL = {"family": "gpt2", "overrides": {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 160}}
 
@@ -72,7 +85,10 @@ def run(root: str, task: str, method: str, seed: int, budget: int, evals: int, c
     from gfo.train import train
 
     optimizer, cost = METHODS[method]
-    steps = max(1, budget // cost)
+    if cost is None:  # RandOpt: one round of `budget` members
+        optimizer, cost, steps = dict(optimizer, population=budget), budget, 1
+    else:
+        steps = max(1, budget // cost)
     every = max(1, steps // evals)
     name = f"{task}-{method}-s{seed}"  # a finished run in `root` is reused (gfo train resumes it)
     task_section = dict(TASKS[task]["task"])
@@ -84,6 +100,8 @@ def run(root: str, task: str, method: str, seed: int, budget: int, evals: int, c
     result = train(cfg)
     jax.clear_caches()  # dozens of runs in one process: drop their executables (memory, mmap count)
     curve = [r for r in result["records"] if r["split"] == "eval"]
+    if method == "randopt":  # RandOpt predicts by the vote of its top-K members where the task scores classes
+        curve = [dict(r, accuracy=r["vote_accuracy"]) if "vote_accuracy" in r else r for r in curve]
     return {"steps": steps, "cost_per_step": cost, "curve": curve}
 
 
@@ -111,7 +129,8 @@ def markdown(payload) -> str:
     lines = [f"# Convergence at an equal budget ({'quick' if payload['quick'] else 'full'} run)", "",
              f"{describe(m)} Budget: {payload['budget']} forward-pass equivalents over one batch; seeds {payload['seeds']}; "
              f"pretraining {payload['pretrain_steps']} Adam steps. Costs per step: "
-             + ", ".join(f"{k} {v[1]}" for k, v in METHODS.items()) + ".", ""]
+             + ", ".join(f"{k} {v[1] if v[1] is not None else 'budget (one round)'}" for k, v in METHODS.items())
+             + ".", ""]
     for task, t in payload["table"].items():
         arrow = "↑" if t["higher_is_better"] else "↓"
         lines += [f"## {task} — {t['metric']} {arrow}", "",
@@ -157,12 +176,17 @@ def main(argv=None) -> dict:
     p.add_argument("--budget", type=int, default=None)
     p.add_argument("--seeds", type=int, default=None)
     p.add_argument("--tasks", nargs="*", default=None, help=f"among {list(TASKS)}")
+    p.add_argument("--methods", nargs="*", default=None, help=f"among {list(METHODS)} (default: all; --quick: es, "
+                   f"spsa, adam)")
     args = p.parse_args(argv)
     quick = args.quick
     tasks = args.tasks or (["grammar_lm"] if quick else list(TASKS))
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise SystemExit(f"unknown tasks {sorted(unknown)}: expected some of {list(TASKS)}")
+    bad = set(args.methods or ()) - set(METHODS)
+    if bad:
+        raise SystemExit(f"unknown methods {sorted(bad)}: expected some of {list(METHODS)}")
     budget = args.budget or (48 if quick else 1536)
     seeds = list(range(args.seeds or (1 if quick else 3)))
     pretrain_steps = 10 if quick else 150
@@ -170,8 +194,8 @@ def main(argv=None) -> dict:
     results: dict = {}
     for task in tasks:
         checkpoint = pretrained(work, task, pretrain_steps, QUICK_MODEL if quick else MODEL)
-        methods = ["es", "spsa", "adam"] if quick else [m for m in METHODS if m != "policy_gradient"
-                                                         or task == "countdown"]
+        methods = args.methods or (["es", "spsa", "adam"] if quick else list(METHODS))
+        methods = [m for m in methods if m != "policy_gradient" or task == "countdown"]
         for method in methods:
             results.setdefault(task, {})[method] = [run(work, task, method, s, budget, 1 if quick else 8, checkpoint)
                                                     for s in seeds]

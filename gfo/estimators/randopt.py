@@ -91,8 +91,10 @@ class RandOpt:
         return jax.tree.map(lambda b, x: jnp.where(state.top[0] < 0, x, b), best, state.x0)
 
     def members(self, state: RandOptState):
-        """The `K` kept members stacked on a leading axis `[K, ...]`."""
-        return jax.vmap(lambda i: self.member(state, i))(jnp.maximum(state.top, 0))
+        """The `K` kept members stacked on a leading axis `[K, ...]` (`K` copies of θ₀ before the round)."""
+        members = jax.vmap(lambda i: self.member(state, i))(jnp.maximum(state.top, 0))
+        return jax.tree.map(lambda m, x: jnp.where(state.top[0] < 0, jnp.broadcast_to(x, m.shape), m),
+                            members, state.x0)
 
 
 def vote(predictions: jax.Array, n_classes: int) -> jax.Array:
