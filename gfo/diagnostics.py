@@ -43,3 +43,27 @@ def select(records: list[dict], select_by: str) -> dict | None:
         return None
     sign = 1.0 if lower_is_better(select_by) else -1.0
     return min(rows, key=lambda r: (sign * r[select_by], r["step"]))
+
+
+def pass_at_k(correct: jax.Array, k: int) -> jax.Array:
+    """Unbiased pass@k (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", arXiv
+    2107.03374): `mean_prompts 1 − C(n − c, k) / C(n, k)` for `correct` `[B, n]` (0/1) with `c` correct of
+    `n` samples per prompt, computed as `1 − Π_{i=n−c+1}^{n} (1 − k / i)` (stable, no factorials)."""
+    n = correct.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k: k={k} must be in [1, n={n}]")
+    c = jnp.sum(correct > 0, axis=1)  # [B]
+    i = jnp.arange(1, n + 1, dtype=jnp.float32)  # [n]
+    factors = jnp.where(i[None, :] >= (n - c + 1)[:, None], 1.0 - k / i[None, :], 1.0)  # [B, n]
+    return jnp.mean(1.0 - jnp.prod(factors, axis=1))
+
+
+def pass_at_k_metrics(task, model, params, batch: dict, key: jax.Array, samples: int, temperature: float) -> dict:
+    """`pass@1`, `pass@n` (and powers of two between) of `samples` completions per prompt at `temperature`,
+    for a generation task (`task.generate`, `task.completion_rewards(..., with_correct=True)`)."""
+    rows = jax.tree.map(lambda v: jnp.repeat(v, samples, axis=0), batch)
+    out = task.generate(model, params, rows, key, temperature=temperature)
+    _, correct = task.completion_rewards(out.tokens, out.lengths, rows, with_correct=True)
+    correct = correct.reshape(-1, samples)
+    ks = sorted({1, samples} | {2 ** j for j in range(1, 16) if 2 ** j < samples})
+    return {f"pass@{k}": pass_at_k(correct, k) for k in ks}

@@ -121,6 +121,15 @@ class Stage:
             params0 = self.space.to_params(self.x0)
             self.kl_fn = jax.jit(lambda x, tokens, mask: drift_kl(self.model, self.space.to_params(x), params0,
                                                                    tokens, mask))
+        self.pass_fn = None
+        if e is not None and e.samples > 0:
+            if not (hasattr(self.task, "generate") and hasattr(self.task, "completion_rewards")):
+                raise ConfigError(f"eval.samples={e.samples}: pass@k needs a generation task with a reward "
+                                  f"(countdown, gsm8k, …); task {self.task.name!r} is not one")
+            from gfo.diagnostics import pass_at_k_metrics
+
+            self.pass_fn = jax.jit(lambda x, batch, key: pass_at_k_metrics(
+                self.task, self.model, self.space.to_params(x), batch, key, e.samples, e.temperature))
         self.vote_fn = None
         if hasattr(self.optimizer, "members") and hasattr(self.task, "class_scores"):
             from gfo.estimators.randopt import ensemble_metrics
@@ -137,7 +146,8 @@ class Stage:
 
     def eval_row(self) -> dict:
         """The eval metrics of the current solution, with the dev metrics (`dev_*`, for `select_by`), the
-        KL drift from the start (`kl_drift`) and the RandOpt ensemble vote where configured."""
+        KL drift from the start (`kl_drift`), pass@k of `eval.samples` samples at `eval.temperature`
+        (generation tasks) and the RandOpt ensemble vote where configured."""
         x = self.optimizer.solution(self.state)
         row = self.evaluate(x)
         if self.dev_batches is not None:
@@ -148,6 +158,9 @@ class Stage:
 
             batches = self.task.eval_batches()[: self.eval_section.kl_prompts]
             row.update(self._mean_over(batches, lambda i, b: {"kl_drift": self.kl_fn(x, *input_tokens(b))}))
+        if self.pass_fn is not None:
+            row.update(self._mean_over(self.task.eval_batches(),
+                                       lambda i, b: self.pass_fn(x, b, jax.random.key(20_000 + i))))
         if self.vote_fn is not None:
             members = self.optimizer.members(self.state)
             row.update(self._mean_over(self.task.eval_batches(), lambda i, b: self.vote_fn(members, b)))

@@ -68,3 +68,30 @@ def test_dev_split_is_disjoint_from_train_and_eval(tmp_path):
     assert sum(b["label"].shape[0] for b in task.dev_batches(16)) == 16
     with pytest.raises(ValueError, match="dev_size=30 but only 24 examples remain"):
         task.dev_batches(30)
+
+
+def test_pass_at_k_matches_its_combinatorial_definition():
+    from math import comb
+
+    import jax.numpy as jnp
+
+    from gfo.diagnostics import pass_at_k
+
+    correct = jnp.array([[1, 0, 0, 1, 0, 0, 0, 0], [0] * 8, [1] * 8, [0, 0, 0, 0, 0, 0, 0, 1]])
+    for k in (1, 2, 3, 8):
+        expected = np.mean([1 - comb(8 - int(c), k) / comb(8, k) for c in correct.sum(1)])
+        assert float(pass_at_k(correct, k)) == pytest.approx(expected, abs=1e-6)
+
+
+def test_pass_at_k_is_logged_for_a_generation_task(tmp_path):
+    from gfo.train import train
+
+    cfg = from_dict(RunConfig, {
+        "name": "pk", "runs_dir": str(tmp_path), "steps": 1, "eval_every": 1, "log_every": 1, "checkpoint_every": 1,
+        "model": {"family": "gpt2", "overrides": {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": 256}},
+        "task": {"name": "countdown", "batch_size": 2, "eval_size": 2, "options": {"n_numbers": 2, "max_number": 3}},
+        "optimizer": {"method": "spsa", "sigma": 1e-2, "lr": 1e-3, "transform": "sgd"},
+        "eval": {"samples": 4, "temperature": 1.0}})
+    evals = [r for r in train(cfg)["records"] if r["split"] == "eval"]
+    assert all({"pass@1", "pass@2", "pass@4"} <= set(r) for r in evals)
+    assert all(0.0 <= r["pass@1"] <= r["pass@2"] <= r["pass@4"] <= 1.0 for r in evals)
