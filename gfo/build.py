@@ -14,6 +14,7 @@ from gfo import spaces
 from gfo.config import ConfigError, ModelSection, OptimizerSection, SpaceSection, TaskSection
 from gfo.discrete import METHODS as DISCRETE_METHODS, DiscreteSearch
 from gfo.estimators import ESTIMATORS, SPSA, RandOpt, ZOSGDCons
+from gfo.noise import check_noise_map
 from gfo.optimizer import Optimizer
 from gfo.rollout import GenerationReward
 from gfo.strategies import EvosaxStrategy, resolve_name
@@ -91,8 +92,14 @@ def build_space(section: SpaceSection, params, key: jax.Array) -> spaces.Space:
     if section.kind == "subspace":
         if section.inner in ("subspace", "hard_prompt"):
             raise ConfigError(f"space.inner={section.inner!r} is not allowed: expected full, lora or prompt")
-        return spaces.Subspace(simple(section.inner), section.dim, key)
-    return simple(section.kind)
+        space = spaces.Subspace(simple(section.inner), section.dim, key)
+    else:
+        space = simple(section.kind)
+    try:
+        space.noise_map = check_noise_map(getattr(section, "noise_map", None) or {})
+    except ValueError as e:
+        raise ConfigError(f"space.{e}") from None
+    return space
 
 
 def _transform(section: OptimizerSection) -> optax.GradientTransformation:
@@ -108,11 +115,11 @@ def _transform(section: OptimizerSection) -> optax.GradientTransformation:
 
 
 def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_sharding=None, vocab=None,
-                    noise_map: dict | None = None):
+                    noise_map=()):
     """The optimizer of `section`; `pop_sharding` splits population members over the mesh's `pop` axis.
 
     `vocab` is the hard-prompt space's token set: the discrete searches need it, nothing else takes it.
-    `noise_map` is the space's per-leaf noise kinds (`space.noise_map`: regex → lowrank | full | frozen).
+    `noise_map` is the space's per-leaf noise kinds (`Space.noise_map`: pairs regex → lowrank | full | frozen).
     """
     s = section
     if (s.method in DISCRETE_METHODS) != (vocab is not None):
@@ -142,7 +149,7 @@ def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_shardin
     if noise_map:
         from gfo.noise import unmatched_patterns
 
-        unmatched = unmatched_patterns(tuple(noise_map.items()), x0)
+        unmatched = unmatched_patterns(noise_map, x0)
         if unmatched:
             from gfo.noise import path_name
 
@@ -163,7 +170,7 @@ def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_shardin
     if s.method in ESTIMATORS:
         common = dict(population=s.population, sigma=s.sigma, antithetic=s.antithetic, shaping=s.shaping,
                       batch_size=s.eval_chunk, pop_sharding=pop_sharding, groups=s.groups,
-                      noise_map=tuple((noise_map or {}).items()))
+                      noise_map=tuple(noise_map or ()))
         kwargs = {"backprop": {}, "spsa": dict(eps=s.sigma, n=s.n), "forward_grad": dict(n=s.n),
                   "es": common, "lowrank_es": dict(common, rank=s.rank, factored=lowrank_ok),
                   "policy_gradient": dict(kl_coef=s.kl_coef), "lozo": dict(eps=s.sigma, n=s.n, rank=s.rank),

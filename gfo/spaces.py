@@ -28,6 +28,9 @@ from models.tree import set_path
 
 class Space:
     lowrank_ok: bool = False
+    # Per-leaf noise kinds, `((regex on leaf paths, "lowrank" | "full" | "frozen"), ...)`, first match wins
+    # (HyperscaleES's es_map); read by the ES estimators (`gfo.noise.leaf_kind`). Set from `space.noise_map`.
+    noise_map: tuple = ()
 
     def init(self, key: jax.Array):
         raise NotImplementedError

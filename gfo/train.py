@@ -59,7 +59,7 @@ class Stage:
         self.x0 = self.space.init(k_space)
         self.optimizer = build.build_optimizer(optimizer_section, self.x0, self.space.lowrank_ok,
                                                distributed.pop_sharding(mesh), getattr(self.space, "vocab", None),
-                                               noise_map=getattr(space_section, "noise_map", None))
+                                               noise_map=self.space.noise_map)
         self.objective = build.build_objective(self.task, task_section, optimizer_section, model, self.space,
                                                self.x0)
         # Model-axis rules follow parameter paths; an evosax state holds populations, kept replicated.
