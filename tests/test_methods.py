@@ -238,3 +238,18 @@ def test_stateful_estimators_run_through_the_optimizer_protocol():
             state, metrics = opt.step(state, quadratic, BATCH, jax.random.key(t))
         assert float(quadratic(state.x, BATCH)) < 0.5 * start, est
         assert int(state.step) == 100
+
+
+@pytest.mark.parametrize("method, options", [("zo_sgd_cons", {}), ("lozo", {"nu": 2}), ("hizoo", {"alpha": 1e-3}),
+                                             ("mezo_svrg", {"q": 2, "minibatch": 2}), ("randopt", {"top_k": 2})])
+def test_config_methods_build_and_step(method, options):
+    from gfo.build import build_optimizer
+    from gfo.config import OptimizerSection
+
+    section = OptimizerSection(method=method, sigma=1e-2, lr=1e-2, transform="sgd", population=8, options=options)
+    opt = build_optimizer(section, X, lowrank_ok=False)
+    state = opt.init(jax.random.key(0), X)
+    for t in range(3):
+        state, metrics = opt.step(state, quadratic, BATCH, jax.random.key(t))
+    assert float(quadratic(opt.solution(state), BATCH)) < float(quadratic(X, BATCH))
+    assert int(metrics["evaluations"]) >= 0 and np.isfinite(float(metrics["loss"]))
