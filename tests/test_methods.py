@@ -147,6 +147,7 @@ def test_mezo_svrg_estimate_is_the_control_variate_of_its_definition():
     np.testing.assert_allclose(_flat(g1), _flat(expected), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_mezo_svrg_is_unbiased_and_reduces_variance_near_the_anchor():
     est = gfo.MeZOSVRG(eps=1e-3, q=1000, minibatch=2)
     s = est.init(jax.random.key(0), X)

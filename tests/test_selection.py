@@ -20,6 +20,7 @@ def _config(tmp_path, **eval_section):
         "eval": eval_section})
 
 
+@pytest.mark.slow
 def test_select_by_dev_keeps_and_reports_the_best_dev_point(tmp_path):
     from gfo.report import compare
     from gfo.train import train
@@ -83,6 +84,7 @@ def test_pass_at_k_matches_its_combinatorial_definition():
         assert float(pass_at_k(correct, k)) == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_pass_at_k_is_logged_for_a_generation_task(tmp_path):
     from gfo.train import train
 
