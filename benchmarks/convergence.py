@@ -96,7 +96,7 @@ def run(root: str, task: str, method: str, seed: int, budget: int, evals: int, c
         task_section["objective"] = "cross_entropy"  # a reward on generated text has no gradient: SFT instead
     cfg = from_dict(RunConfig, {"name": name, "runs_dir": os.path.join(root, "runs"), "seed": seed, "steps": steps,
                                 "eval_every": every, "log_every": every, "checkpoint_every": steps,
-                                "model": {"path": checkpoint}, "task": task_section, "optimizer": optimizer})
+                                "model": {"path": checkpoint, "tokenizer": "byte"}, "task": task_section, "optimizer": optimizer})
     result = train(cfg)
     jax.clear_caches()  # dozens of runs in one process: drop their executables (memory, mmap count)
     curve = [r for r in result["records"] if r["split"] == "eval"]

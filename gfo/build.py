@@ -41,11 +41,12 @@ def build_model(section: ModelSection, key: jax.Array):
 
 
 def build_tokenizer(section: ModelSection, vocab_size: int):
-    """The tokenizer of the run: `model.tokenizer`, else the checkpoint's own (`model.path`), else the byte
+    """The tokenizer of the run: `model.tokenizer` (a path, or `byte` for the built-in byte tokenizer, e.g.
+    for a tiny model saved as a checkpoint), else the checkpoint's own (`model.path`), else the byte
     tokenizer of the tiny models. Its ids must fit the model's vocabulary."""
     from models.tokenizer import TokenizerError, check_fits
 
-    source = section.tokenizer or section.path
+    source = None if section.tokenizer == "byte" else section.tokenizer or section.path
     try:
         tok = _load_tokenizer(source)
         check_fits(tok, vocab_size, f"model.tokenizer={source!r}" if section.tokenizer else f"model.path={source!r}")

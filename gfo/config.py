@@ -28,7 +28,7 @@ class ModelSection:
 
     family: str = "gpt2"  # gpt2 | llama | opt, for a random model
     path: Optional[str] = None  # a local Hugging Face checkpoint directory or a .gguf file
-    tokenizer: Optional[str] = None  # default: the checkpoint's own (path), else the byte tokenizer
+    tokenizer: Optional[str] = None  # a path or `byte`; default: the checkpoint's own (path), else byte
     overrides: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields, e.g. {d_model: 128}
     dtype: str = "float32"
 
