@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import yaml
 
@@ -26,16 +27,16 @@ class ConfigError(ValueError):
 class ModelSection:
     """The model: a random one (`family` + `overrides` of `models.tiny`) or a checkpoint (`path`)."""
 
-    family: str = "gpt2"  # gpt2 | llama | opt, for a random model
+    family: Literal["gpt2", "llama", "opt"] = "gpt2"  # for a random model
     path: Optional[str] = None  # a local Hugging Face checkpoint directory or a .gguf file
     tokenizer: Optional[str] = None  # a path or `byte`; default: the checkpoint's own (path), else byte
     overrides: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields, e.g. {d_model: 128}
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclasses.dataclass
 class SpaceSection:
-    kind: str = "full"  # full | lora | prompt | hard_prompt | subspace
+    kind: Literal["full", "lora", "prompt", "hard_prompt", "subspace"] = "full"
     filter: Optional[str] = None  # full: regex over parameter paths
     rank: int = 4  # lora
     targets: list = dataclasses.field(default_factory=lambda: ["q", "v"])  # lora
@@ -44,7 +45,7 @@ class SpaceSection:
     vocab: list = dataclasses.field(default_factory=list)  # hard_prompt: allowed token ids ([] = all)
     initial: Optional[list] = None  # hard_prompt: starting token ids (default: random from vocab)
     dim: int = 64  # subspace
-    inner: str = "full"  # subspace: the space it projects into (full | lora | prompt)
+    inner: Literal["full", "lora", "prompt"] = "full"  # subspace: the space it projects into
     noise_map: dict = dataclasses.field(default_factory=dict)  # regex on leaf paths -> lowrank | full | frozen
 
 
@@ -54,7 +55,7 @@ class OptimizerSection:
     or annealing | tabu | aco over a `hard_prompt` space (`population` = proposals or ants per step)."""
 
     method: str = "lowrank_es"
-    transform: str = "adam"  # adam | adamw | adam_l2 | sgd (estimator methods)
+    transform: Literal["adam", "adamw", "adam_l2", "sgd"] = "adam"  # estimator methods
     lr: float = 1e-2
     momentum: float = 0.0  # sgd
     weight_decay: float = 0.0  # adamw / OpenAI-ES l2
@@ -62,7 +63,7 @@ class OptimizerSection:
     population: int = 16  # ES / evosax population
     rank: int = 1  # lowrank_es
     antithetic: bool = True
-    shaping: str = "centered_ranks"  # centered_ranks | z_score | z_score_var (EGGROLL) | raw
+    shaping: Literal["centered_ranks", "z_score", "z_score_var", "raw"] = "centered_ranks"  # z_score_var: EGGROLL
     groups: int = 1  # es / lowrank_es: member groups, each on its own slice of the batch, shaped within
     eval_chunk: Optional[int] = None  # members evaluated at once (memory knob)
     n: int = 1  # spsa / forward_grad queries
@@ -120,7 +121,7 @@ class DecodeSection:
     beam_width: int = 4
     sweeps: int = 2  # refinement passes over the output positions
     top_k: int = 8  # candidate tokens per position
-    proposals: str = "both"  # model | gradient | both
+    proposals: Literal["model", "gradient", "both"] = "both"
     length_penalty: float = 0.0
 
     def __post_init__(self):
@@ -190,8 +191,77 @@ class RunConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} is invalid: expected an integer >= 1")
 
 
+# ----------------------------------------------------------------------------- value checks
+# Which optimizer fields each method reads (besides `method`): setting any other one is an error, so a
+# field never silently does nothing. Estimator methods also read the optax transform's fields. A method
+# not listed is an evosax strategy. Add a method's row here when adding a method.
+_TRANSFORM_FIELDS = ("transform", "lr", "momentum", "weight_decay", "options")
+_ES_FIELDS = ("sigma", "population", "antithetic", "shaping", "eval_chunk", "groups")
+OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {
+    "backprop": _TRANSFORM_FIELDS,
+    "spsa": _TRANSFORM_FIELDS + ("sigma", "n"),
+    "forward_grad": _TRANSFORM_FIELDS + ("n",),
+    "es": _TRANSFORM_FIELDS + _ES_FIELDS,
+    "lowrank_es": _TRANSFORM_FIELDS + _ES_FIELDS + ("rank",),
+    "policy_gradient": _TRANSFORM_FIELDS + ("kl_coef", "group_size"),
+    "lozo": _TRANSFORM_FIELDS + ("sigma", "n", "rank"),
+    "hizoo": _TRANSFORM_FIELDS + ("sigma",),
+    "mezo_svrg": _TRANSFORM_FIELDS + ("sigma",),
+    "zo_sgd_cons": ("sigma", "n", "lr", "options"),
+    "randopt": ("sigma", "population", "eval_chunk", "options"),
+    "annealing": ("population", "eval_chunk", "options"),
+    "tabu": ("population", "eval_chunk", "options"),
+    "aco": ("population", "eval_chunk", "options"),
+}
+EVOSAX_FIELDS = ("sigma", "population", "eval_chunk", "options", "params")
+# Transform fields that only one transform reads.
+TRANSFORM_ONLY = {"momentum": ("sgd",), "weight_decay": ("adamw", "adam_l2")}
+
+
+def optimizer_fields(method: str) -> tuple[str, ...]:
+    """The optimizer fields that `method` reads (an unlisted method is an evosax strategy)."""
+    return OPTIMIZER_FIELDS.get(method, EVOSAX_FIELDS)
+
+
+def _check_applicable(section: "OptimizerSection", given, where: str) -> None:
+    """Every optimizer field set to a non-default value is one the chosen method (and transform) reads."""
+    uses = optimizer_fields(section.method)
+    defaults = OptimizerSection()
+    for key in given:
+        if key == "method" or getattr(section, key) == getattr(defaults, key):
+            continue  # a default value (as every saved config.yaml spells out) changes nothing
+        if key not in uses:
+            raise ConfigError(f"{where}.{key} does not apply to method {section.method!r}: it reads only "
+                              f"{sorted(uses)}; remove {key}")
+        if key in TRANSFORM_ONLY and section.transform not in TRANSFORM_ONLY[key]:
+            raise ConfigError(f"{where}.{key} does not apply to transform {section.transform!r}: only to "
+                              f"{' / '.join(TRANSFORM_ONLY[key])}; remove {key} or change optimizer.transform")
+
+
+# (section, field) -> (test, expected): numeric ranges, checked when a section is read.
+_AT_LEAST_ONE = (lambda v: v >= 1, "an integer >= 1")
+_POSITIVE = (lambda v: v > 0, "a number > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+RANGES: dict[str, dict[str, tuple]] = {
+    "TaskSection": {"batch_size": _AT_LEAST_ONE, "eval_size": _AT_LEAST_ONE},
+    "SpaceSection": {"rank": _AT_LEAST_ONE, "n_tokens": _AT_LEAST_ONE, "dim": _AT_LEAST_ONE, "alpha": _POSITIVE},
+    "OptimizerSection": {"lr": _POSITIVE, "sigma": _POSITIVE, "population": _AT_LEAST_ONE, "rank": _AT_LEAST_ONE,
+                         "n": _AT_LEAST_ONE, "group_size": _AT_LEAST_ONE, "eval_chunk": _AT_LEAST_ONE,
+                         "momentum": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE, "kl_coef": _NON_NEGATIVE},
+    "StageSection": {"steps": _AT_LEAST_ONE},
+}
+
+
+def _check_ranges(obj, where: str) -> None:
+    for key, (ok, expected) in RANGES.get(type(obj).__name__, {}).items():
+        value = getattr(obj, key, None)
+        if value is not None and not ok(value):
+            raise ConfigError(f"config key '{where + '.' if where else ''}{key}' = {value!r} is invalid: "
+                              f"expected {expected}")
+
+
 def from_dict(cls, data: Any, where: str = ""):
-    """Build dataclass `cls` from a (YAML) dict, checking every key and type."""
+    """Build dataclass `cls` from a (YAML) dict, checking every key, type, choice and range."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'} must be a mapping of keys to values, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -205,11 +275,15 @@ def from_dict(cls, data: Any, where: str = ""):
             raise ConfigError(f"unknown config key '{path}'{hint} Valid keys here: {sorted(fields)}")
         values[key] = _coerce(hints[key], value, path)
     try:
-        return cls(**values)
+        obj = cls(**values)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where or 'config'}: {e}") from None
+    _check_ranges(obj, where)
+    if cls is OptimizerSection:
+        _check_applicable(obj, data, where or "optimizer")
+    return obj
 
 
 def _coerce(kind, value, path):
@@ -219,6 +293,14 @@ def _coerce(kind, value, path):
         if value is None:
             return None
         return _coerce(options[0], value, path)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config key '{path}' = {value!r} is not a valid choice{hint}: expected one of "
+                              f"{list(choices)}")
+        return value
     if dataclasses.is_dataclass(kind):
         return from_dict(kind, value, path)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -257,6 +339,12 @@ def set_dotted(data: dict, dotted: str, value) -> None:
         node = node[k]
         if not isinstance(node, dict):
             raise ConfigError(f"config key '{dotted}': '{k}' is not a section")
+    if keys[-1] == "method" and keys[-2:-1] == ["optimizer"] and node.get("method") != value:
+        # Switching method (`--set optimizer.method=spsa`, a sweep's choice): the fields the file set for the
+        # previous method and that the new one does not read go with it.
+        uses = optimizer_fields(str(value))
+        for field in [f for f in node if f != "method" and f not in uses]:
+            del node[field]
     node[keys[-1]] = value
 
 
@@ -268,24 +356,42 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+_A = {"list": "a list", "int": "an integer", "float": "a number", "str": "a string", "bool": "a boolean"}
+
+
+def read_yaml(path: str) -> dict:
+    """The mapping at the top of YAML file `path`; every way it can fail is a `ConfigError` naming it."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config {path!r} is a directory: expected a YAML file (e.g. paper_configs/quickstart.yaml)")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} holds {_A.get(type(data).__name__, type(data).__name__)} at its top level: expected a "
+                          f"mapping of keys to values (name: ..., model: {{...}}, optimizer: {{...}})")
+    return data
+
+
 def load_config(path: str | None = None, overrides: list[str] = (), variant: str | None = None) -> RunConfig:
     """The run config of a YAML file (or the embedded quickstart when `path` is None) plus overrides.
 
     A file may hold named `variants:` (e.g. `smoke`, the CPU-sized version of a paper config): nested
-    overrides merged over the file when `variant` names one, and dropped otherwise.
+    overrides merged over the file when `variant` names one, and dropped otherwise. A file without a
+    `name` is named after itself (`configs/foo.yaml` runs in `runs/foo`).
     """
     if path is None:
         from gfo.quickstart import QUICKSTART
 
         data = yaml.safe_load(QUICKSTART)
     else:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        data = read_yaml(path)
+        data.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     variants = data.pop("variants", None) or {}
     if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
         raise ConfigError(f"'variants' in {path!r} must map variant names to mappings of overrides")

@@ -17,6 +17,7 @@ import optax
 
 import models
 
+FAMILIES = ("gpt2", "llama", "opt")
 CORPUS = "the cat sat on the mat. the dog sat on the log. the bird sat on the branch. "
 
 
@@ -79,11 +80,14 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="gfo demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--family", choices=("gpt2", "llama"), default="gpt2")
+    description = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph
+    parser = argparse.ArgumentParser(prog="gfo demo", description=description)
+    parser.add_argument("--steps", type=int, default=150, help="Adam steps on the toy corpus (default 150)")
+    parser.add_argument("--family", choices=FAMILIES, default="gpt2", help="model family (default gpt2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps}: expected an integer >= 1")
     print_table(run(args.steps, args.family, args.seed))
 
 

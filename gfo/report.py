@@ -15,12 +15,37 @@ DIAGNOSTICS = ("snr_cosine", "loss_std", "loss_range")
 # Record fields that are not metrics: the step, the split, and the optimisation wall time.
 NOT_METRICS = ("step", "split", "time_s")
 
+
+class MetricsError(ValueError):
+    """A `metrics.jsonl` line that is not a JSON record (other than a last line cut short by a kill)."""
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a `metrics.jsonl`. A last line without its newline that does not parse is a write
+    cut short (the process was killed mid-line) and is skipped; any other bad line is an error naming it."""
+    with open(path) as f:
+        lines = f.readlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == len(lines) and not line.endswith("\n"):
+                break
+            raise MetricsError(f"{path}:{i}: not a JSON record ({e.msg}): {line.strip()[:80]!r}") from None
+        if not isinstance(row, dict) or "step" not in row:
+            raise MetricsError(f"{path}:{i}: expected a record with a 'step', got {line.strip()[:80]!r}")
+        rows.append(row)
+    return rows
+
+
 def read_metrics(run_dir: str) -> list[dict]:
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run_dir!r} is not a gfo run directory: it has no metrics.jsonl")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_jsonl(path)
 
 
 def _evals(records):

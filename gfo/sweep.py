@@ -14,10 +14,14 @@ it died are marked failed and do not count. At the end: `summary.md` (trials ran
 from __future__ import annotations
 
 import copy
+import glob
 import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
+
+import difflib
 
 import numpy as np
 import yaml
@@ -120,10 +124,28 @@ def _final_metric(records: list[dict], metric: str) -> float:
     return float(evals[-1][metric])
 
 
+def _check_metric(cfg: RunConfig, metric: str) -> None:
+    """`metric` is one the config's evaluation reports (found by a dry build: nothing runs)."""
+    from gfo.train import check_config
+
+    names = check_config(cfg)
+    if metric not in names:
+        close = difflib.get_close_matches(metric, names, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"--metric {metric!r} is not an eval metric of task {cfg.task.name!r}{hint}: expected "
+                          f"one of {names}")
+
+
 def _run_trial(cfg: RunConfig, on_eval):
     from gfo.train import train
 
     return train(cfg, on_eval=on_eval)
+
+
+def _remove_trial_dirs(sweep_dir: str, number: int) -> None:
+    """The run directories of trial `number` (one per seed): a failed or interrupted trial leaves none."""
+    for d in glob.glob(os.path.join(sweep_dir, f"trial_{number}_seed_*")):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def sweep(base: RunConfig, params: list[ParamSpec], sweep_dir: str, trials: int, seeds: int = 1,
@@ -139,16 +161,25 @@ def sweep(base: RunConfig, params: list[ParamSpec], sweep_dir: str, trials: int,
         raise ConfigError(f"--param keys must be given once each and at least one; got {keys}")
     direction = _direction(metric, direction)
     base_dict = to_dict(base)
-    for p in params:  # validate keys and types before any trial runs
-        trial_config(base_dict, "probe", sweep_dir, {p.key: p.args[0]}, base.seed)
+    for p in params:  # validate keys, types and choices before any trial runs
+        for value in (p.args if p.kind == "choice" else p.args[:1]):
+            trial_config(base_dict, "probe", sweep_dir, {p.key: value}, base.seed)
+    make_sampler(sampler, params, base.seed)  # a bad --sampler fails before the dry build below
+    _check_metric(trial_config(base_dict, "probe", sweep_dir, {p.key: p.args[0] for p in params}, base.seed),
+                  metric)
     os.makedirs(sweep_dir, exist_ok=True)
     storage = f"sqlite:///{os.path.abspath(os.path.join(sweep_dir, 'study.db'))}"
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if prune else optuna.pruners.NopPruner()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(storage=storage, study_name="gfo", direction=direction, load_if_exists=True,
-                                sampler=make_sampler(sampler, params, base.seed), pruner=pruner)
+                                pruner=pruner)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # died with the previous process
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        _remove_trial_dirs(sweep_dir, t.number)
+    # A resumed sweep continues the sampler's stream instead of replaying it: a sampler seeded as before
+    # would propose the earlier trials' values again (random, and TPE/GP's random start-up trials).
+    study.sampler = make_sampler(sampler, params, base.seed + len(study.trials))
 
     def done() -> int:
         return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
@@ -172,8 +203,15 @@ def sweep(base: RunConfig, params: list[ParamSpec], sweep_dir: str, trials: int,
         except optuna.TrialPruned:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             continue
+        except KeyboardInterrupt:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            _remove_trial_dirs(sweep_dir, trial.number)
+            raise KeyboardInterrupt(f"interrupted during trial {trial.number} (its run directories removed); "
+                                    f"{done()} of {trials} trials finished; rerun the same command to resume "
+                                    f"the sweep") from None
         except BaseException:
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            _remove_trial_dirs(sweep_dir, trial.number)
             raise
         mean = float(np.mean(scores))
         std = float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0
@@ -240,6 +278,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("config", nargs="?", help="YAML config (default: the embedded quickstart)")
     p.add_argument("--param", action="append", default=[], required=True, help=" | ".join(PARAM_FORMS))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--variant", default=None, help="a named variant of the config file (e.g. smoke)")
     p.add_argument("--trials", type=int, default=10)
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--sampler", default="tpe", choices=SAMPLERS)
@@ -248,7 +287,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--no-prune", action="store_true")
     p.add_argument("--dir", default=None, help="sweep directory (default: RUNS_DIR/NAME_sweep)")
     args = p.parse_args(argv)
-    base = load_config(args.config, args.overrides)
+    base = load_config(args.config, args.overrides, args.variant)
     params = [parse_param(s) for s in args.param]
     sweep_dir = args.dir or os.path.join(base.runs_dir, f"{base.name}_sweep")
     sweep(base, params, sweep_dir, args.trials, args.seeds, args.sampler, args.metric, args.direction,

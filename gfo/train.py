@@ -28,6 +28,7 @@ import yaml
 
 from gfo import build, distributed
 from gfo.config import PLACEMENT_KEYS, POSTHOC_KEYS, ConfigError, RunConfig, SpaceSection, StageSection, to_dict
+from gfo.report import read_jsonl
 from gfo.strategies import EvosaxStrategy
 
 
@@ -39,6 +40,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be restored (corrupt, or written by an incompatible run)."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says the last step done and the checkpoint a rerun resumes from."""
+
+
 def _jsonable(metrics: dict) -> dict:
     return {k: float(v) for k, v in distributed.to_host(metrics).items()}
 
@@ -47,7 +52,9 @@ class Stage:
     """One optimisation stage over a task, with its own run directory."""
 
     def __init__(self, run_dir: str, seed: int, steps: int, task_section, optimizer_section, space_section,
-                 model, params, cfg: RunConfig, mesh, eval_section=None):
+                 model, params, cfg: RunConfig, mesh, eval_section=None, dry: bool = False):
+        """`dry`: build the task, space, optimizer, objective and eval setup (every error a config can
+        cause) but no optimizer state; such a stage only answers `eval_metric_names`."""
         self.run_dir, self.steps, self.cfg, self.mesh = run_dir, steps, cfg, mesh
         self.eval_section = eval_section  # model selection and diagnostics (the main stage's `eval`)
         self.model = model
@@ -62,11 +69,18 @@ class Stage:
                                                noise_map=self.space.noise_map)
         self.objective = build.build_objective(self.task, task_section, optimizer_section, model, self.space,
                                                self.x0)
+        self.metrics_fn = jax.jit(lambda x, batch, key: self.task.metrics(model, self.space.to_params(x), batch, key))
+        self._setup_eval()
+        if dry:
+            return
         # Model-axis rules follow parameter paths; an evosax state holds populations, kept replicated.
         rules = () if isinstance(self.optimizer, EvosaxStrategy) else distributed.DEFAULT_RULES
         self.state = distributed.place(self.optimizer.init(k_opt, self.x0), mesh, rules)
-        self.metrics_fn = jax.jit(lambda x, batch, key: self.task.metrics(model, self.space.to_params(x), batch, key))
-        self._setup_eval()
+
+    def eval_metric_names(self) -> list[str]:
+        """The names `evaluate` reports, from tracing the metrics on the first eval batch (nothing runs)."""
+        batch = distributed.place_batch(self.task.eval_batches()[0], self.mesh)
+        return sorted(jax.eval_shape(self.metrics_fn, self.x0, batch, jax.random.key(0)))
 
     # ------------------------------------------------------------------ checkpoints
     def _manager(self):
@@ -86,10 +100,13 @@ class Stage:
         try:
             self.state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         except Exception as e:  # orbax raises many types for unreadable data
+            manager.close()  # its background threads would otherwise report the failure again at exit
+            first = " ".join(str(e).strip().splitlines()[:1])  # TensorStore errors carry a long spec after it
             raise CheckpointError(
-                f"cannot restore checkpoint step {step} in {manager.directory}: {type(e).__name__}: {e}. The "
-                f"checkpoint is corrupt or was written by a different configuration; remove that step "
-                f"directory to resume from an earlier one, or start a run with a new name.") from None
+                f"cannot restore checkpoint step {step} in {manager.directory} ({type(e).__name__}: "
+                f"{first[:200]}): it is corrupt or was written by a different configuration; remove "
+                f"{os.path.join(str(manager.directory), str(step))} to resume from an earlier step, or choose "
+                f"another name (--set name=...)") from None
         return int(step)
 
     # ------------------------------------------------------------------ evaluation
@@ -224,11 +241,44 @@ class Stage:
             self._log(log_path, writer, first)
             records.append(first)
             self._track_best(first, records)
+            _print_eval(print if primary else None, label, first)
         elif start >= self.steps:
             print(f"[{label}] complete at step {start}: reusing {self.run_dir}")
         else:
             print(f"[{label}] resuming {self.run_dir} from step {start}")
         bar = _progress(total=self.steps, initial=start, label=label, disable=not primary)
+        try:
+            self._loop(start, label, on_eval, manager, log_path, writer, records, bar)
+        except KeyboardInterrupt:
+            bar.close()
+            try:
+                manager.wait_until_finished()  # a checkpoint being written completes
+                manager.close()  # and orbax's background threads stop before the interpreter does
+            except Exception:  # noqa: BLE001 - a save cut short by the interrupt: the previous step stands
+                pass
+            saved = manager.latest_step()
+            raise RunInterrupted(
+                f"[{label}] interrupted at step {self._done}; "
+                + (f"checkpoint at step {saved} in {manager.directory}" if saved else "no checkpoint saved yet")
+                + "; rerun the same command to resume") from None
+        except BaseException:  # divergence, a pruned sweep trial: checkpoints being written complete first
+            bar.close()
+            manager.wait_until_finished()
+            manager.close()
+            raise
+        bar.close()
+        manager.wait_until_finished()
+        manager.close()
+        if writer is not None:
+            writer.close()
+        result = {"records": records, "params": self.space.to_params(self.optimizer.solution(self.state))}
+        selected, params = self.selected_params(records)
+        if selected is not None:  # the protocol's model is the dev-selected point; the final one stays available
+            result.update(selected=selected, final_params=result["params"], params=params)
+        return result
+
+    def _loop(self, start, label, on_eval, manager, log_path, writer, records, bar):
+        self._done = start
         t0, evals = time.perf_counter(), 0
         # `time_s`: optimisation wall time so far (steps only: no evaluation, no compilation — the first
         # step of a session counts as the second one did), carried over a resume.
@@ -242,27 +292,30 @@ class Stage:
             elapsed = time.perf_counter() - t_step
             if step > start:  # the session's first step includes compilation: the second counts twice
                 opt_time += elapsed * (2 if step == start + 1 else 1)
+            else:  # the progress bar's rate and ETA, and evals/s, too, start after compilation
+                bar.initial, bar.start_t, t0 = bar.n, time.time(), time.perf_counter()  # tqdm's clock: time.time
             if not finite:
                 manager.wait_until_finished()
-                raise DivergenceError(
-                    f"[{label}] parameters became non-finite at step {step + 1} (loss {float(metrics['loss'])}); "
-                    f"the last good checkpoint is kept in {manager.directory} (step {manager.latest_step()}). "
-                    f"Lower the learning rate or sigma.")
+                saved = manager.latest_step()
+                kept = (f"the last good checkpoint is kept in {manager.directory} (step {saved})" if saved else
+                        "no checkpoint had been saved yet")
+                raise DivergenceError(f"[{label}] parameters became non-finite at step {step + 1} (loss "
+                                      f"{float(metrics['loss'])}); {kept}. Lower the learning rate or sigma.")
             self.state = new_state
-            evals += int(metrics.get("evaluations", 1))
-            done = step + 1
+            evals += int(metrics.get("evaluations", 1)) if step > start else 0
+            done = self._done = step + 1
             if done % self.cfg.log_every == 0 or done == self.steps:
                 row = {"step": done, "split": "train", "time_s": opt_time, **_jsonable(metrics)}
                 self._log(log_path, writer, row)
                 records.append(row)
-                rate = evals / max(time.perf_counter() - t0, 1e-9)
+                rate = evals / max(time.perf_counter() - t0, 1e-9)  # after the session's first step
                 bar.set_postfix(loss=f"{row['loss']:.4f}", evals_per_s=f"{rate:.0f}")
             if done % self.cfg.eval_every == 0 or done == self.steps:
                 row = {"step": done, "split": "eval", "time_s": opt_time, **self.eval_row()}
                 self._log(log_path, writer, row)
                 records.append(row)
                 self._track_best(row, records)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k not in ("step", "split")})
+                _print_eval(None if bar.disable else bar.write, label, row)
                 if on_eval is not None:
                     on_eval(done, row)
             if done % self.cfg.checkpoint_every == 0 or done == self.steps:
@@ -270,16 +323,6 @@ class Stage:
 
                 manager.save(done, args=ocp.args.StandardSave(self.state))
             bar.update(1)
-        bar.close()
-        manager.wait_until_finished()
-        manager.close()
-        if writer is not None:
-            writer.close()
-        result = {"records": records, "params": self.space.to_params(self.optimizer.solution(self.state))}
-        selected, params = self.selected_params(records)
-        if selected is not None:  # the protocol's model is the dev-selected point; the final one stays available
-            result.update(selected=selected, final_params=result["params"], params=params)
-        return result
 
     def _log(self, path, writer, row):
         if self._log_path is None:  # not the primary process
@@ -293,11 +336,9 @@ class Stage:
 
 
 def _read_records(path: str, upto: int) -> list[dict]:
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or not upto:
         return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r["step"] <= upto] if upto else []
+    return [r for r in read_jsonl(path) if r["step"] <= upto]
 
 
 @jax.jit
@@ -319,50 +360,112 @@ def _tensorboard(run_dir):
     return SummaryWriter(os.path.join(run_dir, "tb"))
 
 
+def _print_eval(write, label: str, row: dict) -> None:
+    """One line per evaluation through `write` (a progress bar's, above the bar; None: silent)."""
+    if write is not None:
+        write(f"[{label}] step {row['step']} eval: " + "  ".join(
+            f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "split", "time_s")))
+
+
 def _progress(total, initial, label, disable=False):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=label, dynamic_ncols=True, mininterval=1.0, disable=disable)
+    # smoothing=0: the rate is steps done / time since the bar's start, which the loop moves past compilation
+    return tqdm(total=total, initial=initial, desc=label, dynamic_ncols=True, mininterval=1.0, smoothing=0,
+                disable=disable)
 
 
-def _check_resumable(run_dir: str, resolved: dict) -> None:
+def _saved_steps(run_dir: str) -> list[int]:
+    """Steps of the checkpoints under `run_dir/checkpoints` (empty when none)."""
+    directory = os.path.join(run_dir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+
+
+def _check_resumable(run_dir: str, cfg: RunConfig, resolved: dict) -> None:
+    """A run directory with progress (a checkpoint) resumes only under the same config, and never
+    shorter than it has run; one without (a start that failed) is simply started again."""
     path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
+    stages = [run_dir, os.path.join(run_dir, "pretrain")]
+    if not os.path.isfile(path) or not any(_saved_steps(d) for d in stages):
         return
     with open(path) as f:
         saved = yaml.safe_load(f)
     free = ("steps",) + PLACEMENT_KEYS + POSTHOC_KEYS  # a longer run, or the same run on other devices, may resume
-    strip = lambda d: {k: v for k, v in d.items() if k not in free}  # noqa: E731
-    if strip(saved) != strip(resolved):
-        changed = sorted(k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k) and k not in free)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a gfo config (a {type(saved).__name__}); choose another name (--set name=...)")
+    changed = sorted(k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k) and k not in free)
+    if changed:
         raise ConfigError(f"run directory {run_dir} holds a run with a different config (sections {changed} "
                           f"differ); resume it with the same config or choose another name (--set name=...)")
+    done = max(_saved_steps(run_dir), default=0)
+    if cfg.steps < done:
+        raise ConfigError(f"steps={cfg.steps} is shorter than the {done} steps {run_dir} has already run: "
+                          f"give steps >= {done} to resume it, or choose another name (--set name=...)")
+
+
+def _build_model(cfg: RunConfig):
+    """`build.build_model`, with a checkpoint's unreadable files named (json's errors name no file)."""
+    try:
+        return build.build_model(cfg.model, jax.random.fold_in(jax.random.key(cfg.seed), 0))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"model.path={cfg.model.path!r}: a JSON file of the checkpoint (config.json) is not "
+                          f"valid JSON: {e}") from None
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        raise ConfigError(f"model.path={cfg.model.path!r}: cannot read the checkpoint: {e}") from None
+
+
+def _stages(cfg: RunConfig, run_dir: str, model, params, mesh) -> tuple[Stage | None, Stage]:
+    """The pretrain stage (or None) and the main stage; with a pretrain stage the main one is a dry build
+    on the initial parameters (its real start point is known only after pretraining)."""
+    pre = None
+    if cfg.pretrain is not None:
+        p: StageSection = cfg.pretrain
+        pre = Stage(os.path.join(run_dir, "pretrain"), cfg.seed, p.steps, p.task, p.optimizer,
+                    SpaceSection(kind="full"), model, params, cfg, mesh)
+    main = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg, mesh,
+                 eval_section=cfg.eval, dry=pre is not None)
+    return pre, main
+
+
+def check_config(cfg: RunConfig) -> list[str]:
+    """Build everything `cfg` describes (model, every stage's space, optimizer, task, objective) without
+    running or writing anything; returns the main stage's eval metric names. Raises what `train` would."""
+    mesh = build_mesh(cfg)
+    model, params = _build_model(cfg)
+    pre, main = _stages(cfg, os.path.join(cfg.runs_dir, cfg.name), model, params, mesh)
+    if pre is not None:
+        pre.eval_metric_names()
+    return main.eval_metric_names()
 
 
 def train(cfg: RunConfig, on_eval=None) -> dict:
     """Run (or resume) `cfg`; returns `{"records": [...], "params": ..., "run_dir": ...}`.
 
-    `on_eval(step, row)` is called after every evaluation of the main stage (a sweep's pruner hook).
+    Every stage is built (and its metrics traced) before the run directory is created or written, so a
+    config that cannot run leaves nothing behind. `on_eval(step, row)` is called after every evaluation
+    of the main stage (a sweep's pruner hook).
     """
     mesh = build_mesh(cfg)
     run_dir = os.path.join(cfg.runs_dir, cfg.name)
     resolved = to_dict(cfg)
-    _check_resumable(run_dir, resolved)
+    _check_resumable(run_dir, cfg, resolved)
+    model, params = _build_model(cfg)
+    pre, stage = _stages(cfg, run_dir, model, params, mesh)
+    if pre is not None:
+        pre.eval_metric_names()
+    stage.eval_metric_names()
     distributed.barrier("gfo:checked")  # every process has read the old config.yaml before it is rewritten
     os.makedirs(run_dir, exist_ok=True)
     if distributed.is_primary():
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(resolved, f, sort_keys=False)
+        print(f"run directory: {os.path.abspath(run_dir)}")
     distributed.barrier("gfo:config")  # no process reads a half-written config.yaml on resume
-    model, params = build.build_model(cfg.model, jax.random.fold_in(jax.random.key(cfg.seed), 0))
     started = time.perf_counter()
-    if cfg.pretrain is not None:
-        pre: StageSection = cfg.pretrain
-        stage = Stage(os.path.join(run_dir, "pretrain"), cfg.seed, pre.steps, pre.task, pre.optimizer,
-                      SpaceSection(kind="full"), model, params, cfg, mesh)
-        params = stage.run("pretrain")["params"]
-    stage = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg, mesh,
-                  eval_section=cfg.eval)
+    if pre is not None:
+        params = pre.run("pretrain")["params"]
+        stage = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg, mesh,
+                      eval_section=cfg.eval)
     result = stage.run(cfg.optimizer.method, on_eval)
     result["run_dir"] = run_dir
     result["wall_s"] = time.perf_counter() - started

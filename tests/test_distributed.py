@@ -89,6 +89,7 @@ def test_fitness_is_sharded_over_pop_and_equals_one_device():
         np.testing.assert_allclose(np.asarray(sharded), np.asarray(jax.jit(lambda: map_members(f, 24, chunk))()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("estimator", [OpenES, LowRankES])
 def test_es_step_on_a_pop_data_model_mesh_equals_one_device(lm_problem, estimator):
     model, params, batch = lm_problem
@@ -135,6 +136,7 @@ def one_device_results(tmp_path_factory):
     return {m: _flat(_run(root, m, m, 4, {"pop": 1})["params"]) for m in ("es", "lowrank_es")}
 
 
+@pytest.mark.slow
 def test_checkpoint_written_on_8_devices_restores_on_1_and_continues(tmp_path, one_device_results):
     _run(tmp_path, "moved", "es", 2, {"pop": 4, "data": 2})  # checkpoint at step 2, on 8 devices
     resumed = _run(tmp_path, "moved", "es", 4, {"pop": 1})  # the same run continues on 1 device
@@ -148,6 +150,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_hold_identical_parameters_equal_to_one_process(tmp_path, one_device_results):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": ROOT,
            "JAX_PLATFORMS": "cpu"}

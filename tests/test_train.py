@@ -12,7 +12,7 @@ import yaml
 
 from gfo import cli
 from gfo.config import ConfigError, from_dict, load_config, RunConfig
-from gfo.train import CheckpointError, DivergenceError, train
+from gfo.train import CheckpointError, DivergenceError, RunInterrupted, train
 
 ALLOW_RANK_PROMOTION = True  # evosax runs here
 
@@ -25,7 +25,10 @@ def _config(tmp_path, **sections) -> RunConfig:
             "task": {"name": "grammar_lm", "batch_size": 4, "eval_size": 4, "options": {"seq_len": 16}},
             "space": {"kind": "full"}, "optimizer": {"method": "backprop", "lr": 0.01}}
     for key, value in sections.items():
-        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        merge = isinstance(value, dict) and isinstance(base.get(key), dict)
+        if key == "optimizer" and "method" in value:  # another method: none of the default's fields
+            merge = False
+        base[key] = {**base[key], **value} if merge else value
     return from_dict(RunConfig, base)
 
 
@@ -44,6 +47,7 @@ FAMILIES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_every_optimizer_family_runs_through_gfo_train(name, tmp_path):
     cfg = _config(tmp_path, **FAMILIES[name])
@@ -71,13 +75,15 @@ def _interrupt_at(monkeypatch, n_calls):
     monkeypatch.setattr(train_module, "_all_finite", interrupting)
 
 
+@pytest.mark.slow
 def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypatch):
     # low-rank ES with Adam: parameters, optimizer moments, RNG (derived from the step) and data position
     sections = {**FAMILIES["lowrank_es"], "steps": 6}
     full = train(_config(tmp_path / "a", **sections))
     with monkeypatch.context() as m:
         _interrupt_at(m, 4)  # dies during step 4; the last checkpoint is step 2
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(RunInterrupted, match=r"interrupted at step 3; checkpoint at step 2 in .*; rerun the "
+                                                 r"same command to resume"):
             train(_config(tmp_path / "b", **sections))
     resumed = train(_config(tmp_path / "b", **sections))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
@@ -103,14 +109,128 @@ def test_unknown_key_wrong_type_and_bad_values_are_clear_errors(tmp_path):
         train(_config(tmp_path, name="x", optimizer={"method": "cma-es2"}))
 
 
-def test_malformed_data_file_names_file_and_line(tmp_path):
+def _cli_error(capsys, argv, code=2) -> str:
+    """The one line `gfo` prints for a failing command line (and its exit status is `code`)."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_malformed_data_file_names_file_and_line(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text('{"text": "good", "label": 0}\n{"text": "bad", "label": 1,}\n')
-    with pytest.raises(SystemExit, match=r"data.jsonl:2: not valid JSON"):
-        cli.main(["train", "--set", f"runs_dir={tmp_path}", "--set", "pretrain=null", "--set", "task.name=prompt_classification",
-                  "--set", f"task.options={{data_path: {data}, k: 1}}", "--set", "optimizer.method=spsa"])
+    err = _cli_error(capsys, ["train", "--set", f"runs_dir={tmp_path}", "--set", "pretrain=null", "--set",
+                              "task.name=prompt_classification", "--set", f"task.options={{data_path: {data}, k: 1}}",
+                              "--set", "optimizer.method=spsa"])
+    assert "data.jsonl:2: not valid JSON" in err
+    assert not os.path.exists(tmp_path / "quickstart")  # a config that cannot run leaves no run directory
 
 
+def test_user_errors_are_one_line_naming_the_value(tmp_path, capsys):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "scalar.yaml").write_text("3\n")
+    ckpt = tmp_path / "garbage_ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{not json")
+    (tmp_path / "ckpt.yaml").write_text(f"model: {{path: {ckpt}}}\n")
+    (tmp_path / "gpt3.yaml").write_text(f"model: {{path: {tmp_path}}}\n")
+    (tmp_path / "config.json").write_text('{"model_type": "gpt3"}')
+    (tmp_path / "nowhere.yaml").write_text("model: {path: /nonexistent}\n")
+    runs = f"runs_dir={tmp_path / 'runs'}"
+    cases = {
+        (str(tmp_path / "list.yaml"),): "holds a list at its top level: expected a mapping",
+        (str(tmp_path / "scalar.yaml"),): "holds an integer at its top level",
+        (str(tmp_path),): "is a directory: expected a YAML file",
+        (str(tmp_path / "ckpt.yaml"),): "garbage_ckpt': a JSON file of the checkpoint (config.json) is not valid JSON",
+        (str(tmp_path / "gpt3.yaml"),): "model_type='gpt3' is not supported",
+        (str(tmp_path / "nowhere.yaml"),): "no config.json in '/nonexistent'",
+        ("--set", "task.batch_size=-3"): "'task.batch_size' = -3 is invalid: expected an integer >= 1",
+        ("--set", "task.eval_size=0"): "'task.eval_size' = 0 is invalid: expected an integer >= 1",
+        ("--set", "optimizer.transform=adamm"): "'optimizer.transform' = 'adamm' is not a valid choice (did you "
+                                                 "mean 'adam'?): expected one of ['adam', 'adamw', 'adam_l2', 'sgd']",
+        ("--set", "model.dtype=fp32"): "'model.dtype' = 'fp32' is not a valid choice",
+        ("--set", "optimizer.n=2"): "optimizer.n does not apply to method 'lowrank_es'",
+        ("--set", "optimizer.momentum=0.9"): "optimizer.momentum does not apply to transform 'adam'",
+        ("--set", "pretrain.optimizer.sigma=0.1"): "pretrain.optimizer.sigma does not apply to method 'backprop'",
+    }
+    for args, expected in cases.items():
+        err = _cli_error(capsys, ["train", *args, "--set", runs])
+        assert err.startswith("gfo train: error: ") and expected in err, (args, err)
+    assert not os.path.exists(tmp_path / "runs")
+    assert _cli_error(capsys, ["trian"]).startswith("gfo: unknown command 'trian' (did you mean 'train'?)")
+
+
+def test_switching_method_drops_the_fields_of_the_previous_one():
+    cfg = load_config(None, ["optimizer.method=spsa", "optimizer.n=2"])  # the quickstart's ES fields go
+    assert (cfg.optimizer.method, cfg.optimizer.n, cfg.optimizer.population) == ("spsa", 2, 16)
+    assert cfg.optimizer.lr == 0.002  # a field spsa reads too stays
+
+
+def test_name_defaults_to_the_config_files_stem(tmp_path):
+    (tmp_path / "my_run.yaml").write_text("steps: 3\n")
+    assert load_config(str(tmp_path / "my_run.yaml")).name == "my_run"
+    (tmp_path / "named.yaml").write_text("name: other\n")
+    assert load_config(str(tmp_path / "named.yaml")).name == "other"
+
+
+@pytest.mark.slow
+def test_failed_start_does_not_block_its_fix_and_a_finished_run_is_not_shortened(tmp_path):
+    bad = _config(tmp_path, task={"options": {"seq_len": 16, "no_such_option": 1}})
+    with pytest.raises(ConfigError, match="no_such_option"):
+        train(bad)
+    assert not os.path.exists(tmp_path / "run")
+    # a start that wrote its config but saved no checkpoint (e.g. killed during compilation)
+    os.makedirs(tmp_path / "run")
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"name": "run", "seed": 7}))
+    result = train(_config(tmp_path, steps=2))  # the corrected command starts the run
+    with pytest.raises(ConfigError, match=r"steps=1 is shorter than the 2 steps .* has already run"):
+        train(_config(tmp_path, steps=1))
+    saved = yaml.safe_load(open(os.path.join(result["run_dir"], "config.yaml")))
+    assert saved["steps"] == 2 and saved["seed"] == 0
+
+
+def test_a_truncated_last_metrics_line_is_skipped_and_a_bad_middle_line_named(tmp_path, capsys):
+    from gfo.report import read_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    good = '{"step": 0, "split": "eval", "x": 1.0}\n{"step": 2, "split": "eval", "x": 0.5}\n'
+    (run / "metrics.jsonl").write_text(good + '{"step": 4, "spl')  # killed mid-write
+    assert [r["step"] for r in read_metrics(str(run))] == [0, 2]
+    (run / "metrics.jsonl").write_text('{"step": 0}\n{"step": 2, "spl\n{"step": 4}\n')
+    err = _cli_error(capsys, ["report", str(run)])
+    assert "metrics.jsonl:2: not a JSON record" in err
+
+
+def test_ctrl_c_and_divergence_are_one_line_with_their_exit_status(monkeypatch, capsys):
+    def interrupted(argv):
+        raise RunInterrupted("[es] interrupted at step 7; checkpoint at step 5 in runs/x/checkpoints; rerun the "
+                             "same command to resume")
+
+    def diverged(argv):
+        raise DivergenceError("[es] parameters became non-finite at step 3 (loss nan); no checkpoint had been saved")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", interrupted)
+    assert "interrupted at step 7; checkpoint at step 5" in _cli_error(capsys, ["train"], code=130)
+    monkeypatch.setitem(cli.COMMANDS, "train", diverged)
+    assert "non-finite at step 3" in _cli_error(capsys, ["train"], code=1)
+
+
+def test_help_lists_every_command(capsys):
+    for argv in (["--help"], ["help"]):
+        cli.main(argv)  # returns: exit status 0
+        out = capsys.readouterr().out
+        assert all(f"\n  {name} " in out for name in cli.COMMANDS), out
+    with pytest.raises(SystemExit):
+        cli.main(["help", "demo"])
+    out = capsys.readouterr().out
+    assert "{gpt2,llama,opt}" in out and "nucleus sampling)." in out  # the whole description, every family
+
+
+@pytest.mark.slow
 def test_eval_and_report_and_checkpoint_errors(tmp_path, capsys):
     cfg = _config(tmp_path)
     result = train(cfg)
@@ -118,25 +238,25 @@ def test_eval_and_report_and_checkpoint_errors(tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
     cli.main(["report", result["run_dir"], result["run_dir"], "--out", str(tmp_path / "report")])
     assert "| run | step |" in capsys.readouterr().out and os.path.isfile(tmp_path / "report" / "curves.png")
-    with pytest.raises(SystemExit, match="no config.yaml"):
-        cli.main(["eval", str(tmp_path / "nothing")])
+    assert "no config.yaml" in _cli_error(capsys, ["eval", str(tmp_path / "nothing")])
     missing = tmp_path / "fresh"
     os.makedirs(missing)
     (missing / "config.yaml").write_text(yaml.safe_dump(yaml.safe_load(open(os.path.join(result["run_dir"], "config.yaml")))))
-    with pytest.raises(SystemExit, match="no checkpoint directory"):
-        cli.main(["eval", str(missing)])
+    assert "no checkpoint directory" in _cli_error(capsys, ["eval", str(missing)])
     # corrupt the latest checkpoint: resuming must fail loudly, never restart from scratch
     ckpt = os.path.join(result["run_dir"], "checkpoints", "4")
     for root, _, files in os.walk(ckpt):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
-    with pytest.raises(CheckpointError, match="cannot restore checkpoint step 4"):
+    with pytest.raises(CheckpointError, match="cannot restore checkpoint step 4") as err:
         train(cfg)
+    assert len(str(err.value)) < 600 and "\n" not in str(err.value)  # no TensorStore spec dump
     with pytest.raises(ConfigError, match="different config"):
         train(_config(tmp_path, optimizer={"lr": 0.5}))
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = _config(tmp_path, steps=6, optimizer={"method": "backprop", "transform": "sgd", "lr": 1e30},
                   checkpoint_every=1)
@@ -144,6 +264,10 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
         train(cfg)
     ckpts = sorted(int(d) for d in os.listdir(os.path.join(tmp_path, "run", "checkpoints")) if d.isdigit())
     assert ckpts and "last good checkpoint" in str(err.value)
+    with pytest.raises(DivergenceError, match=r"at step \d+ .*no checkpoint had been saved yet") as err:
+        train(_config(tmp_path, name="early", steps=6, checkpoint_every=6,
+                      optimizer={"method": "backprop", "transform": "sgd", "lr": 1e30}))
+    assert "None" not in str(err.value)
 
 
 def test_embedded_quickstart_and_its_yaml_agree():
