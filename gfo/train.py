@@ -80,7 +80,14 @@ class Stage:
     def eval_metric_names(self) -> list[str]:
         """The names `evaluate` reports, from tracing the metrics on the first eval batch (nothing runs)."""
         batch = distributed.place_batch(self.task.eval_batches()[0], self.mesh)
-        return sorted(jax.eval_shape(self.metrics_fn, self.x0, batch, jax.random.key(0)))
+        names = set(jax.eval_shape(self.metrics_fn, self.x0, batch, jax.random.key(0)))
+        if self.dev_batches is not None:
+            names |= {f"dev_{k}" for k in names}
+        if self.kl_fn is not None:
+            names.add("kl_drift")
+        if self.pass_fn is not None:
+            names |= set(jax.eval_shape(self.pass_fn, self.x0, batch, jax.random.key(0)))
+        return sorted(names)  # (a RandOpt ensemble vote adds its names only when it runs)
 
     # ------------------------------------------------------------------ checkpoints
     def _manager(self):
