@@ -155,3 +155,17 @@ def test_text_lm_and_countdown_read_local_files(tmp_path, text_file):
     problems.write_text('{"numbers": "3 4", "target": 12}\n' * 3)
     with pytest.raises(DataError, match=r"record 0 has numbers '3 4'; expected a list"):
         TASKS["countdown"](data_path=str(problems), eval_size=1)
+
+
+def test_reasoning_dev_split_is_disjoint_from_train_and_eval(tmp_path):
+    problems = tmp_path / "countdown.jsonl"
+    problems.write_text("\n".join(json.dumps({"numbers": [i, 2], "target": i + 2}) for i in range(1, 11)))
+    task = TASKS["countdown"](data_path=str(problems), batch_size=2, eval_size=2, train_size=5)
+    targets = lambda batches: sorted(int(t) for b in batches for t in b["target_value"])  # noqa: E731
+    assert targets(task.eval_batches()) == [8, 9]
+    assert targets(task.dev_batches(3)) == [10, 11, 12]
+    with pytest.raises(DataError, match="dev_size=4 but only 3 records remain"):
+        task.dev_batches(4)
+    generated = TASKS["countdown"](seed=1, batch_size=4, eval_size=4)
+    dev = {tuple(r) for b in generated.dev_batches(4) for r in b["numbers"].tolist()}
+    assert len(dev) > 1 and dev != {tuple(r) for b in generated.eval_batches() for r in b["numbers"].tolist()}

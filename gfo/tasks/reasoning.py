@@ -106,6 +106,20 @@ class ReasoningTask(CompletionTask):
             problems = self.records[self.train_size:self.train_size + self.eval_size]
         return [self._batch(problems[i:i + self.batch_size]) for i in range(0, len(problems), self.batch_size)]
 
+    def dev_batches(self, n: int) -> list[dict]:
+        """`n` dev problems (`eval.select_by`): the records after the eval slice, or generated ones from
+        the task's own dev stream."""
+        if self.records is None:
+            rng = self.rng("dev")
+            problems = [self.generated_problem(rng) for _ in range(n)]
+        else:
+            start = self.train_size + self.eval_size
+            problems = self.records[start:start + n]
+            if len(problems) < n:
+                raise DataError(f"{self.name}: dev_size={n} but only {len(problems)} records remain after "
+                                f"train_size={self.train_size} and eval_size={self.eval_size}")
+        return [self._batch(problems[i:i + self.batch_size]) for i in range(0, n, self.batch_size)]
+
     # ------------------------------------------------------------------ generation and rewards
     def _objective(self, name, model, to_params):
         if name == "cross_entropy" and self.records is not None and not all(self.completion_of(r) for r in self.records):
