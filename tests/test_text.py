@@ -179,6 +179,7 @@ def _dot_operand_shapes(jaxpr) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     return out
 
 
+@pytest.mark.slow
 def test_population_generation_runs_one_shared_matmul_per_kernel(tiny_model):
     """Members × prompts are generated together: under `vmap` over members whose kernels are low-rank
     perturbations `W + s·A_i B_iᵀ`, the base `W` enters every matmul unbatched (one big matmul)."""
