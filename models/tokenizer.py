@@ -64,7 +64,6 @@ class ByteTokenizer(_BatchEncodeMixin):
     eos_ids = (258,)
     chat_template = None
     special_tokens = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
-    max_bytes_per_token = 1
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
@@ -130,10 +129,6 @@ class HFTokenizer(_BatchEncodeMixin):
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
-
-    @functools.cached_property
-    def max_bytes_per_token(self) -> int:
-        return max(len(b) for b in self.token_bytes())
 
     def token_bytes(self) -> list[bytes]:
         """UTF-8 bytes of every id (`vocab_size` entries); special tokens give b"" (never part of text)."""
