@@ -132,7 +132,11 @@ class HFTokenizer(_BatchEncodeMixin):
 
     def token_bytes(self) -> list[bytes]:
         """UTF-8 bytes of every id (`vocab_size` entries); special tokens give b"" (never part of text)."""
-        return list(_token_bytes(self._tok))
+        return list(self._bytes)
+
+    @functools.cached_property
+    def _bytes(self) -> tuple[bytes, ...]:
+        return _token_bytes(self._tok)
 
 
 def _content(token) -> str | None:
