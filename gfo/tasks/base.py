@@ -105,7 +105,7 @@ class Task:
     @property
     def stop_tokens(self) -> tuple[int, ...]:
         """Ids that end a generation: every end-of-sequence id of the tokenizer."""
-        return tuple(getattr(self.tokenizer, "eos_ids", (self.tokenizer.eos_id,)))
+        return tuple(self.tokenizer.eos_ids)
 
     # ------------------------------------------------------------------ data
     def rng(self, split: str, step: int = 0) -> np.random.Generator:
