@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.linear import linear
+from models.linear import linear, materialize
 
 _NEG_INF = -1e30  # finite, so that fully-masked rows (left padding) stay NaN-free
 
@@ -64,6 +64,7 @@ class Norm(nn.Module):
 
 def _row(v: jax.Array, like: jax.Array) -> jax.Array:
     """A feature vector `[d]` as float32 `[1, ..., 1, d]`, broadcastable against `like: [..., d]`."""
+    v = materialize(v)
     return v.astype(jnp.float32).reshape((1,) * (like.ndim - 1) + v.shape)
 
 

@@ -55,13 +55,84 @@ class LowRankKernel:
         return LowRankKernel(self.w.T, self.b, self.a, self.scale)
 
 
-Kernel = Union[jax.Array, LowRankKernel]
+@struct.dataclass
+class NoisyLeaf:
+    """`w + scale · ε(key)`: a parameter perturbed by noise that is generated where the model reads it.
+
+    A population member's full-rank perturbation travels to the model as this descriptor, and the noise
+    is drawn inside the layer that uses the leaf (`materialize`), so no perturbed copy of the whole
+    parameter tree ever exists. Leading "layer" axes are allowed: with `lead = key.shape`,
+
+    Attributes:
+      w: [*lead, *shape] base parameter (shared across a population).
+      key: typed PRNG key array of shape `lead` (`()` for an unstacked leaf, `[L]` for a stacked one);
+        the noise of layer `l` is `sample(key[l], shape)`, so slicing the descriptor along the layer
+        axis (as `lax.scan` over layers does) gives the noise of that layer.
+      scale: float32 `[*lead]` multiplier (a member's `sign · σ`).
+      distribution: "gaussian" (N(0, 1)) or "rademacher" (±1), drawn in float32.
+    """
+
+    w: jax.Array
+    key: jax.Array
+    scale: jax.Array
+    distribution: str = struct.field(pytree_node=False, default="gaussian")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.w.ndim
+
+    def noise(self) -> jax.Array:
+        """ε, float32 of `w`'s shape."""
+        lead = jnp.shape(self.key)
+        shape = self.w.shape[len(lead):]
+        draw = lambda k: standard_noise(k, shape, self.distribution)  # noqa: E731
+        for _ in lead:
+            draw = jax.vmap(draw)
+        return draw(self.key)
+
+    def dense(self) -> jax.Array:
+        lead = jnp.shape(self.key)
+        scale = jnp.asarray(self.scale, jnp.float32).reshape(lead + (1,) * (self.w.ndim - len(lead)))
+        return (self.w.astype(jnp.float32) + scale * self.noise()).astype(self.w.dtype)
+
+
+def standard_noise(key: jax.Array, shape, distribution: str = "gaussian") -> jax.Array:
+    """Float32 standard noise of `shape` from `key`: N(0, 1) or Rademacher ±1."""
+    if distribution == "gaussian":
+        return jax.random.normal(key, shape, jnp.float32)
+    if distribution == "rademacher":
+        return jax.random.rademacher(key, shape, jnp.float32)
+    raise ValueError(f"noise distribution {distribution!r}: expected 'gaussian' or 'rademacher'")
+
+
+def materialize(p):
+    """A parameter as a plain array: dense for `LowRankKernel` and `NoisyLeaf`, `p` itself otherwise.
+
+    Every parameter the model reads that is not a matmul kernel (norm scales, biases, embeddings read
+    densely) goes through this, so any leaf of the tree may be a perturbation descriptor.
+    """
+    return p.dense() if isinstance(p, (LowRankKernel, NoisyLeaf)) else p
+
+
+Kernel = Union[jax.Array, LowRankKernel, NoisyLeaf]
 
 
 def linear(x: jax.Array, kernel: Kernel, bias: jax.Array | None = None, dtype=None) -> jax.Array:
     """`x @ kernel (+ bias)` for `x: [..., d_in]`, returning `[..., d_out]` in `dtype` (default x's)."""
     dtype = dtype or x.dtype
     x = x.astype(dtype)
+    if isinstance(kernel, NoisyLeaf):
+        kernel = kernel.dense()
+    if bias is not None:
+        bias = materialize(bias)
     if isinstance(kernel, LowRankKernel):
         y = x @ kernel.w.astype(dtype)
         correction = (x @ kernel.a.astype(dtype)) @ kernel.b.astype(dtype).T
@@ -75,6 +146,8 @@ def linear(x: jax.Array, kernel: Kernel, bias: jax.Array | None = None, dtype=No
 
 def embed_lookup(table: Kernel, ids: jax.Array, dtype) -> jax.Array:
     """Rows `table[ids]` for `table: [vocab, d]`, `ids: [...]` → `[..., d]`, low-rank aware."""
+    if isinstance(table, NoisyLeaf):
+        table = table.dense()
     if isinstance(table, LowRankKernel):
         rows = table.w[ids].astype(dtype)
         return rows + jnp.asarray(table.scale, dtype) * (table.a[ids].astype(dtype) @ table.b.astype(dtype).T)
@@ -82,4 +155,6 @@ def embed_lookup(table: Kernel, ids: jax.Array, dtype) -> jax.Array:
 
 
 def transpose(kernel: Kernel) -> Kernel:
+    if isinstance(kernel, NoisyLeaf):
+        kernel = kernel.dense()
     return kernel.transpose() if isinstance(kernel, LowRankKernel) else kernel.T
