@@ -3,8 +3,11 @@
 Member `i`'s noise for the leaf at path `p` is a pure function of `(key, i, p)`: the leaf's key is
 `fold_in(fold_in(key, i), crc32(p))`, so leaves of equal shape get independent noise (the bug of
 reusing one seed per layer, ES-at-scale issue #46, cannot happen) and any device can regenerate any
-member's noise from the step key alone. Noise is drawn in float32 and cast to the leaf's dtype
-(drawing directly in bfloat16 loses precision).
+member's noise from the step key alone. A *stacked* leaf (under the model's `layers/` subtree, leading
+layer axis `[L, ...]`) draws layer `l`'s noise from `fold_in(leaf key, l)`, so the scanned forward can
+generate one layer's noise at a time and get exactly the numbers the update regenerates
+(`leaf_noise_keys`, `models.linear.NoisyLeaf`). Noise is drawn in float32 (drawing directly in
+bfloat16 loses precision).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+
+from models.linear import NoisyLeaf, standard_noise
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 
@@ -34,6 +39,46 @@ def leaf_key(key: jax.Array, path) -> jax.Array:
     return jax.random.fold_in(key, path_id(path))
 
 
+# The subtree of the model whose leaves carry a leading layer axis (`models`' stacked layout).
+STACKED_PREFIX = "layers/"
+
+
+def n_stacked_layers(path, leaf) -> int | None:
+    """`L` for a stacked leaf `[L, ...]` (its path is under `layers/`), else None."""
+    name = path_name(path)
+    shape = _shape(leaf)
+    if (name.startswith(STACKED_PREFIX) or f"/{STACKED_PREFIX}" in name) and len(shape) >= 1:
+        return int(shape[0])
+    return None
+
+
+def _shape(leaf) -> tuple:
+    return tuple(leaf.shape) if hasattr(leaf, "shape") else jnp.shape(leaf)
+
+
+def leaf_noise_keys(key: jax.Array, path, leaf) -> jax.Array:
+    """The noise key(s) of the leaf at `path`: one key, or `[L]` keys (one per layer) for a stacked leaf."""
+    k = leaf_key(key, path)
+    n = n_stacked_layers(path, leaf)
+    if n is None:
+        return k
+    return jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(n, dtype=jnp.uint32))
+
+
+def leaf_noise(key: jax.Array, path, leaf, distribution: str = "gaussian") -> jax.Array:
+    """Float32 standard noise of `leaf`'s shape for the leaf at `path` (per-layer keys when stacked)."""
+    keys = leaf_noise_keys(key, path, leaf)
+    return NoisyLeaf(jax.ShapeDtypeStruct(_shape(leaf), jnp.float32), keys, jnp.float32(0.0), distribution).noise()
+
+
+def perturbed_leaf(key: jax.Array, path, leaf, scale, distribution: str = "gaussian",
+                   factored: bool = True):
+    """`leaf + scale · ε(key, path)`: a `NoisyLeaf` drawn inside the forward (`factored`), else dense."""
+    keys = leaf_noise_keys(key, path, leaf)
+    noisy = NoisyLeaf(leaf, keys, jnp.broadcast_to(jnp.asarray(scale, jnp.float32), jnp.shape(keys)), distribution)
+    return noisy if factored else noisy.dense()
+
+
 def member_key(key: jax.Array, member) -> jax.Array:
     """The key of population member (or antithetic pair) `member` (an int or int32 scalar)."""
     return jax.random.fold_in(key, member)
@@ -41,19 +86,16 @@ def member_key(key: jax.Array, member) -> jax.Array:
 
 def sample(key: jax.Array, shape, dtype=jnp.float32, distribution: str = "gaussian") -> jax.Array:
     """Standard noise of `shape`: N(0, 1) or Rademacher ±1, drawn in float32, cast to `dtype`."""
-    if distribution == "gaussian":
-        z = jax.random.normal(key, shape, jnp.float32)
-    elif distribution == "rademacher":
-        z = jax.random.rademacher(key, shape, jnp.float32)
-    else:
+    if distribution not in DISTRIBUTIONS:
         raise ValueError(f"noise distribution {distribution!r}: expected one of {DISTRIBUTIONS}")
-    return z.astype(dtype)
+    return standard_noise(key, shape, distribution).astype(dtype)
 
 
 def noise_like(key: jax.Array, tree, distribution: str = "gaussian"):
-    """A pytree like `tree` of standard noise, each leaf keyed by its path."""
+    """A pytree like `tree` of standard noise (each leaf keyed by its path, per layer when stacked), in
+    the leaves' dtypes."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, x: sample(leaf_key(key, p), jnp.shape(x), jnp.result_type(x), distribution), tree)
+        lambda p, x: leaf_noise(key, p, x, distribution).astype(jnp.result_type(x)), tree)
 
 
 def tree_axpy(a, x, y):
@@ -94,6 +136,11 @@ def check_noise_map(noise_map, allowed=NOISE_KINDS) -> tuple[tuple[str, str], ..
     return pairs
 
 
+def matrix_ndim(path, leaf) -> int:
+    """The number of axes of one layer's copy of the leaf (its ndim without the stacked layer axis)."""
+    return len(_shape(leaf)) - (n_stacked_layers(path, leaf) is not None)
+
+
 def leaf_kind(path, leaf, noise_map, default) -> str:
     """The noise kind of the leaf at `path`: the first matching pattern of `noise_map`, else `default(leaf)`."""
     import re
@@ -101,9 +148,9 @@ def leaf_kind(path, leaf, noise_map, default) -> str:
     name = path_name(path)
     for pattern, kind in noise_map:
         if re.search(pattern, name):
-            if kind == "lowrank" and jnp.ndim(leaf) != 2:
+            if kind == "lowrank" and matrix_ndim(path, leaf) != 2:
                 raise ValueError(f"noise_map gives {name!r} (shape {jnp.shape(leaf)}) 'lowrank' noise, which "
-                                 f"needs a 2-D leaf; use 'full' or 'frozen' for it")
+                                 f"needs a matrix (2-D, or 3-D stacked over layers); use 'full' or 'frozen' for it")
             return kind
     return default(leaf)
 
@@ -121,7 +168,7 @@ def mapped_noise_like(key: jax.Array, tree, noise_map=(), distribution: str = "g
     def leaf(p, x):
         if leaf_kind(p, x, noise_map, lambda _: "full") == "frozen":
             return jnp.zeros(jnp.shape(x), jnp.result_type(x))
-        return sample(leaf_key(key, p), jnp.shape(x), jnp.result_type(x), distribution)
+        return leaf_noise(key, p, x, distribution).astype(jnp.result_type(x))
 
     return jax.tree_util.tree_map_with_path(leaf, tree)
 

@@ -1,17 +1,23 @@
-"""Chunked evaluation over an implicit population, and noise sums regenerated chunk by chunk.
+"""An implicit population: its settings, chunked evaluation, and noise sums regenerated per direction.
 
 Memory is set by `batch_size` (members evaluated at once), not by the population size: members are
-indices, their perturbations are regenerated inside the mapped function, and only the per-member
-scalars are stacked. `pop_sharding`, when given (the scale-out mesh's `pop` axis), constrains the
-member indices and therefore the work and the fitness vector to be split over devices.
+indices, their perturbations are regenerated inside the mapped function (inside the model's forward,
+layer by layer, when the objective accepts `models.linear.NoisyLeaf` / `LowRankKernel` leaves), and only
+the per-member scalars are stacked. The two members of an antithetic pair are evaluated together and
+share one draw of their direction's noise. `pop_sharding`, when given (the scale-out mesh's `pop` axis),
+constrains the member indices and therefore the work and the fitness vector to be split over devices.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from gfo import shaping
+from gfo.noise import check_noise_map, cosine
 
 
 def _sub_sharding(pop_sharding, spec):
@@ -90,3 +96,171 @@ def chunked_contraction(weights: jax.Array, contract: Callable[[jax.Array, jax.A
 
     total, _ = jax.lax.scan(body, zero, jnp.arange(n_chunks))
     return total
+
+
+def noise_sum(weights: jax.Array, noise_of: Callable[[jax.Array], jax.Array], shape, batch_size: int | None = None,
+              pop_sharding=None) -> jax.Array:
+    """`Σ_d weights[d] · noise_of(d)` for one leaf: `noise_of(d)` is float32 of `shape`.
+
+    Unsharded, a `fori_loop` over the directions adds one direction's noise at a time into a float32
+    accumulator, so the only memory beyond the result is one direction's noise of this leaf (which XLA
+    fuses into the accumulation). With `pop_sharding` the directions are split over devices in chunks of
+    `batch_size` (`chunked_contraction`) and the partial sums all-reduced.
+    """
+    if pop_sharding is not None:
+        return weighted_sum(weights, noise_of, batch_size, pop_sharding)
+    weights = weights.astype(jnp.float32)
+    return jax.lax.fori_loop(0, weights.shape[0], lambda d, acc: acc + weights[d] * noise_of(d),
+                             jnp.zeros(shape, jnp.float32))
+
+
+def noise_update(weights: jax.Array, leaf_noise: Callable, x, frozen: Callable = lambda path, leaf: False,
+                 batch_size: int | None = None, pop_sharding=None):
+    """`(g, snr_cosine)` with `g = Σ_d weights[d] · ε_d` leaf by leaf, `leaf_noise(path, leaf, d)` being
+    direction `d`'s float32 noise of that leaf (zero `g` where `frozen(path, leaf)`), and the cosine
+    between the sums over the first ⌊D/2⌋ and the remaining directions (NaN for one direction).
+
+    One loop over the directions per leaf, carrying that leaf's two half-sums, so the memory beyond `g`
+    (float32 sums, cast to `x`'s dtypes) is one leaf's second half-sum.
+    """
+    n = weights.shape[0]
+    h = n // 2
+    weights = weights.astype(jnp.float32)
+    dots = []
+
+    def leaf(path, w):
+        shape, dtype = jnp.shape(w), jnp.result_type(w)
+        if frozen(path, w):
+            return jnp.zeros(shape, dtype)
+        noise_of = lambda d: leaf_noise(path, w, d)  # noqa: E731
+        if n == 1:
+            return (weights[0] * noise_of(jnp.int32(0))).astype(dtype)
+        if pop_sharding is not None:
+            first = noise_sum(weights[:h], noise_of, shape, batch_size, pop_sharding)
+            second = noise_sum(weights[h:], lambda d: noise_of(d + h), shape, batch_size, pop_sharding)
+        else:
+            def body(d, halves):  # direction d of the first half and d + h of the second, together
+                first, second = halves
+                return first + weights[d] * noise_of(d), second + weights[d + h] * noise_of(d + h)
+
+            last = weights[n - 1] * noise_of(jnp.int32(n - 1)) if n % 2 else jnp.zeros(shape, jnp.float32)
+            first, second = jax.lax.fori_loop(0, h, body, (jnp.zeros(shape, jnp.float32), last))
+        dots.append(jnp.stack([jnp.vdot(first, second), jnp.vdot(first, first), jnp.vdot(second, second)]))
+        return (first + second).astype(dtype)
+
+    g = jax.tree_util.tree_map_with_path(leaf, x)
+    if not dots:
+        return g, jnp.float32(jnp.nan)
+    ab, aa, bb = sum(dots)
+    return g, ab / jnp.maximum(jnp.sqrt(aa) * jnp.sqrt(bb), 1e-30)
+
+
+@dataclasses.dataclass(frozen=True)
+class PopulationConfig:
+    """Settings shared by the population estimators (validated once, here).
+
+    `factored`: the objective accepts perturbation descriptors as leaves of `x`
+    (`models.linear.NoisyLeaf` for full-rank noise, `LowRankKernel` for low-rank), so a member's noise is
+    generated inside the model's forward where each (stacked) layer uses it and no perturbed copy of the
+    parameters exists; `False` hands the objective plain perturbed arrays (any function of `x` works).
+    `gfo.build` turns it on for spaces whose `to_params` passes leaves through (`Space.lowrank_ok`).
+    """
+
+    population: int = 32
+    sigma: float = 0.02
+    antithetic: bool = True
+    shaping: str = "centered_ranks"
+    batch_size: int | None = None  # members evaluated at once (memory knob); None = all
+    pop_sharding: object = None  # a `jax.sharding.Sharding` over the mesh's `pop` axis, or None
+    groups: int = 1  # blocks of members, each on its own part of the batch, shaped within the block
+    noise_map: tuple = ()  # ((regex, kind), ...): per-leaf noise kind, first match wins
+    factored: bool = False
+
+    def __post_init__(self):
+        if self.population < 2 or (self.antithetic and self.population % 2):
+            raise ValueError(f"population={self.population}: expected an integer >= 2"
+                             + (", even with antithetic sampling" if self.antithetic else ""))
+        if self.sigma <= 0:
+            raise ValueError(f"sigma={self.sigma} must be > 0")
+        if self.shaping not in shaping.SHAPINGS:
+            raise ValueError(f"shaping={self.shaping!r}: expected one of {shaping.SHAPINGS}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size={self.batch_size} must be >= 1 or None")
+        per = self.population // max(self.groups, 1)
+        if self.groups < 1 or self.population % self.groups or (self.antithetic and per % 2):
+            raise ValueError(f"groups={self.groups} must divide population={self.population} into blocks of "
+                             f"equal size" + (" holding whole antithetic pairs" if self.antithetic else ""))
+        object.__setattr__(self, "noise_map", check_noise_map(self.noise_map, self._noise_kinds))
+
+    _noise_kinds = ("full", "frozen")
+
+    @property
+    def n_directions(self) -> int:
+        return self.population // 2 if self.antithetic else self.population
+
+    def direction_and_sign(self, member):
+        if self.antithetic:
+            return member // 2, 1.0 - 2.0 * (member % 2).astype(jnp.float32)
+        return member, jnp.float32(1.0)
+
+    def direction_weights(self, shaped: jax.Array) -> jax.Array:
+        """Per-direction weights `Σ_{i: p(i)=p} F_i s_i`, shape `[n_directions]`."""
+        if self.antithetic:
+            return shaped[0::2] - shaped[1::2]
+        return shaped
+
+    def member_batch(self, batch, member):
+        """The part of `batch` that `member` evaluates: all of it, or its group's `1/groups` slice."""
+        if self.groups == 1:
+            return batch
+        group = member // (self.population // self.groups)
+
+        def part(b):
+            if b.shape[0] % self.groups:
+                raise ValueError(f"groups={self.groups}: the batch's leading axis {b.shape[0]} (shape {b.shape}) "
+                                 f"must be a multiple of the number of groups")
+            return b.reshape((self.groups, b.shape[0] // self.groups) + b.shape[1:])[group]
+
+        return jax.tree.map(part, batch)
+
+    def member_losses(self, member_loss: Callable) -> jax.Array:
+        """Losses `[N]` of all members, `member_loss(direction, sign, member) -> scalar`.
+
+        With antithetic sampling the members `2p` (sign +1) and `2p + 1` (sign −1) are evaluated in one
+        `vmap` over the sign in which the direction is not batched, so the direction's noise is drawn once
+        for both; chunks hold `batch_size // 2` pairs.
+        """
+        if not self.antithetic:
+            return map_members(lambda m: member_loss(m, jnp.float32(1.0), m), self.population,
+                               self.batch_size, self.pop_sharding)
+        signs = jnp.array([1.0, -1.0], jnp.float32)
+
+        def pair(d):
+            return jax.vmap(lambda s, m: member_loss(d, s, m))(signs, 2 * d + jnp.arange(2, dtype=d.dtype))
+
+        chunk = None if self.batch_size is None else max(1, self.batch_size // 2)
+        return map_members(pair, self.n_directions, chunk, self.pop_sharding).reshape(self.population)
+
+    def evaluate(self, member_loss: Callable) -> tuple[jax.Array, jax.Array, dict]:
+        """Losses `[N]` of all members (`member_loss(direction, sign, member)`), shaped values, metrics."""
+        losses = self.member_losses(member_loss)
+        clean, bad = shaping.sanitize(losses)
+        shaped = shaping.shape(losses, self.shaping, self.groups)
+        n = self.population
+        metrics = {"loss": jnp.mean(clean), "loss_min": jnp.min(clean), "loss_std": jnp.sqrt(shaping.centered(losses)[1]),
+                   "loss_range": jnp.max(clean) - jnp.min(clean), "nonfinite": bad, "evaluations": n}
+        return losses, shaped, metrics
+
+    def noise_update(self, weights: jax.Array, leaf_noise: Callable, x, frozen: Callable = lambda path, leaf: False):
+        """`noise_update` over this population's directions (chunked and sharded like its evaluation)."""
+        return noise_update(weights, leaf_noise, x, frozen, self.batch_size, self.pop_sharding)
+
+    def halves(self, weights: jax.Array, contract):
+        """`(g, snr_cosine)`: `g = contract(w[:h], 0) + contract(w[h:], h)` over the two halves of the
+        directions, and the cosine between the halves' estimates — one pass over the directions."""
+        h = weights.shape[0] // 2
+        if h == 0:  # one direction: no halves to compare
+            return contract(weights, 0), jnp.float32(jnp.nan)
+        first = contract(weights[:h], 0)
+        second = contract(weights[h:], h)
+        return jax.tree.map(jnp.add, first, second), cosine(first, second)

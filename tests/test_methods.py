@@ -223,7 +223,7 @@ def test_noise_map_freezes_and_chooses_noise_per_leaf():
     assert float(jnp.abs(grad["w"]).max()) == 0.0 and float(jnp.abs(grad["b"]).max()) > 0
     full = gfo.LowRankES(population=8, sigma=0.1, factored=False, noise_map=(("w", "full"),))
     assert np.linalg.matrix_rank(np.asarray(full._perturb(X, jax.random.key(1), 1.0)["w"])) == 3  # not rank 1
-    with pytest.raises(ValueError, match="'lowrank' noise, which needs a 2-D leaf"):
+    with pytest.raises(ValueError, match="'lowrank' noise, which needs a matrix"):
         gfo.LowRankES(population=8, noise_map=(("b", "lowrank"),))(quadratic, X, None, jax.random.key(0))
     with pytest.raises(ValueError, match="'sparse' is not a noise kind"):
         gfo.OpenES(noise_map={"w": "sparse"})

@@ -25,45 +25,44 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gfo.estimators.es import PopulationConfig
-from gfo.noise import leaf_key, leaf_kind, member_key, sample, tree_dot
-from gfo.population import chunked_contraction
+from gfo.noise import leaf_kind, leaf_noise, leaf_noise_keys, matrix_ndim, member_key, perturbed_leaf, sample, tree_dot
+from gfo.population import PopulationConfig, chunked_contraction
 from models.linear import LowRankKernel
-
-
-class _Factors(NamedTuple):
-    a: jax.Array  # [..., m, r]
-    b: jax.Array  # [..., n, r]
-
-
-class _Dense(NamedTuple):
-    e: jax.Array
-
 
 # EGGROLL's defaults (HyperscaleES): matrices low-rank; embeddings, norms, biases and other vectors frozen.
 # In gfo's models every non-matrix leaf is a `bias` or a norm `scale`.
 EGGROLL_NOISE_MAP = (("^(embed|pos_embed)$", "frozen"), ("(bias|scale)$", "frozen"))
 
 
-def _default_kind(w) -> str:
-    return "lowrank" if jnp.ndim(w) == 2 else "full"
-
-
 def lowrank_factors(key: jax.Array, path, shape, rank: int):
-    """`(A [m, r], B [n, r])` standard normal factors of one direction for a matrix leaf of `shape`."""
-    k = leaf_key(key, path)
-    ka, kb = jax.random.split(k)
-    return sample(ka, (shape[0], rank)), sample(kb, (shape[1], rank))
+    """`(A [..., m, r], B [..., n, r])` standard normal factors of one direction for a matrix leaf of
+    `shape` (`[m, n]`, or `[L, m, n]` stacked over layers: then layer `l` draws from its own key)."""
+
+    def draw(k):
+        ka, kb = jax.random.split(k)
+        return sample(ka, (shape[-2], rank)), sample(kb, (shape[-1], rank))
+
+    keys = leaf_noise_keys(key, path, jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
+    return draw(keys) if keys.ndim == 0 else jax.vmap(draw)(keys)
 
 
 def dense_noise(key: jax.Array, path, shape):
-    return sample(leaf_key(key, path), shape)
+    return leaf_noise(key, path, jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
+
+
+class _Factors(NamedTuple):
+    a: jax.Array  # [c, ..., m, r]
+    b: jax.Array  # [c, ..., n, r]
+
+
+class _Dense(NamedTuple):
+    e: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
 class LowRankES(PopulationConfig):
     rank: int = 1
-    factored: bool = True  # hand factored LowRankKernel leaves to the objective
+    factored: bool = True  # hand factored LowRankKernel / NoisyLeaf leaves to the objective
     _noise_kinds = ("lowrank", "full", "frozen")
 
     def __post_init__(self):
@@ -71,44 +70,47 @@ class LowRankES(PopulationConfig):
         if self.rank < 1:
             raise ValueError(f"LowRankES rank={self.rank} must be >= 1")
 
+    def _kind(self, path, w) -> str:
+        return leaf_kind(path, w, self.noise_map, lambda leaf: "lowrank" if matrix_ndim(path, leaf) == 2 else "full")
+
     def _perturb(self, x, direction_key, sign):
         scale = self.sigma / math.sqrt(self.rank)
 
         def leaf(path, w):
-            kind = leaf_kind(path, w, self.noise_map, _default_kind)
+            kind = self._kind(path, w)
             if kind == "frozen":
                 return w
             if kind == "lowrank":
                 a, b = lowrank_factors(direction_key, path, w.shape, self.rank)
-                kernel = LowRankKernel(w, (sign * a).astype(w.dtype), b.astype(w.dtype), scale)
+                lead = w.shape[:-2]
+                kernel = LowRankKernel(w, (sign * a).astype(w.dtype), b.astype(w.dtype),
+                                       jnp.full(lead, scale, jnp.float32) if lead else scale)
                 return kernel if self.factored else kernel.dense()
-            eps = dense_noise(direction_key, path, w.shape)
-            return (w.astype(jnp.float32) + sign * self.sigma * eps).astype(w.dtype)
+            return perturbed_leaf(direction_key, path, w, sign * self.sigma, "gaussian", self.factored)
 
         return jax.tree_util.tree_map_with_path(leaf, x)
 
     def __call__(self, objective, x, batch, key):
         noise_key, eval_key = jax.random.split(key)
 
-        def evaluate(member):
-            direction, sign = self.direction_and_sign(member)
+        def member_loss(direction, sign, member):
             return objective(self._perturb(x, member_key(noise_key, direction), sign),
                              self.member_batch(batch, member), eval_key)
 
-        _, shaped, metrics = self.evaluate(evaluate, self.population)
+        _, shaped, metrics = self.evaluate(member_loss)
         weights = self.direction_weights(shaped) / (self.population * self.sigma)
 
         def direction_update(d):
             k = member_key(noise_key, d)
 
             def leaf(path, w):
-                kind = leaf_kind(path, w, self.noise_map, _default_kind)
+                kind = self._kind(path, w)
                 if kind == "lowrank":
                     a, b = lowrank_factors(k, path, w.shape, self.rank)
                     return _Factors(a, b)
                 if kind == "frozen":
                     return _Dense(jnp.zeros(w.shape, jnp.float32))
-                return _Dense(dense_noise(k, path, w.shape))
+                return _Dense(leaf_noise(k, path, w))
 
             return jax.tree_util.tree_map_with_path(leaf, x)
 
@@ -125,8 +127,8 @@ def _lowrank_weighted_sum(weights, direction_update, x, batch_size, rank, pop_sh
         parts = jax.vmap(direction_update)(j)
 
         def leaf(p):
-            if isinstance(p, _Factors):  # Σ_c w_c A_c B_cᵀ, A: [c, m, r], B: [c, n, r]: one contraction
-                return jnp.einsum("cmr,cnr->mn", p.a * w[:, None, None], p.b) * inv_sqrt_r
+            if isinstance(p, _Factors):  # Σ_c w_c A_c B_cᵀ, A: [c, ..., m, r], B: [c, ..., n, r]: one contraction
+                return jnp.einsum("c...mr,c...nr->...mn", p.a * w.reshape((-1,) + (1,) * (p.a.ndim - 1)), p.b) * inv_sqrt_r
             return jnp.tensordot(w, p.e, axes=1)
 
         return jax.tree.map(leaf, parts, is_leaf=lambda t: isinstance(t, (_Factors, _Dense)))

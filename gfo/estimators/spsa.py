@@ -8,7 +8,11 @@ For each of `n` queries, `z ~ N(0, I)` (or Rademacher) from `fold_in(key, k)`, a
 `one_sided` (`(L(x+εz) − L(x)) / ε`), `sign` (ZO-SGD-Sign: the sign of the estimate), `sparsity`
 (Sparse MeZO: perturb only the `1 − sparsity` smallest-magnitude entries of each leaf). Momentum and
 Adam come from the optax transformation (ZO-SGD-MMT = `optax.sgd(momentum=0.9)`, ZO-Adam = `optax.adam`).
-A query whose losses are not finite contributes nothing and is counted in `nonfinite`. Diagnostics:
+A query whose losses are not finite contributes nothing and is counted in `nonfinite`.
+With `factored` (set by `gfo.build` for spaces that pass leaves through), `x ± εz` reaches the model as
+`models.linear.NoisyLeaf` leaves, so `z` is drawn inside the forward one (stacked) layer at a time and no
+perturbed copy of the parameters exists; both signs share one draw; the update regenerates `z` leaf by
+leaf (MeZO's in-place trick, functionally: with the state donated XLA writes it into `x`'s buffer). Diagnostics:
 `loss_range` (mean |L₊ − L₋|, the fitness spread) and, with `n >= 2`, `snr_cosine` (cosine between the
 estimates of the first ⌊n/2⌋ queries and of the rest).
 """
@@ -20,7 +24,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gfo.noise import DISTRIBUTIONS, cosine, member_key, noise_like, tree_axpy, tree_dot
+from gfo.noise import DISTRIBUTIONS, leaf_noise, member_key, noise_like, perturbed_leaf, tree_axpy, tree_dot
+from gfo.population import noise_update
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +36,7 @@ class SPSA:
     one_sided: bool = False
     sign: bool = False
     sparsity: float = 0.0
+    factored: bool = False  # the objective accepts `NoisyLeaf` leaves: z is drawn inside the forward
 
     def __post_init__(self):
         if self.eps <= 0:
@@ -47,49 +53,61 @@ class SPSA:
             return None
         def leaf_mask(v):
             a = jnp.abs(v.astype(jnp.float32))
-            return (a <= jnp.quantile(a, 1.0 - self.sparsity)).astype(v.dtype)
+            return (a <= jnp.quantile(a, 1.0 - self.sparsity)).astype(jnp.float32)
         return jax.tree.map(leaf_mask, x)
 
     def __call__(self, objective, x, batch, key):
         noise_key, eval_key = jax.random.split(key)
         mask = self._mask(x)
-        base = objective(x, batch, eval_key) if self.one_sided else None
+        in_forward = self.factored and mask is None
 
-        half = self.n // 2  # queries k < half sum into `first` (the SNR diagnostic's two halves)
-
-        def query(k, carry):
-            (total, first), loss_sum, bad, spread = carry
-            z = noise_like(member_key(noise_key, k), x, self.distribution)
+        def perturb(query_key, scale):
+            if in_forward:  # x + scale·z as NoisyLeaf leaves: z is drawn where the model reads each leaf
+                return jax.tree_util.tree_map_with_path(
+                    lambda p, w: perturbed_leaf(query_key, p, w, scale, self.distribution), x)
+            z = noise_like(query_key, x, self.distribution)
             if mask is not None:
                 z = jax.tree.map(jnp.multiply, z, mask)
-            plus = objective(tree_axpy(self.eps, z, x), batch, eval_key)
-            if self.one_sided:
-                minus, denom = base, self.eps
-            else:
-                minus, denom = objective(tree_axpy(-self.eps, z, x), batch, eval_key), 2 * self.eps
-            ok = jnp.isfinite(plus) & jnp.isfinite(minus)
-            proj = jnp.where(ok, (plus - minus) / denom, 0.0)
-            total = jax.tree.map(lambda t, u: t + proj * u.astype(jnp.float32), total, z)
-            if first is not None:
-                first = jax.tree.map(lambda t, u: t + jnp.where(k < half, proj, 0.0) * u.astype(jnp.float32), first, z)
-            loss = jnp.where(ok, (plus + minus) / 2, 0.0)
-            spread = spread + jnp.where(ok, jnp.abs(plus - minus), 0.0)
-            return (total, first), loss_sum + loss, bad + (~ok).astype(jnp.int32), spread
+            return tree_axpy(scale, z, x)
 
-        zero = jax.tree.map(lambda u: jnp.zeros(u.shape, jnp.float32), x)
-        init = ((zero, zero if self.n >= 2 else None), jnp.float32(0), jnp.int32(0), jnp.float32(0))
-        # One query (MeZO's setting) inline: no loop boundary between the two forwards and the update.
-        (total, first), loss_sum, bad, spread = (query(0, init) if self.n == 1
-                                                 else jax.lax.fori_loop(0, self.n, query, init))
-        extra = {}
-        if first is not None:  # cosine between the estimates of the first and the last ⌊n/2⌋ queries
-            second = jax.tree.map(jnp.subtract, total, first)
-            extra["snr_cosine"] = cosine(first, second)
-        grad = jax.tree.map(lambda t: t / self.n, total)
+        base = objective(x, batch, eval_key) if self.one_sided else None
+
+        def query(k):
+            """`(projected gradient, mean loss, |L₊ − L₋|, ok)` of query `k`."""
+            query_key = member_key(noise_key, k)
+            if self.one_sided:
+                plus, minus, denom = objective(perturb(query_key, self.eps), batch, eval_key), base, self.eps
+            else:  # both signs in one vmap in which z is not batched: z is drawn once for the pair
+                signs = jnp.array([self.eps, -self.eps], jnp.float32)
+                plus, minus = jax.vmap(lambda s: objective(perturb(query_key, s), batch, eval_key))(signs)
+                denom = 2 * self.eps
+            ok = jnp.isfinite(plus) & jnp.isfinite(minus)
+            return (jnp.where(ok, (plus - minus) / denom, 0.0), jnp.where(ok, (plus + minus) / 2, 0.0),
+                    jnp.where(ok, jnp.abs(plus - minus), 0.0), ok)
+
+        # One query (MeZO's setting) inline; more queries one at a time (memory of one query).
+        ks = jnp.arange(self.n, dtype=jnp.int32)
+        proj, losses, spread, ok = (jax.tree.map(lambda v: v[None], query(ks[0])) if self.n == 1
+                                    else jax.lax.map(query, ks))
+
+        def leaf_noise_of(path, w, k):  # z_k of one leaf, regenerated for the update (masked like the queries)
+            z = leaf_noise(member_key(noise_key, k), path, w, self.distribution)
+            return z if mask is None else z * _leaf_at(mask, path)
+
+        # g = Σ_k proj_k z_k / n, regenerated leaf by leaf; the SNR cosine compares the first ⌊n/2⌋ queries'
+        # estimate with the rest's.
+        grad, snr = noise_update(proj / self.n, leaf_noise_of, x)
         if self.sign:
             grad = jax.tree.map(jnp.sign, grad)
-        grad = jax.tree.map(lambda t, u: t.astype(u.dtype), grad, x)
+        bad = jnp.sum(~ok, dtype=jnp.int32)
         n_ok = jnp.maximum(self.n - bad, 1)
         evaluations = self.n * (1 if self.one_sided else 2) + (1 if self.one_sided else 0)
-        return grad, {"loss": loss_sum / n_ok, "grad_norm": jnp.sqrt(tree_dot(grad, grad)),
-                      "loss_range": spread / n_ok, "nonfinite": bad, "evaluations": evaluations, **extra}
+        extra = {"snr_cosine": snr} if self.n >= 2 else {}
+        return grad, {"loss": jnp.sum(losses) / n_ok, "grad_norm": jnp.sqrt(tree_dot(grad, grad)),
+                      "loss_range": jnp.sum(spread) / n_ok, "nonfinite": bad, "evaluations": evaluations, **extra}
+
+
+def _leaf_at(tree, path):
+    for k in path:
+        tree = tree[getattr(k, "key", getattr(k, "idx", None))]
+    return tree
