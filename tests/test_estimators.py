@@ -92,7 +92,6 @@ def _eager(est):
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 class TestJitAndNoJit(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     def test_estimators_agree_with_and_without_jit_and_with_the_gradient(self):
