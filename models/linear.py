@@ -10,6 +10,7 @@ at inference speed through the same code.
 
 from __future__ import annotations
 
+import math
 from typing import Union
 
 import jax
@@ -105,11 +106,20 @@ class NoisyLeaf:
 
 
 def standard_noise(key: jax.Array, shape, distribution: str = "gaussian") -> jax.Array:
-    """Float32 standard noise of `shape` from `key`: N(0, 1) or Rademacher ±1."""
+    """Float32 standard noise of `shape` from `key`: N(0, 1), or Rademacher ±1.
+
+    Rademacher signs are unpacked 32 to a random word (`jax.random.bits`), so they cost 1/32 of the
+    random bits of a Gaussian draw: on CPU, where counter-based generation dominates a full-rank ES or
+    SPSA step, drawing ±1 noise is about as cheap as one pass over the weights
+    (`benchmarks/noise_cost.py`).
+    """
     if distribution == "gaussian":
         return jax.random.normal(key, shape, jnp.float32)
     if distribution == "rademacher":
-        return jax.random.rademacher(key, shape, jnp.float32)
+        n = math.prod(shape)
+        words = jax.random.bits(key, (-(-n // 32),), jnp.uint32)
+        signs = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)[None, :]) & 1
+        return (signs.reshape(-1)[:n].astype(jnp.float32) * 2.0 - 1.0).reshape(shape)
     raise ValueError(f"noise distribution {distribution!r}: expected 'gaussian' or 'rademacher'")
 
 
