@@ -1,24 +1,28 @@
-"""Throughput and memory of one optimisation step, against the inference ceiling, in one run.
+"""The step at real size: compile time against depth, peak memory against the parameters, and speed
+against the batched-inference ceiling — every figure a ratio measured in one run.
 
-    python -m benchmarks.throughput            # full: model sizes tiny..medium, populations 8..512
-    python -m benchmarks.throughput --quick    # seconds: a 1-layer model, populations 8 and 16
+    python -m benchmarks.throughput            # GPT-2 124M and a SmolLM2-135M-shaped Llama, population 32
+    python -m benchmarks.throughput --quick    # small shapes, minutes
 
-For each model size and population `N` (every member evaluates the same `B × T` token batch):
-- *inference ceiling*: one forward pass over `N·B` sequences with shared weights (tokens/s);
-- `lowrank_es` (rank 1), `es` (seed-regenerated OpenAI-ES), evosax's `Open_ES` the plain way (population
-  matrix `[N, dim]`, via `gfo.EvosaxStrategy`), `spsa` (n = 1) and `backprop` + Adam: time per step,
-  evaluated tokens/s and the ratio to the ceiling;
-- peak memory of the step (XLA compiled memory analysis: arguments + outputs + temporaries − aliases) as
-  a multiple of the parameter bytes.
-Members are evaluated in chunks of at most 64 (`eval_chunk`), so ES memory is set by the chunk.
-Writes `throughput.json` and `throughput.md` (targets marked met / not met) to `--out`.
+Every member evaluates the same batch of `4 × 64` tokens (next-token cross-entropy on random tokens) in
+the `Full` space, with the perturbations drawn inside the forward (`factored`), members evaluated in
+chunks of `chunk` (`eval_chunk`) and the state donated, as `gfo train` runs them.
+
+- *Compile time* of the `es`, `lowrank_es` and `spsa` steps at 2 and at 32 layers (d_model 256).
+- *Peak memory* of a step: XLA's compiled memory analysis (arguments + outputs + temporaries − donated
+  aliases) as a multiple of the parameter bytes, against `2 × params + chunk × one layer's weights`
+  (population methods) and `1.5 × params` (SPSA), at two populations for the population methods.
+- *Speed*: the *inference ceiling* is one forward pass over the `N · B` sequences with shared weights;
+  a population step's ratio is ceiling time / step time (both evaluate `N · B` sequences). An SPSA step
+  is timed in forward passes over the batch.
+Writes `throughput.json` and `throughput.md` (each target marked met / not met) to `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -26,196 +30,219 @@ import optax
 
 import gfo
 import models
-from benchmarks.common import available_memory_bytes, compiled, describe, machine, mark, peak_bytes, seconds, write
+from benchmarks.common import describe, machine, mark, seconds, write
 from gfo.spaces import Full
 
-SIZES = {"micro": dict(d_model=32, n_layers=1, n_heads=2), "tiny": dict(d_model=64, n_layers=2, n_heads=4), "small": dict(d_model=128, n_layers=4, n_heads=4),
-         "medium": dict(d_model=256, n_layers=6, n_heads=8)}
-TARGETS = ("low-rank ES at >= 0.9 of the inference ceiling for populations >= 64",
-           "seed-regenerated ES memory independent of the population at a fixed chunk (peak at the largest N <= 1.1 × at the smallest)",
-           "an SPSA step <= 2.5 forward passes of time",
-           "es and lowrank_es faster per step than evosax's plain Open_ES wherever it fits")
+TARGETS = {
+    "compile": "compile time of the es, lowrank_es and spsa steps at 32 layers <= 1.3 x at 2 layers",
+    "spsa_memory": "SPSA: peak <= 1.5 x params",
+    "spsa_time": "SPSA: a step <= 2.3 forward passes of time",
+    "population_memory": "OpenES and LowRankES: peak <= 2 x params + one chunk x one layer's weights, at any population",
+    "lowrank_speed": "lowrank_es >= 0.9 of the batched-inference ceiling",
+    "es_speed": "full-rank es >= 0.5 of the batched-inference ceiling (CPU)",
+}
 
 
-@dataclasses.dataclass(frozen=True)
-class NextTokenLoss:
-    """Mean next-token cross-entropy of `tokens [B, T+1]` under `to_params(x)` (hashable: jit-static)."""
+def model_configs(quick: bool) -> dict[str, models.ModelConfig]:
+    if quick:
+        return {"GPT-2 (d256, 4 layers)": models.gpt2(vocab_size=8192, d_model=256, n_layers=4, n_heads=4,
+                                                       max_seq_len=65),
+                "Llama (d192, 4 layers, GQA)": models.llama(vocab_size=8192, d_model=192, n_layers=4, n_heads=3,
+                                                            n_kv_heads=1, d_ff=512, tie_embeddings=True)}
+    return {"GPT-2 124M": models.gpt2(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, max_seq_len=1024),
+            "SmolLM2-135M-shaped Llama": models.llama(vocab_size=49152, d_model=576, n_layers=30, n_heads=9,
+                                                      n_kv_heads=3, d_ff=1536, tie_embeddings=True,
+                                                      rope_theta=100000.0, norm_eps=1e-5)}
 
-    model: models.TransformerLM
-    space: Full
 
-    def __call__(self, x, tokens, key):
-        logits = self.model.apply(self.space.to_params(x), tokens[:, :-1])
+def next_token_loss(model, space):
+    """Mean next-token cross-entropy of `tokens [B, T+1]` under `space.to_params(x)`."""
+
+    def loss(x, tokens, key):
+        del key
+        logits = model.apply(space.to_params(x), tokens[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
-
-def _step_fn(opt, objective):
-    return lambda state, batch, key: opt.step(state, objective, batch, key)
+    return loss
 
 
-def measure_size(name: str, overrides: dict, populations, batch: int, seq: int, repeats: int, chunk: int) -> dict:
-    cfg = models.tiny("gpt2", max_seq_len=seq + 1, **overrides)
-    model = models.TransformerLM(cfg)
-    params = model.init(jax.random.key(0))
-    space = Full(params)
-    x0 = space.init(None)
-    objective = NextTokenLoss(model, space)
-    param_bytes = sum(v.nbytes for v in jax.tree.leaves(params))
-    dim = sum(v.size for v in jax.tree.leaves(params))
-    tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab_size)
-    key = jax.random.key(2)
-    row = {"size": name, "params": int(dim), "param_bytes": int(param_bytes), "batch": batch, "seq": seq,
-           "chunk": chunk, "populations": {}}
+def _peak(executable) -> int:
+    m = executable.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
-    forward, exe = compiled(lambda x, t: objective(x, t, key), x0, tokens)
-    row["forward_s"] = seconds(forward, x0, tokens, repeats=repeats)
 
-    def step_entry(opt, n_sequences):
-        state = opt.init(key, x0)
-        fn, exe = compiled(_step_fn(opt, objective), state, tokens, key)
-        t = seconds(fn, state, tokens, key, repeats=repeats)
-        return {"step_s": t, "tokens_per_s": n_sequences * seq / t, "peak_bytes": peak_bytes(exe),
-                "peak_x_params": peak_bytes(exe) / param_bytes}
+def optimizers(n: int, chunk: int, distribution: str) -> dict:
+    return {
+        "spsa": gfo.Optimizer(gfo.SPSA(eps=1e-3, n=1, factored=True, distribution=distribution), optax.sgd(1e-4)),
+        "es": gfo.Optimizer(gfo.OpenES(population=n, sigma=0.01, batch_size=chunk, factored=True,
+                                       distribution=distribution), optax.sgd(1e-4)),
+        "lowrank_es": gfo.Optimizer(gfo.LowRankES(population=n, sigma=0.01, rank=1, batch_size=chunk),
+                                    optax.sgd(1e-4)),
+    }
 
-    row["spsa"] = step_entry(gfo.Optimizer(gfo.SPSA(eps=1e-3, n=1), optax.sgd(1e-4)), 2 * batch)
-    row["spsa"]["forward_passes"] = row["spsa"]["step_s"] / row["forward_s"]
-    row["backprop"] = step_entry(gfo.Optimizer(gfo.Backprop(), optax.adam(1e-3)), batch)
-    available = available_memory_bytes()
+
+class Setup:
+    """A model with random weights, its `Full` space, the loss and the token batch."""
+
+    def __init__(self, cfg: models.ModelConfig, batch: int, seq: int):
+        self.model = models.TransformerLM(cfg)
+        params = self.model.init(jax.random.key(0))
+        self.space = Full(params)
+        self.x0 = self.space.init(None)
+        self.loss = next_token_loss(self.model, self.space)
+        self.tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab_size)
+        self.param_bytes = sum(v.nbytes for v in jax.tree.leaves(params))
+        self.layer_bytes = sum(v.nbytes // cfg.n_layers for v in jax.tree.leaves(params[models.LAYERS]))
+        self.n_params = sum(v.size for v in jax.tree.leaves(params))
+
+    def step(self, opt):
+        """`(jitted step with donated state, a fresh state, compile seconds, executable)`."""
+        fn = jax.jit(lambda state, tokens, key: opt.step(state, self.loss, tokens, key), donate_argnums=0)
+        state = opt.init(jax.random.key(2), self.x0)
+        t0 = time.perf_counter()
+        executable = fn.lower(state, self.tokens, jax.random.key(3)).compile()
+        return fn, state, time.perf_counter() - t0, executable
+
+
+def timed_steps(fn, state, tokens, repeats: int) -> float:
+    """Median seconds of a donated step (each call consumes the state it is given)."""
+    times = []
+    key = jax.random.key(4)
+    state, _ = fn(state, tokens, key)  # warm-up
+    jax.block_until_ready(state)
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, metrics = fn(state, tokens, key)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_compile(depths, population: int, chunk: int, batch: int, seq: int, distribution: str) -> dict:
+    """Compile seconds of each method's step per depth (d_model 256, GPT-2 layout)."""
+    out = {}
+    for depth in depths:
+        setup = Setup(models.gpt2(vocab_size=8192, d_model=256, n_layers=depth, n_heads=8, max_seq_len=seq + 1),
+                      batch, seq)
+        for method, opt in optimizers(population, chunk, distribution).items():
+            _, _, t, _ = setup.step(opt)
+            out.setdefault(method, {})[depth] = t
+            print(f"[compile] {method} at {depth} layers: {t:.1f} s", flush=True)
+    return out
+
+
+def measure_model(name: str, cfg: models.ModelConfig, populations, chunk: int, batch: int, seq: int, repeats: int,
+                  distribution: str) -> dict:
+    setup = Setup(cfg, batch, seq)
+    forward = jax.jit(setup.loss)
+    t_forward = seconds(forward, setup.x0, setup.tokens, jax.random.key(0), repeats=repeats)
+    row = {"model": name, "params": int(setup.n_params), "param_bytes": int(setup.param_bytes),
+           "layer_bytes": int(setup.layer_bytes), "forward_s": t_forward, "methods": {}}
+    n_time = populations[0]
     for n in populations:
-        c = min(n, chunk)
-        many = jnp.tile(tokens, (n, 1))
-        ceiling, _ = compiled(lambda x, t: objective(x, t, key), x0, many)
-        t_ceiling = seconds(ceiling, x0, many, repeats=repeats)
-        entry = {"ceiling": {"step_s": t_ceiling, "tokens_per_s": n * batch * seq / t_ceiling}}
-        optimizers = {
-            "lowrank_es": gfo.Optimizer(gfo.LowRankES(population=n, sigma=0.01, rank=1, batch_size=c),
-                                        optax.adam(1e-3)),
-            "es": gfo.Optimizer(gfo.OpenES(population=n, sigma=0.01, batch_size=c), optax.adam(1e-3)),
-        }
-        for method, opt in optimizers.items():
-            entry[method] = step_entry(opt, n * batch)
-        # evosax's Open_ES holds the population matrix [n, dim]: compile first, run only if it fits.
-        plain = gfo.EvosaxStrategy("Open_ES", n, x0, init_std=0.01, batch_size=c, memory_limit=2**62)
-        state = plain.init(key, x0)
-        fn, exe = compiled(_step_fn(plain, objective), state, tokens, key)
-        need = peak_bytes(exe)
-        entry["evosax_open_es"] = {"peak_bytes": need, "peak_x_params": need / param_bytes,
-                                   "fits": need < 0.8 * available}
-        if entry["evosax_open_es"]["fits"]:
-            t = seconds(fn, state, tokens, key, repeats=repeats)
-            entry["evosax_open_es"].update(step_s=t, tokens_per_s=n * batch * seq / t)
-        for method in ("lowrank_es", "es", "evosax_open_es"):
-            if "tokens_per_s" in entry[method]:
-                entry[method]["ratio_to_ceiling"] = entry[method]["tokens_per_s"] / entry["ceiling"]["tokens_per_s"]
-        row["populations"][n] = entry
-        print(f"[{name}] N={n}: ceiling {entry['ceiling']['tokens_per_s']:.0f} tok/s; " + ", ".join(
-            f"{m} {entry[m].get('ratio_to_ceiling', float('nan')):.2f}x" for m in ("lowrank_es", "es", "evosax_open_es")),
-              flush=True)
-    pops = sorted(row["populations"])
-    plain = [row["populations"][n]["evosax_open_es"]["peak_bytes"] for n in pops]
-    per_member = (plain[-1] - plain[0]) / max(pops[-1] - pops[0], 1)
-    row["evosax_open_es_fits_up_to"] = int((0.8 * available - (plain[0] - per_member * pops[0])) / per_member) \
-        if per_member > 0 else None
+        many = jnp.tile(setup.tokens, (n, 1))
+        ceiling = seconds(forward, setup.x0, many, jax.random.key(0), repeats=repeats) if n == n_time else None
+        for method, opt in optimizers(n, chunk, distribution).items():
+            if method == "spsa" and n != n_time:
+                continue
+            fn, state, t_compile, exe = setup.step(opt)
+            entry = {"population": n, "compile_s": t_compile, "peak_bytes": _peak(exe),
+                     "peak_x_params": _peak(exe) / setup.param_bytes}
+            if method != "spsa":
+                entry["memory_budget_x_params"] = (2 * setup.param_bytes + chunk * setup.layer_bytes) / setup.param_bytes
+            if n == n_time:  # time one population; memory at every population
+                entry["step_s"] = timed_steps(fn, state, setup.tokens, repeats)
+                if method == "spsa":
+                    entry["forward_passes"] = entry["step_s"] / t_forward
+                else:
+                    entry["ceiling_s"] = ceiling
+                    entry["ratio_to_ceiling"] = ceiling / entry["step_s"]
+            row["methods"].setdefault(method, []).append(entry)
+            print(f"[{name}] {method} N={n}: " + ", ".join(f"{k} {v:.3g}" for k, v in entry.items()
+                                                           if isinstance(v, float)), flush=True)
     return row
 
 
-def payload_chunk(row) -> int:
-    return row.get("chunk", 64)
-
-
-def evaluate_targets(rows) -> list[dict]:
-    lowrank = [r["populations"][n]["lowrank_es"]["ratio_to_ceiling"] for r in rows for n in r["populations"] if n >= 64]
-    # At a fixed chunk (populations >= the chunk): memory may depend on the chunk, never on N.
-    es_mem = []
-    for r in rows:
-        fixed = [n for n in r["populations"] if n >= payload_chunk(r)]
-        if len(fixed) >= 2:  # growth from the smallest to the largest population
-            es_mem.append(r["populations"][max(fixed)]["es"]["peak_bytes"] / r["populations"][min(fixed)]["es"]["peak_bytes"])
-    spsa = [r["spsa"]["forward_passes"] for r in rows]
-    ahead = [r["populations"][n][m]["step_s"] < r["populations"][n]["evosax_open_es"]["step_s"]
-             for r in rows for n in r["populations"] if "step_s" in r["populations"][n]["evosax_open_es"]
-             for m in ("es", "lowrank_es")]
-    return [
-        {"target": TARGETS[0], "met": (min(lowrank) >= 0.9) if lowrank else None,
-         "measured": f"min ratio {min(lowrank):.2f}" if lowrank else "no population >= 64 measured"},
-        {"target": TARGETS[1], "met": (max(es_mem) <= 1.1) if es_mem else None,
-         "measured": f"max growth {max(es_mem):.3f} over populations >= the chunk" if es_mem else
-         "fewer than two populations >= the chunk"},
-        {"target": TARGETS[2], "met": max(spsa) <= 2.5, "measured": f"max {max(spsa):.2f} forward passes"},
-        {"target": TARGETS[3], "met": all(ahead) if ahead else None,
-         "measured": f"{sum(ahead)}/{len(ahead)} comparisons ahead"},
+def evaluate_targets(payload: dict) -> list[dict]:
+    c = payload["compile"]
+    lo, hi = min(payload["depths"]), max(payload["depths"])
+    growth = {m: c[m][hi] / c[m][lo] for m in c}
+    rows = payload["rows"]
+    spsa = [e for r in rows for e in r["methods"]["spsa"]]
+    pop = [(e, m) for r in rows for m in ("es", "lowrank_es") for e in r["methods"][m]]
+    timed = lambda m: [e for r in rows for e in r["methods"][m] if "ratio_to_ceiling" in e]  # noqa: E731
+    out = [
+        {"target": TARGETS["compile"], "met": max(growth.values()) <= 1.3,
+         "measured": ", ".join(f"{m} {g:.2f}x ({c[m][lo]:.1f} s -> {c[m][hi]:.1f} s)" for m, g in growth.items())},
+        {"target": TARGETS["spsa_memory"], "met": max(e["peak_x_params"] for e in spsa) <= 1.5,
+         "measured": "peak " + ", ".join(f"{e['peak_x_params']:.2f}x" for e in spsa)},
+        {"target": TARGETS["spsa_time"], "met": max(e["forward_passes"] for e in spsa) <= 2.3,
+         "measured": ", ".join(f"{e['forward_passes']:.2f} forward passes" for e in spsa)},
+        {"target": TARGETS["population_memory"],
+         "met": all(e["peak_x_params"] <= e["memory_budget_x_params"] for e, _ in pop),
+         "measured": "; ".join(f"{m} N={e['population']}: {e['peak_x_params']:.2f}x (budget "
+                               f"{e['memory_budget_x_params']:.2f}x)" for e, m in pop)},
+        {"target": TARGETS["lowrank_speed"], "met": min(e["ratio_to_ceiling"] for e in timed("lowrank_es")) >= 0.9,
+         "measured": ", ".join(f"{e['ratio_to_ceiling']:.2f}" for e in timed("lowrank_es"))},
+        {"target": TARGETS["es_speed"], "met": min(e["ratio_to_ceiling"] for e in timed("es")) >= 0.5,
+         "measured": ", ".join(f"{e['ratio_to_ceiling']:.2f}" for e in timed("es"))},
     ]
+    return out
 
 
-def markdown(payload) -> str:
-    m = payload["machine"]
-    lines = [f"# Throughput and memory of one step ({'quick' if payload['quick'] else 'full'} run)", "",
-             f"{describe(m)} Batch {payload['rows'][0]['batch']} × {payload['rows'][0]['seq']} "
-             f"tokens per member; members evaluated in chunks of ≤ {payload['chunk']}. A ratio above 1 means the "
-             f"chunked step beats the single N·B-sequence forward pass (smaller working sets fit the CPU caches).",
-             "", "## Targets", "",
-             "| target | measured | status |", "|---|---|---|"]
+def markdown(payload: dict) -> str:
+    lines = [f"# The step at real size ({'quick' if payload['quick'] else 'full'} run)", "",
+             f"{describe(payload['machine'])} Batch {payload['batch']} × {payload['seq']} tokens per member, "
+             f"members in chunks of {payload['chunk']}, noise `{payload['distribution']}` drawn inside the forward, "
+             "state donated. Peak = XLA's compiled memory analysis (arguments + outputs + temporaries − aliases).",
+             "", "## Targets", "", "| target | measured | status |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {mark(t['met'])} |" for t in payload["targets"]]
+    lines += ["", "## Compile time (d_model 256, GPT-2 layout)", "",
+              "| method | " + " | ".join(f"{d} layers" for d in payload["depths"]) + " |",
+              "|---|" + "---|" * len(payload["depths"])]
+    for m, by_depth in payload["compile"].items():
+        lines.append(f"| {m} | " + " | ".join(f"{by_depth[d]:.1f} s" for d in payload["depths"]) + " |")
     for r in payload["rows"]:
-        lines += ["", f"## {r['size']} ({r['params']:,} parameters, {r['param_bytes'] / 2**20:.2f} MiB)", "",
-                  f"Forward pass over the batch: {r['forward_s'] * 1e3:.2f} ms. SPSA step: "
-                  f"{r['spsa']['step_s'] * 1e3:.2f} ms = {r['spsa']['forward_passes']:.2f} forward passes, peak "
-                  f"{r['spsa']['peak_x_params']:.1f}× params. Backprop + Adam step: {r['backprop']['step_s'] * 1e3:.2f} ms, "
-                  f"peak {r['backprop']['peak_x_params']:.1f}× params. evosax Open_ES fits up to ≈ "
-                  f"{r['evosax_open_es_fits_up_to'] if r['evosax_open_es_fits_up_to'] is not None else 'n/a'} members "
-                  f"in this machine's memory.", "",
-                  "| N | ceiling tok/s | method | step ms | tok/s | × ceiling | peak × params |",
-                  "|---|---|---|---|---|---|---|"]
-        for n, e in sorted(r["populations"].items(), key=lambda kv: int(kv[0])):
-            for meth in ("lowrank_es", "es", "evosax_open_es"):
-                v = e[meth]
-                if "step_s" not in v:
-                    lines.append(f"| {n} | {e['ceiling']['tokens_per_s']:,.0f} | {meth} | does not fit | | | "
-                                 f"{v['peak_x_params']:.1f} |")
-                    continue
-                lines.append(f"| {n} | {e['ceiling']['tokens_per_s']:,.0f} | {meth} | {v['step_s'] * 1e3:.1f} | "
-                             f"{v['tokens_per_s']:,.0f} | {v['ratio_to_ceiling']:.2f} | {v['peak_x_params']:.1f} |")
+        lines += ["", f"## {r['model']} ({r['params']:,} parameters, {r['param_bytes'] / 2**20:.0f} MiB; one layer "
+                      f"{r['layer_bytes'] / 2**20:.1f} MiB)", "",
+                  f"Forward pass over the batch: {r['forward_s'] * 1e3:.0f} ms.", "",
+                  "| method | N | compile s | step s | × ceiling | forward passes | peak × params | budget × params |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m, entries in r["methods"].items():
+            for e in entries:
+                f = lambda k, fmt: (fmt.format(e[k]) if k in e else "")  # noqa: E731
+                lines.append(f"| {m} | {e['population']} | {e['compile_s']:.1f} | {f('step_s', '{:.2f}')} | "
+                             f"{f('ratio_to_ceiling', '{:.2f}')} | {f('forward_passes', '{:.2f}')} | "
+                             f"{e['peak_x_params']:.2f} | {f('memory_budget_x_params', '{:.2f}')} |")
     return "\n".join(lines) + "\n"
-
-
-def render(path: str) -> str:
-    """Re-evaluate the targets and rewrite the Markdown of a saved `throughput*.json` (no measuring)."""
-    import json
-
-    with open(path) as f:
-        payload = json.load(f)
-    for r in payload["rows"]:
-        r.setdefault("chunk", payload["chunk"])
-        r["populations"] = {int(n): e for n, e in r["populations"].items()}
-    payload["targets"] = evaluate_targets(payload["rows"])
-    text = markdown(payload)
-    write(os.path.dirname(path) or ".", os.path.basename(path)[:-5], payload, text)
-    return text
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="a 1-layer model, populations 8 and 16, one repeat")
-    p.add_argument("--out", default="benchmarks/results", help="directory for throughput.json / .md")
-    p.add_argument("--sizes", nargs="*", default=None, help=f"model sizes among {list(SIZES)}")
-    p.add_argument("--populations", nargs="*", type=int, default=None)
-    p.add_argument("--render", metavar="JSON", default=None, help="only re-render a saved result file")
+    p.add_argument("--quick", action="store_true", help="small shapes, depths 2 and 8, one repeat")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--distribution", default="gaussian", choices=("gaussian", "rademacher"),
+                   help="full-rank noise of es and spsa (see benchmarks/noise_cost.py)")
+    p.add_argument("--skip-compile", action="store_true", help="skip the depth sweep of compile times")
     args = p.parse_args(argv)
-    if args.render:
-        text = render(args.render)
-        print(text)
-        return {}
-    sizes = args.sizes or (["micro"] if args.quick else [s for s in SIZES if s != "micro"])
-    unknown = set(sizes) - set(SIZES)
-    if unknown:
-        raise SystemExit(f"unknown sizes {sorted(unknown)}: expected some of {list(SIZES)}")
-    pops = args.populations or ([8, 16] if args.quick else [8, 64, 512])
-    batch, seq, repeats, chunk = (2, 16, 1, 8) if args.quick else (4, 32, 3, 64)
-    rows = [measure_size(s, SIZES[s], pops, batch, seq, repeats, chunk) for s in sizes]
-    payload = {"quick": args.quick, "machine": machine(), "chunk": chunk, "rows": rows,
-               "targets": evaluate_targets(rows)}
+    batch, seq = 4, 64
+    population, chunk = 32, 8
+    depths = (2, 8) if args.quick else (2, 32)
+    repeats = 1 if args.quick else 2
+    payload = {"quick": args.quick, "machine": machine(), "batch": batch, "seq": seq, "chunk": chunk,
+               "distribution": args.distribution, "depths": list(depths)}
+    payload["compile"] = {} if args.skip_compile else measure_compile(depths, population, chunk, batch, seq,
+                                                                      args.distribution)
+    payload["rows"] = [measure_model(name, cfg, (population, 4 * population), chunk, batch, seq, repeats,
+                                     args.distribution)
+                       for name, cfg in model_configs(args.quick).items()]
+    if args.skip_compile:
+        payload["compile"] = {m: {d: float("nan") for d in depths} for m in ("es", "lowrank_es", "spsa")}
+    payload["targets"] = evaluate_targets(payload)
     text = markdown(payload)
-    paths = write(args.out, "throughput" + ("_quick" if args.quick else ""), payload, text)
+    name = "throughput" + ("_quick" if args.quick else "") + ("" if args.distribution == "gaussian" else
+                                                               f"_{args.distribution}")
+    paths = write(args.out, name, payload, text)
     print(text)
     print("wrote", *paths)
     return payload
