@@ -18,7 +18,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gfo.noise import cosine, leaf_key, member_key, sample, tree_axpy, tree_dot
+from gfo.estimators.lowrank_es import lowrank_factors
+from gfo.noise import cosine, leaf_noise, matrix_ndim, member_key, perturbed_leaf, tree_dot
+from models.linear import LowRankKernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +29,7 @@ class LOZO:
     rank: int = 2
     nu: int = 50  # steps between draws of V
     n: int = 1  # queries per step (each with its own U)
+    factored: bool = False  # the objective accepts LowRankKernel / NoisyLeaf leaves (drawn in the forward)
 
     def __post_init__(self):
         if self.eps <= 0 or self.rank < 1 or self.nu < 1 or self.n < 1:
@@ -39,38 +42,64 @@ class LOZO:
         del x0
         return jax.random.key_data(jax.random.fold_in(key, 1070))
 
+    def _factors(self, path, w, u_key, v_key):
+        u, _ = lowrank_factors(u_key, path, w.shape, self.rank)
+        _, v = lowrank_factors(v_key, path, w.shape, self.rank)
+        return u, v  # [..., m, r], [..., n, r] (per layer for stacked matrices)
+
     def perturbation(self, x, u_key: jax.Array, v_key: jax.Array):
-        """`Z`: `U Vᵀ` for 2-D leaves, Gaussian noise for the others (float32)."""
+        """`Z`: `U Vᵀ` for matrices (2-D, or 3-D stacked over layers), Gaussian noise for the others (float32)."""
         def leaf(path, w):
-            if jnp.ndim(w) == 2:
-                u = sample(leaf_key(u_key, path), (w.shape[0], self.rank))
-                v = sample(leaf_key(v_key, path), (w.shape[1], self.rank))
-                return u @ v.T
-            return sample(leaf_key(u_key, path), jnp.shape(w))
+            if matrix_ndim(path, w) == 2:
+                u, v = self._factors(path, w, u_key, v_key)
+                return jnp.einsum("...mr,...nr->...mn", u, v)
+            return leaf_noise(u_key, path, w)
+
+        return jax.tree_util.tree_map_with_path(leaf, x)
+
+    def _perturbed(self, x, u_key, v_key, scale):
+        """`x + scale · Z`, factored (`LowRankKernel` / `NoisyLeaf`, formed inside the forward) or dense."""
+        def leaf(path, w):
+            if matrix_ndim(path, w) == 2:
+                u, v = self._factors(path, w, u_key, v_key)
+                lead = w.shape[:-2]
+                kernel = LowRankKernel(w, u.astype(w.dtype), v.astype(w.dtype), jnp.broadcast_to(scale, lead))
+                return kernel if self.factored else kernel.dense()
+            return perturbed_leaf(u_key, path, w, scale, "gaussian", self.factored)
 
         return jax.tree_util.tree_map_with_path(leaf, x)
 
     def __call__(self, objective, x, batch, key, v_root, step):
         noise_key, eval_key = jax.random.split(key)
         v_key = jax.random.fold_in(jax.random.wrap_key_data(v_root), step // self.nu)
-        scale = jax.tree.map(lambda w: 1.0 / self.rank if jnp.ndim(w) == 2 else 1.0, x)
-        grads, losses, spreads = [], [], []
+        ds, losses, spreads = [], [], []
         for k in range(self.n):
-            z = self.perturbation(x, member_key(noise_key, k), v_key)
-            plus = objective(tree_axpy(self.eps, z, x), batch, eval_key)
-            minus = objective(tree_axpy(-self.eps, z, x), batch, eval_key)
+            u_key = member_key(noise_key, k)
+            signs = jnp.array([self.eps, -self.eps], jnp.float32)  # both in one vmap: Z drawn once for the pair
+            plus, minus = jax.vmap(lambda s: objective(self._perturbed(x, u_key, v_key, s), batch, eval_key))(signs)
             ok = jnp.isfinite(plus) & jnp.isfinite(minus)
-            d = jnp.where(ok, (plus - minus) / (2 * self.eps), 0.0)
-            grads.append(jax.tree.map(lambda zz, s: d * s * zz, z, scale))
+            ds.append(jnp.where(ok, (plus - minus) / (2 * self.eps), 0.0))
             losses.append(jnp.where(ok, (plus + minus) / 2, jnp.nan))
             spreads.append(jnp.abs(plus - minus))
-        total = jax.tree.map(lambda *g: sum(g) / self.n, *grads)
-        grad = jax.tree.map(lambda t, w: t.astype(w.dtype), total, x)
+
+        def estimate(queries):  # Σ_k d_k Z_k (/ r for matrices), regenerated
+            def leaf(path, w):
+                total = jnp.zeros(jnp.shape(w), jnp.float32)
+                for k in queries:
+                    u_key = member_key(noise_key, k)
+                    if matrix_ndim(path, w) == 2:
+                        u, v = self._factors(path, w, u_key, v_key)
+                        total = total + ds[k] / self.rank * jnp.einsum("...mr,...nr->...mn", u, v)
+                    else:
+                        total = total + ds[k] * leaf_noise(u_key, path, w)
+                return total
+            return jax.tree_util.tree_map_with_path(leaf, x)
+
+        h = self.n // 2
+        total = estimate(range(self.n))
+        grad = jax.tree.map(lambda t, w: (t / self.n).astype(w.dtype), total, x)
         metrics = {"loss": jnp.nanmean(jnp.stack(losses)), "grad_norm": jnp.sqrt(tree_dot(grad, grad)),
                    "loss_range": jnp.mean(jnp.stack(spreads)), "evaluations": 2 * self.n}
         if self.n >= 2:
-            h = self.n // 2
-            first = jax.tree.map(lambda *g: sum(g), *grads[:h])
-            second = jax.tree.map(lambda *g: sum(g), *grads[h:2 * h])
-            metrics["snr_cosine"] = cosine(first, second)
+            metrics["snr_cosine"] = cosine(estimate(range(h)), estimate(range(h, 2 * h)))
         return grad, metrics, v_root

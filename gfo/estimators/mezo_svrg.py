@@ -21,7 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gfo.noise import member_key, noise_like, tree_axpy, tree_dot
+from gfo.noise import leaf_noise, member_key, perturbed_leaf, tree_dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,7 @@ class MeZOSVRG:
     eps: float = 1e-3
     q: int = 10  # steps between full-batch anchors
     minibatch: int = 4  # rows of the batch per mini-batch estimate
+    factored: bool = False  # the objective accepts NoisyLeaf leaves: z is drawn inside the forward
 
     def __post_init__(self):
         if self.eps <= 0 or self.q < 1 or self.minibatch < 1:
@@ -40,21 +41,24 @@ class MeZOSVRG:
         zeros = jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), x0)
         return {"anchor": jax.tree.map(lambda w: w, x0), "anchor_grad": zeros}
 
-    def spsa(self, objective, y, batch, z, eval_key):
-        """`(ĝ, (L₊ + L₋)/2)` at `y` along `z` on `batch`; a non-finite pair gives zero."""
-        plus = objective(tree_axpy(self.eps, z, y), batch, eval_key)
-        minus = objective(tree_axpy(-self.eps, z, y), batch, eval_key)
+    def spsa(self, objective, y, batch, z_key, eval_key):
+        """`(ĝ, (L₊ + L₋)/2)` at `y` along `z = noise(z_key)` on `batch`; a non-finite pair gives zero.
+        Both signs run in one vmap that shares the draw of `z`; `ĝ` regenerates `z` leaf by leaf."""
+        def loss(scale):
+            return objective(jax.tree_util.tree_map_with_path(
+                lambda p, w: perturbed_leaf(z_key, p, w, scale, "gaussian", self.factored), y), batch, eval_key)
+
+        plus, minus = jax.vmap(loss)(jnp.array([self.eps, -self.eps], jnp.float32))
         ok = jnp.isfinite(plus) & jnp.isfinite(minus)
         d = jnp.where(ok, (plus - minus) / (2 * self.eps), 0.0)
-        return jax.tree.map(lambda zz: d * zz.astype(jnp.float32), z), (plus + minus) / 2
+        return jax.tree_util.tree_map_with_path(lambda p, w: d * leaf_noise(z_key, p, w), y), (plus + minus) / 2
 
     def __call__(self, objective, x, batch, key, state, step):
         k_full, k_mb, k_rows, eval_key = jax.random.split(key, 4)
         refresh = jnp.asarray(step) % self.q == 0
 
         def new_anchor(_):
-            z = noise_like(member_key(k_full, 0), x)
-            g, _ = self.spsa(objective, x, batch, z, eval_key)
+            g, _ = self.spsa(objective, x, batch, member_key(k_full, 0), eval_key)
             return {"anchor": x, "anchor_grad": g}
 
         state = jax.lax.cond(refresh, new_anchor, lambda s: s, state)
@@ -63,9 +67,9 @@ class MeZOSVRG:
             raise ValueError(f"MeZO-SVRG minibatch={self.minibatch} is larger than the batch ({rows} rows)")
         idx = jax.random.choice(k_rows, rows, (self.minibatch,), replace=False)
         mb = jax.tree.map(lambda b: b[idx], batch)
-        z = noise_like(member_key(k_mb, 1), x)
-        g_x, loss = self.spsa(objective, x, mb, z, eval_key)
-        g_a, _ = self.spsa(objective, state["anchor"], mb, z, eval_key)
+        z_key = member_key(k_mb, 1)
+        g_x, loss = self.spsa(objective, x, mb, z_key, eval_key)
+        g_a, _ = self.spsa(objective, state["anchor"], mb, z_key, eval_key)
         grad = jax.tree.map(lambda a, b, c, w: (a - b + c).astype(w.dtype), g_x, g_a, state["anchor_grad"], x)
         metrics = {"loss": loss, "grad_norm": jnp.sqrt(tree_dot(grad, grad)), "anchor_refresh": refresh,
                    "evaluations": 4 + 2 * refresh.astype(jnp.int32) * rows // self.minibatch}

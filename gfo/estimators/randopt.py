@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from gfo import shaping
-from gfo.noise import member_key, noise_like, tree_axpy
+from gfo.noise import member_key, noise_like, perturbed_leaf, tree_axpy
 from gfo.population import map_members
 
 
@@ -36,15 +36,17 @@ class RandOptState:
 
 class RandOpt:
     def __init__(self, population: int = 64, sigma: float = 1e-3, top_k: int = 8, batch_size: int | None = None,
-                 pop_sharding=None, distribution: str = "gaussian"):
+                 pop_sharding=None, distribution: str = "gaussian", factored: bool = False):
         if population < 1 or not 1 <= top_k <= population or sigma <= 0:
             raise ValueError(f"RandOpt population={population}, top_k={top_k}, sigma={sigma}: expected "
                              f"1 <= top_k <= population and sigma > 0")
         self.population, self.sigma, self.top_k = int(population), float(sigma), int(top_k)
         self.batch_size, self.pop_sharding, self.distribution = batch_size, pop_sharding, distribution
+        self.factored = bool(factored)  # the objective accepts NoisyLeaf leaves: members drawn inside the forward
 
     def _id(self):
-        return (self.population, self.sigma, self.top_k, self.batch_size, self.pop_sharding, self.distribution)
+        return (self.population, self.sigma, self.top_k, self.batch_size, self.pop_sharding, self.distribution,
+                self.factored)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, RandOpt) and self._id() == other._id()
@@ -60,6 +62,13 @@ class RandOpt:
         eps = noise_like(member_key(jax.random.wrap_key_data(state.noise_key), i), state.x0, self.distribution)
         return tree_axpy(self.sigma, eps, state.x0)
 
+    def evaluated_member(self, state: RandOptState, i):
+        """`θ₀ + σ ε_i` as the objective receives it: `NoisyLeaf` leaves (noise drawn in the forward) when
+        `factored`, else dense."""
+        key = member_key(jax.random.wrap_key_data(state.noise_key), i)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, w: perturbed_leaf(key, p, w, self.sigma, self.distribution, self.factored), state.x0)
+
     def init(self, key: jax.Array, x0) -> RandOptState:
         return RandOptState(x0=x0, noise_key=jax.random.key_data(key), top=jnp.full((self.top_k,), -1, jnp.int32),
                             top_losses=jnp.full((self.top_k,), jnp.inf, jnp.float32), step=jnp.zeros((), jnp.int32))
@@ -67,7 +76,7 @@ class RandOpt:
     @functools.partial(jax.jit, static_argnums=(0, 2))
     def step(self, state: RandOptState, objective: Callable, batch, key: jax.Array):
         def round_(s):
-            losses = map_members(lambda i: objective(self.member(s, i), batch, key), self.population,
+            losses = map_members(lambda i: objective(self.evaluated_member(s, i), batch, key), self.population,
                                  self.batch_size, self.pop_sharding)
             ranked = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
             order = jnp.argsort(ranked)[: self.top_k].astype(jnp.int32)
