@@ -20,6 +20,7 @@ _RMS_FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")  # RMSNorm, RoPE, gated ML
 _ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
 _LAYER_TYPES = ("full_attention", "sliding_attention")
 _ROPE_SCALINGS = (None, "linear", "llama3")
+_ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -60,6 +61,11 @@ class ModelConfig:
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap)
     final_logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap)
     initializer_range: float = 0.02
+    # Attention kernel: "xla" (jax.nn.dot_product_attention's XLA path, exact on CPU), "cudnn" (its cuDNN
+    # flash attention: GPUs, bfloat16/float16) or "einsum" (the explicit reference; soft-capped models
+    # always use it).
+    attention_impl: str = "xla"
+    remat: bool = False  # recompute each block in the backward pass (jax.checkpoint): memory O(1) in depth
     dtype: str = "float32"
     param_dtype: str = "float32"
     bos_token_id: int | None = None
@@ -78,6 +84,8 @@ class ModelConfig:
                    f"a divisor of d_model={self.d_model} (or set head_dim)")
         _check(self.dim_per_head % 2 == 0 or not self.uses_rope, "head_dim", self.dim_per_head,
                "an even number (RoPE rotates pairs of features)")
+        _check(self.attention_impl in _ATTENTION_IMPLS, "attention_impl", self.attention_impl,
+               f"one of {_ATTENTION_IMPLS}")
         _check(self.dtype in _DTYPES, "dtype", self.dtype, f"one of {tuple(_DTYPES)}")
         _check(self.param_dtype in _DTYPES, "param_dtype", self.param_dtype, f"one of {tuple(_DTYPES)}")
         _check(self.rope_type in _ROPE_SCALINGS, "rope_scaling.rope_type", self.rope_type,
@@ -129,6 +137,11 @@ class ModelConfig:
     def is_sliding(self, layer: int) -> bool:
         """Whether layer `layer` attends through a sliding window (and uses `rope_local_theta`)."""
         return self.layer_types is not None and self.layer_types[layer] == "sliding_attention"
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        """Whether any layer is sliding (the scanned decoder then selects masks and RoPE per layer)."""
+        return self.layer_types is not None and "sliding_attention" in self.layer_types
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from flax import struct
 from models.config import ModelConfig
 from models.layers import MLP, Attention, Norm, softcap
 from models.linear import embed_lookup, linear, transpose
+from models.linear import LowRankKernel, NoisyLeaf
+from models.tree import LAYERS, old_layer_keys
 
 
 @struct.dataclass
@@ -25,14 +27,14 @@ class KVCache:
     """Keys and values of every layer for `S` slots, filled left to right.
 
     Attributes:
-      k, v: one `[B, S, K, E]` array per layer.
+      k, v: [L, B, S, K, E], stacked over the layers (scanned through them with the parameters).
       valid: [B, S] bool, slots holding a real (non-padding) token.
       index: int32 scalar, the next free slot (shared by the batch: prompts are left-padded).
       next_position: [B] int32, the position id the next real token of each row gets.
     """
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: jax.Array
+    v: jax.Array
     valid: jax.Array
     index: jax.Array
     next_position: jax.Array
@@ -43,27 +45,51 @@ class KVCache:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block; with `post_norms` (Gemma 3) each branch output is normalised too."""
+    """Pre-norm residual block; with `post_norms` (Gemma 3) each branch output is normalised too.
+
+    Written as a scan body: `carry = (x [B, T, D], kv)` with `kv = None` or the whole stacked cache
+    `(k, v)` `[L, B, S, K, E]`; `layer = (index, sliding)` are this layer's scanned int32 / bool scalars;
+    `context = (positions, q_slots, k_slots, key_valid, cache_index)` is shared by every layer. With a
+    cache, this call's keys and values are written into slot `cache_index` of layer `index`, in place.
+    """
 
     config: ModelConfig
-    sliding: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, q_slots, k_slots, key_valid, cache=None):
+    def __call__(self, carry, layer, context):
         cfg = self.config
-        h, kv = Attention(cfg, self.sliding, name="attn")(
-            Norm(cfg, name="attn_norm")(x), positions, q_slots, k_slots, key_valid, cache)
+        x, kv = carry
+        index, sliding = layer
+        positions, q_slots, k_slots, key_valid, cache_index = context
+        layer_cache = None
+        if kv is not None:
+            layer_cache = (kv[0][index], kv[1][index], cache_index)
+        h, (k_new, v_new) = Attention(cfg, name="attn")(
+            Norm(cfg, name="attn_norm")(x), positions, q_slots, k_slots, key_valid, sliding, layer_cache)
+        if kv is not None:
+            at = (index, 0, cache_index, 0, 0)
+            kv = tuple(jax.lax.dynamic_update_slice(all_, new.astype(all_.dtype)[None], at)
+                       for all_, new in zip(kv, (k_new, v_new)))
         if cfg.post_norms:
             h = Norm(cfg, name="attn_post_norm")(h)
         x = x + h
         h = MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
         if cfg.post_norms:
             h = Norm(cfg, name="mlp_post_norm")(h)
-        return x + h, kv
+        return (x + h, kv), None
+
+
+def scanned_blocks(config: ModelConfig):
+    """The `Block` scanned over `config.n_layers` layers: parameters stacked under one `LAYERS` subtree
+    (a leading `[L]` axis on every leaf, one independent initialisation per layer), traced once whatever
+    the depth; with `config.remat` each block is recomputed in the backward pass."""
+    block = nn.remat(Block, prevent_cse=False) if config.remat else Block
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(0, nn.broadcast), length=config.n_layers)(config, name=LAYERS)
 
 
 class Decoder(nn.Module):
-    """Token (+ soft-prompt) embeddings → blocks → final norm → logits."""
+    """Token (+ soft-prompt) embeddings → blocks (one scan) → final norm → logits."""
 
     config: ModelConfig
 
@@ -102,17 +128,15 @@ class Decoder(nn.Module):
         if cache is None:
             q_slots = k_slots = jnp.arange(L)
             key_valid = mask
+            kv, cache_index = None, jnp.zeros((), jnp.int32)
         else:
             q_slots = cache.index + jnp.arange(L)
             k_slots = jnp.arange(cache.size)
             key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-        new_k, new_v = [], []
-        for i in range(cfg.n_layers):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i], cache.index)
-            x, (k, v) = Block(cfg, cfg.is_sliding(i), name=f"layers_{i}")(
-                x, positions, q_slots, k_slots, key_valid, layer_cache)
-            new_k.append(k)
-            new_v.append(v)
+            kv, cache_index = (cache.k, cache.v), cache.index
+        per_layer = (jnp.arange(cfg.n_layers, dtype=jnp.int32),
+                     jnp.asarray([cfg.is_sliding(i) for i in range(cfg.n_layers)]))
+        (x, kv), _ = scanned_blocks(cfg)((x, kv), per_layer, (positions, q_slots, k_slots, key_valid, cache_index))
         x = Norm(cfg, name="final_norm")(x)[:, n_prompt:]
         if last_only:  # generation's prefill needs the next-token logits only: [B, 1, V], not [B, T, V]
             x = x[:, -1:]
@@ -127,8 +151,7 @@ class Decoder(nn.Module):
             logits = softcap(logits, cfg.final_logit_softcap)
         if cache is None:
             return logits, None
-        new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid,
-                            index=cache.index + L,
+        new_cache = KVCache(k=kv[0], v=kv[1], valid=key_valid, index=cache.index + L,
                             next_position=cache.next_position + jnp.sum(mask, axis=1, dtype=jnp.int32))
         return logits, new_cache
 
@@ -172,6 +195,7 @@ class TransformerLM:
             same way (so a prompt-tuning search space can return it as part of the parameters).
         """
         params, prompt = _split_soft_prompt(params, prompt)
+        params = check_layout(params, self.config.n_layers)
         logits, _ = self._apply({"params": params}, tokens, attention_mask, positions, prompt)
         return logits
 
@@ -179,6 +203,7 @@ class TransformerLM:
         """Logits `[B, T, V]` for a relaxed input `one_hot: [B, T, V]` (rows of token probabilities), whose
         embedding is `one_hot @ embed`; with exact one-hot rows it equals `apply` on their arg-max tokens."""
         params, prompt = _split_soft_prompt(params, None)
+        params = check_layout(params, self.config.n_layers)
         tokens = jnp.zeros(one_hot.shape[:2], jnp.int32)
         logits, _ = self._apply({"params": params}, tokens, attention_mask, None, prompt, None, one_hot)
         return logits
@@ -191,7 +216,7 @@ class TransformerLM:
                              "learned position table")
         shape = (batch_size, size, cfg.kv_heads, cfg.dim_per_head)
         dtype = dtype or cfg.compute_dtype
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+        zeros = jnp.zeros((cfg.n_layers,) + shape, dtype)
         return KVCache(k=zeros, v=zeros, valid=jnp.zeros((batch_size, size), bool),
                        index=jnp.array(0, jnp.int32), next_position=jnp.zeros((batch_size,), jnp.int32))
 
@@ -201,6 +226,7 @@ class TransformerLM:
         """Run `tokens: [B, T]` after what `cache` holds; returns `(logits [B, T, V], cache)` (`[B, 1, V]`,
         the last position's, with `last_only`)."""
         params, prompt = _split_soft_prompt(params, prompt)
+        params = check_layout(params, self.config.n_layers)
         return self._apply({"params": params}, tokens, attention_mask, None, prompt, cache, None,
                            last_only=last_only)
 
@@ -215,3 +241,53 @@ def _split_soft_prompt(params: dict, prompt):
         params = dict(params)
         prompt = params.pop("soft_prompt")
     return params, prompt
+
+
+def check_layout(params, n_layers: int):
+    """`params` ready for the scanned decoder: refuses the old per-layer layout (`layers_0`, ...) and
+    stacked leaves whose layer axis is not `n_layers` long, naming them; broadcasts a scalar `scale` of
+    a `LowRankKernel`/`NoisyLeaf` under `LAYERS` to `[n_layers]` (the scan slices every leaf)."""
+    if not isinstance(params, dict):
+        return params
+    old = old_layer_keys(params)
+    if old:
+        raise ValueError(f"parameters hold per-layer subtrees {old[:3]}{'...' if len(old) > 3 else ''}: this "
+                         f"model stores its {n_layers} layers stacked in one {LAYERS!r} subtree with a leading "
+                         f"[n_layers] axis on every leaf; convert with models.stack_layers(params)")
+    if LAYERS not in params:
+        return params
+
+    def leaf(path, p):
+        name = LAYERS + "/" + "/".join(str(getattr(k, "key", k)) for k in path)
+        if isinstance(p, (LowRankKernel, NoisyLeaf)):
+            lead = jnp.shape(p.a if isinstance(p, LowRankKernel) else p.key)
+            if lead[:1] != (n_layers,):
+                kind = "factors a, b" if isinstance(p, LowRankKernel) else "key"
+                raise ValueError(f"{type(p).__name__} at {name}: its {kind} have shape {lead}, expected a leading "
+                                 f"layer axis of {n_layers} (one per layer of the stacked {LAYERS!r} subtree)")
+            if jnp.ndim(p.scale) == 0:
+                p = p.replace(scale=jnp.broadcast_to(jnp.asarray(p.scale, jnp.float32), (n_layers,)))
+        if jnp.shape(p)[:1] != (n_layers,):
+            raise ValueError(f"parameter {name} has shape {jnp.shape(p)}: expected a leading layer axis of "
+                             f"{n_layers} (the stacked {LAYERS!r} layout)")
+        return p
+
+    is_desc = lambda p: isinstance(p, (LowRankKernel, NoisyLeaf))  # noqa: E731
+    return {**params, LAYERS: jax.tree_util.tree_map_with_path(leaf, params[LAYERS], is_leaf=is_desc)}
+
+
+def stack_layers(params: dict) -> dict:
+    """Convert a parameter tree of the old per-layer layout (`layers_0`, `layers_1`, ...) to the stacked
+    one (`LAYERS` with a leading layer axis on every leaf)."""
+    old = old_layer_keys(params)
+    if not old:
+        raise ValueError(f"stack_layers: no 'layers_<i>' subtrees among {sorted(params)[:6]}")
+    rest = {k: v for k, v in params.items() if k not in old}
+    return {**rest, LAYERS: jax.tree.map(lambda *xs: jnp.stack(xs), *(params[k] for k in old))}
+
+
+def unstack_layers(params: dict) -> dict:
+    """The inverse of `stack_layers`: `layers_{i}` subtrees sliced out of the stacked `LAYERS` subtree."""
+    n = jax.tree.leaves(params[LAYERS])[0].shape[0]
+    rest = {k: v for k, v in params.items() if k != LAYERS}
+    return {**rest, **{f"layers_{i}": jax.tree.map(lambda x: x[i], params[LAYERS]) for i in range(n)}}

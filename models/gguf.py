@@ -171,7 +171,7 @@ def load_gguf(path: str, dtype: str = "float32") -> tuple[TransformerLM, dict]:
     vocab_rows = int(tensors["token_embd.weight"].shape[-1])
     cfg = config_from_gguf(meta, set(tensors), vocab_rows, dtype=dtype)
     arch = meta["general.architecture"]
-    wanted = {hf_name for hf_name, _, _ in _tensor_map(cfg)}
+    wanted = {entry[0] for entry in _tensor_map(cfg)}
     extra = sorted(n for n in tensors if n not in {gguf_name(h, arch) for h in wanted} and n != "rope_freqs.weight")
     if extra:
         raise CheckpointError(f"{path}: tensors {extra[:6]} have no place in a {arch} model of this config "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Callable
 
 import jax
@@ -24,12 +25,27 @@ import numpy as np
 from models.config import ModelConfig
 from models.decoder import TransformerLM
 from models.hf_config import SUPPORTED_MODEL_TYPES, CheckpointError, config_from_hf, config_to_hf  # noqa: F401
-from models.tree import get_path, set_path
+from models.tree import LAYERS, get_path, set_path
 
 # ----------------------------------------------------------------------------- tensor mapping
-# Each entry: (HF tensor name, our path, HF→ours transform). Transforms are their own description:
-# "copy" or "T" (transpose). GPT-2's fused c_attn is handled as three entries slicing one tensor.
-def _tensor_map(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], Any]]:
+# Each entry: (HF tensor name, our path, HF→ours transform, layer). Transforms are their own description:
+# "copy" or "T" (transpose). GPT-2's fused c_attn is handled as three entries slicing one tensor. A
+# per-layer tensor has `layer = i` and a path under the stacked `LAYERS` subtree: it is row `i` of our leaf.
+Entry = tuple[str, tuple[str, ...], Any, "int | None"]
+
+
+_LAYER_INDEX = re.compile(r"^(?:transformer\.h|model\.decoder\.layers|model\.layers)\.(\d+)\.")
+
+
+def _tensor_map(cfg: ModelConfig) -> list[Entry]:
+    out = []
+    for hf_name, path, transform in _named_tensors(cfg):
+        m = _LAYER_INDEX.match(hf_name)
+        out.append((hf_name, path, transform, int(m.group(1)) if m else None))
+    return out
+
+
+def _named_tensors(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], Any]]:
     entries: list[tuple[str, tuple[str, ...], Any]] = []
     if cfg.family == "gpt2":
         entries += [("transformer.wte.weight", ("embed",), "copy"),
@@ -38,7 +54,7 @@ def _tensor_map(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], Any]]:
                     ("transformer.ln_f.bias", ("final_norm", "bias"), "copy")]
         D = cfg.d_model
         for i in range(cfg.n_layers):
-            hf, our = f"transformer.h.{i}.", f"layers_{i}"
+            hf, our = f"transformer.h.{i}.", LAYERS
             for j, name in enumerate("qkv"):
                 part = ("split", j * D, (j + 1) * D)
                 entries += [(hf + "attn.c_attn.weight", (our, "attn", name, "kernel"), part),
@@ -59,7 +75,7 @@ def _tensor_map(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], Any]]:
                     ("model.decoder.final_layer_norm.weight", ("final_norm", "scale"), "copy"),
                     ("model.decoder.final_layer_norm.bias", ("final_norm", "bias"), "copy")]
         for i in range(cfg.n_layers):
-            hf, our = f"model.decoder.layers.{i}.", f"layers_{i}"
+            hf, our = f"model.decoder.layers.{i}.", LAYERS
             for hf_mod, our_mod in (("self_attn_layer_norm", ("attn_norm",)), ("final_layer_norm", ("mlp_norm",))):
                 entries += [(hf + hf_mod + ".weight", (our,) + our_mod + ("scale",), "copy"),
                             (hf + hf_mod + ".bias", (our,) + our_mod + ("bias",), "copy")]
@@ -82,7 +98,7 @@ def _tensor_map(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], Any]]:
     if cfg.qk_norm:
         norms += [("self_attn.q_norm", ("attn", "q_norm")), ("self_attn.k_norm", ("attn", "k_norm"))]
     for i in range(cfg.n_layers):
-        hf, our = f"model.layers.{i}.", f"layers_{i}"
+        hf, our = f"model.layers.{i}.", LAYERS
         entries += [(hf + hf_mod + ".weight", (our,) + our_mod + ("scale",), "copy") for hf_mod, our_mod in norms]
         linears = [("self_attn.q_proj", ("attn", "q"), cfg.attention_bias),
                    ("self_attn.k_proj", ("attn", "k"), cfg.attention_bias),
@@ -190,20 +206,32 @@ def _single_gguf(path: str) -> str | None:
 def params_from_tensors(model: TransformerLM, lookup: Callable[[str], Any], source: str,
                         name: Callable[[str], str] = lambda hf_name: hf_name) -> dict:
     """Our parameter pytree from `lookup(hf_name) -> array [HF layout] or None`, checking every shape;
-    `name(hf_name)` is the tensor's name in the file, for error messages."""
+    `name(hf_name)` is the tensor's name in the file, for error messages. Per-layer tensors are written
+    into row `i` of their stacked `[L, ...]` leaf (one host buffer per leaf, no copy per layer)."""
     cfg = model.config
     expected = jax.eval_shape(model.init, jax.random.key(0))
+    dtype = np.dtype(cfg.storage_dtype)
+    stacked: dict[tuple[str, ...], np.ndarray] = {}
     params: dict = {}
-    for hf_name, our_path, transform in _tensor_map(cfg):
+    for hf_name, our_path, transform, layer in _tensor_map(cfg):
         tensor = lookup(hf_name)
+        where = "/".join(our_path) + ("" if layer is None else f"[{layer}]")
         if tensor is None:
-            raise CheckpointError(f"{source}: tensor {name(hf_name)!r} (for {'/'.join(our_path)}) is missing")
+            raise CheckpointError(f"{source}: tensor {name(hf_name)!r} (for {where}) is missing")
         value = _to_ours(tensor, transform)
-        want = get_path(expected, our_path).shape
+        full = get_path(expected, our_path).shape
+        want = full if layer is None else full[1:]
         if value.shape != want:
             raise CheckpointError(f"{source}: tensor {name(hf_name)!r} has shape {tuple(tensor.shape)}, which gives "
-                                  f"{tuple(value.shape)} for {'/'.join(our_path)}; expected {want}")
-        set_path(params, our_path, jnp.asarray(value, dtype=cfg.storage_dtype))
+                                  f"{tuple(value.shape)} for {where}; expected {want}")
+        if layer is None:
+            set_path(params, our_path, jnp.asarray(value, dtype=cfg.storage_dtype))
+        else:
+            if our_path not in stacked:
+                stacked[our_path] = np.empty(full, dtype)
+            stacked[our_path][layer] = np.asarray(value).astype(dtype)
+    for our_path, value in stacked.items():
+        set_path(params, our_path, jnp.asarray(value))
     return params
 
 
@@ -214,8 +242,11 @@ def save_pretrained(model: TransformerLM, params: dict, path: str, shard_size_mb
     cfg = model.config
     os.makedirs(path, exist_ok=True)
     tensors: dict[str, np.ndarray] = {}
-    for hf_name, our_path, transform in _tensor_map(cfg):
-        value = np.asarray(jax.device_get(get_path(params, our_path)))
+    params = jax.device_get(params)  # one transfer; stacked leaves are sliced per layer on the host
+    for hf_name, our_path, transform, layer in _tensor_map(cfg):
+        value = np.asarray(get_path(params, our_path))
+        if layer is not None:
+            value = value[layer]
         if transform == "T":
             tensors[hf_name] = np.ascontiguousarray(value.T)
         elif transform == "copy":

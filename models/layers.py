@@ -101,21 +101,44 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return rotated.astype(x.dtype)
 
 
+def layer_rope_frequencies(config: ModelConfig, sliding: jax.Array | bool) -> jax.Array:
+    """The RoPE inverse frequencies `[E/2]` of one layer, `sliding` a Python or traced bool: both sets
+    are computed and one selected, so the decoder's scan over layers needs no Python branch."""
+    if config.has_sliding_layers and config.rope_local_theta is not None:
+        return jnp.where(sliding, rope_frequencies(config, local=True), rope_frequencies(config))
+    return rope_frequencies(config)
+
+
+def attention_mask(config: ModelConfig, q_slots, k_slots, key_valid, sliding: jax.Array | bool) -> jax.Array:
+    """`[B, T, S]` bool: the query at slot q may see the valid keys at slots s <= q (and, in a sliding
+    layer, s > q - window); `sliding` may be traced (one scanned flag per layer)."""
+    allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+    if config.has_sliding_layers:
+        in_window = k_slots[None, :] > q_slots[:, None] - config.sliding_window
+        allowed &= in_window | ~jnp.asarray(sliding)
+    return allowed[None] & key_valid[:, None, :]
+
+
 class Attention(nn.Module):
     """Causal multi-head / grouped-query self-attention with an optional KV cache.
 
     Call with `x: [B, T, D]`, `positions: [B, T]` (rotary positions), `q_slots: [T]` and
     `k_slots: [S]` (order of queries and keys in the sequence, for the causal mask), `key_valid: [B, S]`
-    (padding mask of the keys), and optionally `cache = (k, v, index)` with `k, v: [B, S, K, E]`
-    into which this call's keys/values are written at slot `index`. Returns `(y: [B, T, D], (k, v))`.
-    A sliding layer (`sliding=True`) lets the query at slot q see keys at slots q - window < s <= q.
+    (padding mask of the keys), `sliding` (bool scalar, possibly traced: a sliding layer lets the query
+    at slot q see keys at slots q - window < s <= q, and uses `rope_local_theta`), and optionally
+    `cache = (k, v, index)` with `k, v: [B, S, K, E]` into which this call's keys/values are written at
+    slot `index`. Returns `(y: [B, T, D], (k_new, v_new))` with this call's keys and values
+    `[B, T, K, E]` (after RoPE), which the caller stores.
+
+    `config.attention_impl` picks the kernel: "xla" / "cudnn" call `jax.nn.dot_product_attention`
+    (cuDNN flash attention on GPUs, bfloat16/float16 only), "einsum" the explicit reference below. A
+    model with `attn_logit_softcap` always takes "einsum": `dot_product_attention` has no soft-capping.
     """
 
     config: ModelConfig
-    sliding: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, q_slots, k_slots, key_valid, cache=None):
+    def __call__(self, x, positions, q_slots, k_slots, key_valid, sliding=False, cache=None):
         cfg = self.config
         H, K, E = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
         B, T, _ = x.shape
@@ -127,28 +150,38 @@ class Attention(nn.Module):
             q = Norm(cfg, name="q_norm")(q)
             k = Norm(cfg, name="k_norm")(k)
         if cfg.uses_rope:
-            inv_freq = rope_frequencies(cfg, local=self.sliding)
+            inv_freq = layer_rope_frequencies(cfg, sliding)
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
+        new_kv = (k, v)
         if cache is not None:
             k_all, v_all, index = cache
             k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, index, 0, 0))
             v = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, index, 0, 0))
-        q = q.reshape(B, T, K, H // K, E)
+        allowed = attention_mask(cfg, q_slots, k_slots, key_valid, sliding)
         scale = (cfg.query_pre_attn_scalar or E) ** -0.5
-        scores = jnp.einsum("btkge,bske->bkgts", q, k.astype(q.dtype),
-                            preferred_element_type=jnp.float32) * scale
-        if cfg.attn_logit_softcap is not None:
-            scores = softcap(scores, cfg.attn_logit_softcap)
-        causal = k_slots[None, :] <= q_slots[:, None]  # [T, S]
-        if self.sliding:
-            causal &= k_slots[None, :] > q_slots[:, None] - cfg.sliding_window
-        allowed = causal[None] & key_valid[:, None, :]  # [B, T, S]
-        scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-        y = jnp.einsum("bkgts,bske->btkge", probs, v.astype(cfg.compute_dtype)).reshape(B, T, H * E)
-        y = Linear(cfg.d_model, cfg.out_bias, cfg, init_std=out_std, name="o")(y)
-        return y, (k, v)
+        if cfg.attention_impl == "einsum" or cfg.attn_logit_softcap is not None:
+            y = _einsum_attention(cfg, q, k, v, allowed, scale)
+        else:
+            dt = cfg.compute_dtype
+            y = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt), mask=allowed[:, None],
+                                             scale=scale, implementation=cfg.attention_impl)
+        y = Linear(cfg.d_model, cfg.out_bias, cfg, init_std=out_std, name="o")(y.reshape(B, T, H * E))
+        return y, new_kv
+
+
+def _einsum_attention(cfg: ModelConfig, q, k, v, allowed, scale) -> jax.Array:
+    """The reference attention: `q: [B, T, H, E]`, `k, v: [B, S, K, E]`, `allowed: [B, T, S]` →
+    `[B, T, H, E]`; scores and softmax in float32, soft-capped before masking (Gemma 2)."""
+    B, T, H, E = q.shape
+    K = k.shape[2]
+    q = q.reshape(B, T, K, H // K, E)
+    scores = jnp.einsum("btkge,bske->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    if cfg.attn_logit_softcap is not None:
+        scores = softcap(scores, cfg.attn_logit_softcap)
+    scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+    return jnp.einsum("bkgts,bske->btkge", probs, v.astype(cfg.compute_dtype)).reshape(B, T, H, E)
 
 
 def softcap(x: jax.Array, cap: float) -> jax.Array:

@@ -1,7 +1,10 @@
 """The one linear primitive every matmul of the models goes through.
 
 A kernel is either a dense array `W: [d_in, d_out]` or a `LowRankKernel` meaning `W + scale · A Bᵀ`
-with `A: [d_in, r]`, `B: [d_out, r]`. The low-rank form is applied as `x@W + scale·(x@A)@Bᵀ`, never
+with `A: [d_in, r]`, `B: [d_out, r]` (or a `NoisyLeaf`, `W + scale · ε(key)`, drawn where it is read).
+Descriptors may carry leading "layer" axes on every leaf (the stacked layer layout: `w [L, d_in, d_out]`,
+`a [L, d_in, r]`, `b [L, d_out, r]`, `scale [L]`); the decoder's scan slices them one layer at a time,
+so `linear` itself sees 2-D kernels. The low-rank form is applied as `x@W + scale·(x@A)@Bᵀ`, never
 forming the sum: under `vmap` over a population whose members differ only in `(A, B)` while `W` is
 shared (`in_axes=None`), `x@W` is one large matmul over all members, and each member adds an
 `O(r·(d_in + d_out))` correction. This is what lets low-rank evolution strategies (EGGROLL) and LoRA run
@@ -23,10 +26,13 @@ class LowRankKernel:
     """`w + scale · a @ b.T` kept factored.
 
     Attributes:
-      w: [d_in, d_out] base kernel (shared across a population).
-      a: [d_in, r] left factor.
-      b: [d_out, r] right factor.
-      scale: scalar multiplier (e.g. σ/√r for EGGROLL, α/r for LoRA).
+      w: [*lead, d_in, d_out] base kernel (shared across a population).
+      a: [*lead, d_in, r] left factor.
+      b: [*lead, d_out, r] right factor.
+      scale: multiplier of shape `lead` or a scalar (e.g. σ/√r for EGGROLL, α/r for LoRA).
+
+    `lead` is `()` for a plain kernel and `(L,)` for a kernel of the stacked `layers` subtree, where every
+    leaf, `scale` included, must carry the layer axis (the decoder's scan slices each leaf along it).
     """
 
     w: jax.Array
@@ -47,13 +53,15 @@ class LowRankKernel:
         return self.a.shape[-1]
 
     def dense(self) -> jax.Array:
-        """The materialised `[d_in, d_out]` kernel (for tests and export, not for the hot path)."""
-        delta = jnp.einsum("ir,or->io", self.a.astype(jnp.float32), self.b.astype(jnp.float32))
-        return (self.w.astype(jnp.float32) + self.scale * delta).astype(self.w.dtype)
+        """The materialised `[*lead, d_in, d_out]` kernel (for tests and export, not for the hot path)."""
+        delta = jnp.einsum("...ir,...or->...io", self.a.astype(jnp.float32), self.b.astype(jnp.float32))
+        scale = jnp.asarray(self.scale, jnp.float32)
+        scale = scale.reshape(scale.shape + (1, 1)) if scale.ndim else scale
+        return (self.w.astype(jnp.float32) + scale * delta).astype(self.w.dtype)
 
     def transpose(self) -> "LowRankKernel":
-        """`(W + s A Bᵀ)ᵀ = Wᵀ + s B Aᵀ`."""
-        return LowRankKernel(self.w.T, self.b, self.a, self.scale)
+        """`(W + s A Bᵀ)ᵀ = Wᵀ + s B Aᵀ` (the last two axes of `w` swapped; leading axes kept)."""
+        return LowRankKernel(jnp.swapaxes(self.w, -1, -2), self.b, self.a, self.scale)
 
 
 @struct.dataclass
@@ -167,4 +175,4 @@ def embed_lookup(table: Kernel, ids: jax.Array, dtype) -> jax.Array:
 def transpose(kernel: Kernel) -> Kernel:
     if isinstance(kernel, NoisyLeaf):
         kernel = kernel.dense()
-    return kernel.transpose() if isinstance(kernel, LowRankKernel) else kernel.T
+    return kernel.transpose() if isinstance(kernel, LowRankKernel) else jnp.swapaxes(kernel, -1, -2)
