@@ -7,20 +7,26 @@
 
     model = models.TransformerLM(models.tiny("llama"))                   # or models.gpt2(...), llama(...)
     params = model.init(jax.random.key(0))
+
+Parameters: `embed`, `pos_embed` (learned positions), `final_norm/*`, `lm_head` (untied), and the blocks
+stacked in ONE subtree `layers` (`models.LAYERS`) whose every leaf has a leading `[n_layers]` axis, e.g.
+`layers/attn/q/kernel: [L, d_in, d_out]`, `layers/attn_norm/scale: [L, D]`; the decoder is one scan over it.
 """
 
 from models.config import ModelConfig, gemma3, gpt2, llama, opt, qwen2, qwen3, tiny
-from models.decoder import KVCache, TransformerLM
+from models.decoder import KVCache, TransformerLM, stack_layers, unstack_layers
 from models.generate import Generation, completion_logprobs, generate, sample_logits
 from models.gguf import gguf_tokenizer, load_gguf
 from models.hf import CheckpointError, config_from_hf, config_to_hf, from_pretrained, save_pretrained
-from models.linear import LowRankKernel, linear
+from models.linear import LowRankKernel, NoisyLeaf, linear
 from models.lora import init_lora, merge_lora
 from models.prompt import init_prompt
 from models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
+from models.tree import LAYERS
 
 __all__ = [
     "ModelConfig", "gpt2", "llama", "opt", "qwen2", "qwen3", "gemma3", "tiny", "KVCache", "TransformerLM",
+    "LAYERS", "stack_layers", "unstack_layers", "NoisyLeaf",
     "Generation", "generate", "completion_logprobs", "sample_logits", "load_gguf", "gguf_tokenizer",
     "CheckpointError", "config_from_hf", "config_to_hf", "from_pretrained",
     "save_pretrained", "LowRankKernel", "linear", "init_lora", "merge_lora", "init_prompt",

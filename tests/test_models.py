@@ -178,36 +178,59 @@ def test_lowrank_linear_equals_dense_kernel_also_under_vmap_with_shared_w():
                                rtol=1e-5, atol=1e-4)
 
 
+def test_stacked_lowrank_kernel_dense_and_transpose_act_per_layer():
+    k = jax.random.split(jax.random.key(0), 4)
+    w, a, b = (jax.random.normal(k[0], (3, 16, 24)), jax.random.normal(k[1], (3, 16, 2)),
+               jax.random.normal(k[2], (3, 24, 2)))
+    scale = jnp.array([0.1, -0.2, 0.3])
+    kernel = LowRankKernel(w, a, b, scale)
+    for i in range(3):
+        np.testing.assert_allclose(kernel.dense()[i], w[i] + scale[i] * a[i] @ b[i].T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kernel.transpose().dense(), jnp.swapaxes(kernel.dense(), -1, -2), rtol=1e-6)
+    np.testing.assert_allclose(LowRankKernel(w, a, b, 0.5).dense(), w + 0.5 * jnp.einsum("lir,lor->lio", a, b),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_lowrank_perturbed_model_equals_dense_perturbed_model(tiny_model):
     model, params = tiny_model
     tokens = _tokens(5, (2, 6))
-    path = ("layers_1", "mlp")
-    name = "fc" if "fc" in params["layers_1"]["mlp"] else "up"
-    w = params["layers_1"]["mlp"][name]["kernel"]
-    a = jax.random.normal(jax.random.key(1), (w.shape[0], 1))
-    b = jax.random.normal(jax.random.key(2), (w.shape[1], 1))
+    L = model.config.n_layers
+    name = "fc" if "fc" in params[models.LAYERS]["mlp"] else "up"
+    w = params[models.LAYERS]["mlp"][name]["kernel"]  # [L, d_in, d_out]: one factor pair per layer
+    a = jax.random.normal(jax.random.key(1), (L, w.shape[1], 1))
+    b = jax.random.normal(jax.random.key(2), (L, w.shape[2], 1))
+    scale = jnp.array([0.05, -0.03])
     emb_a = jax.random.normal(jax.random.key(3), (params["embed"].shape[0], 1))
     emb_b = jax.random.normal(jax.random.key(4), (params["embed"].shape[1], 1))
 
     def with_kernels(kernel, embed):
         p = jax.tree.map(lambda v: v, params)
-        p[path[0]][path[1]][name]["kernel"] = kernel
+        p[models.LAYERS]["mlp"][name]["kernel"] = kernel
         p["embed"] = embed
         return p
 
-    low = with_kernels(LowRankKernel(w, a, b, 0.05), LowRankKernel(params["embed"], emb_a, emb_b, 0.01))
-    dense = with_kernels(w + 0.05 * a @ b.T, params["embed"] + 0.01 * emb_a @ emb_b.T)
+    low = with_kernels(LowRankKernel(w, a, b, scale), LowRankKernel(params["embed"], emb_a, emb_b, 0.01))
+    dense = with_kernels(w + scale[:, None, None] * jnp.einsum("lir,lor->lio", a, b),
+                         params["embed"] + 0.01 * emb_a @ emb_b.T)
     np.testing.assert_allclose(model.apply(params=low, tokens=tokens), model.apply(dense, tokens),
                                rtol=1e-4, atol=1e-4)
+    # a scalar scale on a stacked kernel means the same scale in every layer
+    same = with_kernels(LowRankKernel(w, a, b, 0.05), params["embed"])
+    np.testing.assert_allclose(model.apply(same, tokens), model.apply(
+        with_kernels(w + 0.05 * jnp.einsum("lir,lor->lio", a, b), params["embed"]), tokens), rtol=1e-4, atol=1e-4)
 
 
 def test_zero_initialised_lora_leaves_logits_unchanged(tiny_model):
     model, params = tiny_model
     tokens = _tokens(6, (2, 8))
     lora = models.init_lora(jax.random.key(0), params, rank=4, targets=("q", "v", "o"))
-    assert set(lora["layers_0"]["attn"]) == {"q", "v", "o"}
+    assert set(lora[models.LAYERS]["attn"]) == {"q", "v", "o"}
+    L, D = model.config.n_layers, model.config.d_model
+    assert lora[models.LAYERS]["attn"]["q"]["kernel"]["a"].shape == (L, D, 4)  # one pair per layer
+    assert lora[models.LAYERS]["attn"]["q"]["kernel"]["b"].shape == (L, D, 4)
     merged = models.merge_lora(params, lora, alpha=8.0)
-    assert isinstance(merged["layers_0"]["attn"]["q"]["kernel"], LowRankKernel)
+    q = merged[models.LAYERS]["attn"]["q"]["kernel"]
+    assert isinstance(q, LowRankKernel) and q.scale.shape == (L,)
     np.testing.assert_array_equal(np.asarray(model.apply(merged, tokens)), np.asarray(model.apply(params, tokens)))
 
 
