@@ -25,11 +25,14 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from gfo.noise import path_name
+from models.tree import LAYERS
 
 AXES = ("pop", "data", "model")
 
 # (regex over the leaf's path, which axis of the leaf goes over `model`); the first match wins. Paths
-# inside optimizer states (Adam moments) end in the parameter's path, so one rule covers both.
+# inside optimizer states (Adam moments) end in the parameter's path, so one rule covers both. Axes count
+# from the layer's own shape: a leaf of the stacked `layers/` subtree ([n_layers, ...]) shifts the axis by
+# one, and its layer axis stays replicated (every device runs every layer of the scan).
 DEFAULT_RULES: tuple[tuple[str, int], ...] = (
     (r"(^|/)(q|k|v|gate|up|fc)/kernel$", 1),  # column-parallel: output features
     (r"(^|/)(q|k|v|gate|up|fc)/bias$", 0),
@@ -38,6 +41,7 @@ DEFAULT_RULES: tuple[tuple[str, int], ...] = (
     (r"(^|/)lm_head$", 1),
 )
 
+_STACKED = re.compile(rf"(^|/){LAYERS}/")
 _initialized = False
 
 
@@ -164,10 +168,12 @@ def leaf_spec(name: str, shape: tuple, model_size: int, rules=DEFAULT_RULES) -> 
     """The `PartitionSpec` of one parameter-like leaf: one axis over `model` by `rules`, else replicated.
 
     A leaf whose matched axis is not divisible by the model axis stays replicated (correct, only less
-    memory-efficient), as do scalars and leaves no rule matches.
+    memory-efficient), as do scalars and leaves no rule matches. Rules name the axis of one layer's
+    parameter; for a stacked leaf (a path through `models.LAYERS`) it is shifted past the layer axis.
     """
     if model_size > 1:
         for pattern, axis in rules:
+            axis += bool(_STACKED.search(name))
             if re.search(pattern, name) and len(shape) > axis and shape[axis] % model_size == 0:
                 spec = [None] * len(shape)
                 spec[axis] = "model"

@@ -23,7 +23,7 @@ DISTRIBUTIONS = ("gaussian", "rademacher")
 
 
 def path_name(path) -> str:
-    """`"layers_0/attn/q/kernel"` for a `jax.tree_util` key path."""
+    """`"layers/attn/q/kernel"` for a `jax.tree_util` key path (stacked leaves: one name for all layers)."""
     parts = []
     for k in path:
         parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 
 import models
 from gfo.noise import leaf_key, path_name, tree_size
-from models.linear import embed_lookup
-from models.tree import set_path
+from models.linear import embed_lookup, materialize
+from models.tree import get_path, set_path
 
 
 class Space:
@@ -44,41 +44,71 @@ class Space:
 
 
 class Full(Space):
-    """The model's weights themselves, optionally only those whose path matches `filter`.
+    """The model's weights themselves, optionally only those whose path matches `filter` / in `layers`.
 
-    `x` is a flat dict `{"layers_0/attn/q/kernel": array, ...}` of the searched leaves; the others stay
+    `x` is a flat dict `{"layers/attn/q/kernel": array, ...}` of the searched leaves; the others stay
     at their base values. `filter` is a regular expression searched in each leaf's path name, or a
-    predicate `(path_name, leaf) -> bool`.
+    predicate `(path_name, leaf) -> bool`. The blocks are stacked: every leaf under `layers/` (the
+    constant `models.LAYERS`) has a leading `[n_layers]` axis, so a path names one module in all layers.
+    `layers=[0, 3]` searches those layers only: it selects the stacked leaves (still narrowed by
+    `filter`), and `x` holds their rows `[len(layers), ...]`, written back into the stacked leaves by
+    `to_params` (a `LowRankKernel`/`NoisyLeaf` given for such a leaf is materialised first).
     """
 
     lowrank_ok = True
 
-    def __init__(self, params, filter: str | Callable[[str, jax.Array], bool] | None = None):
+    def __init__(self, params, filter: str | Callable[[str, jax.Array], bool] | None = None,
+                 layers=None):
         self.base = params
         if filter is None:
             pred = lambda name, leaf: True  # noqa: E731
         elif isinstance(filter, str):
+            if re.search(r"layers_\d", filter):
+                raise ValueError(f"Full(filter={filter!r}) names a layer the old way ('layers_<i>'): layers are "
+                                 f"stacked under {models.LAYERS + '/'!r} now (e.g. 'layers/attn/q/kernel'); select "
+                                 f"layers with Full(params, filter=..., layers=[i, ...])")
             pattern = re.compile(filter)
             pred = lambda name, leaf: bool(pattern.search(name))  # noqa: E731
         else:
             pred = filter
+        self.layers = None
+        if layers is not None:
+            n = _n_layers(params)
+            self.layers = tuple(int(i) for i in layers)
+            if not self.layers or len(set(self.layers)) != len(self.layers) or not all(0 <= i < n for i in self.layers):
+                raise ValueError(f"Full(layers={list(layers)}): expected distinct layer indices in [0, {n})")
+            inner = pred
+            pred = lambda name, leaf: models.tree.is_stacked(name) and inner(name, leaf)  # noqa: E731
         leaves = jax.tree_util.tree_flatten_with_path(params)[0]
         self._paths = {path_name(p): tuple(str(getattr(k, "key", k)) for k in p)
                        for p, leaf in leaves if pred(path_name(p), leaf)}
         if not self._paths:
             names = [path_name(p) for p, _ in leaves]
-            raise ValueError(f"Full(filter={filter!r}) selects no parameter; paths look like {names[:4]}")
+            raise ValueError(f"Full(filter={filter!r}, layers={layers}) selects no parameter; paths look like "
+                             f"{names[:4]}")
 
     def init(self, key: jax.Array) -> dict:
         del key
         flat = {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(self.base)[0]}
-        return {name: flat[name] for name in self._paths}
+        if self.layers is None:
+            return {name: flat[name] for name in self._paths}
+        rows = jnp.asarray(self.layers)
+        return {name: flat[name][rows] for name in self._paths}
 
     def to_params(self, x: dict):
         params = jax.tree.map(lambda v: v, self.base)
         for name, value in x.items():
+            if self.layers is not None:
+                value = get_path(self.base, self._paths[name]).at[jnp.asarray(self.layers)].set(materialize(value))
             set_path(params, self._paths[name], value)
         return params
+
+
+def _n_layers(params) -> int:
+    if not isinstance(params, dict) or models.LAYERS not in params:
+        raise ValueError(f"Full(layers=...) needs the stacked {models.LAYERS!r} subtree; the parameters have "
+                         f"{sorted(params)[:6] if isinstance(params, dict) else type(params).__name__}")
+    return int(jnp.shape(jax.tree.leaves(params[models.LAYERS])[0])[0])
 
 
 class LoRA(Space):

@@ -244,9 +244,15 @@ def _split_soft_prompt(params: dict, prompt):
 
 
 def check_layout(params, n_layers: int):
-    """`params` ready for the scanned decoder: refuses the old per-layer layout (`layers_0`, ...) and
-    stacked leaves whose layer axis is not `n_layers` long, naming them; broadcasts a scalar `scale` of
-    a `LowRankKernel`/`NoisyLeaf` under `LAYERS` to `[n_layers]` (the scan slices every leaf)."""
+    """`params` ready for the scanned decoder.
+
+    Refuses the old per-layer layout (`layers_0`, ...) and stacked leaves whose layer axis is not
+    `n_layers` long, naming them. A `LowRankKernel`/`NoisyLeaf` under `LAYERS` is either *stacked* — every
+    leaf with the layer axis (`w [L, m, n]`, `a [L, m, r]`, `b [L, n, r]`; `key [L]`), sliced by the scan
+    and applied one layer at a time; a scalar `scale` is broadcast to `[L]` — or describes the whole
+    stacked array at once (`a`, `b` the factors of a 2-D `w [L, D]`, or one `key` for all of `w`), which
+    is materialised here, before the scan (exact, but the perturbed leaf then exists in full).
+    """
     if not isinstance(params, dict):
         return params
     old = old_layer_keys(params)
@@ -260,13 +266,7 @@ def check_layout(params, n_layers: int):
     def leaf(path, p):
         name = LAYERS + "/" + "/".join(str(getattr(k, "key", k)) for k in path)
         if isinstance(p, (LowRankKernel, NoisyLeaf)):
-            lead = jnp.shape(p.a if isinstance(p, LowRankKernel) else p.key)
-            if lead[:1] != (n_layers,):
-                kind = "factors a, b" if isinstance(p, LowRankKernel) else "key"
-                raise ValueError(f"{type(p).__name__} at {name}: its {kind} have shape {lead}, expected a leading "
-                                 f"layer axis of {n_layers} (one per layer of the stacked {LAYERS!r} subtree)")
-            if jnp.ndim(p.scale) == 0:
-                p = p.replace(scale=jnp.broadcast_to(jnp.asarray(p.scale, jnp.float32), (n_layers,)))
+            p = _stacked_descriptor(p, n_layers, name)
         if jnp.shape(p)[:1] != (n_layers,):
             raise ValueError(f"parameter {name} has shape {jnp.shape(p)}: expected a leading layer axis of "
                              f"{n_layers} (the stacked {LAYERS!r} layout)")
@@ -274,6 +274,36 @@ def check_layout(params, n_layers: int):
 
     is_desc = lambda p: isinstance(p, (LowRankKernel, NoisyLeaf))  # noqa: E731
     return {**params, LAYERS: jax.tree_util.tree_map_with_path(leaf, params[LAYERS], is_leaf=is_desc)}
+
+
+def _stacked_descriptor(p, n_layers: int, name: str):
+    """`p` in the stacked form the scan slices (scale broadcast to `[L]`), or materialised (see check_layout)."""
+    w_shape, scale_shape = jnp.shape(p.w), jnp.shape(p.scale)
+    if isinstance(p, LowRankKernel):
+        a, b = jnp.shape(p.a), jnp.shape(p.b)
+        if len(w_shape) >= 3 and len(a) == len(b) == len(w_shape) and {w_shape[0], a[0], b[0]} == {n_layers}:
+            stacked = a[1:-1] == w_shape[1:-1] and b[1:-1] == w_shape[-1:] and a[-1] == b[-1]
+            form = "stacked"
+        else:
+            stacked = a[:-1] == w_shape[:-1] and b[:-1] == w_shape[-1:] and a[-1] == b[-1] and len(a) == 2
+            form = "whole-leaf"
+        ok = stacked and scale_shape in ((), (n_layers,) if form == "stacked" else ())
+        if not ok:
+            raise ValueError(f"LowRankKernel at {name}: w {w_shape}, a {a}, b {b}, scale {scale_shape} fit neither "
+                             f"the stacked form (w [L, m, n], a [L, m, r], b [L, n, r], scale [] or [L], L = "
+                             f"{n_layers}) nor factors of the whole leaf (a [{w_shape[0] if w_shape else '?'}, r], "
+                             f"b [{w_shape[-1] if w_shape else '?'}, r], a scalar scale)")
+    else:
+        key = jnp.shape(p.key)
+        form = "stacked" if key == (n_layers,) else ("whole-leaf" if key == () else "bad")
+        if form == "bad" or scale_shape not in ((), key):
+            raise ValueError(f"NoisyLeaf at {name}: key {key}, scale {scale_shape}: expected one key per layer "
+                             f"([{n_layers}], scale [] or [{n_layers}]) or one key for the whole leaf (scalar scale)")
+    if form == "whole-leaf":
+        return p.dense()
+    if scale_shape == ():
+        p = p.replace(scale=jnp.broadcast_to(jnp.asarray(p.scale, jnp.float32), (n_layers,)))
+    return p
 
 
 def stack_layers(params: dict) -> dict:

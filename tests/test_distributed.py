@@ -71,12 +71,14 @@ def test_model_axis_rules_split_columns_rows_and_vocabulary(tiny_model):
     mesh = distributed.make_mesh(2, 1, 4)
     specs = {path_name(p): s.spec for p, s in
              jax.tree_util.tree_flatten_with_path(distributed.shardings(params, mesh))[0]}
-    assert specs["layers_0/attn/q/kernel"] == P(None, "model")  # column-parallel
-    assert specs["layers_0/attn/o/kernel"] == P("model", None)  # row-parallel
+    # stacked [n_layers, d_in, d_out]: the layer axis replicated, the rule's axis shifted by one
+    assert specs["layers/attn/q/kernel"] == P(None, None, "model")  # column-parallel
+    assert specs["layers/attn/o/kernel"] == P(None, "model", None)  # row-parallel
+    assert specs.get("layers/attn/q/bias", P(None, "model")) == P(None, "model")  # gpt2 has biases
     assert specs["embed"] == P()  # vocabulary 259 is not divisible by 4: replicated
     assert all(s == P() for k, s in specs.items() if k.endswith("scale"))
     placed = distributed.place(params, mesh)
-    assert placed["layers_0"]["attn"]["q"]["kernel"].sharding.spec == P(None, "model")
+    assert placed["layers"]["attn"]["q"]["kernel"].sharding.spec == P(None, None, "model")
     _assert_close(_flat(placed), _flat(params), 0.0)
 
 
@@ -114,7 +116,7 @@ def test_es_step_on_a_pop_data_model_mesh_equals_one_device(lm_problem, estimato
     mesh = distributed.make_mesh(2, 2, 2)
     sharded, metrics, placed_batch, opt = run(mesh)
     assert placed_batch.sharding.spec == P("data")  # each member's batch is split over `data`
-    assert sharded.x["layers_0/mlp/fc/kernel"].sharding.spec == P(None, "model")  # column-parallel
+    assert sharded.x["layers/mlp/fc/kernel"].sharding.spec == P(None, None, "model")  # column-parallel
     # The fitness inside the step: losses of the 16 members live on the `pop` axis.
     losses = jax.jit(lambda x, b: opt.estimator.evaluate(
         lambda i: objective(x, b, key) + i.astype(jnp.float32), 16)[0])(sharded.x, placed_batch)

@@ -78,18 +78,29 @@ def test_noisy_leaves_everywhere_equal_their_dense_tree():
     assert float(jnp.max(jnp.abs(q[0] / 0.01 - q[1] / 0.02))) > 0.1
 
 
-def test_stacked_descriptor_without_a_layer_axis_is_refused():
+def test_whole_leaf_descriptors_are_materialised_and_bad_ones_refused():
+    """Under `layers` a descriptor is per layer (sliced by the scan) or describes the whole stacked array
+    (a `NoisyLeaf` with one key, factors of a stacked `[L, D]` vector leaf): the latter means its `.dense()`."""
     model = models.TransformerLM(models.tiny("llama"))
     params = model.init(jax.random.key(0))
+    tokens = _tokens(0, (1, 4))
     w = params[models.LAYERS]["attn"]["q"]["kernel"]
-    bad = jax.tree.map(lambda v: v, params)
-    bad[models.LAYERS]["attn"]["q"]["kernel"] = NoisyLeaf(w, jax.random.key(0), jnp.float32(0.1))
-    with pytest.raises(ValueError, match=r"layers/attn/q/kernel.*leading layer axis of 2"):
-        model.apply(bad, _tokens(0, (1, 4)))
-    bad[models.LAYERS]["attn"]["q"]["kernel"] = LowRankKernel(w, jnp.ones(w.shape[1:2] + (1,)),
-                                                              jnp.ones(w.shape[2:] + (1,)), 0.1)
-    with pytest.raises(ValueError, match=r"LowRankKernel at layers/attn/q/kernel"):
-        model.apply(bad, _tokens(0, (1, 4)))
+    s = params[models.LAYERS]["mlp_norm"]["scale"]  # [L, D]
+    noisy = NoisyLeaf(w, jax.random.key(0), jnp.float32(0.1))
+    low = LowRankKernel(s, jnp.ones((s.shape[0], 1)), jnp.linspace(-1, 1, s.shape[1])[:, None], 0.3)
+
+    def swap(q, scale):
+        p = jax.tree.map(lambda v: v, params)
+        p[models.LAYERS]["attn"]["q"]["kernel"], p[models.LAYERS]["mlp_norm"]["scale"] = q, scale
+        return p
+
+    np.testing.assert_allclose(model.apply(swap(noisy, low), tokens), model.apply(swap(noisy.dense(), low.dense()),
+                                                                                  tokens), rtol=1e-5, atol=1e-5)
+    bad = LowRankKernel(w, jnp.ones(w.shape[1:2] + (1,)), jnp.ones(w.shape[2:] + (2,)), 0.1)
+    with pytest.raises(ValueError, match=r"LowRankKernel at layers/attn/q/kernel.*fit neither the stacked form"):
+        model.apply(swap(bad, s), tokens)
+    with pytest.raises(ValueError, match=r"NoisyLeaf at layers/attn/q/kernel: key \(3,\)"):
+        model.apply(swap(NoisyLeaf(w, jax.random.split(jax.random.key(0), 3), jnp.float32(0.1)), s), tokens)
 
 
 def test_old_per_layer_layout_is_a_clear_error_and_converts():

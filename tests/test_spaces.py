@@ -20,21 +20,43 @@ def test_full_space_round_trips_and_filters(tiny_model):
     jax.tree.map(np.testing.assert_array_equal, full.to_params(x), params)
     attn = spaces.Full(params, filter=r"attn/(q|v)/kernel")
     x = attn.init(None)
-    assert sorted(x) == ["layers_0/attn/q/kernel", "layers_0/attn/v/kernel", "layers_1/attn/q/kernel",
-                         "layers_1/attn/v/kernel"]
+    assert sorted(x) == ["layers/attn/q/kernel", "layers/attn/v/kernel"]  # stacked: [n_layers, d_in, d_out]
+    assert x["layers/attn/q/kernel"].shape[0] == model.config.n_layers
     moved = attn.to_params({k: v + 1.0 for k, v in x.items()})
-    np.testing.assert_array_equal(moved["layers_1"]["attn"]["q"]["kernel"], params["layers_1"]["attn"]["q"]["kernel"] + 1)
-    np.testing.assert_array_equal(moved["layers_1"]["attn"]["k"]["kernel"], params["layers_1"]["attn"]["k"]["kernel"])
+    np.testing.assert_array_equal(moved["layers"]["attn"]["q"]["kernel"], params["layers"]["attn"]["q"]["kernel"] + 1)
+    np.testing.assert_array_equal(moved["layers"]["attn"]["k"]["kernel"], params["layers"]["attn"]["k"]["kernel"])
     with pytest.raises(ValueError, match="selects no parameter"):
         spaces.Full(params, filter="no_such_layer")
+    with pytest.raises(ValueError, match=r"old way \('layers_<i>'\).*layers=\[i, ...\]"):
+        spaces.Full(params, filter="layers_0/attn")
+
+
+def test_full_space_selects_single_layers(tiny_model):
+    model, params = tiny_model
+    one = spaces.Full(params, filter="attn/q/kernel", layers=[1])
+    x = one.init(None)
+    w = params["layers"]["attn"]["q"]["kernel"]
+    assert list(x) == ["layers/attn/q/kernel"] and x["layers/attn/q/kernel"].shape == (1,) + w.shape[1:]
+    assert one.dim == w[1].size
+    moved = one.to_params({"layers/attn/q/kernel": x["layers/attn/q/kernel"] + 1.0})["layers"]["attn"]["q"]["kernel"]
+    np.testing.assert_array_equal(moved[1], w[1] + 1)
+    np.testing.assert_array_equal(moved[0], w[0])  # the other layer is untouched
+    a, b = jnp.ones((1,) + w.shape[1:2] + (1,)), jnp.ones((1,) + w.shape[2:] + (1,))
+    low = one.to_params({"layers/attn/q/kernel": LowRankKernel(x["layers/attn/q/kernel"], a, b, jnp.full((1,), 0.5))})
+    np.testing.assert_allclose(low["layers"]["attn"]["q"]["kernel"][1], w[1] + 0.5, rtol=1e-6)
+    every = spaces.Full(params, layers=[0])  # all of layer 0's leaves, no unstacked ones
+    assert all(k.startswith("layers/") for k in every.init(None)) and "embed" not in every.init(None)
+    with pytest.raises(ValueError, match=r"layers=\[2\]\): expected distinct layer indices in \[0, 2\)"):
+        spaces.Full(params, layers=[2])
 
 
 def test_full_space_accepts_lowrank_leaves(tiny_model):
     model, params = tiny_model
     full = spaces.Full(params, filter="mlp")
     x = full.init(None)
-    name = next(k for k in x if x[k].ndim == 2)
-    kernel = LowRankKernel(x[name], jnp.ones((x[name].shape[0], 1)), jnp.ones((x[name].shape[1], 1)), 0.01)
+    name = next(k for k in x if k.endswith("kernel"))
+    L, d_in, d_out = x[name].shape  # a stacked kernel: one factor pair per layer
+    kernel = LowRankKernel(x[name], jnp.ones((L, d_in, 1)), jnp.ones((L, d_out, 1)), jnp.full((L,), 0.01))
     tokens = jnp.arange(8)[None]
     low = model.apply(full.to_params({**x, name: kernel}), tokens)
     dense = model.apply(full.to_params({**x, name: kernel.dense()}), tokens)
@@ -58,7 +80,7 @@ def test_lora_and_prompt_spaces(tiny_model):
 
 def test_subspace_stored_and_regenerated_projections_agree(tiny_model):
     model, params = tiny_model
-    inner = spaces.Full(params, filter="layers_0")
+    inner = spaces.Full(params, layers=[0])
     stored = spaces.Subspace(inner, dim=8, key=jax.random.key(3), block=1000)
     regenerated = spaces.Subspace(inner, dim=8, key=jax.random.key(3), block=1000, max_stored=0)
     assert stored.stored and not regenerated.stored and stored.dim == 8
