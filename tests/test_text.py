@@ -3,6 +3,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -184,23 +185,23 @@ def test_population_generation_runs_one_shared_matmul_per_kernel(tiny_model):
     """Members × prompts are generated together: under `vmap` over members whose kernels are low-rank
     perturbations `W + s·A_i B_iᵀ`, the base `W` enters every matmul unbatched (one big matmul)."""
     model, params = tiny_model
-    path = ("layers_0", "mlp", "up" if "up" in params["layers_0"]["mlp"] else "fc", "kernel")
-    W = params[path[0]][path[1]][path[2]][path[3]]
-    members, rank = 3, 1
-    A = jax.random.normal(jax.random.key(1), (members, W.shape[0], rank))
-    B = jax.random.normal(jax.random.key(2), (members, W.shape[1], rank))
+    path = (models.LAYERS, "mlp", "up" if "up" in params[models.LAYERS]["mlp"] else "fc", "kernel")
+    W = params[path[0]][path[1]][path[2]][path[3]]  # stacked [L, d_in, d_out]; the scan slices one layer
+    L, members, rank = W.shape[0], 3, 1
+    A = jax.random.normal(jax.random.key(1), (members, L, W.shape[1], rank))
+    B = jax.random.normal(jax.random.key(2), (members, L, W.shape[2], rank))
     tok = models.ByteTokenizer()
     ids, mask = tok.batch_encode(["abc", "de"])
 
     def member(a, b):
         p = jax.tree.map(lambda x: x, params)
-        p[path[0]][path[1]][path[2]][path[3]] = models.LowRankKernel(W, a, b, 0.01)
+        p[path[0]][path[1]][path[2]][path[3]] = models.LowRankKernel(W, a, b, jnp.full((L,), 0.01))
         return models.generate(model, p, ids, mask, jax.random.key(0), 4).tokens
 
     jaxpr = jax.make_jaxpr(jax.vmap(member))(A, B).jaxpr
     shapes = [s for pair in _dot_operand_shapes(jaxpr) for s in pair]
-    assert W.shape in shapes  # the base kernel, shared by all members
-    assert (members,) + W.shape not in shapes  # never materialised per member
+    assert W.shape[1:] in shapes  # one layer's base kernel, shared by all members
+    assert (members,) + W.shape[1:] not in shapes and (members,) + W.shape not in shapes  # never per member
     tokens = jax.vmap(member)(A, B)
     for i in range(members):  # and each member generates exactly what it would alone
         np.testing.assert_array_equal(tokens[i], member(A[i], B[i]))
