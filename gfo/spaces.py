@@ -5,7 +5,8 @@ A space is built around base parameters and exposes
     x0 = space.init(key)          # the starting point, a pytree
     params = space.to_params(x)   # model parameters for `model.apply`
     space.dim                     # number of searched scalars
-    space.lowrank_ok              # to_params accepts `LowRankKernel` leaves for x's 2-D leaves
+    space.lowrank_ok              # to_params accepts `LowRankKernel`/`NoisyLeaf` leaves in x (kernels: [d_in, d_out],
+                                  # or [L, d_in, d_out] with per-layer factors under `layers/`)
 
 Spaces: `Full` (all weights or a path-filtered subset), `LoRA`, `Prompt` (soft prompt), `HardPrompt`
 (token ids, for the discrete searches of `gfo.discrete`), and
