@@ -119,7 +119,7 @@ def test_es_step_on_a_pop_data_model_mesh_equals_one_device(lm_problem, estimato
     assert sharded.x["layers/mlp/fc/kernel"].sharding.spec == P(None, None, "model")  # column-parallel
     # The fitness inside the step: losses of the 16 members live on the `pop` axis.
     losses = jax.jit(lambda x, b: opt.estimator.evaluate(
-        lambda i: objective(x, b, key) + i.astype(jnp.float32), 16)[0])(sharded.x, placed_batch)
+        lambda direction, sign, i: objective(x, b, key) + i.astype(jnp.float32))[0])(sharded.x, placed_batch)
     assert losses.sharding.spec == P("pop")
     _assert_close(_flat(single.x), _flat(sharded.x))
     np.testing.assert_allclose(float(single_metrics["loss"]), float(metrics["loss"]), rtol=1e-6)
