@@ -86,6 +86,9 @@ class ModelConfig:
                "an even number (RoPE rotates pairs of features)")
         _check(self.attention_impl in _ATTENTION_IMPLS, "attention_impl", self.attention_impl,
                f"one of {_ATTENTION_IMPLS}")
+        _check(self.attention_impl != "cudnn" or self.dtype in ("bfloat16", "float16"), "attention_impl",
+               self.attention_impl, f"'xla' or 'einsum' for dtype={self.dtype!r} (cuDNN flash attention takes "
+               "bfloat16/float16 only)")
         _check(self.dtype in _DTYPES, "dtype", self.dtype, f"one of {tuple(_DTYPES)}")
         _check(self.param_dtype in _DTYPES, "param_dtype", self.param_dtype, f"one of {tuple(_DTYPES)}")
         _check(self.rope_type in _ROPE_SCALINGS, "rope_scaling.rope_type", self.rope_type,

@@ -47,36 +47,29 @@ class KVCache:
 class Block(nn.Module):
     """Pre-norm residual block; with `post_norms` (Gemma 3) each branch output is normalised too.
 
-    Written as a scan body: `carry = (x [B, T, D], kv)` with `kv = None` or the whole stacked cache
-    `(k, v)` `[L, B, S, K, E]`; `layer = (index, sliding)` are this layer's scanned int32 / bool scalars;
-    `context = (positions, q_slots, k_slots, key_valid, cache_index)` is shared by every layer. With a
-    cache, this call's keys and values are written into slot `cache_index` of layer `index`, in place.
+    Written as a scan body: the carry is `x: [B, T, D]`; `layer = (sliding, kv)` are this layer's
+    scanned inputs (a bool scalar, and `None` or its cache `(k, v)` `[B, S, K, E]`); `context =
+    (positions, q_slots, k_slots, key_valid, cache_index)` is shared by every layer. Returns `(x, kv)`
+    with the layer's cache updated at slot `cache_index` (stacked by the scan into `[L, B, S, K, E]`).
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, layer, context):
+    def __call__(self, x, layer, context):
         cfg = self.config
-        x, kv = carry
-        index, sliding = layer
+        sliding, kv = layer
         positions, q_slots, k_slots, key_valid, cache_index = context
-        layer_cache = None
-        if kv is not None:
-            layer_cache = (kv[0][index], kv[1][index], cache_index)
-        h, (k_new, v_new) = Attention(cfg, name="attn")(
+        layer_cache = None if kv is None else (kv[0], kv[1], cache_index)
+        h, new_kv = Attention(cfg, name="attn")(
             Norm(cfg, name="attn_norm")(x), positions, q_slots, k_slots, key_valid, sliding, layer_cache)
-        if kv is not None:
-            at = (index, 0, cache_index, 0, 0)
-            kv = tuple(jax.lax.dynamic_update_slice(all_, new.astype(all_.dtype)[None], at)
-                       for all_, new in zip(kv, (k_new, v_new)))
         if cfg.post_norms:
             h = Norm(cfg, name="attn_post_norm")(h)
         x = x + h
         h = MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
         if cfg.post_norms:
             h = Norm(cfg, name="mlp_post_norm")(h)
-        return (x + h, kv), None
+        return x + h, (None if kv is None else new_kv)
 
 
 def scanned_blocks(config: ModelConfig):
@@ -134,9 +127,10 @@ class Decoder(nn.Module):
             k_slots = jnp.arange(cache.size)
             key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
             kv, cache_index = (cache.k, cache.v), cache.index
-        per_layer = (jnp.arange(cfg.n_layers, dtype=jnp.int32),
-                     jnp.asarray([cfg.is_sliding(i) for i in range(cfg.n_layers)]))
-        (x, kv), _ = scanned_blocks(cfg)((x, kv), per_layer, (positions, q_slots, k_slots, key_valid, cache_index))
+        # Each layer's cache slice travels as a scanned input and comes back as a scanned output: a carried
+        # [L, ...] cache would be copied at every layer.
+        sliding = jnp.asarray([cfg.is_sliding(i) for i in range(cfg.n_layers)])
+        x, kv = scanned_blocks(cfg)(x, (sliding, kv), (positions, q_slots, k_slots, key_valid, cache_index))
         x = Norm(cfg, name="final_norm")(x)[:, n_prompt:]
         if last_only:  # generation's prefill needs the next-token logits only: [B, 1, V], not [B, T, V]
             x = x[:, -1:]

@@ -127,8 +127,8 @@ class Attention(nn.Module):
     (padding mask of the keys), `sliding` (bool scalar, possibly traced: a sliding layer lets the query
     at slot q see keys at slots q - window < s <= q, and uses `rope_local_theta`), and optionally
     `cache = (k, v, index)` with `k, v: [B, S, K, E]` into which this call's keys/values are written at
-    slot `index`. Returns `(y: [B, T, D], (k_new, v_new))` with this call's keys and values
-    `[B, T, K, E]` (after RoPE), which the caller stores.
+    slot `index`. Returns `(y: [B, T, D], (k, v))`: the updated cache `[B, S, K, E]`, or without a cache
+    this call's keys and values `[B, T, K, E]` (after RoPE).
 
     `config.attention_impl` picks the kernel: "xla" / "cudnn" call `jax.nn.dot_product_attention`
     (cuDNN flash attention on GPUs, bfloat16/float16 only), "einsum" the explicit reference below. A
@@ -153,7 +153,6 @@ class Attention(nn.Module):
             inv_freq = layer_rope_frequencies(cfg, sliding)
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
-        new_kv = (k, v)
         if cache is not None:
             k_all, v_all, index = cache
             k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, index, 0, 0))
@@ -167,7 +166,7 @@ class Attention(nn.Module):
             y = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt), mask=allowed[:, None],
                                              scale=scale, implementation=cfg.attention_impl)
         y = Linear(cfg.d_model, cfg.out_bias, cfg, init_std=out_std, name="o")(y.reshape(B, T, H * E))
-        return y, new_kv
+        return y, (k, v)
 
 
 def _einsum_attention(cfg: ModelConfig, q, k, v, allowed, scale) -> jax.Array:

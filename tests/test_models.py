@@ -297,6 +297,8 @@ def test_bfloat16_model_tracks_float32():
     (dict(d_model=30, n_heads=4), "n_heads=4"),
     (dict(dtype="float64"), "dtype='float64'"),
     (dict(rope_scaling=(("rope_type", "yarn"),)), "yarn"),
+    (dict(attention_impl="flash"), "attention_impl='flash'"),
+    (dict(attention_impl="cudnn"), "bfloat16/float16 only"),
 ])
 def test_invalid_config_names_the_value(kw, message):
     with pytest.raises(ValueError, match=message):
