@@ -12,7 +12,7 @@ import yaml
 
 from gfo import cli
 from gfo.config import ConfigError, from_dict, load_config, RunConfig
-from gfo.train import CheckpointError, DivergenceError, RunInterrupted, train
+from gfo.train import DivergenceError, RunCheckpointError, RunInterrupted, train
 
 ALLOW_RANK_PROMOTION = True  # evosax runs here
 
@@ -249,7 +249,7 @@ def test_eval_and_report_and_checkpoint_errors(tmp_path, capsys):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
-    with pytest.raises(CheckpointError, match="cannot restore checkpoint step 4") as err:
+    with pytest.raises(RunCheckpointError, match="cannot restore checkpoint step 4") as err:
         train(cfg)
     assert len(str(err.value)) < 600 and "\n" not in str(err.value)  # no TensorStore spec dump
     with pytest.raises(ConfigError, match="different config"):
