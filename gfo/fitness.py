@@ -60,3 +60,33 @@ def evaluate_population(evaluate_member: Callable[[jax.Array], jax.Array], n: in
         raise ValueError(f"evaluate_population: n={n} must be >= 1")
     losses = map_members(evaluate_member, n, batch_size, pop_sharding).astype(jnp.float32)
     return losses, population_metrics(losses)
+
+
+# ----------------------------------------------------------------------------- the default chunk
+def activation_bytes(tokens: int, batch: int, seq_len: int, d_model: int, n_heads: int, vocab_size: int) -> int:
+    """Bytes one member's forward pass holds at its peak, in float32: per token one layer's activations
+    (residual, q/k/v, attention output, the 4·d MLP hidden: ≈ 16·d_model values) and the logits with
+    their softmax (2·vocab), plus one layer's attention scores (batch · heads · T²). Layers run one at a
+    time (no backward pass keeps them), so depth does not enter."""
+    return 4 * (tokens * (16 * d_model + 2 * vocab_size) + batch * n_heads * seq_len * seq_len)
+
+
+def default_chunk(population: int, member_bytes: int, budget_bytes: int, multiple: int = 1) -> int | None:
+    """Members to evaluate at once so that `chunk × member_bytes ≤ budget_bytes`: None (the whole
+    population at once) when it all fits, else `⌊budget / member_bytes⌋` rounded down to a multiple of
+    `multiple` (the mesh's `pop` size) when at least that, and at least 1.
+
+    `gfo train` calls it for a population method without `optimizer.eval_chunk` with
+    `budget = device memory / 2 − (parameter bytes + 4 × searched bytes)` (the frozen weights, the point,
+    two optax moments and the update) and `member_bytes = activation_bytes(...)` for the task's batch
+    (+ the searched bytes for full-rank methods, whose member holds a perturbed copy of the point).
+    """
+    if population < 1 or member_bytes < 0 or multiple < 1:
+        raise ValueError(f"default_chunk: population={population}, member_bytes={member_bytes}, "
+                         f"multiple={multiple}: expected population >= 1, member_bytes >= 0, multiple >= 1")
+    if member_bytes == 0 or population * member_bytes <= budget_bytes:
+        return None
+    chunk = max(1, int(budget_bytes // member_bytes))
+    if chunk >= multiple:
+        chunk -= chunk % multiple
+    return min(chunk, population)

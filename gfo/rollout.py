@@ -25,6 +25,7 @@ import numpy as np
 
 import models
 from gfo.jitting import register_object_pytree
+from gfo.model_api import LanguageModel
 
 
 class Rollout(NamedTuple):
@@ -50,7 +51,7 @@ def host_reward(fn: Callable[..., np.ndarray]):
 class GenerationReward:
     """Sampled completions of a prompt batch, scored by `reward_fn` (see the module doc)."""
 
-    model: models.TransformerLM
+    model: LanguageModel
     to_params: Callable[[Any], Any]  # the space's x -> model parameters
     reward_fn: Callable[[jax.Array, jax.Array, dict], jax.Array]
     max_new_tokens: int

@@ -72,6 +72,7 @@ class Stage:
         self.param_bytes = _tree_bytes(params)
         self.space = build.build_space(space_section, params, self.keys["space"])
         self.x0 = self.space.init(self.keys["init"])
+        optimizer_section = self._plan_chunk(optimizer_section)
         self.optimizer = build.build_optimizer_for(optimizer_section, self.space, self.x0,
                                                    distributed.pop_sharding(mesh))
         self.objective = build.build_objective(self.task, task_section, optimizer_section, model, self.space,
@@ -84,6 +85,35 @@ class Stage:
         # replicated).
         state = self.optimizer.init(self.keys["optimizer"], self.x0)
         self.state = distributed.place_as(state, protocol.state_sharding(self.optimizer, state, mesh))
+
+    def _plan_chunk(self, section):
+        """`section` with `eval_chunk` chosen from the memory budget (`gfo.fitness.default_chunk`) when a
+        population method leaves it unset and the whole population would not fit; else `section`."""
+        import dataclasses
+
+        from gfo import methods
+        from gfo.fitness import activation_bytes, default_chunk
+
+        self.planned_chunk = None
+        try:
+            spec = methods.lookup(section.method)
+        except ValueError:
+            return section  # the build names the bad method
+        if section.eval_chunk is not None or not spec.splits_population:
+            return section
+        shapes = [np.shape(v) for v in jax.tree.leaves(self.task.train_batch(0)) if np.ndim(v) >= 2]
+        B, T = max(shapes, key=lambda sh: sh[0] * sh[1])[:2] if shapes else (1, 1)
+        cfg = self.model.config
+        x_bytes = _tree_bytes(self.x0)
+        member = activation_bytes(B * T, B, T, cfg.d_model, cfg.n_heads, cfg.vocab_size)
+        if spec.name != "lowrank_es":  # a full-rank member holds a perturbed copy of the point
+            member += x_bytes
+        limit, _ = device_memory_limit(self.mesh)
+        pop = self.mesh.shape["pop"]
+        budget = max(0, limit // 2 - (self.param_bytes + 4 * x_bytes)) * pop  # each device holds chunk / pop
+        members = section.population + (2 if spec.domain == "tokens" else 0)
+        self.planned_chunk = default_chunk(members, member, budget, pop)
+        return section if self.planned_chunk is None else dataclasses.replace(section, eval_chunk=self.planned_chunk)
 
     def eval_metric_names(self) -> list[str]:
         """The names `evaluate` reports, from tracing the metrics on the first eval batch (nothing runs)."""
@@ -309,7 +339,10 @@ class Stage:
         analysis = compiled.memory_analysis()
         if analysis is None:  # a backend without the analysis
             return f"compiled step in {seconds:.1f} s (no memory analysis on this backend)"
-        return step_memory_line(analysis, self.param_bytes, seconds, *device_memory_limit(self.mesh))
+        line = step_memory_line(analysis, self.param_bytes, seconds, *device_memory_limit(self.mesh))
+        if self.planned_chunk is not None:
+            line += f"; eval_chunk {self.planned_chunk} chosen from the memory budget"
+        return line
 
     def _loop(self, start, label, on_eval, manager, log_path, writer, records, bar):
         self._done = start
@@ -423,7 +456,7 @@ def enable_compilation_cache() -> str | None:
     path = os.path.join(root, "jax")
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)  # every step, even a tiny model's
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every step, even a tiny model's
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
 

@@ -9,6 +9,12 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# `gfo train` turns on JAX's persistent compilation cache: tests keep it in a temporary directory.
+if "GFO_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["GFO_CACHE_DIR"] = tempfile.mkdtemp(prefix="gfo-test-cache-")
+
 import jax  # noqa: E402
 import pytest
 
