@@ -197,7 +197,6 @@ class Subspace(Space):
         return self.inner.to_params(x)
 
 
-SPACES = {"full": Full, "lora": LoRA, "prompt": Prompt, "subspace": Subspace}
 
 
 # Spaces are pytrees: the attributes that hold arrays (base weights, projections, keys) are children, so a
