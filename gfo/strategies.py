@@ -69,7 +69,7 @@ def resolve_name(name: str) -> str:
 
 def default_memory_limit() -> int:
     """Half of the first device's memory (accelerators) or of the machine's RAM (CPU), in bytes."""
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # only this process's devices report their memory
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]) // 2

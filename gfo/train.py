@@ -77,7 +77,9 @@ class Stage:
                                                    distributed.pop_sharding(mesh))
         self.objective = build.build_objective(self.task, task_section, optimizer_section, model, self.space,
                                                self.x0)
-        self.metrics_fn = jax.jit(lambda x, batch, key: self.task.metrics(model, self.space.to_params(x), batch, key))
+        task = self.task
+        self.metrics_fn = _frozen_args(lambda space, x, batch, key: task.metrics(model, space.to_params(x), batch, key),
+                                       self.space)
         self._setup_eval()
         if dry:
             return
@@ -180,9 +182,9 @@ class Stage:
             from gfo.diagnostics import drift_kl, input_tokens
 
             input_tokens(self.task.eval_batches()[0])  # fails early if the task has no token inputs
-            params0 = self.space.to_params(self.x0)
-            self.kl_fn = jax.jit(lambda x, tokens, mask: drift_kl(self.model, self.space.to_params(x), params0,
-                                                                   tokens, mask))
+            model = self.model
+            self.kl_fn = _frozen_args(lambda space, params0, x, tokens, mask: drift_kl(
+                model, space.to_params(x), params0, tokens, mask), self.space, self.space.to_params(self.x0))
         self.pass_fn = None
         if e is not None and e.samples > 0:
             if not (hasattr(self.task, "generate") and hasattr(self.task, "completion_rewards")):
@@ -190,14 +192,16 @@ class Stage:
                                   f"(countdown, gsm8k, …); task {self.task.name!r} is not one")
             from gfo.diagnostics import pass_at_k_metrics
 
-            self.pass_fn = jax.jit(lambda x, batch, key: pass_at_k_metrics(
-                self.task, self.model, self.space.to_params(x), batch, key, e.samples, e.temperature))
+            task, model = self.task, self.model
+            self.pass_fn = _frozen_args(lambda space, x, batch, key: pass_at_k_metrics(
+                task, model, space.to_params(x), batch, key, e.samples, e.temperature), self.space)
         self.vote_fn = None
         if hasattr(self.optimizer, "members") and hasattr(self.task, "class_scores"):
             from gfo.estimators.randopt import ensemble_metrics
 
-            self.vote_fn = jax.jit(lambda members, batch: ensemble_metrics(self.task, self.model, self.space.to_params,
-                                                                            members, batch))
+            task, model = self.task, self.model
+            self.vote_fn = _frozen_args(lambda space, members, batch: ensemble_metrics(task, model, space.to_params,
+                                                                                        members, batch), self.space)
 
     def _mean_over(self, batches, fn) -> dict:
         totals: dict[str, float] = {}
@@ -402,6 +406,15 @@ class Stage:
                     writer.add_scalar(f"{row['split']}/{k}", v, row["step"])
 
 
+def _frozen_args(fn, *frozen):
+    """`lambda *args: fn(*frozen, *args)`, jitted with `frozen` (a space with its base weights, reference
+    parameters) as traced arguments rather than constants of the executable (`gfo.jitting.filter_jit`)."""
+    from gfo.jitting import filter_jit
+
+    jitted = filter_jit(fn)
+    return lambda *args: jitted(*frozen, *args)
+
+
 def _tree_bytes(tree) -> int:
     """Bytes of `tree`'s array leaves held by one device (a sharded leaf counts its shard)."""
     total = 0
@@ -414,7 +427,9 @@ def _tree_bytes(tree) -> int:
 def device_memory_limit(mesh=None) -> tuple[int, str]:
     """`(bytes, where from)` one device may use: the accelerator's `bytes_limit`, or on CPU the machine's
     physical memory shared by its local devices."""
-    device = (mesh.devices.flat[0] if mesh is not None else jax.devices()[0])
+    local = [d for d in (mesh.devices.flat if mesh is not None else jax.devices())
+             if d.process_index == jax.process_index()]  # only this process's devices report their memory
+    device = local[0] if local else jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]), f"{device.platform} bytes_limit"
