@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -49,9 +50,15 @@ FAMILIES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_every_optimizer_family_runs_through_gfo_train(name, tmp_path):
+def test_every_optimizer_family_runs_through_gfo_train(name, tmp_path, capsys):
     cfg = _config(tmp_path, **FAMILIES[name])
     result = train(cfg)
+    # The step is compiled ahead and its XLA memory printed; the frozen base weights are among its arguments
+    # (traced, not constants), so the arguments are at least the parameters' bytes for every space.
+    line = re.search(r"compiled step in .* peak ([\d.]+) × params .*arguments ([\d.]+) ×", capsys.readouterr().out)
+    assert line is not None
+    peak, arguments = map(float, line.groups())
+    assert arguments >= 1.0 and peak >= arguments
     run_dir = result["run_dir"]
     for f in ("config.yaml", "metrics.jsonl", "summary.md", "curves.png"):
         assert os.path.isfile(os.path.join(run_dir, f)), f
