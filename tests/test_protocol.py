@@ -192,3 +192,24 @@ def test_compilation_cache_directory_is_populated(tmp_path):
     out = subprocess.run([sys.executable, "-c", code.replace("tmp", "x")], capture_output=True, text=True, env=env,
                          check=True)
     assert out.stdout.strip() == "None"
+
+
+def test_gfo_train_picks_eval_chunk_from_the_memory_budget(monkeypatch, tmp_path):
+    import gfo.train as T
+    from gfo.config import load_config
+    from gfo.fitness import activation_bytes
+
+    cfg = load_config(None, ["pretrain=null", f"runs_dir={tmp_path}", "task.name=grammar_lm", "task.options={seq_len: 16}",
+                             "task.batch_size=4", "model.overrides={d_model: 32, n_layers: 1, n_heads: 2, max_seq_len: 32}",
+                             "optimizer.method=es", "optimizer.population=16", "optimizer.eval_chunk=null"])
+    mesh = T.build_mesh(cfg)
+    model, params = T._build_model(cfg)
+    _, roomy = T._stages(cfg, str(tmp_path / "a"), model, params, mesh)
+    assert roomy.planned_chunk is None and roomy.optimizer.estimator.batch_size is None  # a tiny model: all at once
+    x_bytes = T._tree_bytes(roomy.x0)
+    member = activation_bytes(4 * 17, 4, 17, 32, 2, model.config.vocab_size) + x_bytes  # batch [4, 17] tokens
+    pop = mesh.shape["pop"]
+    limit = 2 * (roomy.param_bytes + 4 * x_bytes + member * 16 // pop // 2 + 1)  # room for half the population
+    monkeypatch.setattr(T, "device_memory_limit", lambda mesh=None: (limit, "test"))
+    _, tight = T._stages(cfg, str(tmp_path / "b"), model, params, mesh)
+    assert tight.planned_chunk == 8 and tight.optimizer.estimator.batch_size == 8
