@@ -76,10 +76,11 @@ def default_chunk(population: int, member_bytes: int, budget_bytes: int, multipl
     population at once) when it all fits, else `⌊budget / member_bytes⌋` rounded down to a multiple of
     `multiple` (the mesh's `pop` size) when at least that, and at least 1.
 
-    `gfo train` calls it for a population method without `optimizer.eval_chunk` with
-    `budget = device memory / 2 − (parameter bytes + 4 × searched bytes)` (the frozen weights, the point,
-    two optax moments and the update) and `member_bytes = activation_bytes(...)` for the task's batch
-    (+ the searched bytes for full-rank methods, whose member holds a perturbed copy of the point).
+    `gfo train` calls it (`gfo.stepplan.plan_eval_chunk`) for a population method without
+    `optimizer.eval_chunk` with `budget = device memory / 2 − (parameter bytes + 4 × searched bytes)` (the
+    frozen weights, the point, two optax moments and the update) and `member_bytes = activation_bytes(...)`
+    for the task's batch (+ the searched bytes for full-rank methods, whose member holds a perturbed copy
+    of the point).
     """
     if population < 1 or member_bytes < 0 or multiple < 1:
         raise ValueError(f"default_chunk: population={population}, member_bytes={member_bytes}, "

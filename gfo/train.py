@@ -15,6 +15,7 @@ on other hardware (the `mesh` and `distributed` sections may change between rest
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from gfo import build, distributed, protocol
+from gfo import build, distributed, protocol, stepplan
 from gfo.config import PLACEMENT_KEYS, POSTHOC_KEYS, ConfigError, RunConfig, SpaceSection, StageSection, to_dict
 from gfo.report import read_jsonl
+from gfo.stepplan import StepMemoryError  # noqa: F401 - re-exported: a user error of `gfo train`
 from gfo.streams import stream
 
 
@@ -39,10 +41,6 @@ class DivergenceError(RuntimeError):
 class RunCheckpointError(RuntimeError):
     """A run's checkpoint that cannot be restored (corrupt, or written by an incompatible run). Not
     `models.CheckpointError`, which is about a model checkpoint (weights, config.json) that cannot be read."""
-
-
-class StepMemoryError(ConfigError):
-    """The compiled step needs more memory than the device has (XLA's own memory analysis)."""
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -69,7 +67,7 @@ class Stage:
         self.k_step = self.keys["step"]
         self.task = build.build_task(task_section, seed, build.build_tokenizer(cfg.model, model.config.vocab_size))
         params = distributed.place(params, mesh)  # frozen weights too are split over `model`
-        self.param_bytes = _tree_bytes(params)
+        self.param_bytes = stepplan.tree_bytes(params)
         self.space = build.build_space(space_section, params, self.keys["space"])
         self.x0 = self.space.init(self.keys["init"])
         optimizer_section = self._plan_chunk(optimizer_section)
@@ -89,32 +87,10 @@ class Stage:
         self.state = distributed.place_as(state, protocol.state_sharding(self.optimizer, state, mesh))
 
     def _plan_chunk(self, section):
-        """`section` with `eval_chunk` chosen from the memory budget (`gfo.fitness.default_chunk`) when a
-        population method leaves it unset and the whole population would not fit; else `section`."""
-        import dataclasses
-
-        from gfo import methods
-        from gfo.fitness import activation_bytes, default_chunk
-
-        self.planned_chunk = None
-        try:
-            spec = methods.lookup(section.method)
-        except ValueError:
-            return section  # the build names the bad method
-        if section.eval_chunk is not None or not spec.splits_population:
-            return section
-        shapes = [np.shape(v) for v in jax.tree.leaves(self.task.train_batch(0)) if np.ndim(v) >= 2]
-        B, T = max(shapes, key=lambda sh: sh[0] * sh[1])[:2] if shapes else (1, 1)
-        cfg = self.model.config
-        x_bytes = _tree_bytes(self.x0)
-        member = activation_bytes(B * T, B, T, cfg.d_model, cfg.n_heads, cfg.vocab_size)
-        if spec.name != "lowrank_es":  # a full-rank member holds a perturbed copy of the point
-            member += x_bytes
-        limit, _ = device_memory_limit(self.mesh)
-        pop = self.mesh.shape["pop"]
-        budget = max(0, limit // 2 - (self.param_bytes + 4 * x_bytes)) * pop  # each device holds chunk / pop
-        members = section.population + (2 if spec.domain == "tokens" else 0)
-        self.planned_chunk = default_chunk(members, member, budget, pop)
+        """`section` with `eval_chunk` from the memory budget when a population method leaves it unset
+        (`gfo.stepplan.plan_eval_chunk`; `self.planned_chunk` is the choice, None when all fit at once)."""
+        self.planned_chunk = stepplan.plan_eval_chunk(section, self.task.train_batch(0), self.model.config,
+                                                      self.x0, self.param_bytes, self.mesh)
         return section if self.planned_chunk is None else dataclasses.replace(section, eval_chunk=self.planned_chunk)
 
     def eval_metric_names(self) -> list[str]:
@@ -343,7 +319,8 @@ class Stage:
         analysis = compiled.memory_analysis()
         if analysis is None:  # a backend without the analysis
             return f"compiled step in {seconds:.1f} s (no memory analysis on this backend)"
-        line = step_memory_line(analysis, self.param_bytes, seconds, *device_memory_limit(self.mesh))
+        line = stepplan.step_memory_line(analysis, self.param_bytes, seconds,
+                                         *stepplan.device_memory_limit(self.mesh))
         if self.planned_chunk is not None:
             line += f"; eval_chunk {self.planned_chunk} chosen from the memory budget"
         return line
@@ -413,67 +390,6 @@ def _frozen_args(fn, *frozen):
 
     jitted = filter_jit(fn)
     return lambda *args: jitted(*frozen, *args)
-
-
-def _tree_bytes(tree) -> int:
-    """Bytes of `tree`'s array leaves held by one device (a sharded leaf counts its shard)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shards = getattr(x, "addressable_shards", None)
-        total += shards[0].data.nbytes if shards else np.asarray(x).nbytes
-    return total
-
-
-def device_memory_limit(mesh=None) -> tuple[int, str]:
-    """`(bytes, where from)` one device may use: the accelerator's `bytes_limit`, or on CPU the machine's
-    physical memory shared by its local devices."""
-    local = [d for d in (mesh.devices.flat if mesh is not None else jax.devices())
-             if d.process_index == jax.process_index()]  # only this process's devices report their memory
-    device = local[0] if local else jax.local_devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"]), f"{device.platform} bytes_limit"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    n = max(1, len(jax.local_devices(backend=device.platform)))
-    return ram // n, "physical RAM" + (f" / {n} devices" if n > 1 else "")
-
-
-def step_memory_line(analysis, param_bytes: int, seconds: float, limit: int, source: str) -> str:
-    """The compiled step's memory as multiples of the parameter bytes, checked against `limit` bytes."""
-    a = analysis
-    peak = (a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes + a.temp_size_in_bytes
-            + a.generated_code_size_in_bytes)
-    unit = max(param_bytes, 1)
-    line = (f"compiled step in {seconds:.1f} s; XLA memory per device: peak {peak / unit:.2f} × params "
-            f"({_mib(peak)}; arguments {a.argument_size_in_bytes / unit:.2f} ×, outputs "
-            f"{a.output_size_in_bytes / unit:.2f} ×, donated {a.alias_size_in_bytes / unit:.2f} ×, temporaries "
-            f"{a.temp_size_in_bytes / unit:.2f} ×, code {_mib(a.generated_code_size_in_bytes)}; params "
-            f"{_mib(param_bytes)}) of {_mib(limit)} ({source})")
-    if peak > limit:
-        raise StepMemoryError(f"the compiled step needs {_mib(peak)} per device ({peak / unit:.1f} × the parameters) "
-                              f"but the device has {_mib(limit)} ({source}): lower optimizer.eval_chunk or "
-                              f"task.batch_size, search a smaller space (lora, prompt, subspace), or shard over "
-                              f"more devices (mesh.model)")
-    return line
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-def enable_compilation_cache() -> str | None:
-    """Turn on JAX's persistent compilation cache under `$GFO_CACHE_DIR/jax` (default `~/.cache/gfo/jax`),
-    so a restarted or repeated run skips compilation; `GFO_COMPILATION_CACHE=0` turns it off. Returns
-    the directory (None when off)."""
-    if os.environ.get("GFO_COMPILATION_CACHE", "1").lower() in ("0", "false", "off", "no"):
-        return None
-    root = os.environ.get("GFO_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gfo")
-    path = os.path.join(root, "jax")
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every step, even a tiny model's
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
 
 
 def _read_records(path: str, upto: int) -> list[dict]:
@@ -587,7 +503,7 @@ def train(cfg: RunConfig, on_eval=None) -> dict:
     of the main stage (a sweep's pruner hook).
     """
     mesh = build_mesh(cfg)
-    enable_compilation_cache()
+    stepplan.enable_compilation_cache()
     run_dir = os.path.join(cfg.runs_dir, cfg.name)
     resolved = to_dict(cfg)
     _check_resumable(run_dir, cfg, resolved)

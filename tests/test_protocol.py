@@ -169,7 +169,7 @@ def test_default_chunk_fits_the_budget():
 def test_step_memory_line_refuses_a_step_that_cannot_fit():
     from types import SimpleNamespace
 
-    from gfo.train import StepMemoryError, step_memory_line
+    from gfo.stepplan import StepMemoryError, step_memory_line
 
     a = SimpleNamespace(argument_size_in_bytes=300, output_size_in_bytes=200, alias_size_in_bytes=100,
                         temp_size_in_bytes=50, generated_code_size_in_bytes=0)
@@ -180,7 +180,7 @@ def test_step_memory_line_refuses_a_step_that_cannot_fit():
 
 
 def test_compilation_cache_directory_is_populated(tmp_path):
-    code = ("import jax, jax.numpy as jnp; from gfo.train import enable_compilation_cache; "
+    code = ("import jax, jax.numpy as jnp; from gfo.stepplan import enable_compilation_cache; "
             "print(enable_compilation_cache()); "
             "jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T)(jnp.ones((64, 64))).block_until_ready()")
     env = {**os.environ, "GFO_CACHE_DIR": str(tmp_path), "PYTHONPATH": os.getcwd(), "JAX_PLATFORMS": "cpu"}
@@ -195,6 +195,7 @@ def test_compilation_cache_directory_is_populated(tmp_path):
 
 
 def test_gfo_train_picks_eval_chunk_from_the_memory_budget(monkeypatch, tmp_path):
+    import gfo.stepplan as plan
     import gfo.train as T
     from gfo.config import load_config
     from gfo.fitness import activation_bytes
@@ -206,10 +207,10 @@ def test_gfo_train_picks_eval_chunk_from_the_memory_budget(monkeypatch, tmp_path
     model, params = T._build_model(cfg)
     _, roomy = T._stages(cfg, str(tmp_path / "a"), model, params, mesh)
     assert roomy.planned_chunk is None and roomy.optimizer.estimator.batch_size is None  # a tiny model: all at once
-    x_bytes = T._tree_bytes(roomy.x0)
+    x_bytes = plan.tree_bytes(roomy.x0)
     member = activation_bytes(4 * 17, 4, 17, 32, 2, model.config.vocab_size) + x_bytes  # batch [4, 17] tokens
     pop = mesh.shape["pop"]
     limit = 2 * (roomy.param_bytes + 4 * x_bytes + member * 16 // pop // 2 + 1)  # room for half the population
-    monkeypatch.setattr(T, "device_memory_limit", lambda mesh=None: (limit, "test"))
+    monkeypatch.setattr(plan, "device_memory_limit", lambda mesh=None: (limit, "test"))
     _, tight = T._stages(cfg, str(tmp_path / "b"), model, params, mesh)
     assert tight.planned_chunk == 8 and tight.optimizer.estimator.batch_size == 8
