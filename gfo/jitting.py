@@ -182,7 +182,7 @@ class filter_jit:  # noqa: N801 - used as a decorator, like jax.jit
 class _Bound:
     """`filter_jit` bound to an instance (argument 0)."""
 
-    __slots__ = ("jitted", "instance")
+    __slots__ = ("jitted", "instance", "__weakref__")  # weak-referenceable: `jax.jit(opt.step)` works
 
     def __init__(self, jitted: filter_jit, instance):
         self.jitted, self.instance = jitted, instance
