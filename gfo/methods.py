@@ -25,8 +25,10 @@ EVOSAX_FIELDS = ("sigma", "population", "eval_chunk", "options", "params")
 @dataclasses.dataclass(frozen=True)
 class Context:
     """What a constructor may need beyond the config section: the start point `x0` (a pytree), whether
-    the space's `to_params` takes low-rank kernels, the mesh's `pop` sharding, the space's token
-    vocabulary (token-domain methods) and its per-leaf noise map."""
+    the space's `to_params` passes leaves through (`Space.lowrank_ok`: the zeroth-order and population
+    estimators then hand it `NoisyLeaf` / `LowRankKernel` leaves drawn inside the forward — their
+    `factored` field), the mesh's `pop` sharding, the space's token vocabulary (token-domain methods)
+    and its per-leaf noise map."""
 
     x0: Any
     lowrank_ok: bool = False
@@ -87,20 +89,20 @@ def _estimator(name: str, kwargs: Callable[[Any, Context], dict]):
 def _population(s, ctx: Context) -> dict:
     return dict(population=s.population, sigma=s.sigma, antithetic=s.antithetic, shaping=s.shaping,
                 batch_size=s.eval_chunk, pop_sharding=ctx.pop_sharding, groups=s.groups,
-                noise_map=tuple(ctx.noise_map or ()))
+                noise_map=tuple(ctx.noise_map or ()), factored=ctx.lowrank_ok)
 
 
 def _zo_sgd_cons(s, ctx: Context):
     from gfo.estimators import SPSA, ZOSGDCons
 
-    return ZOSGDCons(SPSA(**{"eps": s.sigma, "n": s.n, **s.options}), s.lr)
+    return ZOSGDCons(SPSA(**{"eps": s.sigma, "n": s.n, "factored": ctx.lowrank_ok, **s.options}), s.lr)
 
 
 def _randopt(s, ctx: Context):
     from gfo.estimators import RandOpt
 
     return RandOpt(**{"population": s.population, "sigma": s.sigma, "batch_size": s.eval_chunk,
-                      "pop_sharding": ctx.pop_sharding, **s.options})
+                      "pop_sharding": ctx.pop_sharding, "factored": ctx.lowrank_ok, **s.options})
 
 
 def _discrete(s, ctx: Context):
@@ -123,19 +125,19 @@ def _evosax(name: str):
 _ROWS = (
     Method("backprop", "estimator", _TRANSFORM_FIELDS, _estimator("backprop", lambda s, c: {})),
     Method("spsa", "estimator", _TRANSFORM_FIELDS + ("sigma", "n"),
-           _estimator("spsa", lambda s, c: dict(eps=s.sigma, n=s.n))),
+           _estimator("spsa", lambda s, c: dict(eps=s.sigma, n=s.n, factored=c.lowrank_ok))),
     Method("forward_grad", "estimator", _TRANSFORM_FIELDS + ("n",), _estimator("forward_grad", lambda s, c: dict(n=s.n))),
     Method("es", "estimator", _TRANSFORM_FIELDS + _ES_FIELDS, _estimator("es", _population), splits_population=True),
     Method("lowrank_es", "estimator", _TRANSFORM_FIELDS + _ES_FIELDS + ("rank",),
-           _estimator("lowrank_es", lambda s, c: dict(_population(s, c), rank=s.rank, factored=c.lowrank_ok)),
+           _estimator("lowrank_es", lambda s, c: dict(_population(s, c), rank=s.rank)),
            splits_population=True),
     Method("policy_gradient", "estimator", _TRANSFORM_FIELDS + ("kl_coef", "group_size"),
            _estimator("policy_gradient", lambda s, c: dict(kl_coef=s.kl_coef)), objective="reward"),
     Method("lozo", "estimator", _TRANSFORM_FIELDS + ("sigma", "n", "rank"),
-           _estimator("lozo", lambda s, c: dict(eps=s.sigma, n=s.n, rank=s.rank))),
+           _estimator("lozo", lambda s, c: dict(eps=s.sigma, n=s.n, rank=s.rank, factored=c.lowrank_ok))),
     Method("hizoo", "estimator", _TRANSFORM_FIELDS + ("sigma",), _estimator("hizoo", lambda s, c: dict(eps=s.sigma))),
     Method("mezo_svrg", "estimator", _TRANSFORM_FIELDS + ("sigma",),
-           _estimator("mezo_svrg", lambda s, c: dict(eps=s.sigma))),
+           _estimator("mezo_svrg", lambda s, c: dict(eps=s.sigma, factored=c.lowrank_ok))),
     Method("zo_sgd_cons", "optimizer", ("sigma", "n", "lr", "options"), _zo_sgd_cons),
     Method("randopt", "optimizer", ("sigma", "population", "eval_chunk", "options"), _randopt, splits_population=True),
     *(Method(m, "discrete", ("population", "eval_chunk", "options"), _discrete, domain="tokens",
