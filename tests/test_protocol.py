@@ -179,7 +179,7 @@ def test_step_memory_line_refuses_a_step_that_cannot_fit():
         step_memory_line(a, 100, 1.0, 449, "test")
 
 
-def test_compilation_cache_directory_is_populated(tmp_path):
+def test_compilation_cache_directory_is_populated(tmp_path, monkeypatch):
     code = ("import jax, jax.numpy as jnp; from gfo.stepplan import enable_compilation_cache; "
             "print(enable_compilation_cache()); "
             "jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T)(jnp.ones((64, 64))).block_until_ready()")
@@ -188,10 +188,11 @@ def test_compilation_cache_directory_is_populated(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == str(tmp_path / "jax")
     assert os.listdir(tmp_path / "jax")
-    env["GFO_COMPILATION_CACHE"] = "0"
-    out = subprocess.run([sys.executable, "-c", code.replace("tmp", "x")], capture_output=True, text=True, env=env,
-                         check=True)
-    assert out.stdout.strip() == "None"
+    from gfo.stepplan import enable_compilation_cache
+
+    monkeypatch.setenv("GFO_COMPILATION_CACHE", "0")  # the off switch: nothing configured, nothing written
+    monkeypatch.setenv("GFO_CACHE_DIR", str(tmp_path / "off"))
+    assert enable_compilation_cache() is None and not (tmp_path / "off").exists()
 
 
 def test_gfo_train_picks_eval_chunk_from_the_memory_budget(monkeypatch, tmp_path):
