@@ -1,7 +1,9 @@
 """gfo: gradient-free optimization of Transformer language models in JAX.
 
-The four axes: a model (`models`), a space (`gfo.spaces`), an optimizer (`gfo.estimators` + optax via
-`gfo.Optimizer`, or `gfo.EvosaxStrategy`), and a task (an objective `loss(x, batch, key)`, minimised).
+The four axes: a model (`models`, behind `gfo.LanguageModel`), a space (`gfo.spaces`), an optimizer (any
+`gfo.OptimizerProtocol`: `gfo.estimators` + optax via `gfo.Optimizer`, `gfo.EvosaxStrategy`,
+`gfo.DiscreteSearch`; the registry `gfo.methods`), and a task (an objective `loss(x, batch, key)`,
+minimised, or a `gfo.RewardObjective`).
 
 Attributes are imported on first use, so `import gfo.config` or `gfo.distributed` stays light: a
 multi-process run must start `jax.distributed` before anything (evosax's import included) touches a
@@ -25,6 +27,10 @@ _EXPORTS = {
     "Optimizer": ("gfo.optimizer", "Optimizer"), "OptState": ("gfo.optimizer", "OptState"),
     "STRATEGIES": ("gfo.strategies", "STRATEGIES"), "EvosaxStrategy": ("gfo.strategies", "EvosaxStrategy"),
     "StrategyMemoryError": ("gfo.strategies", "StrategyMemoryError"),
+    "OptimizerProtocol": ("gfo.protocol", "OptimizerProtocol"), "methods": ("gfo.methods", None),
+    "evaluate_population": ("gfo.fitness", "evaluate_population"), "filter_jit": ("gfo.jitting", "filter_jit"),
+    "RewardObjective": ("gfo.objectives", "RewardObjective"), "OnSpace": ("gfo.objectives", "OnSpace"),
+    "LanguageModel": ("gfo.model_api", "LanguageModel"), "DiscreteSearch": ("gfo.discrete", "DiscreteSearch"),
 }
 
 __all__ = sorted(_EXPORTS)

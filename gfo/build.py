@@ -7,17 +7,14 @@ import functools
 import warnings
 
 import jax
-import optax
 
 import models
 from gfo import spaces
 from gfo.config import ConfigError, ModelSection, OptimizerSection, SpaceSection, TaskSection
-from gfo.discrete import METHODS as DISCRETE_METHODS, DiscreteSearch
-from gfo.estimators import ESTIMATORS, SPSA, RandOpt, ZOSGDCons
+from gfo import methods
 from gfo.noise import check_noise_map
-from gfo.optimizer import Optimizer
+from gfo.objectives import OnSpace, check_kind
 from gfo.rollout import GenerationReward
-from gfo.strategies import EvosaxStrategy, resolve_name
 from gfo.tasks import TASKS
 
 
@@ -103,38 +100,24 @@ def build_space(section: SpaceSection, params, key: jax.Array) -> spaces.Space:
     return space
 
 
-def _transform(section: OptimizerSection) -> optax.GradientTransformation:
-    if section.transform == "adam":
-        return optax.adam(section.lr)
-    if section.transform == "adamw":
-        return optax.adamw(section.lr, weight_decay=section.weight_decay)
-    if section.transform == "adam_l2":  # OpenAI-ES: Adam on g + l2·x (coupled L2, not AdamW's decoupled decay)
-        return optax.chain(optax.add_decayed_weights(section.weight_decay), optax.adam(section.lr))
-    if section.transform == "sgd":
-        return optax.sgd(section.lr, momentum=section.momentum or None)
-    raise ConfigError(f"optimizer.transform={section.transform!r} is unknown: expected adam, adamw, adam_l2 or sgd")
-
-
 def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_sharding=None, vocab=None,
                     noise_map=()):
-    """The optimizer of `section`; `pop_sharding` splits population members over the mesh's `pop` axis.
+    """The optimizer of `section` (from the registry `gfo.methods`); `pop_sharding` splits population
+    members over the mesh's `pop` axis.
 
-    `vocab` is the hard-prompt space's token set: the discrete searches need it, nothing else takes it.
-    `noise_map` is the space's per-leaf noise kinds (`Space.noise_map`: pairs regex → lowrank | full | frozen).
+    `vocab` is a token-domain space's token set (hard prompts): token-domain methods need it, no other
+    method takes it. `noise_map` is the space's per-leaf noise kinds (pairs regex → lowrank | full | frozen).
     """
     s = section
-    if (s.method in DISCRETE_METHODS) != (vocab is not None):
+    try:
+        spec = methods.lookup(s.method)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if (spec.domain == "tokens") != (vocab is not None):
         raise ConfigError(f"optimizer.method={s.method!r} " + (
             "searches token ids: it needs space.kind='hard_prompt'" if vocab is None else
-            f"cannot search a hard_prompt space (token ids): use one of {list(DISCRETE_METHODS)}"))
-    if s.method in DISCRETE_METHODS:
-        try:
-            return DiscreteSearch(s.method, vocab, population=s.population, batch_size=s.eval_chunk,
-                                  pop_sharding=pop_sharding, **s.options)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"optimizer ({s.method}): {e}") from None
-    if pop_sharding is not None and s.method not in ("backprop", "spsa", "forward_grad", "policy_gradient", "lozo",
-                                                     "hizoo", "mezo_svrg", "zo_sgd_cons", *DISCRETE_METHODS):
+            f"cannot search a hard_prompt space (token ids): use one of {list(methods.DISCRETE)}"))
+    if pop_sharding is not None and spec.splits_population and spec.domain != "tokens":
         size = pop_sharding.mesh.shape["pop"]
         uneven = {k: v for k, v in (("optimizer.population", s.population), ("optimizer.eval_chunk", s.eval_chunk))
                   if v is not None and v % size}
@@ -148,59 +131,50 @@ def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_shardin
     if s.groups != 1 and s.method not in ("es", "lowrank_es"):
         raise ConfigError(f"optimizer.groups={s.groups} applies to es / lowrank_es, not {s.method!r}")
     if noise_map:
-        from gfo.noise import unmatched_patterns
+        from gfo.noise import path_name, unmatched_patterns
 
         unmatched = unmatched_patterns(noise_map, x0)
         if unmatched:
-            from gfo.noise import path_name
-
             names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(x0)[0]]
             raise ConfigError(f"space.noise_map patterns {unmatched} match no searched leaf; paths look like "
                               f"{names[:6]}")
-    if s.method == "zo_sgd_cons":
-        try:
-            return ZOSGDCons(SPSA(**{"eps": s.sigma, "n": s.n, **s.options}), s.lr)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"optimizer (zo_sgd_cons): {e}") from None
-    if s.method == "randopt":
-        try:
-            return RandOpt(**{"population": s.population, "sigma": s.sigma, "batch_size": s.eval_chunk,
-                              "pop_sharding": pop_sharding, **s.options})
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"optimizer (randopt): {e}") from None
-    if s.method in ESTIMATORS:
-        common = dict(population=s.population, sigma=s.sigma, antithetic=s.antithetic, shaping=s.shaping,
-                      batch_size=s.eval_chunk, pop_sharding=pop_sharding, groups=s.groups,
-                      noise_map=tuple(noise_map or ()))
-        kwargs = {"backprop": {}, "spsa": dict(eps=s.sigma, n=s.n), "forward_grad": dict(n=s.n),
-                  "es": common, "lowrank_es": dict(common, rank=s.rank, factored=lowrank_ok),
-                  "policy_gradient": dict(kl_coef=s.kl_coef), "lozo": dict(eps=s.sigma, n=s.n, rank=s.rank),
-                  "hizoo": dict(eps=s.sigma), "mezo_svrg": dict(eps=s.sigma)}[s.method]
-        try:
-            estimator = ESTIMATORS[s.method](**{**kwargs, **s.options})
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"optimizer ({s.method}): {e}") from None
-        return Optimizer(estimator, _transform(s))
+    ctx = methods.Context(x0=x0, lowrank_ok=lowrank_ok, pop_sharding=pop_sharding, vocab=vocab,
+                          noise_map=tuple(noise_map or ()))
     try:
-        name = resolve_name(s.method)
-    except ValueError as e:
-        raise ConfigError(f"optimizer.method={s.method!r}: not an estimator ({sorted(ESTIMATORS)}) nor an "
-                          f"evosax strategy. {e}") from None
-    try:
-        return EvosaxStrategy(name, s.population, x0, options=s.options, params=s.params, init_std=s.sigma,
-                              batch_size=s.eval_chunk, pop_sharding=pop_sharding)
-    except ValueError as e:
-        raise ConfigError(f"optimizer ({name}): {e}") from None
+        return spec.build(s, ctx)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"optimizer ({spec.name}): {e}") from None
+
+
+def build_optimizer_for(section: OptimizerSection, space: spaces.Space, x0, pop_sharding=None):
+    """`build_optimizer` for a space: its domain (token ids or vectors), low-rank support and noise map."""
+    vocab = space.vocab if getattr(space, "domain", "continuous") == "tokens" else None
+    return build_optimizer(section, x0, space.lowrank_ok, pop_sharding, vocab, noise_map=space.noise_map)
 
 
 def build_objective(task, section: TaskSection, optimizer: OptimizerSection, model, space, x0):
-    """The task's objective over the space; policy gradient gets the task's generation reward."""
-    if optimizer.method == "policy_gradient":
+    """The objective of the kind the method takes (`gfo.methods`: loss or reward) over the space.
+
+    A loss is the task's objective over model parameters composed with the space (`OnSpace`: a pytree,
+    so the space's frozen weights reach the jitted step as arguments); a reward objective is the task's
+    reward on generated text (`GenerationReward`, with `x0` as the KL reference).
+    """
+    spec = methods.lookup(optimizer.method)
+    if spec.objective == "reward":
         if not hasattr(task, "completion_rewards"):
-            raise ConfigError(f"optimizer.method='policy_gradient' needs a task with a reward on generated "
+            raise ConfigError(f"optimizer.method={optimizer.method!r} needs a task with a reward on generated "
                               f"text (countdown); task.name={section.name!r} has none")
-        return GenerationReward(model, space.to_params, task.completion_rewards, task.max_answer_tokens,
-                                group_size=optimizer.group_size, temperature=1.0,
-                                stop_tokens=task.stop_tokens, stop_strings=getattr(task, "stop_matcher", None),
-                                reference=x0)
-    return task.objective(section.objective, model, space.to_params)
+        objective = GenerationReward(model, space.to_params, task.completion_rewards, task.max_answer_tokens,
+                                     group_size=optimizer.group_size, temperature=1.0,
+                                     stop_tokens=task.stop_tokens, stop_strings=getattr(task, "stop_matcher", None),
+                                     reference=x0)
+    else:
+        objective = OnSpace(task.objective(section.objective, model, _identity), space)
+    check_kind(objective, spec.objective, f"optimizer.method={optimizer.method!r}")
+    return objective
+
+
+def _identity(params):
+    return params

@@ -116,16 +116,16 @@ class _Usage(Exception):
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input (exit 2, one line): config, data, checkpoint, memory plan."""
-    from models.hf import CheckpointError as HFCheckpointError
+    from models.hf import CheckpointError
 
     from gfo.config import ConfigError
     from gfo.distributed import DistributedError
     from gfo.report import MetricsError
     from gfo.strategies import StrategyMemoryError
     from gfo.tasks.loaders import DataError
-    from gfo.train import CheckpointError
+    from gfo.train import RunCheckpointError
 
-    return (ConfigError, DataError, CheckpointError, HFCheckpointError, StrategyMemoryError, MetricsError,
+    return (ConfigError, DataError, RunCheckpointError, CheckpointError, StrategyMemoryError, MetricsError,
             DistributedError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
             json.JSONDecodeError, _Usage)
 

@@ -193,34 +193,12 @@ class RunConfig:
 
 # ----------------------------------------------------------------------------- value checks
 # Which optimizer fields each method reads (besides `method`): setting any other one is an error, so a
-# field never silently does nothing. Estimator methods also read the optax transform's fields. A method
-# not listed is an evosax strategy. Add a method's row here when adding a method.
-_TRANSFORM_FIELDS = ("transform", "lr", "momentum", "weight_decay", "options")
-_ES_FIELDS = ("sigma", "population", "antithetic", "shaping", "eval_chunk", "groups")
-OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {
-    "backprop": _TRANSFORM_FIELDS,
-    "spsa": _TRANSFORM_FIELDS + ("sigma", "n"),
-    "forward_grad": _TRANSFORM_FIELDS + ("n",),
-    "es": _TRANSFORM_FIELDS + _ES_FIELDS,
-    "lowrank_es": _TRANSFORM_FIELDS + _ES_FIELDS + ("rank",),
-    "policy_gradient": _TRANSFORM_FIELDS + ("kl_coef", "group_size"),
-    "lozo": _TRANSFORM_FIELDS + ("sigma", "n", "rank"),
-    "hizoo": _TRANSFORM_FIELDS + ("sigma",),
-    "mezo_svrg": _TRANSFORM_FIELDS + ("sigma",),
-    "zo_sgd_cons": ("sigma", "n", "lr", "options"),
-    "randopt": ("sigma", "population", "eval_chunk", "options"),
-    "annealing": ("population", "eval_chunk", "options"),
-    "tabu": ("population", "eval_chunk", "options"),
-    "aco": ("population", "eval_chunk", "options"),
-}
-EVOSAX_FIELDS = ("sigma", "population", "eval_chunk", "options", "params")
+# field never silently does nothing. Derived from the method registry (`gfo.methods`): add a method there.
+from gfo.methods import EVOSAX_FIELDS, METHODS as _METHODS, fields as optimizer_fields  # noqa: E402, F401
+
+OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {name: m.fields for name, m in _METHODS.items()}
 # Transform fields that only one transform reads.
 TRANSFORM_ONLY = {"momentum": ("sgd",), "weight_decay": ("adamw", "adam_l2")}
-
-
-def optimizer_fields(method: str) -> tuple[str, ...]:
-    """The optimizer fields that `method` reads (an unlisted method is an evosax strategy)."""
-    return OPTIMIZER_FIELDS.get(method, EVOSAX_FIELDS)
 
 
 def _check_applicable(section: "OptimizerSection", given, where: str) -> None:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import models
+from gfo.model_api import LanguageModel
 
 
 class Decoded(NamedTuple):
@@ -40,7 +41,7 @@ def sequence_logprob(model, params, prompt_ids, prompt_mask, tokens, lengths) ->
 
 
 @functools.partial(jax.jit, static_argnames=("model", "beam_width", "max_new_tokens", "stop_tokens", "pad_id"))
-def beam_search(model: models.TransformerLM, params, prompt_ids, prompt_mask, beam_width: int,
+def beam_search(model: LanguageModel, params, prompt_ids, prompt_mask, beam_width: int,
                 max_new_tokens: int, stop_tokens: Sequence[int] = (), pad_id: int = 0,
                 length_penalty: float = 0.0) -> Decoded:
     """Beams `[B, W, N]` sorted best first, with lengths and scores `logp / length^length_penalty`."""
@@ -78,7 +79,7 @@ def beam_search(model: models.TransformerLM, params, prompt_ids, prompt_mask, be
     return Decoded(sort(seqs), sort(lengths), sort(scores))
 
 
-def refine(model: models.TransformerLM, params, prompt_ids, prompt_mask, tokens, lengths,
+def refine(model: LanguageModel, params, prompt_ids, prompt_mask, tokens, lengths,
            score_fn: Callable[[jax.Array, jax.Array], jax.Array] | None = None, sweeps: int = 1,
            top_k: int = 8, proposals: str = "both", length_penalty: float = 0.0,
            stop_tokens: Sequence[int] = ()) -> tuple[Decoded, jax.Array]:
@@ -143,7 +144,7 @@ def _refine(model, params, prompt_ids, prompt_mask, tokens, lengths, score_fn, s
     return Decoded(tok, n, best), start
 
 
-def compare_decoders(model: models.TransformerLM, params, task, batches, beam_width: int = 4, sweeps: int = 2,
+def compare_decoders(model: LanguageModel, params, task, batches, beam_width: int = 4, sweeps: int = 2,
                      top_k: int = 8, proposals: str = "both", length_penalty: float = 0.0) -> dict[str, dict]:
     """Greedy decoding, beam search and refinement (of greedy, by log-probability and by the task's
     verifier reward) on `batches` of a completion task: `{decoder: {"logprob", "reward", "length"}}`.

@@ -5,7 +5,8 @@ Two ways in:
     opt = DiscreteSearch("tabu", vocab, proposals=16)        # the gfo optimizer protocol, jitted:
     state = opt.init(key, x0)                                # x0: int32 [L] token ids from `vocab`
     state, metrics = opt.step(state, objective, batch, key)  # objective(tokens [L], batch, key) -> loss
-    tokens = opt.solution(state)                             # the best sequence found
+    tokens = opt.solution(state)                             # the current sequence
+    tokens = opt.best_solution(state)                        # the best sequence found
 
     res = gfo.discrete.search(loss, initial, vocab, method="annealing", steps=100, key=key)   # one call
 
@@ -38,7 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from gfo.population import map_members
+from gfo.fitness import evaluate_population
+from gfo.jitting import filter_jit
+from gfo.protocol import fresh, replicated_sharding
 
 METHODS = ("annealing", "tabu", "aco")
 
@@ -98,12 +101,21 @@ class DiscreteSearch:
                              f"not in vocab: {missing[:5]})")
         idx = jnp.asarray([lookup[int(t)] for t in x0], jnp.int32)
         L, V = idx.shape[0], len(self.vocab)
-        return DiscreteState(current=idx, best=idx, best_loss=jnp.asarray(jnp.inf, jnp.float32),
-                             tabu=jnp.zeros((L, V), jnp.int32), pheromone=jnp.ones((L, V), jnp.float32),
-                             step=jnp.zeros((), jnp.int32))
+        return fresh(DiscreteState(current=idx, best=idx, best_loss=jnp.asarray(jnp.inf, jnp.float32),
+                                   tabu=jnp.zeros((L, V), jnp.int32), pheromone=jnp.ones((L, V), jnp.float32),
+                                   step=jnp.zeros((), jnp.int32)))
 
     def solution(self, state: DiscreteState) -> jax.Array:
+        """The current sequence (token ids `[L]` int32); an ant colony's latest best ant."""
+        return jnp.asarray(self.vocab, jnp.int32)[state.current]
+
+    def best_solution(self, state: DiscreteState) -> jax.Array:
+        """The best sequence found so far (token ids `[L]` int32; the initial one before the first step)."""
         return jnp.asarray(self.vocab, jnp.int32)[state.best]
+
+    def state_sharding(self, state: DiscreteState, mesh):
+        """Replicated: `[L]` sequences and `[L, |vocab|]` tables, not parameter-shaped."""
+        return replicated_sharding(state, mesh)
 
     def _moves(self, key, current):
         """`population` single-position changes of `current`: candidates `[P, L]`, positions, indices."""
@@ -113,8 +125,9 @@ class DiscreteSearch:
         indices = jax.random.randint(k_tok, (P,), 0, len(self.vocab))
         return current[None].repeat(P, 0).at[jnp.arange(P), positions].set(indices), positions, indices
 
-    @functools.partial(jax.jit, static_argnums=(0, 2))
+    @functools.partial(filter_jit, donate=(1,))
     def step(self, state: DiscreteState, objective: Callable, batch, key: jax.Array):
+        """One move (see the module doc); `state` is donated: keep only the returned state."""
         k_move, k_accept, k_eval = jax.random.split(key, 3)
         vocab = jnp.asarray(self.vocab, jnp.int32)
         if self.method == "aco":
@@ -123,8 +136,9 @@ class DiscreteSearch:
         else:
             candidates, positions, indices = self._moves(k_move, state.current)
         members = jnp.concatenate([state.current[None], state.best[None], candidates])
-        losses = map_members(lambda i: objective(vocab[members[i]], batch, k_eval), self.population + 2,
-                             self.batch_size, self.pop_sharding)
+        losses, metrics = evaluate_population(lambda i: objective(vocab[members[i]], batch, k_eval),
+                                              self.population + 2, batch_size=self.batch_size,
+                                              pop_sharding=self.pop_sharding)
         finite = jnp.isfinite(losses)
         clean = jnp.where(finite, losses, jnp.inf)  # a non-finite candidate never wins
         f_current, f_best_now, values = clean[0], clean[1], clean[2:]
@@ -155,10 +169,7 @@ class DiscreteSearch:
         best_loss = jnp.minimum(values[i], f_best_now)
         new = DiscreteState(current=current, best=best, best_loss=best_loss, tabu=tabu, pheromone=pheromone,
                             step=state.step + 1)
-        metrics = {"loss": jnp.sum(jnp.where(finite, losses, 0.0)) / jnp.maximum(jnp.sum(finite), 1),
-                   "loss_min": jnp.min(clean), "best_loss": best_loss, "nonfinite": jnp.sum(~finite),
-                   "evaluations": self.population + 2}
-        return new, metrics
+        return new, {**metrics, "best_loss": best_loss}
 
 
 @dataclasses.dataclass
@@ -187,13 +198,13 @@ def search(loss: Callable[[jax.Array], jax.Array], initial, vocab, method: str =
     for t in range(steps):
         state, metrics = opt.step(state, objective, None, jax.random.fold_in(key, t))
         history.append(float(metrics["best_loss"]))
-    return SearchResult(tokens=np.asarray(opt.solution(state)), fun=history[-1], history=np.asarray(history),
+    return SearchResult(tokens=np.asarray(opt.best_solution(state)), fun=history[-1], history=np.asarray(history),
                         evaluations=steps * opt.evaluations_per_step)
 
 
 @dataclasses.dataclass(frozen=True)
 class _BatchedLoss:
-    """`objective(tokens [L], batch, key)` from a batched `loss(tokens [N, L]) -> [N]` (hashable: jit-static)."""
+    """`objective(tokens [L], batch, key)` from a batched `loss(tokens [N, L]) -> [N]`."""
 
     loss: Callable
 

@@ -205,6 +205,12 @@ def place(tree, mesh: Mesh, rules=DEFAULT_RULES):
     return jax.tree.map(_put, tree, shardings(tree, mesh, rules))
 
 
+def place_as(tree, tree_shardings):
+    """`tree` (identical on every process) as global arrays with the given tree of `NamedSharding`s (an
+    optimizer's `state_sharding`: the optimizer chooses its state's rules)."""
+    return jax.tree.map(_put, tree, tree_shardings)
+
+
 def batch_sharding(x, mesh: Mesh) -> NamedSharding:
     """The leading (example) axis over `data`; scalars replicated."""
     if np.ndim(x) == 0 or mesh.shape["data"] == 1:

@@ -28,10 +28,12 @@ def restore_run(run_dir: str, overrides: list[str] = ()):
 
     # Evaluation runs on this machine's devices, whatever mesh the run was trained on.
     mesh = build_mesh(dataclasses.replace(cfg, mesh=MeshSection(), distributed=DistributedSection()))
-    model, params = build.build_model(cfg.model, jax.random.fold_in(jax.random.key(cfg.seed), 0))
+    from gfo.streams import stream
+
+    model, params = build.build_model(cfg.model, stream(cfg.seed, "run", "model"))  # as `gfo train` built it
     if cfg.pretrain is not None:
         pre = Stage(os.path.join(run_dir, "pretrain"), cfg.seed, cfg.pretrain.steps, cfg.pretrain.task,
-                    cfg.pretrain.optimizer, SpaceSection(kind="full"), model, params, cfg, mesh)
+                    cfg.pretrain.optimizer, SpaceSection(kind="full"), model, params, cfg, mesh, name="pretrain")
         _restore_or_fail(pre)
         params = pre.space.to_params(pre.optimizer.solution(pre.state))
     stage = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg, mesh,
@@ -69,14 +71,14 @@ def decode_run(run_dir: str, overrides: list[str] = ()) -> dict:
 
 
 def _restore_or_fail(stage) -> int:
-    from gfo.train import CheckpointError
+    from gfo.train import RunCheckpointError
 
     directory = os.path.join(stage.run_dir, "checkpoints")
     if not os.path.isdir(directory):
-        raise CheckpointError(f"no checkpoint directory {directory!r}: the run has not saved a checkpoint yet")
+        raise RunCheckpointError(f"no checkpoint directory {directory!r}: the run has not saved a checkpoint yet")
     manager = stage._manager()
     step = stage.restore(manager)
     manager.close()
     if step == 0:
-        raise CheckpointError(f"{directory!r} holds no checkpoint")
+        raise RunCheckpointError(f"{directory!r} holds no checkpoint")
     return step

@@ -5,7 +5,8 @@
     res.x, res.fun, res.history      # best point, its value, best-so-far value per step
 
 Methods: "adam", "sgd" (exact gradient), "spsa"/"zo_sgd", "zo_adam", "forward_grad", "open_es"/"es",
-"lowrank_es", "ga", and every evosax algorithm by name ("cma_es", "sep_cma_es", "snes", "pgpe", "de"
+"lowrank_es", every method of the registry `gfo.methods` by its config name ("lozo", "hizoo", …; with
+Adam), "ga", and every evosax algorithm by name ("cma_es", "sep_cma_es", "snes", "pgpe", "de"
 → DifferentialEvolution, "pso", "simulated_annealing", …). `fun(x) -> scalar` is minimised.
 """
 
@@ -18,15 +19,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from gfo.estimators import SPSA, Backprop, ForwardGrad, LowRankES, OpenES
-from gfo.optimizer import Optimizer
-from gfo.strategies import EvosaxStrategy, resolve_name
-
-ALIASES = {"de": "DifferentialEvolution", "ga": "GA", "simulated_annealing": "SimulatedAnnealing",
-           "cma": "CMA_ES", "sep_cma": "Sep_CMA_ES"}
-
+from gfo import methods
+from gfo.jitting import filter_jit
+from gfo.protocol import best_solution
 
 @dataclasses.dataclass
 class MinimizeResult:
@@ -41,32 +37,31 @@ def make_optimizer(method: str, x0, lr: float = 1e-2, sigma: float = 0.1, popsiz
                    batch_size: int | None = None, options: dict | None = None, **kwargs):
     """The gfo optimizer `minimize` uses for `method` (exposed for scripts that drive `step` themselves).
 
-    Gradient-type methods take `lr`, `sigma` (perturbation size: SPSA's ε, the ES σ), `popsize`
-    (ES population, SPSA/forward-gradient queries `n` = kwargs) and estimator fields as kwargs; evosax
-    methods take `popsize`, `sigma` (as `std_init` where the algorithm has it), `options` (constructor)
-    and `params` (its params dataclass) as kwargs.
+    Built by the method registry (`gfo.methods`), as `gfo train` builds it, from an `OptimizerSection`
+    with `lr`, `sigma` (SPSA's ε, the ES σ, evosax's initial scale), `popsize` (`population`) and
+    `batch_size` (`eval_chunk`); the defaults here suit functions of unit scale. Estimator methods take
+    their fields (`n`, `rank`, `antithetic`, `shaping`, … or any estimator field) as kwargs; evosax methods
+    take `options` (constructor) and `params` (its params dataclass). A generic function cannot take
+    low-rank kernel leaves, so `lowrank_es` is dense here.
     """
-    m = method.lower()
-    if m in ("adam", "sgd"):
-        return Optimizer(Backprop(), optax.adam(lr) if m == "adam" else optax.sgd(lr))
-    if m in ("spsa", "zo_sgd", "mezo", "zo_adam"):
-        est = SPSA(eps=sigma, **kwargs)
-        return Optimizer(est, optax.adam(lr) if m == "zo_adam" else optax.sgd(lr))
-    if m == "forward_grad":
-        return Optimizer(ForwardGrad(**kwargs), optax.sgd(lr))
-    if m in ("open_es", "es"):
-        return Optimizer(OpenES(population=popsize, sigma=sigma, batch_size=batch_size, **kwargs), optax.adam(lr))
-    if m == "lowrank_es":
-        kwargs.setdefault("factored", False)  # a generic function cannot take LowRankKernel leaves
-        return Optimizer(LowRankES(population=popsize, sigma=sigma, batch_size=batch_size, **kwargs),
-                         optax.adam(lr))
-    name = resolve_name(ALIASES.get(m, method))
+    from gfo.config import OptimizerSection
+
+    name, transform = methods.MINIMIZE_ALIASES.get(method.lower(), (method.lower(), "adam"))
+    spec = methods.lookup(name)
+    section_fields = {f.name for f in dataclasses.fields(OptimizerSection)}
+    est_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in section_fields and k in spec.fields}
     params = kwargs.pop("params", None)
-    if kwargs:
-        raise ValueError(f"minimize(method={method!r}) got unexpected options {sorted(kwargs)}; pass the "
-                         "algorithm's constructor arguments as options={...} and its params as params={...}")
-    return EvosaxStrategy(name, popsize, x0, options=options, params=params, init_std=sigma,
-                          batch_size=batch_size)
+    if spec.family == "evosax":
+        if kwargs:
+            raise ValueError(f"minimize(method={method!r}) got unexpected options {sorted(kwargs)}; pass the "
+                             "algorithm's constructor arguments as options={...} and its params as params={...}")
+        section = OptimizerSection(method=spec.name, sigma=sigma, population=popsize, eval_chunk=batch_size,
+                                   options=dict(options or {}), params=dict(params or {}))
+    else:
+        given = {"lr": lr, "sigma": sigma, "population": popsize, "eval_chunk": batch_size, "transform": transform}
+        section = OptimizerSection(method=spec.name, options={**(options or {}), **kwargs},
+                                   **{k: v for k, v in {**given, **est_fields}.items() if k in spec.fields})
+    return spec.build(section, methods.Context(x0=x0))
 
 
 def minimize(fun: Callable[[Any], jax.Array], x0, method: str = "cma_es", steps: int = 100,
@@ -88,16 +83,16 @@ def minimize(fun: Callable[[Any], jax.Array], x0, method: str = "cma_es", steps:
                           method=method)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@filter_jit  # (no donation: the run's outputs are the best point and history, not the state)
 def _run(opt, objective, state, x0, keys):
-    is_strategy = isinstance(opt, EvosaxStrategy)
+    archive = hasattr(opt, "best_solution")  # a best-so-far archive whose loss the step reports
     f0 = objective(x0, None, None).astype(jnp.float32)
 
     def body(carry, key):
         state, best_x, best_f, nfev = carry
         state, metrics = opt.step(state, objective, None, key)
-        cand = opt.best_solution(state) if is_strategy else opt.solution(state)
-        if is_strategy:
+        cand = best_solution(opt, state)
+        if archive:
             value, extra = metrics["best_loss"].astype(jnp.float32), 0
         else:
             value, extra = objective(cand, None, None).astype(jnp.float32), 1
@@ -112,7 +107,7 @@ def _run(opt, objective, state, x0, keys):
 
 @dataclasses.dataclass(frozen=True)
 class _Objective:
-    """`fun(x)` in the `objective(x, batch, key)` form; hashable by `fun` so that steps are jitted once."""
+    """`fun(x)` in the `objective(x, batch, key)` form."""
 
     fun: Callable
 

@@ -3,14 +3,20 @@
     opt = Optimizer(SPSA(eps=1e-3), optax.sgd(1e-6))       # MeZO / ZO-SGD
     state = opt.init(key, x0)
     state, metrics = opt.step(state, objective, batch, key)  # jitted; objective(x, batch, key) -> loss
-    x = opt.solution(state)
+    x = opt.solution(state)                                  # the current point
+
+This is `gfo.protocol.OptimizerProtocol`'s first family. The step is `gfo.jitting.filter_jit`: the
+objective may be any callable (a closure, a bound method, a pytree object); its arrays — frozen base
+weights of a space, a KL reference — are traced arguments, not constants baked into the executable.
+`state` is donated: after `step` the old state's buffers may be gone, so keep only the returned one.
 
 `objective(x, batch, key)` returns a scalar *loss* (minimised; rewards enter negated). The same
 `step` drives `Backprop` (Adam/SGD baselines), `SPSA`, `OpenES`, `LowRankES`, `ForwardGrad` and
 `PolicyGradient`; `gfo.strategies.EvosaxStrategy` implements the same protocol for evosax's algorithms.
 An estimator with an `init(key, x0)` method is *stateful* (LOZO, HiZOO, MeZO-SVRG): its state lives in
 `OptState.est_state` and it is called as `estimator(objective, x, batch, key, est_state, step)` returning
-`(grad, metrics, est_state)`.
+`(grad, metrics, est_state)`. `PolicyGradient` is the one estimator whose objective is a reward task
+(`gfo.objectives.RewardObjective`); `objective_kind` says which kind a step expects.
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+
+from gfo.jitting import filter_jit
+from gfo.objectives import objective_kind_of
+from gfo.protocol import fresh, parameter_sharding
 
 
 @struct.dataclass
@@ -42,13 +52,20 @@ class Optimizer:
     def __repr__(self) -> str:
         return f"Optimizer({self.estimator!r})"
 
-    def init(self, key: jax.Array, x0) -> OptState:
-        est_state = self.estimator.init(key, x0) if hasattr(self.estimator, "init") else None
-        return OptState(x=x0, opt_state=self.transform.init(x0), step=jnp.zeros((), jnp.int32),
-                        est_state=est_state)
+    @property
+    def objective_kind(self) -> str:
+        """"loss" (`f(x, batch, key) -> scalar`) or "reward" (a `RewardObjective`: policy gradient)."""
+        return objective_kind_of(self.estimator)
 
-    @functools.partial(jax.jit, static_argnums=(0, 2))
+    def init(self, key: jax.Array, x0) -> OptState:
+        """The state at `x0` (copied: donating the state to `step` leaves the caller's `x0` intact)."""
+        est_state = self.estimator.init(key, x0) if hasattr(self.estimator, "init") else None
+        return fresh(OptState(x=x0, opt_state=self.transform.init(x0), step=jnp.zeros((), jnp.int32),
+                              est_state=est_state))
+
+    @functools.partial(filter_jit, donate=(1,))
     def step(self, state: OptState, objective: Callable, batch, key: jax.Array):
+        """One estimate + update; `state` is donated (use the returned state only)."""
         est_state = state.est_state
         if hasattr(self.estimator, "init"):  # stateful: `(objective, x, batch, key, state, step)`
             grad, metrics, est_state = self.estimator(objective, state.x, batch, key, est_state, state.step)
@@ -60,4 +77,9 @@ class Optimizer:
         return OptState(x=x, opt_state=opt_state, step=state.step + 1, est_state=est_state), metrics
 
     def solution(self, state: OptState):
+        """The current point."""
         return state.x
+
+    def state_sharding(self, state: OptState, mesh):
+        """The model-axis path rules: the point and the optax moments are parameter-shaped."""
+        return parameter_sharding(state, mesh)

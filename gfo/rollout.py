@@ -3,7 +3,9 @@
 `GenerationReward` samples `group_size` completions per prompt with the KV-cache generator, scores
 them with `reward_fn`, and offers
 - `__call__(x, batch, key)`: the loss `−mean reward` (for ES, SPSA, evosax: any loss-minimiser);
-- `sample` / `log_prob`: the `RewardObjective` protocol of `gfo.estimators.PolicyGradient`.
+- `sample` / `log_prob`: the `gfo.objectives.RewardObjective` protocol of `gfo.estimators.PolicyGradient`.
+It is a pytree (`gfo.jitting.register_object_pytree`): the space behind `to_params` (its frozen weights)
+and the KL `reference` point reach a jitted step as traced arguments, not as constants.
 
 Batch: a dict with `prompt` [B, T] and `prompt_mask` [B, T] (left-padded, `Tokenizer.batch_encode`)
 and any per-prompt fields (e.g. countdown's `numbers`, `target_value`). `reward_fn(completions [N, L]
@@ -22,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from gfo.jitting import register_object_pytree
+from gfo.model_api import LanguageModel
 
 
 class Rollout(NamedTuple):
@@ -42,11 +46,12 @@ def host_reward(fn: Callable[..., np.ndarray]):
     return reward
 
 
+@register_object_pytree
 @dataclasses.dataclass(frozen=True, eq=False)
 class GenerationReward:
     """Sampled completions of a prompt batch, scored by `reward_fn` (see the module doc)."""
 
-    model: models.TransformerLM
+    model: LanguageModel
     to_params: Callable[[Any], Any]  # the space's x -> model parameters
     reward_fn: Callable[[jax.Array, jax.Array, dict], jax.Array]
     max_new_tokens: int

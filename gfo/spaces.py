@@ -228,4 +228,17 @@ class Subspace(Space):
         return self.inner.to_params(x)
 
 
-SPACES = {"full": Full, "lora": LoRA, "prompt": Prompt, "subspace": Subspace}
+
+
+# Spaces are pytrees: the attributes that hold arrays (base weights, projections, keys) are children, so a
+# jitted step that takes an objective built on a space receives them as arguments (`gfo.jitting`).
+def _register_spaces():
+    from gfo.jitting import register_object_pytree
+
+    for cls in (Full, LoRA, Prompt, HardPrompt, Subspace):
+        register_object_pytree(cls)
+
+
+_register_spaces()
+Space.domain = "continuous"  # what the optimizer searches: real vectors, or token ids
+HardPrompt.domain = "tokens"

@@ -5,6 +5,7 @@
     state, metrics = opt.step(state, objective, batch, key)   # ask → evaluate (chunked) → tell
     x = opt.solution(state)                                   # the current point (the mean; x0 before a tell)
     x = opt.best_solution(state)                              # the best point evaluated so far
+    (`step` takes its state donated: keep only the returned state)
 
 Any algorithm of `evosax.algorithms` by name (case-insensitive), plus "GA" (`gfo.ga`). `options` go
 to the algorithm's constructor, `params` replace fields of its `default_params`; unknown names are
@@ -41,7 +42,9 @@ from jax.flatten_util import ravel_pytree
 
 from gfo import shaping
 from gfo.ga import GeneticAlgorithm
-from gfo.population import map_members
+from gfo.fitness import evaluate_population
+from gfo.jitting import filter_jit
+from gfo.protocol import fresh, replicated_sharding
 
 STRATEGIES: dict[str, type] = {**evosax_algorithms.algorithms, "GA": GeneticAlgorithm}
 # Algorithms whose state holds dim × dim matrices (covariance, its eigenbasis, or a transform).
@@ -66,7 +69,7 @@ def resolve_name(name: str) -> str:
 
 def default_memory_limit() -> int:
     """Half of the first device's memory (accelerators) or of the machine's RAM (CPU), in bytes."""
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]  # only this process's devices report their memory
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]) // 2
@@ -225,18 +228,20 @@ class EvosaxStrategy:
                 pop = jnp.clip(pop, es_params.lower, es_params.upper)
             initial = jax.vmap(unravel)(pop)
             es_state = self.algorithm.init(k_init, initial, jnp.full((self.population,), jnp.inf), es_params)
-        return StrategyState(es_state=es_state, es_params=es_params, initial_population=initial,
-                             step=jnp.zeros((), jnp.int32), x0=x0)
+        return fresh(StrategyState(es_state=es_state, es_params=es_params, initial_population=initial,
+                                   step=jnp.zeros((), jnp.int32), x0=x0))
 
-    @functools.partial(jax.jit, static_argnums=(0, 2))
+    @functools.partial(filter_jit, donate=(1,))
     def step(self, state: StrategyState, objective: Callable, batch, key: jax.Array):
+        """ask → evaluate (`gfo.fitness.evaluate_population`) → tell. `state` is donated: do not reuse it."""
         k_ask, k_tell, k_eval = jax.random.split(key, 3)
         population, es_state = self.algorithm.ask(k_ask, state.es_state, state.es_params)
         if state.initial_population is not None:  # generation 0 of a population-based algorithm
             population = jax.tree.map(lambda a, b: jnp.where(state.step == 0, b, a),
                                       population, state.initial_population)
-        losses = map_members(lambda i: objective(jax.tree.map(lambda p: p[i], population), batch, k_eval),
-                             self.n_evaluations, self.batch_size, self.pop_sharding)
+        losses, metrics = evaluate_population(
+            lambda i: objective(jax.tree.map(lambda p: p[i], population), batch, k_eval), self.n_evaluations,
+            batch_size=self.batch_size, pop_sharding=self.pop_sharding)
         clean, bad = shaping.sanitize(losses)
         if self.n_particles:  # SV_* `ask` returns [total, ...] but `tell` wants [particles, members, ...]
             population = jax.tree.map(lambda p: p.reshape((self.n_particles, -1) + p.shape[1:]), population)
@@ -244,14 +249,13 @@ class EvosaxStrategy:
         # Every member non-finite: no information (and `clean` is all zeros, which evosax would archive as
         # a perfect loss): keep the state as it was.
         es_state = jax.tree.map(lambda new, old: jnp.where(bad == losses.shape[0], old, new), told, es_state)
-        none = bad == losses.shape[0]  # every member non-finite: report NaN, not the sanitised zeros
-        metrics = {"loss": jnp.where(none, jnp.nan, jnp.mean(clean)),
-                   "loss_min": jnp.where(none, jnp.nan, jnp.min(clean)),
-                   "loss_std": jnp.sqrt(shaping.centered(losses)[1]),
-                   "loss_range": jnp.max(clean) - jnp.min(clean),
-                   "best_loss": jnp.min(es_state.best_fitness),
-                   "nonfinite": bad, "evaluations": self.n_evaluations}
+        metrics = {**metrics, "best_loss": jnp.min(es_state.best_fitness)}
         return state.replace(es_state=es_state, step=state.step + 1), metrics
+
+    def state_sharding(self, state: StrategyState, mesh):
+        """Replicated: the state holds dense populations and covariances over the raveled space, whose
+        axes are not parameter axes (the model-axis path rules do not apply)."""
+        return replicated_sharding(state, mesh)
 
     def solution(self, state: StrategyState):
         """The current point: the mean (distribution-based; the first particle's for SV_*) or the best

@@ -15,6 +15,7 @@ on other hardware (the `mesh` and `distributed` sections may change between rest
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -26,18 +27,20 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from gfo import build, distributed
+from gfo import build, distributed, protocol, stepplan
 from gfo.config import PLACEMENT_KEYS, POSTHOC_KEYS, ConfigError, RunConfig, SpaceSection, StageSection, to_dict
 from gfo.report import read_jsonl
-from gfo.strategies import EvosaxStrategy
+from gfo.stepplan import StepMemoryError  # noqa: F401 - re-exported: a user error of `gfo train`
+from gfo.streams import stream
 
 
 class DivergenceError(RuntimeError):
     """The searched parameters became non-finite; the last good checkpoint is kept."""
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be restored (corrupt, or written by an incompatible run)."""
+class RunCheckpointError(RuntimeError):
+    """A run's checkpoint that cannot be restored (corrupt, or written by an incompatible run). Not
+    `models.CheckpointError`, which is about a model checkpoint (weights, config.json) that cannot be read."""
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -52,41 +55,54 @@ class Stage:
     """One optimisation stage over a task, with its own run directory."""
 
     def __init__(self, run_dir: str, seed: int, steps: int, task_section, optimizer_section, space_section,
-                 model, params, cfg: RunConfig, mesh, eval_section=None, dry: bool = False):
+                 model, params, cfg: RunConfig, mesh, eval_section=None, dry: bool = False, name: str = "main"):
         """`dry`: build the task, space, optimizer, objective and eval setup (every error a config can
-        cause) but no optimizer state; such a stage only answers `eval_metric_names`."""
+        cause) but no optimizer state; such a stage only answers `eval_metric_names`. `name` (pretrain |
+        main) names the stage's key streams (`gfo.streams`): stages never share a key."""
         self.run_dir, self.steps, self.cfg, self.mesh = run_dir, steps, cfg, mesh
         self.eval_section = eval_section  # model selection and diagnostics (the main stage's `eval`)
         self.model = model
-        key = jax.random.key(seed)
-        k_space, k_opt, self.k_step = jax.random.split(jax.random.fold_in(key, 1), 3)
+        self.keys = {k: stream(seed, name, k) for k in ("space", "init", "optimizer", "step", "eval", "dev",
+                                                         "pass_at_k")}
+        self.k_step = self.keys["step"]
         self.task = build.build_task(task_section, seed, build.build_tokenizer(cfg.model, model.config.vocab_size))
         params = distributed.place(params, mesh)  # frozen weights too are split over `model`
-        self.space = build.build_space(space_section, params, k_space)
-        self.x0 = self.space.init(k_space)
-        self.optimizer = build.build_optimizer(optimizer_section, self.x0, self.space.lowrank_ok,
-                                               distributed.pop_sharding(mesh), getattr(self.space, "vocab", None),
-                                               noise_map=self.space.noise_map)
+        self.param_bytes = stepplan.tree_bytes(params)
+        self.space = build.build_space(space_section, params, self.keys["space"])
+        self.x0 = self.space.init(self.keys["init"])
+        optimizer_section = self._plan_chunk(optimizer_section)
+        self.optimizer = build.build_optimizer_for(optimizer_section, self.space, self.x0,
+                                                   distributed.pop_sharding(mesh))
         self.objective = build.build_objective(self.task, task_section, optimizer_section, model, self.space,
                                                self.x0)
-        self.metrics_fn = jax.jit(lambda x, batch, key: self.task.metrics(model, self.space.to_params(x), batch, key))
+        task = self.task
+        self.metrics_fn = _frozen_args(lambda space, x, batch, key: task.metrics(model, space.to_params(x), batch, key),
+                                       self.space)
         self._setup_eval()
         if dry:
             return
-        # Model-axis rules follow parameter paths; an evosax state holds populations, kept replicated.
-        rules = () if isinstance(self.optimizer, EvosaxStrategy) else distributed.DEFAULT_RULES
-        self.state = distributed.place(self.optimizer.init(k_opt, self.x0), mesh, rules)
+        # The optimizer says how its state is sharded (parameter-shaped: model-axis path rules; populations:
+        # replicated).
+        state = self.optimizer.init(self.keys["optimizer"], self.x0)
+        self.state = distributed.place_as(state, protocol.state_sharding(self.optimizer, state, mesh))
+
+    def _plan_chunk(self, section):
+        """`section` with `eval_chunk` from the memory budget when a population method leaves it unset
+        (`gfo.stepplan.plan_eval_chunk`; `self.planned_chunk` is the choice, None when all fit at once)."""
+        self.planned_chunk = stepplan.plan_eval_chunk(section, self.task.train_batch(0), self.model.config,
+                                                      self.x0, self.param_bytes, self.mesh)
+        return section if self.planned_chunk is None else dataclasses.replace(section, eval_chunk=self.planned_chunk)
 
     def eval_metric_names(self) -> list[str]:
         """The names `evaluate` reports, from tracing the metrics on the first eval batch (nothing runs)."""
         batch = distributed.place_batch(self.task.eval_batches()[0], self.mesh)
-        names = set(jax.eval_shape(self.metrics_fn, self.x0, batch, jax.random.key(0)))
+        names = set(jax.eval_shape(self.metrics_fn, self.x0, batch, self.keys["eval"]))
         if self.dev_batches is not None:
             names |= {f"dev_{k}" for k in names}
         if self.kl_fn is not None:
             names.add("kl_drift")
         if self.pass_fn is not None:
-            names |= set(jax.eval_shape(self.pass_fn, self.x0, batch, jax.random.key(0)))
+            names |= set(jax.eval_shape(self.pass_fn, self.x0, batch, self.keys["pass_at_k"]))
         return sorted(names)  # (a RandOpt ensemble vote adds its names only when it runs)
 
     # ------------------------------------------------------------------ checkpoints
@@ -109,7 +125,7 @@ class Stage:
         except Exception as e:  # orbax raises many types for unreadable data
             manager.close()  # its background threads would otherwise report the failure again at exit
             first = " ".join(str(e).strip().splitlines()[:1])  # TensorStore errors carry a long spec after it
-            raise CheckpointError(
+            raise RunCheckpointError(
                 f"cannot restore checkpoint step {step} in {manager.directory} ({type(e).__name__}: "
                 f"{first[:200]}): it is corrupt or was written by a different configuration; remove "
                 f"{os.path.join(str(manager.directory), str(step))} to resume from an earlier step, or choose "
@@ -121,7 +137,7 @@ class Stage:
         totals: dict[str, float] = {}
         batches = self.task.eval_batches()
         for i, batch in enumerate(batches):
-            m = self.metrics_fn(x, distributed.place_batch(batch, self.mesh), jax.random.key(i))
+            m = self.metrics_fn(x, distributed.place_batch(batch, self.mesh), jax.random.fold_in(self.keys["eval"], i))
             for k, v in distributed.to_host(m).items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
         return totals
@@ -142,9 +158,9 @@ class Stage:
             from gfo.diagnostics import drift_kl, input_tokens
 
             input_tokens(self.task.eval_batches()[0])  # fails early if the task has no token inputs
-            params0 = self.space.to_params(self.x0)
-            self.kl_fn = jax.jit(lambda x, tokens, mask: drift_kl(self.model, self.space.to_params(x), params0,
-                                                                   tokens, mask))
+            model = self.model
+            self.kl_fn = _frozen_args(lambda space, params0, x, tokens, mask: drift_kl(
+                model, space.to_params(x), params0, tokens, mask), self.space, self.space.to_params(self.x0))
         self.pass_fn = None
         if e is not None and e.samples > 0:
             if not (hasattr(self.task, "generate") and hasattr(self.task, "completion_rewards")):
@@ -152,14 +168,16 @@ class Stage:
                                   f"(countdown, gsm8k, …); task {self.task.name!r} is not one")
             from gfo.diagnostics import pass_at_k_metrics
 
-            self.pass_fn = jax.jit(lambda x, batch, key: pass_at_k_metrics(
-                self.task, self.model, self.space.to_params(x), batch, key, e.samples, e.temperature))
+            task, model = self.task, self.model
+            self.pass_fn = _frozen_args(lambda space, x, batch, key: pass_at_k_metrics(
+                task, model, space.to_params(x), batch, key, e.samples, e.temperature), self.space)
         self.vote_fn = None
         if hasattr(self.optimizer, "members") and hasattr(self.task, "class_scores"):
             from gfo.estimators.randopt import ensemble_metrics
 
-            self.vote_fn = jax.jit(lambda members, batch: ensemble_metrics(self.task, self.model, self.space.to_params,
-                                                                            members, batch))
+            task, model = self.task, self.model
+            self.vote_fn = _frozen_args(lambda space, members, batch: ensemble_metrics(task, model, space.to_params,
+                                                                                        members, batch), self.space)
 
     def _mean_over(self, batches, fn) -> dict:
         totals: dict[str, float] = {}
@@ -175,7 +193,8 @@ class Stage:
         x = self.optimizer.solution(self.state)
         row = self.evaluate(x)
         if self.dev_batches is not None:
-            dev = self._mean_over(self.dev_batches, lambda i, b: self.metrics_fn(x, b, jax.random.key(10_000 + i)))
+            dev = self._mean_over(self.dev_batches,
+                                  lambda i, b: self.metrics_fn(x, b, jax.random.fold_in(self.keys["dev"], i)))
             row.update({f"dev_{k}": v for k, v in dev.items()})
         if self.kl_fn is not None:
             from gfo.diagnostics import input_tokens
@@ -184,7 +203,7 @@ class Stage:
             row.update(self._mean_over(batches, lambda i, b: {"kl_drift": self.kl_fn(x, *input_tokens(b))}))
         if self.pass_fn is not None:
             row.update(self._mean_over(self.task.eval_batches(),
-                                       lambda i, b: self.pass_fn(x, b, jax.random.key(20_000 + i))))
+                                       lambda i, b: self.pass_fn(x, b, jax.random.fold_in(self.keys["pass_at_k"], i))))
         if self.vote_fn is not None:
             members = self.optimizer.members(self.state)
             row.update(self._mean_over(self.task.eval_batches(), lambda i, b: self.vote_fn(members, b)))
@@ -253,6 +272,10 @@ class Stage:
             print(f"[{label}] complete at step {start}: reusing {self.run_dir}")
         else:
             print(f"[{label}] resuming {self.run_dir} from step {start}")
+        if start < self.steps:
+            line = self.compile_step(self.task.train_batch(start), jax.random.fold_in(self.k_step, start))
+            if primary:
+                print(f"[{label}] {line}")
         bar = _progress(total=self.steps, initial=start, label=label, disable=not primary)
         try:
             self._loop(start, label, on_eval, manager, log_path, writer, records, bar)
@@ -283,6 +306,24 @@ class Stage:
         if selected is not None:  # the protocol's model is the dev-selected point; the final one stays available
             result.update(selected=selected, final_params=result["params"], params=params)
         return result
+
+    def compile_step(self, batch, key) -> str:
+        """Lower and compile the step ahead of time (the loop then reuses the executable); one line with
+        XLA's memory analysis as multiples of the parameter bytes per device. Raises `StepMemoryError`
+        when the step's peak (arguments + outputs − aliased (donated) + temporaries + code) exceeds the
+        device's memory."""
+        t0 = time.perf_counter()
+        batch = distributed.place_batch(batch, self.mesh)
+        compiled = protocol.lower_step(self.optimizer, self.state, self.objective, batch, key).compile()
+        seconds = time.perf_counter() - t0
+        analysis = compiled.memory_analysis()
+        if analysis is None:  # a backend without the analysis
+            return f"compiled step in {seconds:.1f} s (no memory analysis on this backend)"
+        line = stepplan.step_memory_line(analysis, self.param_bytes, seconds,
+                                         *stepplan.device_memory_limit(self.mesh))
+        if self.planned_chunk is not None:
+            line += f"; eval_chunk {self.planned_chunk} chosen from the memory budget"
+        return line
 
     def _loop(self, start, label, on_eval, manager, log_path, writer, records, bar):
         self._done = start
@@ -340,6 +381,15 @@ class Stage:
             for k, v in row.items():
                 if k not in ("step", "split"):
                     writer.add_scalar(f"{row['split']}/{k}", v, row["step"])
+
+
+def _frozen_args(fn, *frozen):
+    """`lambda *args: fn(*frozen, *args)`, jitted with `frozen` (a space with its base weights, reference
+    parameters) as traced arguments rather than constants of the executable (`gfo.jitting.filter_jit`)."""
+    from gfo.jitting import filter_jit
+
+    jitted = filter_jit(fn)
+    return lambda *args: jitted(*frozen, *args)
 
 
 def _read_records(path: str, upto: int) -> list[dict]:
@@ -413,7 +463,7 @@ def _check_resumable(run_dir: str, cfg: RunConfig, resolved: dict) -> None:
 def _build_model(cfg: RunConfig):
     """`build.build_model`, with a checkpoint's unreadable files named (json's errors name no file)."""
     try:
-        return build.build_model(cfg.model, jax.random.fold_in(jax.random.key(cfg.seed), 0))
+        return build.build_model(cfg.model, stream(cfg.seed, "run", "model"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"model.path={cfg.model.path!r}: a JSON file of the checkpoint (config.json) is not "
                           f"valid JSON: {e}") from None
@@ -428,7 +478,7 @@ def _stages(cfg: RunConfig, run_dir: str, model, params, mesh) -> tuple[Stage | 
     if cfg.pretrain is not None:
         p: StageSection = cfg.pretrain
         pre = Stage(os.path.join(run_dir, "pretrain"), cfg.seed, p.steps, p.task, p.optimizer,
-                    SpaceSection(kind="full"), model, params, cfg, mesh)
+                    SpaceSection(kind="full"), model, params, cfg, mesh, name="pretrain")
     main = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg, mesh,
                  eval_section=cfg.eval, dry=pre is not None)
     return pre, main
@@ -453,6 +503,7 @@ def train(cfg: RunConfig, on_eval=None) -> dict:
     of the main stage (a sweep's pruner hook).
     """
     mesh = build_mesh(cfg)
+    stepplan.enable_compilation_cache()
     run_dir = os.path.join(cfg.runs_dir, cfg.name)
     resolved = to_dict(cfg)
     _check_resumable(run_dir, cfg, resolved)

@@ -58,6 +58,7 @@ def test_countdown_prompt_is_the_chat_template_continued_after_think(tok):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_multi_token_label_words_score_the_sum_of_their_tokens(tok):
     model = models.TransformerLM(models.tiny("llama", vocab_size=tok.vocab_size, max_seq_len=256))
     params = model.init(jax.random.key(1))

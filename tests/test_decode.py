@@ -30,6 +30,7 @@ def arithmetic_model():
     return model, space.to_params(opt.solution(state)), batch, task.tokenizer
 
 
+@pytest.mark.slow
 def test_beam_width_one_is_greedy_and_scores_are_log_probabilities(arithmetic_model):
     model, params, batch, tok = arithmetic_model
     greedy = models.generate(model, params, batch["prompt"], batch["prompt_mask"], jax.random.key(0), 4,
@@ -47,6 +48,7 @@ def test_beam_width_one_is_greedy_and_scores_are_log_probabilities(arithmetic_mo
 
 
 @pytest.mark.parametrize("proposals", ["model", "both"])
+@pytest.mark.slow
 def test_refinement_raises_log_probability_over_sampled_starts_and_is_never_worse(arithmetic_model, proposals):
     model, params, batch, tok = arithmetic_model
     start = models.generate(model, params, batch["prompt"], batch["prompt_mask"], jax.random.key(1), 4,
@@ -79,6 +81,7 @@ def test_refinement_raises_a_task_reward_over_greedy(arithmetic_model):
 
 
 
+@pytest.mark.slow
 def test_decode_section_compares_decoders_at_the_end_of_gfo_train(tmp_path, capsys):
     """`decode:` in a config: greedy, beam, refinement by log-prob and by reward on the eval prompts."""
     import json

@@ -21,7 +21,7 @@ def problem():
     return loss, vocab
 
 
-@pytest.mark.parametrize("method", ["annealing", "tabu", "aco"])
+@pytest.mark.parametrize("method", [pytest.param("annealing", marks=pytest.mark.slow), "tabu", "aco"])
 def test_each_search_improves_the_task_loss_over_the_initial_prompt(problem, method):
     loss, vocab = problem
     initial = np.array([ord(c) for c in "zqxj"], np.int32)
@@ -42,6 +42,7 @@ def test_search_errors(problem):
         search(loss, np.zeros(3, np.int32), vocab, cooling=1.5)
 
 
+@pytest.mark.slow
 def test_hard_prompt_search_runs_through_gfo_train_and_resumes(tmp_path):
     """`space.kind: hard_prompt` + `optimizer.method: tabu`: checkpoints, resume, tokens from the vocab."""
     from gfo.config import load_config

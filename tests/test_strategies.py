@@ -22,7 +22,16 @@ NEEDS = {"RandomSearch": {"sampling_fn": lambda key: jax.random.normal(key, (6,)
          "SV_CMA_ES": {"num_populations": 2}, "SV_Open_ES": {"num_populations": 2}}
 
 
-@pytest.mark.parametrize("name", sorted(STRATEGIES))
+# Every registry case runs in the full suite; a representative few stay in the fast tier (`-m "not slow"`).
+FAST_STRATEGIES = ("Open_ES", "SNES", "PGPE", "PSO", "Sep_CMA_ES", "SimpleGA")
+FAST_MINIMIZE = ("adam", "sgd", "spsa", "zo_adam", "forward_grad", "pso")
+
+
+def _tiers(names, fast):
+    return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize("name", _tiers(sorted(STRATEGIES), FAST_STRATEGIES))
 def test_every_strategy_steps_under_scan_with_a_stable_state(name):
     """Two steps inside `lax.scan`: `solution` is x0 before any tell and the current point after (the mean,
     for distribution-based algorithms); `best_solution` is the archived point whose loss is `best_loss`."""
@@ -86,6 +95,7 @@ def test_standardize_is_replaced_by_a_stable_z_score():
     assert evosax_err > 0.05  # the bug this guards against (if evosax fixes it, drop the substitution)
 
 
+@pytest.mark.slow
 def test_cma_es_solves_rosenbrock_10d():
     """Reference: pycma reaches ~1e-18 (float64), evosax CMA_ES ~1e-12 (float32) in 8,000 evaluations."""
     def rosenbrock(x):
@@ -97,8 +107,8 @@ def test_cma_es_solves_rosenbrock_10d():
     assert np.median(best) < 1e-8
 
 
-@pytest.mark.parametrize("method", ["adam", "sgd", "spsa", "zo_adam", "forward_grad", "open_es", "lowrank_es",
-                                    "ga", "cma_es", "sep_cma_es", "snes", "pgpe", "de", "pso"])
+@pytest.mark.parametrize("method", _tiers(["adam", "sgd", "spsa", "zo_adam", "forward_grad", "open_es", "lowrank_es",
+                                           "ga", "cma_es", "sep_cma_es", "snes", "pgpe", "de", "pso"], FAST_MINIMIZE))
 def test_minimize_improves_on_a_quadratic(method):
     res = gfo.minimize(lambda x: jnp.sum((x - 0.5) ** 2), jnp.zeros(6), method=method, steps=60, lr=0.05,
                        sigma=0.1, popsize=16, key=jax.random.key(0))
@@ -135,6 +145,7 @@ def test_memory_guard_refuses_oversized_requests_with_the_numbers():
     EvosaxStrategy("Sep_CMA_ES", 16, jnp.zeros(200_000), memory_limit=8 * 2**30)  # diagonal: fits
 
 
+@pytest.mark.slow
 def test_ga_operators():
     key = jax.random.key(0)
     fitness = jnp.array([3.0, 1.0, 2.0, 0.5])
@@ -150,6 +161,7 @@ def test_ga_operators():
     assert float(jnp.mean(jnp.abs(y - x))) < 0.1  # η = 20 keeps children near their parent
 
 
+@pytest.mark.slow
 def test_ga_minimises_rastrigin_better_than_its_start():
     def rastrigin(x):
         return 10 * x.shape[0] + jnp.sum(x ** 2 - 10 * jnp.cos(2 * jnp.pi * x))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -12,7 +13,7 @@ import yaml
 
 from gfo import cli
 from gfo.config import ConfigError, from_dict, load_config, RunConfig
-from gfo.train import CheckpointError, DivergenceError, RunInterrupted, train
+from gfo.train import DivergenceError, RunCheckpointError, RunInterrupted, train
 
 ALLOW_RANK_PROMOTION = True  # evosax runs here
 
@@ -49,9 +50,15 @@ FAMILIES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_every_optimizer_family_runs_through_gfo_train(name, tmp_path):
+def test_every_optimizer_family_runs_through_gfo_train(name, tmp_path, capsys):
     cfg = _config(tmp_path, **FAMILIES[name])
     result = train(cfg)
+    # The step is compiled ahead and its XLA memory printed; the frozen base weights are among its arguments
+    # (traced, not constants), so the arguments are at least the parameters' bytes for every space.
+    line = re.search(r"compiled step in .* peak ([\d.]+) × params .*arguments ([\d.]+) ×", capsys.readouterr().out)
+    assert line is not None
+    peak, arguments = map(float, line.groups())
+    assert arguments >= 1.0 and peak >= arguments
     run_dir = result["run_dir"]
     for f in ("config.yaml", "metrics.jsonl", "summary.md", "curves.png"):
         assert os.path.isfile(os.path.join(run_dir, f)), f
@@ -249,7 +256,7 @@ def test_eval_and_report_and_checkpoint_errors(tmp_path, capsys):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
-    with pytest.raises(CheckpointError, match="cannot restore checkpoint step 4") as err:
+    with pytest.raises(RunCheckpointError, match="cannot restore checkpoint step 4") as err:
         train(cfg)
     assert len(str(err.value)) < 600 and "\n" not in str(err.value)  # no TensorStore spec dump
     with pytest.raises(ConfigError, match="different config"):

@@ -11,33 +11,23 @@ gfo estimator it returns a gradient of a *loss* (negated reward) for an optax tr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from gfo.noise import tree_dot
+from gfo.objectives import RewardObjective
 
-
-class RewardObjective(Protocol):
-    """What `PolicyGradient` needs of a task: sample, score, and re-score completions.
-
-    `sample(x, batch, key)` returns a rollout (any pytree) with a `reward` field `[B, G]` (higher is
-    better); `log_prob(x, batch, rollout)` returns the summed log-probabilities `[B, G]` of the sampled
-    completions under `x`, differentiably; `reference` (optional) is the parameter point of the KL term.
-    """
-
-    reference: Any
-
-    def sample(self, x, batch, key) -> Any: ...
-
-    def log_prob(self, x, batch, rollout) -> jax.Array: ...
+__all__ = ["PolicyGradient", "RewardObjective"]
 
 
 @dataclasses.dataclass(frozen=True)
 class PolicyGradient:
+    """Takes a `gfo.objectives.RewardObjective` (objective kind "reward"), not a loss."""
+
     kl_coef: float = 0.0
     normalize: bool = True
+    objective_kind = "reward"  # a class attribute, not a field
 
     def __call__(self, objective: RewardObjective, x, batch, key):
         rollout = objective.sample(jax.lax.stop_gradient(x), batch, key)
