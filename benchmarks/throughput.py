@@ -31,6 +31,7 @@ import optax
 import gfo
 import models
 from benchmarks.common import describe, machine, mark, seconds, write
+from gfo.objectives import OnSpace
 from gfo.spaces import Full
 
 TARGETS = {
@@ -55,15 +56,16 @@ def model_configs(quick: bool) -> dict[str, models.ModelConfig]:
                                                       rope_theta=100000.0, norm_eps=1e-5)}
 
 
-def next_token_loss(model, space):
-    """Mean next-token cross-entropy of `tokens [B, T+1]` under `space.to_params(x)`."""
+class NextTokenLoss:
+    """Mean next-token cross-entropy of `tokens [B, T+1]` under model parameters (a static function)."""
 
-    def loss(x, tokens, key):
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, params, tokens, key):
         del key
-        logits = model.apply(space.to_params(x), tokens[:, :-1])
+        logits = self.model.apply(params, tokens[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-    return loss
 
 
 def _peak(executable) -> int:
@@ -89,19 +91,21 @@ class Setup:
         params = self.model.init(jax.random.key(0))
         self.space = Full(params)
         self.x0 = self.space.init(None)
-        self.loss = next_token_loss(self.model, self.space)
+        del params  # the state holds the searched weights; the space keeps only the others
+        self.loss = OnSpace(NextTokenLoss(self.model), self.space)  # the space's weights travel as arguments
         self.tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, cfg.vocab_size)
-        self.param_bytes = sum(v.nbytes for v in jax.tree.leaves(params))
-        self.layer_bytes = sum(v.nbytes // cfg.n_layers for v in jax.tree.leaves(params[models.LAYERS]))
-        self.n_params = sum(v.size for v in jax.tree.leaves(params))
+        self.param_bytes = sum(v.nbytes for v in jax.tree.leaves(self.x0))
+        self.layer_bytes = sum(v.nbytes // cfg.n_layers for k, v in self.x0.items() if k.startswith(models.LAYERS + "/"))
+        self.n_params = sum(v.size for v in jax.tree.leaves(self.x0))
 
     def step(self, opt):
-        """`(jitted step with donated state, a fresh state, compile seconds, executable)`."""
-        fn = jax.jit(lambda state, tokens, key: opt.step(state, self.loss, tokens, key), donate_argnums=0)
+        """`(step with donated state, a fresh state, compile seconds, executable)`: the optimizer's own
+        jitted step (`gfo.jitting.filter_jit`), lowered and compiled ahead as `gfo train` does."""
         state = opt.init(jax.random.key(2), self.x0)
         t0 = time.perf_counter()
-        executable = fn.lower(state, self.tokens, jax.random.key(3)).compile()
-        return fn, state, time.perf_counter() - t0, executable
+        executable = opt.step.lower(state, self.loss, self.tokens, jax.random.key(3)).compile()
+        t = time.perf_counter() - t0
+        return (lambda st, tokens, key: opt.step(st, self.loss, tokens, key)), state, t, executable
 
 
 def timed_steps(fn, state, tokens, repeats: int) -> float:

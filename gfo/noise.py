@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from models.linear import NoisyLeaf, standard_noise
+from models.tree import LAYERS
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 
@@ -40,7 +41,7 @@ def leaf_key(key: jax.Array, path) -> jax.Array:
 
 
 # The subtree of the model whose leaves carry a leading layer axis (`models`' stacked layout).
-STACKED_PREFIX = "layers/"
+STACKED_PREFIX = LAYERS + "/"
 
 
 def n_stacked_layers(path, leaf) -> int | None:
@@ -120,7 +121,7 @@ def check_noise_map(noise_map, allowed=NOISE_KINDS) -> tuple[tuple[str, str], ..
     """`noise_map` (a mapping or pairs `regex → kind`) as a tuple of pairs, validated.
 
     The first pattern that `re.search`es a leaf's path name decides its kind: `lowrank` (EGGROLL's
-    factored `A Bᵀ`, 2-D leaves only), `full` (i.i.d. noise) or `frozen` (no noise, no update)
+    factored `A Bᵀ`, matrices: 2-D, or 3-D stacked over layers), `full` (i.i.d. noise) or `frozen` (no noise, no update)
     — HyperscaleES's per-leaf map.
     """
     import re

@@ -243,13 +243,10 @@ class PopulationConfig:
 
     def evaluate(self, member_loss: Callable) -> tuple[jax.Array, jax.Array, dict]:
         """Losses `[N]` of all members (`member_loss(direction, sign, member)`), shaped values, metrics."""
+        from gfo.fitness import population_metrics  # the one metrics vocabulary (gfo.fitness)
+
         losses = self.member_losses(member_loss)
-        clean, bad = shaping.sanitize(losses)
-        shaped = shaping.shape(losses, self.shaping, self.groups)
-        n = self.population
-        metrics = {"loss": jnp.mean(clean), "loss_min": jnp.min(clean), "loss_std": jnp.sqrt(shaping.centered(losses)[1]),
-                   "loss_range": jnp.max(clean) - jnp.min(clean), "nonfinite": bad, "evaluations": n}
-        return losses, shaped, metrics
+        return losses, shaping.shape(losses, self.shaping, self.groups), population_metrics(losses)
 
     def noise_update(self, weights: jax.Array, leaf_noise: Callable, x, frozen: Callable = lambda path, leaf: False):
         """`noise_update` over this population's directions (chunked and sharded like its evaluation)."""

@@ -87,12 +87,20 @@ class Full(Space):
             names = [path_name(p) for p, _ in leaves]
             raise ValueError(f"Full(filter={filter!r}, layers={layers}) selects no parameter; paths look like "
                              f"{names[:4]}")
+        if self.layers is None:
+            # Searched leaves are replaced whole by `to_params`, so `base` keeps only their shapes: a jitted step
+            # receives the unsearched weights as arguments, never a second copy of the searched ones.
+            flat = {path_name(p): leaf for p, leaf in leaves}
+            self._initial = _Held({name: flat[name] for name in self._paths})
+            self.base = jax.tree.map(lambda v: v, params)
+            for name, path in self._paths.items():
+                set_path(self.base, path, jax.ShapeDtypeStruct(jnp.shape(flat[name]), jnp.result_type(flat[name])))
 
     def init(self, key: jax.Array) -> dict:
         del key
-        flat = {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(self.base)[0]}
         if self.layers is None:
-            return {name: flat[name] for name in self._paths}
+            return dict(self._initial.value)
+        flat = {path_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(self.base)[0]}
         rows = jnp.asarray(self.layers)
         return {name: flat[name][rows] for name in self._paths}
 
@@ -103,6 +111,15 @@ class Full(Space):
                 value = get_path(self.base, self._paths[name]).at[jnp.asarray(self.layers)].set(materialize(value))
             set_path(params, self._paths[name], value)
         return params
+
+
+class _Held:
+    """Arrays a space keeps for `init` only: opaque to pytree flattening, so never a step's argument."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
 
 
 def _n_layers(params) -> int:

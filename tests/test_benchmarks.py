@@ -10,49 +10,51 @@ import pytest
 from benchmarks import convergence, throughput
 from benchmarks.common import mark
 
-ALLOW_RANK_PROMOTION = True  # the throughput benchmark runs evosax's Open_ES
 
 
-@pytest.mark.slow
-def test_throughput_quick_measures_every_method_and_marks_the_targets(tmp_path):
-    payload = throughput.main(["--quick", "--out", str(tmp_path)])
-    row = payload["rows"][0]
-    for n, entry in row["populations"].items():
-        assert entry["ceiling"]["tokens_per_s"] > 0
-        for method in ("lowrank_es", "es"):
-            assert entry[method]["step_s"] > 0 and entry[method]["peak_x_params"] > 0
-        assert "fits" in entry["evosax_open_es"]
-    assert row["spsa"]["forward_passes"] > 0 and row["backprop"]["step_s"] > 0
-    targets = {t["target"]: t["met"] for t in payload["targets"]}
-    assert list(targets) == list(throughput.TARGETS)
-    lowrank, es_memory, spsa, _ = throughput.TARGETS
-    assert targets[lowrank] is None  # --quick measures no population >= 64: not judged
-    # Seed-regenerated ES at a fixed chunk: XLA's compiled peak memory (deterministic, not a timing) must
-    # not grow from population 8 to 16.
-    assert targets[es_memory] is True
-    assert targets[spsa] == (row["spsa"]["forward_passes"] <= 2.5)
-    text = open(tmp_path / "throughput_quick.md").read()
-    for t in payload["targets"]:
+def _payload(compile_32: float, spsa_peak: float, spsa_passes: float, es_peak: float, lowrank_ratio: float,
+             es_ratio: float) -> dict:
+    """A throughput payload with chosen measurements (one model; populations 32 and 128; budget 2.5x)."""
+    def pop(peak, ratio, n):
+        e = {"population": n, "compile_s": 1.0, "peak_x_params": peak, "memory_budget_x_params": 2.5}
+        return {**e, "step_s": 1.0, "ceiling_s": ratio, "ratio_to_ceiling": ratio} if n == 32 else e
+
+    row = {"model": "m", "params": 10, "param_bytes": 40, "layer_bytes": 4, "forward_s": 0.1, "methods": {
+        "spsa": [{"population": 32, "compile_s": 1.0, "peak_x_params": spsa_peak, "step_s": 0.2,
+                  "forward_passes": spsa_passes}],
+        "es": [pop(es_peak, es_ratio, 32), pop(es_peak, None, 128)],
+        "lowrank_es": [pop(2.0, lowrank_ratio, 32), pop(2.0, None, 128)]}}
+    return {"depths": [2, 32], "compile": {m: {2: 10.0, 32: compile_32} for m in ("es", "lowrank_es", "spsa")},
+            "rows": [row], "quick": True, "machine": {"processor": "p", "platform": "cpu", "cpu_count": 2,
+                                                      "jax": "0", "date": "d"},
+            "batch": 4, "seq": 64, "chunk": 8, "distribution": "gaussian"}
+
+
+def test_throughput_targets_are_judged_by_their_definitions():
+    met = throughput.evaluate_targets(_payload(12.9, 1.4, 2.2, 2.4, 0.95, 0.6))
+    assert [t["met"] for t in met] == [True] * 6
+    missed = throughput.evaluate_targets(_payload(13.1, 1.6, 2.4, 2.6, 0.85, 0.4))
+    assert [t["met"] for t in missed] == [False] * 6
+    assert missed[0]["measured"].startswith("es 1.31x (10.0 s -> 13.1 s)")
+    payload = _payload(13.1, 1.6, 2.4, 2.6, 0.85, 0.4)
+    payload["targets"] = missed
+    text = throughput.markdown(payload)
+    for t in missed:
         assert f"| {t['target']} | {t['measured']} | {mark(t['met'])} |" in text
-    assert json.load(open(tmp_path / "throughput_quick.json"))["quick"] is True
-
-
-def _row(ratio_64: float, es_peaks: tuple[int, int], forward_passes: float, es_s: float, open_es_s: float) -> dict:
-    """A throughput row with chosen measurements (populations 8 and 64, chunk 8)."""
-    entry = lambda n, peak: {  # noqa: E731
-        "lowrank_es": {"ratio_to_ceiling": ratio_64 if n == 64 else 0.1, "step_s": es_s, "peak_bytes": peak},
-        "es": {"step_s": es_s, "peak_bytes": peak}, "evosax_open_es": {"step_s": open_es_s}}
-    return {"chunk": 8, "populations": {8: entry(8, es_peaks[0]), 64: entry(64, es_peaks[1])},
-            "spsa": {"forward_passes": forward_passes}}
-
-
-def test_targets_are_judged_by_their_definitions():
-    met = throughput.evaluate_targets([_row(0.95, (100, 110), 2.0, 1.0, 2.0)])
-    assert [t["met"] for t in met] == [True, True, True, True]
-    missed = throughput.evaluate_targets([_row(0.85, (100, 111), 2.6, 2.0, 1.0)])
-    assert [t["met"] for t in missed] == [False, False, False, False]
-    assert missed[0]["measured"] == "min ratio 0.85" and missed[3]["measured"] == "0/4 comparisons ahead"
     assert (mark(True), mark(False), mark(None)) == ("**met**", "**not met**", "n/a")
+
+
+def test_throughput_setup_measures_a_real_step(tmp_path):
+    """One real SPSA step through the benchmark's setup: XLA's peak is a real multiple of the parameters."""
+    import models
+
+    setup = throughput.Setup(models.gpt2(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=17), 2, 16)
+    opt = throughput.optimizers(4, 2, "gaussian")["spsa"]
+    fn, state, seconds, exe = setup.step(opt)
+    peak = throughput._peak(exe) / setup.param_bytes
+    assert seconds > 0 and 1.0 < peak < 50.0  # at least the donated parameters, and not a population of copies
+    state, metrics = fn(state, setup.tokens, throughput.jax.random.key(0))
+    assert float(metrics["loss"]) > 0
 
 
 @pytest.mark.slow
