@@ -113,7 +113,8 @@ def main(argv=None) -> dict:
         name, cfg, repeats = "GPT-2 small-shaped (d_model 128, 2 layers)", models.tiny(
             "gpt2", d_model=128, n_layers=2, n_heads=4, vocab_size=4096, max_seq_len=65), 1
     else:
-        name, cfg, repeats = "GPT-2 124M", models.gpt2(max_seq_len=65), 3
+        name, cfg, repeats = "GPT-2 124M", models.gpt2(vocab_size=50257, d_model=768, n_layers=12, n_heads=12,
+                                                         max_seq_len=1024), 3
     result = measure(cfg, 4, 64, repeats)
     payload = {"quick": args.quick, "machine": machine(), "model": name, "result": result}
     text = markdown(payload)
