@@ -27,6 +27,9 @@ import models  # noqa: E402
 # is a test's node id, without parameters (every case) or with them (that case only). New slow tests
 # should carry `@pytest.mark.slow` themselves.
 SLOW = (
+    "tests/test_families.py::test_estimator_families_improve_the_loss[spsa+sgd]",
+    "tests/test_families.py::test_new_model_families_generate_with_cache_as_without[gemma3]",
+    "tests/test_scan.py::test_dot_product_attention_equals_einsum_reference[llama]",
     "tests/test_estimators.py::TestJitAndNoJit::test_estimators_agree_with_and_without_jit__with_jit",
     "tests/test_estimators.py::TestJitAndNoJit::test_estimators_agree_with_and_without_jit__without_jit",
     "tests/test_estimators.py::test_estimate_points_along_true_gradient[lowrank_es]",

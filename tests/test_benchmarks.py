@@ -44,6 +44,7 @@ def test_throughput_targets_are_judged_by_their_definitions():
     assert (mark(True), mark(False), mark(None)) == ("**met**", "**not met**", "n/a")
 
 
+@pytest.mark.slow
 def test_throughput_setup_measures_a_real_step(tmp_path):
     """One real SPSA step through the benchmark's setup: XLA's peak is a real multiple of the parameters."""
     import models

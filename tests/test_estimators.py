@@ -189,6 +189,7 @@ class _Rollout:
         self.actions, self.reward = actions, reward
 
 
+@pytest.mark.slow
 def test_openai_es_config_reproduces_the_reference_update():
     """paper_configs/openai_es.yaml vs evolution-strategies-starter's update, written out in numpy: Adam
     (its own bias-corrected form) on `g_ref + l2·θ`, `g_ref = Σ_p (F⁺_p − F⁻_p) ε_p / N` with centred ranks,
@@ -263,6 +264,7 @@ def tiny_lm():
     return loss, space.init(jax.random.key(2)), tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make", [
     lambda f: gfo.OpenES(population=8, sigma=0.05, batch_size=4, factored=f),
     pytest.param(lambda f: gfo.OpenES(population=6, sigma=0.05, antithetic=False, factored=f), marks=pytest.mark.slow),
