@@ -21,8 +21,24 @@ import jax.numpy as jnp
 from flax import struct
 
 
+class _OverBase:
+    """Shape, dtype and rank of a perturbation descriptor: those of its base parameter `w`."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.w.shape
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.w.ndim
+
+
 @struct.dataclass
-class LowRankKernel:
+class LowRankKernel(_OverBase):
     """`w + scale · a @ b.T` kept factored.
 
     Attributes:
@@ -40,13 +56,6 @@ class LowRankKernel:
     b: jax.Array
     scale: jax.Array | float = 1.0
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.w.shape
-
-    @property
-    def dtype(self):
-        return self.w.dtype
 
     @property
     def rank(self) -> int:
@@ -65,7 +74,7 @@ class LowRankKernel:
 
 
 @struct.dataclass
-class NoisyLeaf:
+class NoisyLeaf(_OverBase):
     """`w + scale · ε(key)`: a parameter perturbed by noise that is generated where the model reads it.
 
     A population member's full-rank perturbation travels to the model as this descriptor, and the noise
@@ -86,17 +95,7 @@ class NoisyLeaf:
     scale: jax.Array
     distribution: str = struct.field(pytree_node=False, default="gaussian")
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.w.shape
 
-    @property
-    def dtype(self):
-        return self.w.dtype
-
-    @property
-    def ndim(self) -> int:
-        return self.w.ndim
 
     def noise(self) -> jax.Array:
         """ε, float32 of `w`'s shape."""
