@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from gfo import shaping
-from gfo.noise import member_key, noise_like, perturbed_leaf, tree_axpy
+from gfo.noise import member_key, perturbed_leaf
 from gfo.population import map_members
 
 
@@ -58,16 +58,18 @@ class RandOpt:
         return f"RandOpt(population={self.population}, top_k={self.top_k}, sigma={self.sigma})"
 
     def member(self, state: RandOptState, i):
-        """`θ₀ + σ ε_i`."""
-        eps = noise_like(member_key(jax.random.wrap_key_data(state.noise_key), i), state.x0, self.distribution)
-        return tree_axpy(self.sigma, eps, state.x0)
+        """`θ₀ + σ ε_i`, dense: the point `evaluated_member` evaluated (same float32 noise, same rounding)."""
+        return self._perturbed(state, i, factored=False)
 
     def evaluated_member(self, state: RandOptState, i):
         """`θ₀ + σ ε_i` as the objective receives it: `NoisyLeaf` leaves (noise drawn in the forward) when
         `factored`, else dense."""
+        return self._perturbed(state, i, self.factored)
+
+    def _perturbed(self, state: RandOptState, i, factored: bool):
         key = member_key(jax.random.wrap_key_data(state.noise_key), i)
         return jax.tree_util.tree_map_with_path(
-            lambda p, w: perturbed_leaf(key, p, w, self.sigma, self.distribution, self.factored), state.x0)
+            lambda p, w: perturbed_leaf(key, p, w, self.sigma, self.distribution, factored), state.x0)
 
     def init(self, key: jax.Array, x0) -> RandOptState:
         return RandOptState(x0=x0, noise_key=jax.random.key_data(key), top=jnp.full((self.top_k,), -1, jnp.int32),
