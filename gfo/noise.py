@@ -4,10 +4,11 @@ Member `i`'s noise for the leaf at path `p` is a pure function of `(key, i, p)`:
 `fold_in(fold_in(key, i), crc32(p))`, so leaves of equal shape get independent noise (the bug of
 reusing one seed per layer, ES-at-scale issue #46, cannot happen) and any device can regenerate any
 member's noise from the step key alone. A *stacked* leaf (under the model's `layers/` subtree, leading
-layer axis `[L, ...]`) draws layer `l`'s noise from `fold_in(leaf key, l)`, so the scanned forward can
-generate one layer's noise at a time and get exactly the numbers the update regenerates
-(`leaf_noise_keys`, `models.linear.NoisyLeaf`). Noise is drawn in float32 (drawing directly in
-bfloat16 loses precision).
+layer axis `[L, ...]`) draws layer `l`'s noise from `fold_in(leaf key, l)`, and a matrix draws its row `r`
+from `fold_in(layer key, r)` (`models.linear.matrix_noise`), so the scanned forward can generate one
+layer's noise at a time, an embedding lookup only the rows it reads, and an update any block of rows
+(`leaf_noise_rows`), and all of them get exactly the same numbers (`leaf_noise_keys`,
+`models.linear.NoisyLeaf`). Noise is drawn in float32 (drawing directly in bfloat16 loses precision).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 
-from models.linear import NoisyLeaf, standard_noise
+from models.linear import NoisyLeaf, noise_block_elements, row_blocks, row_noise, standard_noise
 from models.tree import LAYERS
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
@@ -70,6 +71,45 @@ def leaf_noise(key: jax.Array, path, leaf, distribution: str = "gaussian") -> ja
     """Float32 standard noise of `leaf`'s shape for the leaf at `path` (per-layer keys when stacked)."""
     keys = leaf_noise_keys(key, path, leaf)
     return NoisyLeaf(jax.ShapeDtypeStruct(_shape(leaf), jnp.float32), keys, jnp.float32(0.0), distribution).noise()
+
+
+def layer_shape(path, leaf) -> tuple[int, ...]:
+    """The shape of one layer's copy of the leaf (its shape without the stacked layer axis)."""
+    shape = _shape(leaf)
+    return shape[1:] if n_stacked_layers(path, leaf) is not None else shape
+
+
+def leaf_noise_rows(key: jax.Array, path, leaf, layer, rows, distribution: str = "gaussian") -> jax.Array:
+    """Rows `rows [n]` of layer `layer` (None for an unstacked leaf) of `leaf_noise(key, path, leaf)`:
+    float32 `[n, *row shape]`, drawn alone (a matrix's rows are keyed independently); `rows=None` gives
+    the whole layer."""
+    k = leaf_key(key, path)
+    if n_stacked_layers(path, leaf) is not None:
+        k = jax.random.fold_in(k, layer)
+    shape = layer_shape(path, leaf)
+    if rows is None or len(shape) < 2:
+        return NoisyLeaf(jax.ShapeDtypeStruct(shape, jnp.float32), k, jnp.float32(0.0), distribution).noise()
+    return row_noise(k, rows, shape[1:], distribution)
+
+
+def noise_blocks(path, leaf, block_elements: int | None = None):
+    """How an update regenerates the leaf's noise: None (the whole leaf at once, for a leaf of at most
+    `models.linear.NOISE_BLOCK_ELEMENTS`), else `(n_layers or None, rows, rows per block, blocks per layer)` — blocks of
+    rows of one layer (`rows` None: whole layers of a vector leaf)."""
+    limit = noise_block_elements() if block_elements is None else block_elements
+    shape = _shape(leaf)
+    size = 1
+    for n in shape:
+        size *= int(n)
+    if size <= limit:
+        return None
+    lead = n_stacked_layers(path, leaf)
+    per_layer = layer_shape(path, leaf)
+    if len(per_layer) < 2:
+        return (lead, None, None, 1) if lead is not None else None
+    row = size // (lead or 1) // int(per_layer[0])
+    per, n_blocks = row_blocks(int(per_layer[0]), row, limit)
+    return lead, int(per_layer[0]), per, n_blocks
 
 
 def perturbed_leaf(key: jax.Array, path, leaf, scale, distribution: str = "gaussian",

@@ -114,41 +114,115 @@ def noise_sum(weights: jax.Array, noise_of: Callable[[jax.Array], jax.Array], sh
                              jnp.zeros(shape, jnp.float32))
 
 
-def noise_update(weights: jax.Array, leaf_noise: Callable, x, frozen: Callable = lambda path, leaf: False,
-                 batch_size: int | None = None, pop_sharding=None):
-    """`(g, snr_cosine)` with `g = Σ_d weights[d] · ε_d` leaf by leaf, `leaf_noise(path, leaf, d)` being
-    direction `d`'s float32 noise of that leaf (zero `g` where `frozen(path, leaf)`), and the cosine
-    between the sums over the first ⌊D/2⌋ and the remaining directions (NaN for one direction).
+def _direction_sums(weights: jax.Array, noise_of: Callable[[jax.Array], jax.Array], shape):
+    """`(Σ_{d<h} w_d ε_d, Σ_{d>=h} w_d ε_d)` with `h = ⌊D/2⌋` in one loop over the directions (direction
+    `d` and `d + h` together), float32 of `shape`; `(w_0 ε_0, None)` for one direction."""
+    n = weights.shape[0]
+    if n == 1:
+        return weights[0] * noise_of(jnp.int32(0)), None
+    h = n // 2
 
-    One loop over the directions per leaf, carrying that leaf's two half-sums, so the memory beyond `g`
-    (float32 sums, cast to `x`'s dtypes) is one leaf's second half-sum.
+    def body(d, halves):
+        first, second = halves
+        return first + weights[d] * noise_of(d), second + weights[d + h] * noise_of(d + h)
+
+    last = weights[n - 1] * noise_of(jnp.int32(n - 1)) if n % 2 else jnp.zeros(shape, jnp.float32)
+    return jax.lax.fori_loop(0, h, body, (jnp.zeros(shape, jnp.float32), last))
+
+
+def _halves_dots(first, second, fresh=None) -> jax.Array:
+    """`[first·second, first·first, second·second]` (over the rows where `fresh`, when given)."""
+    if fresh is not None:
+        first = jnp.where(fresh, first, 0.0)
+    return jnp.stack([jnp.vdot(first, second), jnp.vdot(first, first),
+                      jnp.vdot(second, second) if fresh is None else jnp.vdot(jnp.where(fresh, second, 0.0), second)])
+
+
+def noise_update(weights: jax.Array, direction_key: Callable[[jax.Array], jax.Array], x,
+                 distribution: str = "gaussian", frozen: Callable = lambda path, leaf: False, mask=None,
+                 batch_size: int | None = None, pop_sharding=None, block_elements: int | None = None):
+    """`(g, snr_cosine)` with `g = Σ_d weights[d] · ε_d` leaf by leaf, `ε_d` being
+    `gfo.noise.leaf_noise(direction_key(d), path, leaf, distribution)` (times `mask`'s leaf, a pytree like
+    `x`, when given; zero `g` where `frozen(path, leaf)`), and the cosine between the sums over the first
+    ⌊D/2⌋ and the remaining directions (NaN for one direction).
+
+    A leaf of at most `NOISE_BLOCK_ELEMENTS` is summed whole: one loop over the directions carrying its
+    two half-sums. A larger one is regenerated a block of rows of one layer at a time
+    (`gfo.noise.noise_blocks`): for each block, a loop over the directions, then the block is written into
+    `g`. Memory beyond `g` (cast to `x`'s dtypes) is two blocks of float32 half-sums and one block of noise
+    — MeZO's in-place regeneration, functionally. With `pop_sharding` the directions are split over the
+    devices instead (`noise_sum`), a leaf at a time.
     """
+    from gfo.noise import leaf_noise, leaf_noise_rows, noise_blocks
+
     n = weights.shape[0]
     h = n // 2
     weights = weights.astype(jnp.float32)
     dots = []
 
-    def leaf(path, w):
+    def whole(path, w, m):
         shape, dtype = jnp.shape(w), jnp.result_type(w)
-        if frozen(path, w):
-            return jnp.zeros(shape, dtype)
-        noise_of = lambda d: leaf_noise(path, w, d)  # noqa: E731
-        if n == 1:
-            return (weights[0] * noise_of(jnp.int32(0))).astype(dtype)
-        if pop_sharding is not None:
+
+        def noise_of(d):
+            z = leaf_noise(direction_key(d), path, w, distribution)
+            return z if m is None else z * m.astype(jnp.float32)
+
+        if pop_sharding is not None and n > 1:
             first = noise_sum(weights[:h], noise_of, shape, batch_size, pop_sharding)
             second = noise_sum(weights[h:], lambda d: noise_of(d + h), shape, batch_size, pop_sharding)
         else:
-            def body(d, halves):  # direction d of the first half and d + h of the second, together
-                first, second = halves
-                return first + weights[d] * noise_of(d), second + weights[d + h] * noise_of(d + h)
-
-            last = weights[n - 1] * noise_of(jnp.int32(n - 1)) if n % 2 else jnp.zeros(shape, jnp.float32)
-            first, second = jax.lax.fori_loop(0, h, body, (jnp.zeros(shape, jnp.float32), last))
-        dots.append(jnp.stack([jnp.vdot(first, second), jnp.vdot(first, first), jnp.vdot(second, second)]))
+            first, second = _direction_sums(weights, noise_of, shape)
+        if second is None:
+            return first.astype(dtype)
+        dots.append(_halves_dots(first, second))
         return (first + second).astype(dtype)
 
-    g = jax.tree_util.tree_map_with_path(leaf, x)
+    def blocked(path, w, m, plan):
+        n_layers, rows, per, n_blocks = plan
+        shape, dtype = jnp.shape(w), jnp.result_type(w)
+        stacked = n_layers is not None
+        per_layer = shape[1:] if stacked else shape
+        block_shape = per_layer if rows is None else (per,) + tuple(per_layer[1:])
+
+        def block(t, carry):
+            g, acc = carry
+            layer, b = t // n_blocks, t % n_blocks
+            start = 0 if rows is None else jnp.minimum(b * per, rows - per)  # the last block may overlap
+            ids = None if rows is None else start + jnp.arange(per, dtype=jnp.int32)
+            corner = ((layer,) if stacked else ()) + (start,) + (0,) * (len(per_layer) - 1)
+            if rows is None:
+                corner = corner[:len(shape)]
+
+            def noise_of(d):
+                z = leaf_noise_rows(direction_key(d), path, w, layer if stacked else None, ids, distribution)
+                if m is None:
+                    return z
+                mb = jax.lax.dynamic_slice(m, corner, ((1,) if stacked else ()) + block_shape)
+                return z * mb.reshape(block_shape).astype(jnp.float32)
+
+            first, second = _direction_sums(weights, noise_of, block_shape)
+            total = first if second is None else first + second
+            g = jax.lax.dynamic_update_slice(g, total.astype(dtype).reshape(((1,) if stacked else ()) + block_shape),
+                                             corner)
+            if second is not None:
+                fresh = None if rows is None else (ids >= b * per).reshape((per,) + (1,) * (len(block_shape) - 1))
+                acc = acc + _halves_dots(first, second, fresh)
+            return g, acc
+
+        g, acc = jax.lax.fori_loop(0, (n_layers or 1) * n_blocks, block,
+                                   (jnp.zeros(shape, dtype), jnp.zeros((3,), jnp.float32)))
+        if n > 1:
+            dots.append(acc)
+        return g
+
+    def leaf(path, w, m=None):
+        if frozen(path, w):
+            return jnp.zeros(jnp.shape(w), jnp.result_type(w))
+        plan = None if pop_sharding is not None else noise_blocks(path, w, block_elements)
+        return whole(path, w, m) if plan is None else blocked(path, w, m, plan)
+
+    g = jax.tree_util.tree_map_with_path(leaf, x) if mask is None else \
+        jax.tree_util.tree_map_with_path(leaf, x, mask)
     if not dots:
         return g, jnp.float32(jnp.nan)
     ab, aa, bb = sum(dots)
@@ -248,9 +322,11 @@ class PopulationConfig:
         losses = self.member_losses(member_loss)
         return losses, shaping.shape(losses, self.shaping, self.groups), population_metrics(losses)
 
-    def noise_update(self, weights: jax.Array, leaf_noise: Callable, x, frozen: Callable = lambda path, leaf: False):
-        """`noise_update` over this population's directions (chunked and sharded like its evaluation)."""
-        return noise_update(weights, leaf_noise, x, frozen, self.batch_size, self.pop_sharding)
+    def noise_update(self, weights: jax.Array, direction_key: Callable, x, distribution: str = "gaussian",
+                     frozen: Callable = lambda path, leaf: False):
+        """`noise_update` over this population's directions (sharded like its evaluation)."""
+        return noise_update(weights, direction_key, x, distribution, frozen, None, self.batch_size,
+                            self.pop_sharding)
 
     def halves(self, weights: jax.Array, contract):
         """`(g, snr_cosine)`: `g = contract(w[:h], 0) + contract(w[h:], h)` over the two halves of the

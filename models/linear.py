@@ -78,38 +78,126 @@ class NoisyLeaf(_OverBase):
     """`w + scale · ε(key)`: a parameter perturbed by noise that is generated where the model reads it.
 
     A population member's full-rank perturbation travels to the model as this descriptor, and the noise
-    is drawn inside the layer that uses the leaf (`materialize`), so no perturbed copy of the whole
-    parameter tree ever exists. Leading "layer" axes are allowed: with `lead = key.shape`,
+    is drawn inside the layer that uses the leaf, so no perturbed copy of the whole parameter tree ever
+    exists. Leading "layer" axes are allowed: with `lead = key.shape`,
 
     Attributes:
       w: [*lead, *shape] base parameter (shared across a population).
       key: typed PRNG key array of shape `lead` (`()` for an unstacked leaf, `[L]` for a stacked one);
-        the noise of layer `l` is `sample(key[l], shape)`, so slicing the descriptor along the layer
-        axis (as `lax.scan` over layers does) gives the noise of that layer.
+        the noise of layer `l` is `matrix_noise(key[l], shape)` (row `r` of a matrix from
+        `fold_in(key[l], r)`), so slicing the descriptor along the layer axis (as `lax.scan` over layers
+        does) gives the noise of that layer, and any block of rows can be drawn alone.
       scale: float32 `[*lead]` multiplier (a member's `sign · σ`).
       distribution: "gaussian" (N(0, 1)) or "rademacher" (±1), drawn in float32.
+      transposed: `w` is the transpose of the leaf the noise was keyed for (a tied embedding read as the
+        output head): the noise rows are `w`'s columns.
+
+    Readers never build `w + scale · ε` for a large matrix: an embedding lookup draws the rows it reads
+    (`embed_lookup`), and `linear` adds `scale · x @ ε` in blocks of rows of at most
+    `NOISE_BLOCK_ELEMENTS` (`noisy_linear`); smaller leaves are materialised (`dense`).
     """
 
     w: jax.Array
     key: jax.Array
     scale: jax.Array
     distribution: str = struct.field(pytree_node=False, default="gaussian")
+    transposed: bool = struct.field(pytree_node=False, default=False)
 
-
+    def noise_shape(self) -> tuple[int, ...]:
+        """One layer's shape in the orientation the noise is keyed in (rows first)."""
+        shape = self.w.shape[jnp.ndim(self.key):]
+        return shape[:-2] + (shape[-1], shape[-2]) if self.transposed else shape
 
     def noise(self) -> jax.Array:
         """ε, float32 of `w`'s shape."""
-        lead = jnp.shape(self.key)
-        shape = self.w.shape[len(lead):]
-        draw = lambda k: standard_noise(k, shape, self.distribution)  # noqa: E731
-        for _ in lead:
+        draw = lambda k: matrix_noise(k, self.noise_shape(), self.distribution)  # noqa: E731
+        for _ in jnp.shape(self.key):
             draw = jax.vmap(draw)
-        return draw(self.key)
+        eps = draw(self.key)
+        return jnp.swapaxes(eps, -1, -2) if self.transposed else eps
 
     def dense(self) -> jax.Array:
         lead = jnp.shape(self.key)
         scale = jnp.asarray(self.scale, jnp.float32).reshape(lead + (1,) * (self.w.ndim - len(lead)))
         return (self.w.astype(jnp.float32) + scale * self.noise()).astype(self.w.dtype)
+
+    def transpose(self) -> "NoisyLeaf":
+        """The same perturbed matrix transposed (last two axes), noise unchanged."""
+        return NoisyLeaf(jnp.swapaxes(self.w, -1, -2), self.key, self.scale, self.distribution, not self.transposed)
+
+    def is_blocked(self) -> bool:
+        """Whether readers draw this leaf's noise in row blocks rather than materialising it: one
+        unstacked matrix of more than `NOISE_BLOCK_ELEMENTS` elements."""
+        return jnp.ndim(self.key) == 0 and self.w.ndim == 2 and self.w.size > NOISE_BLOCK_ELEMENTS
+
+
+# The most noise drawn at once for one matrix (16 MiB of float32): a larger matrix's noise is drawn in
+# blocks of rows, both inside the forward (`noisy_linear`) and where an update regenerates it.
+NOISE_BLOCK_ELEMENTS = 1 << 22
+
+
+def noise_block_elements() -> int:
+    """The current `NOISE_BLOCK_ELEMENTS` (read at trace time, so tests may lower it)."""
+    return NOISE_BLOCK_ELEMENTS
+
+
+def row_noise(key: jax.Array, rows: jax.Array, row_shape, distribution: str = "gaussian") -> jax.Array:
+    """Rows `rows [*n]` (int) of a noise matrix whose row `r` is drawn from `fold_in(key, r)`: float32
+    `[*n, *row_shape]`."""
+    draw = lambda r: standard_noise(jax.random.fold_in(key, r), row_shape, distribution)  # noqa: E731
+    flat = jax.vmap(draw)(jnp.reshape(rows, (-1,)).astype(jnp.uint32))
+    return flat.reshape(jnp.shape(rows) + tuple(row_shape))
+
+
+def matrix_noise(key: jax.Array, shape, distribution: str = "gaussian") -> jax.Array:
+    """Float32 standard noise of one layer's leaf: row by row for two or more axes (`row_noise`, so any
+    block of rows can be regenerated alone at the same cost), in one draw for a vector or scalar."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        return standard_noise(key, shape, distribution)
+    return row_noise(key, jnp.arange(shape[0], dtype=jnp.uint32), shape[1:], distribution)
+
+
+def row_blocks(n_rows: int, row_size: int, block_elements: int | None = None) -> tuple[int, int]:
+    """`(rows per block, number of blocks)` covering `n_rows` rows of `row_size` elements with at most
+    `block_elements` (default `NOISE_BLOCK_ELEMENTS`) elements per block (at least one row)."""
+    limit = NOISE_BLOCK_ELEMENTS if block_elements is None else block_elements
+    per = max(1, min(n_rows, limit // max(row_size, 1)))
+    return per, -(-n_rows // per)
+
+
+def noisy_linear(x: jax.Array, kernel: NoisyLeaf, dtype, block_elements: int | None = None) -> jax.Array:
+    """`x @ (w + scale · ε)` for a 2-D `NoisyLeaf` without forming the perturbed matrix: `x @ w` plus
+    `scale · x @ ε` with `ε` drawn a block of rows at a time. The rows are `w`'s input axis (`x @ ε` sums
+    the blocks' products) or, `transposed`, its output axis (the blocks' products are the logits of a
+    block of the vocabulary, concatenated). Memory: one block of noise per (vmapped) member."""
+    rows, cols = kernel.noise_shape()
+    per, n_blocks = row_blocks(rows, cols, block_elements)
+
+    scale = jnp.asarray(kernel.scale, jnp.float32)
+    y = x @ kernel.w.astype(dtype)
+
+    def block(b):  # rows start ... start + per − 1; the last block ends at the last row (it may overlap)
+        start = jnp.minimum(b * per, rows - per)
+        ids = start + jnp.arange(per, dtype=jnp.int32)
+        return start, ids >= b * per, row_noise(kernel.key, ids, (cols,), kernel.distribution).astype(dtype)
+
+    if kernel.transposed:  # x [..., cols] @ εᵀ: each block adds to `per` output columns, in place
+        def add_block(b, y):
+            start, fresh, eps = block(b)
+            term = jnp.where(fresh, scale * (x @ eps.T).astype(jnp.float32), 0.0)
+            part = jax.lax.dynamic_slice_in_dim(y, start, per, axis=-1)
+            return jax.lax.dynamic_update_slice_in_dim(y, part + term.astype(dtype), start, axis=-1)
+
+        return jax.lax.fori_loop(0, n_blocks, add_block, y)
+
+    def add_rows(b, acc):  # x [..., rows] @ ε: each block contracts `per` input features
+        start, fresh, eps = block(b)
+        xb = jnp.where(fresh, jax.lax.dynamic_slice_in_dim(x, start, per, axis=-1), 0)
+        return acc + (xb @ eps).astype(jnp.float32)
+
+    noise_term = jax.lax.fori_loop(0, n_blocks, add_rows, jnp.zeros(x.shape[:-1] + (cols,), jnp.float32))
+    return y + (scale * noise_term).astype(dtype)
 
 
 def standard_noise(key: jax.Array, shape, distribution: str = "gaussian") -> jax.Array:
@@ -146,10 +234,13 @@ def linear(x: jax.Array, kernel: Kernel, bias: jax.Array | None = None, dtype=No
     """`x @ kernel (+ bias)` for `x: [..., d_in]`, returning `[..., d_out]` in `dtype` (default x's)."""
     dtype = dtype or x.dtype
     x = x.astype(dtype)
-    if isinstance(kernel, NoisyLeaf):
-        kernel = kernel.dense()
     if bias is not None:
         bias = materialize(bias)
+    if isinstance(kernel, NoisyLeaf) and kernel.is_blocked():
+        y = noisy_linear(x, kernel, dtype)
+        return y if bias is None else y + bias.astype(dtype).reshape((1,) * (y.ndim - 1) + bias.shape)
+    if isinstance(kernel, NoisyLeaf):
+        kernel = kernel.dense()
     if isinstance(kernel, LowRankKernel):
         y = x @ kernel.w.astype(dtype)
         correction = (x @ kernel.a.astype(dtype)) @ kernel.b.astype(dtype).T
@@ -163,6 +254,11 @@ def linear(x: jax.Array, kernel: Kernel, bias: jax.Array | None = None, dtype=No
 
 def embed_lookup(table: Kernel, ids: jax.Array, dtype) -> jax.Array:
     """Rows `table[ids]` for `table: [vocab, d]`, `ids: [...]` → `[..., d]`, low-rank aware."""
+    if isinstance(table, NoisyLeaf) and jnp.ndim(table.key) == 0 and table.ndim == 2 and not table.transposed:
+        # only the rows read: row r of the noise is drawn from fold_in(key, r) (`matrix_noise`)
+        noise = row_noise(table.key, ids, table.shape[1:], table.distribution)
+        rows = table.w[ids].astype(jnp.float32) + jnp.asarray(table.scale, jnp.float32) * noise
+        return rows.astype(table.dtype).astype(dtype)
     if isinstance(table, NoisyLeaf):
         table = table.dense()
     if isinstance(table, LowRankKernel):
@@ -172,6 +268,5 @@ def embed_lookup(table: Kernel, ids: jax.Array, dtype) -> jax.Array:
 
 
 def transpose(kernel: Kernel) -> Kernel:
-    if isinstance(kernel, NoisyLeaf):
-        kernel = kernel.dense()
-    return kernel.transpose() if isinstance(kernel, LowRankKernel) else jnp.swapaxes(kernel, -1, -2)
+    """The transpose (last two axes) of a kernel; descriptors stay descriptors."""
+    return kernel.transpose() if isinstance(kernel, (LowRankKernel, NoisyLeaf)) else jnp.swapaxes(kernel, -1, -2)

@@ -29,7 +29,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gfo.noise import leaf_kind, leaf_noise, member_key, perturbed_leaf, tree_dot
+from gfo.noise import leaf_kind, member_key, perturbed_leaf, tree_dot
 from gfo.population import PopulationConfig
 
 __all__ = ["OpenES", "PopulationConfig"]
@@ -57,6 +57,5 @@ class OpenES(PopulationConfig):
 
         _, shaped, metrics = self.evaluate(member_loss)
         weights = self.direction_weights(shaped) / (self.population * self.sigma)
-        grad, snr = self.noise_update(
-            weights, lambda p, w, d: leaf_noise(member_key(noise_key, d), p, w, self.distribution), x, self._frozen)
+        grad, snr = self.noise_update(weights, lambda d: member_key(noise_key, d), x, self.distribution, self._frozen)
         return grad, {**metrics, "grad_norm": jnp.sqrt(tree_dot(grad, grad)), "snr_cosine": snr}

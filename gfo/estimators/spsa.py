@@ -24,7 +24,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gfo.noise import DISTRIBUTIONS, leaf_noise, member_key, noise_like, perturbed_leaf, tree_axpy, tree_dot
+from gfo.noise import DISTRIBUTIONS, member_key, noise_like, perturbed_leaf, tree_axpy, tree_dot
 from gfo.population import noise_update
 
 
@@ -90,13 +90,10 @@ class SPSA:
         proj, losses, spread, ok = (jax.tree.map(lambda v: v[None], query(ks[0])) if self.n == 1
                                     else jax.lax.map(query, ks))
 
-        def leaf_noise_of(path, w, k):  # z_k of one leaf, regenerated for the update (masked like the queries)
-            z = leaf_noise(member_key(noise_key, k), path, w, self.distribution)
-            return z if mask is None else z * _leaf_at(mask, path)
-
-        # g = Σ_k proj_k z_k / n, regenerated leaf by leaf; the SNR cosine compares the first ⌊n/2⌋ queries'
-        # estimate with the rest's.
-        grad, snr = noise_update(proj / self.n, leaf_noise_of, x)
+        # g = Σ_k proj_k z_k / n, z regenerated leaf by leaf (large leaves a block of rows at a time) and
+        # masked like the queries; the SNR cosine compares the first ⌊n/2⌋ queries' estimate with the rest's.
+        grad, snr = noise_update(proj / self.n, lambda k: member_key(noise_key, k), x, self.distribution,
+                                 mask=mask)
         if self.sign:
             grad = jax.tree.map(jnp.sign, grad)
         bad = jnp.sum(~ok, dtype=jnp.int32)
@@ -106,8 +103,3 @@ class SPSA:
         return grad, {"loss": jnp.sum(losses) / n_ok, "grad_norm": jnp.sqrt(tree_dot(grad, grad)),
                       "loss_range": jnp.sum(spread) / n_ok, "nonfinite": bad, "evaluations": evaluations, **extra}
 
-
-def _leaf_at(tree, path):
-    for k in path:
-        tree = tree[getattr(k, "key", getattr(k, "idx", None))]
-    return tree

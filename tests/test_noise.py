@@ -1,0 +1,113 @@
+"""Noise drawn a block of rows at a time: the embedding lookup, the blocked `linear` (input rows and the
+tied head's vocabulary rows) and the blocked update regenerate exactly the numbers of the whole leaf."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from gfo.noise import leaf_noise, member_key, noise_blocks, noise_like
+from gfo.population import noise_update
+from models.linear import NoisyLeaf, embed_lookup, noisy_linear, transpose
+
+model_linear = importlib.import_module("models.linear")  # the module (`models.linear` is also a function)
+TABLE = jax.random.normal(jax.random.key(1), (37, 16))  # 37 rows: no block size divides it
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_embedding_lookup_draws_only_its_rows_and_equals_the_dense_table(dtype):
+    table = NoisyLeaf(TABLE.astype(dtype), jax.random.key(5), jnp.float32(0.3), "gaussian")
+    ids = jnp.array([[0, 3, 36], [5, 5, 1]])
+    got = embed_lookup(table, ids, jnp.float32)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(table.dense()[ids].astype(jnp.float32)))
+    assert float(jnp.abs(got[1, 0] - TABLE[5]).max()) > 0.1  # the rows are perturbed
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("block_elements", [16, 50, 10_000])  # one row per block, a partial last block, one block
+def test_blocked_noisy_linear_equals_the_dense_matmul_in_both_orientations(distribution, block_elements):
+    kernel = NoisyLeaf(TABLE, jax.random.key(5), jnp.float32(0.3), distribution)
+    x_out = jax.random.normal(jax.random.key(2), (2, 3, 16))  # the tied head: x @ tableᵀ, blocks of vocabulary rows
+    np.testing.assert_allclose(np.asarray(noisy_linear(x_out, transpose(kernel), jnp.float32, block_elements)),
+                               np.asarray(x_out @ kernel.dense().T), rtol=1e-5, atol=1e-5)
+    x_in = jax.random.normal(jax.random.key(3), (2, 3, 37))  # x @ table: blocks of input rows
+    np.testing.assert_allclose(np.asarray(noisy_linear(x_in, kernel, jnp.float32, block_elements)),
+                               np.asarray(x_in @ kernel.dense()), rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_of_a_stacked_leaf_are_rows_of_one_layer():
+    path = (jax.tree_util.DictKey("layers"), jax.tree_util.DictKey("mlp"), jax.tree_util.DictKey("kernel"))
+    w = jnp.zeros((3, 10, 7))
+    assert noise_blocks(path, w, block_elements=1000) is None  # small: the whole leaf at once
+    assert noise_blocks(path, w, block_elements=70) == (3, 10, 10, 1)  # one layer per block
+    assert noise_blocks(path, w, block_elements=30) == (3, 10, 4, 3)  # 4 + 4 + 2 (overlapping) rows per layer
+    assert noise_blocks((jax.tree_util.DictKey("embed"),), TABLE, block_elements=100) == (None, 37, 6, 7)
+
+
+@pytest.mark.parametrize("n, masked", [(1, True), (2, False), pytest.param(5, True, marks=pytest.mark.slow)])
+def test_blocked_update_equals_the_sum_of_whole_noise_trees(n, masked):
+    tree = {"embed": TABLE, "layers": {"k": jax.random.normal(jax.random.key(0), (3, 10, 7)), "b": jnp.ones((3, 5))},
+            "v": jnp.ones(4)}
+    mask = jax.tree.map(lambda v: (jax.random.uniform(jax.random.key(9), v.shape) > 0.3).astype(jnp.float32), tree)
+    mask = mask if masked else None
+    weights = jnp.arange(1, n + 1, dtype=jnp.float32) * jnp.array([1.0, -1.0] * 3)[:n]
+    key = jax.random.key(4)
+    direction_key = lambda d: member_key(key, d)  # noqa: E731
+    noise = [jax.jit(noise_like)(direction_key(d), tree) for d in range(n)]
+    if mask is not None:
+        noise = [jax.tree.map(jnp.multiply, z, mask) for z in noise]
+    expected = jax.tree.map(lambda *zs: sum(w * z for w, z in zip(weights, zs)), *noise)
+    update = jax.jit(lambda blocks: noise_update(weights, direction_key, tree, mask=mask, block_elements=blocks),
+                     static_argnums=0)
+    (whole, snr_whole), (blocked, snr_blocked) = update(10**9), update(20)
+    for got in (whole, blocked):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    if n == 1:
+        assert np.isnan(float(snr_whole)) and np.isnan(float(snr_blocked))
+    else:
+        h = n // 2
+        first = jax.tree.map(lambda *zs: sum(w * z for w, z in zip(weights[:h], zs)), *noise[:h])
+        second = jax.tree.map(lambda *zs: sum(w * z for w, z in zip(weights[h:], zs)), *noise[h:])
+        dot = lambda a, b: sum(float(jnp.vdot(u, v)) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # noqa: E731
+        cosine = dot(first, second) / np.sqrt(dot(first, first) * dot(second, second))
+        np.testing.assert_allclose([float(snr_whole), float(snr_blocked)], [cosine, cosine], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_tied_model_with_blocked_noise_gives_the_loss_of_its_dense_tree(monkeypatch):
+    """A GPT-2-layout model whose (tied) embedding and kernels are `NoisyLeaf`s read in blocks (the block
+    size forced small) gives the logits of the materialised tree."""
+    monkeypatch.setattr(model_linear, "NOISE_BLOCK_ELEMENTS", 200)
+    model = models.TransformerLM(models.tiny("gpt2", d_model=16, n_layers=2, n_heads=2, vocab_size=61))
+    params = model.init(jax.random.key(0))
+    key = jax.random.key(3)
+    noisy = jax.tree_util.tree_map_with_path(
+        lambda p, w: NoisyLeaf(w, _keys(key, p, w), jnp.full(_keys(key, p, w).shape, 0.05, jnp.float32)), params)
+    dense = jax.tree.map(lambda n: n.dense(), noisy, is_leaf=lambda n: isinstance(n, NoisyLeaf))
+    assert noisy["embed"].is_blocked()
+    tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, 61)
+    got, want = model.apply(noisy, tokens), model.apply(dense, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    assert float(jnp.abs(want - model.apply(params, tokens)).max()) > 1e-3  # the perturbation matters
+
+
+def _keys(key, path, w):
+    from gfo.noise import leaf_noise_keys
+
+    return leaf_noise_keys(key, path, w)
+
+
+def test_leaf_noise_of_a_matrix_is_keyed_by_row():
+    """Row r of an unstacked matrix leaf's noise is `normal(fold_in(leaf key, r), row shape)`."""
+    from gfo.noise import leaf_key
+
+    path = (jax.tree_util.DictKey("embed"),)
+    key = jax.random.key(11)
+    eps = leaf_noise(key, path, TABLE)
+    for r in (0, 17, 36):
+        np.testing.assert_array_equal(np.asarray(eps[r]),
+                                      np.asarray(jax.random.normal(jax.random.fold_in(leaf_key(key, path), r), (16,))))
