@@ -57,15 +57,15 @@ def model_configs(quick: bool) -> dict[str, models.ModelConfig]:
 
 
 class NextTokenLoss:
-    """Mean next-token cross-entropy of `tokens [B, T+1]` under model parameters (a static function)."""
+    """Mean next-token cross-entropy of `tokens [B, T+1]` under model parameters (a static function), the
+    head applied a vocabulary block at a time (`TransformerLM.token_logprobs`: no `[B, T, V]` logits)."""
 
     def __init__(self, model):
         self.model = model
 
     def __call__(self, params, tokens, key):
         del key
-        logits = self.model.apply(params, tokens[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+        return -self.model.token_logprobs(params, tokens[:, :-1], tokens[:, 1:]).mean()
 
 
 def _peak(executable) -> int:

@@ -8,6 +8,10 @@ Parameters are a plain pytree; every method is a pure function of them.
     cache = model.init_cache(batch_size, size)                                       # an empty KV cache
     logits, cache = model.apply_with_cache(params, tokens, cache, attention_mask)    # incremental decoding
     model.config.vocab_size, .d_model, .n_layers, .n_heads                           # sizes (counts)
+
+Optional: `model.token_logprobs(params, tokens, targets, attention_mask)` → `[B, T]` log-probabilities of
+`targets` without the `[B, T, V]` logits (`models.TransformerLM` computes the head a vocabulary block at
+a time); `token_logprobs(model, ...)` below uses it when present and the full logits otherwise.
 """
 
 from __future__ import annotations
@@ -42,6 +46,18 @@ class LanguageModel(Protocol):
 
     def apply_with_cache(self, params, tokens: jax.Array, cache, attention_mask: jax.Array | None = None,
                          prompt: jax.Array | None = None, last_only: bool = False) -> tuple[jax.Array, Any]: ...
+
+
+def token_logprobs(model, params, tokens: jax.Array, targets: jax.Array,
+                   attention_mask: jax.Array | None = None) -> jax.Array:
+    """`log p(targets[b, t] | tokens[b, :t + 1])`, float32 `[B, T]`: the model's own `token_logprobs` (no
+    `[B, T, V]` logits) when it has one, else the log-softmax of `model.apply`."""
+    if hasattr(model, "token_logprobs"):
+        return model.token_logprobs(params, tokens, targets, attention_mask)
+    import jax.numpy as jnp
+
+    logp = jax.nn.log_softmax(model.apply(params, tokens, attention_mask).astype(jnp.float32))
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
 def check_model(model) -> LanguageModel:

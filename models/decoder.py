@@ -88,7 +88,7 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, attention_mask=None, positions=None, prompt=None, cache=None, one_hot=None,
-                 last_only=False):
+                 last_only=False, hidden_only=False):
         cfg = self.config
         B, T = tokens.shape
         emb = self.param("embed", nn.initializers.normal(cfg.initializer_range),
@@ -134,6 +134,8 @@ class Decoder(nn.Module):
         x = Norm(cfg, name="final_norm")(x)[:, n_prompt:]
         if last_only:  # generation's prefill needs the next-token logits only: [B, 1, V], not [B, T, V]
             x = x[:, -1:]
+        if hidden_only:  # the final hidden states [B, T, D]: the caller applies the head (models.head)
+            return x, None
         if cfg.tie_embeddings:
             logits = linear(x, transpose(emb), dtype=cfg.compute_dtype)
         else:
@@ -161,7 +163,8 @@ class TransformerLM:
     def __init__(self, config: ModelConfig):
         self.config = config
         self.module = Decoder(config)
-        self._apply = jax.jit(self.module.apply, static_argnames=("last_only",))
+        self._apply = jax.jit(self.module.apply, static_argnames=("last_only", "hidden_only"))
+        self._token_logprobs = jax.jit(self._blocked_logprobs, static_argnames=("block",))
 
     def __repr__(self) -> str:
         return f"TransformerLM({self.config})"
@@ -192,6 +195,28 @@ class TransformerLM:
         params = check_layout(params, self.config.n_layers)
         logits, _ = self._apply({"params": params}, tokens, attention_mask, positions, prompt)
         return logits
+
+    def token_logprobs(self, params, tokens: jax.Array, targets: jax.Array, attention_mask: jax.Array | None = None,
+                       prompt: jax.Array | None = None, block: int | None = None) -> jax.Array:
+        """`log p(targets[b, t] | tokens[b, :t + 1])`: float32 `[B, T]`, equal to `log_softmax(apply(...))`
+        at `targets`, without the `[B, T, vocab]` logits: the head is applied `block` vocabulary columns at a
+        time (`models.head.token_logprobs`, default `models.head.VOCAB_BLOCK`). A next-token loss is
+        `-model.token_logprobs(params, seq[:, :-1], seq[:, 1:]).mean()`."""
+        params, prompt = _split_soft_prompt(params, prompt)
+        params = check_layout(params, self.config.n_layers)
+        if jnp.shape(targets) != jnp.shape(tokens):
+            raise ValueError(f"token_logprobs: targets {jnp.shape(targets)} must have the shape of tokens "
+                             f"{jnp.shape(tokens)} (one target per position)")
+        return self._token_logprobs(params, tokens, targets, attention_mask, prompt, block=block)
+
+    def _blocked_logprobs(self, params, tokens, targets, attention_mask, prompt, block):
+        from models.head import token_logprobs
+
+        cfg = self.config
+        hidden, _ = self.module.apply({"params": params}, tokens, attention_mask, None, prompt, hidden_only=True)
+        head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+        return token_logprobs(hidden, head, targets, cfg.compute_dtype, cfg.final_logit_softcap, block,
+                              tied=cfg.tie_embeddings)
 
     def apply_one_hot(self, params, one_hot: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Logits `[B, T, V]` for a relaxed input `one_hot: [B, T, V]` (rows of token probabilities), whose

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from gfo.tasks.base import Task
 from gfo.tasks.loaders import DataError, read_text
@@ -108,6 +107,8 @@ class TextLM(GrammarLM):
 
 
 def next_token_loss(model, params, tokens):
-    """Mean next-token cross-entropy (nats) of `tokens: [B, T+1]`."""
-    logits = model.apply(params, tokens[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+    """Mean next-token cross-entropy (nats) of `tokens: [B, T+1]` (no `[B, T, V]` logits: see
+    `gfo.model_api.token_logprobs`)."""
+    from gfo.model_api import token_logprobs
+
+    return -token_logprobs(model, params, tokens[:, :-1], tokens[:, 1:]).mean()
