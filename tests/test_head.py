@@ -29,7 +29,7 @@ def batch():
     ("llama", {"tie_embeddings": False}),  # its own lm_head
     ("gemma3", {"final_logit_softcap": 5.0}),  # soft-capped logits
 ])
-@pytest.mark.parametrize("block", [7, None])  # a partial last block; the default (one block here)
+@pytest.mark.parametrize("block", [7, pytest.param(None, marks=pytest.mark.slow)])  # partial last block; default
 def test_token_logprobs_equal_the_log_softmax_of_the_logits(family, overrides, block, batch):
     model = models.TransformerLM(models.tiny(family, d_model=16, n_layers=1, n_heads=2, vocab_size=VOCAB,
                                              **overrides))

@@ -47,7 +47,8 @@ def test_blocks_of_a_stacked_leaf_are_rows_of_one_layer():
     assert noise_blocks((jax.tree_util.DictKey("embed"),), TABLE, block_elements=100) == (None, 37, 6, 7)
 
 
-@pytest.mark.parametrize("n, masked", [(1, True), (2, False), pytest.param(5, True, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("n, masked", [(1, True), (2, False), (5, True)])
 def test_blocked_update_equals_the_sum_of_whole_noise_trees(n, masked):
     tree = {"embed": TABLE, "layers": {"k": jax.random.normal(jax.random.key(0), (3, 10, 7)), "b": jnp.ones((3, 5))},
             "v": jnp.ones(4)}
