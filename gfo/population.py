@@ -138,10 +138,13 @@ def _halves_dots(first, second, fresh=None) -> jax.Array:
                       jnp.vdot(second, second) if fresh is None else jnp.vdot(jnp.where(fresh, second, 0.0), second)])
 
 
-def noise_update(weights: jax.Array, direction_key: Callable[[jax.Array], jax.Array], x,
-                 distribution: str = "gaussian", frozen: Callable = lambda path, leaf: False, mask=None,
-                 batch_size: int | None = None, pop_sharding=None, block_elements: int | None = None):
-    """`(g, snr_cosine)` with `g = Σ_d weights[d] · ε_d` leaf by leaf, `ε_d` being
+def noise_update_dots(weights: jax.Array, direction_key: Callable[[jax.Array], jax.Array], x,
+                      distribution: str = "gaussian", frozen: Callable = lambda path, leaf: False, mask=None,
+                      batch_size: int | None = None, pop_sharding=None, block_elements: int | None = None):
+    """`noise_update`'s `(g, dots)`: the halves' `[first·second, first·first, second·second]` summed over
+    the leaves (None for one direction), for callers that add leaves of their own to the cosine.
+
+    `(g, snr_cosine)` with `g = Σ_d weights[d] · ε_d` leaf by leaf, `ε_d` being
     `gfo.noise.leaf_noise(direction_key(d), path, leaf, distribution)` (times `mask`'s leaf, a pytree like
     `x`, when given; zero `g` where `frozen(path, leaf)`), and the cosine between the sums over the first
     ⌊D/2⌋ and the remaining directions (NaN for one direction).
@@ -223,10 +226,35 @@ def noise_update(weights: jax.Array, direction_key: Callable[[jax.Array], jax.Ar
 
     g = jax.tree_util.tree_map_with_path(leaf, x) if mask is None else \
         jax.tree_util.tree_map_with_path(leaf, x, mask)
-    if not dots:
-        return g, jnp.float32(jnp.nan)
-    ab, aa, bb = sum(dots)
-    return g, ab / jnp.maximum(jnp.sqrt(aa) * jnp.sqrt(bb), 1e-30)
+    return g, (sum(dots) if dots else None)
+
+
+def halves_cosine(dots) -> jax.Array:
+    """The cosine of `[first·second, first·first, second·second]` summed over leaves (NaN for None)."""
+    if dots is None:
+        return jnp.float32(jnp.nan)
+    ab, aa, bb = dots
+    return ab / jnp.maximum(jnp.sqrt(aa) * jnp.sqrt(bb), 1e-30)
+
+
+def noise_update(weights: jax.Array, direction_key: Callable[[jax.Array], jax.Array], x,
+                 distribution: str = "gaussian", frozen: Callable = lambda path, leaf: False, mask=None,
+                 batch_size: int | None = None, pop_sharding=None, block_elements: int | None = None):
+    """`(g, snr_cosine)` with `g = Σ_d weights[d] · ε_d` leaf by leaf, `ε_d` being
+    `gfo.noise.leaf_noise(direction_key(d), path, leaf, distribution)` (times `mask`'s leaf, a pytree like
+    `x`, when given; zero `g` where `frozen(path, leaf)`), and the cosine between the sums over the first
+    ⌊D/2⌋ and the remaining directions (NaN for one direction).
+
+    A leaf of at most `NOISE_BLOCK_ELEMENTS` is summed whole: one loop over the directions carrying its
+    two half-sums. A larger one is regenerated a block of rows of one layer at a time
+    (`gfo.noise.noise_blocks`): for each block, a loop over the directions, then the block is written into
+    `g`. Memory beyond `g` (cast to `x`'s dtypes) is two blocks of float32 half-sums and one block of noise
+    — MeZO's in-place regeneration, functionally. With `pop_sharding` the directions are split over the
+    devices instead (`noise_sum`), a leaf at a time.
+    """
+    g, dots = noise_update_dots(weights, direction_key, x, distribution, frozen, mask, batch_size, pop_sharding,
+                                block_elements)
+    return g, halves_cosine(dots)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from gfo.noise import leaf_kind, leaf_noise, leaf_noise_keys, matrix_ndim, member_key, perturbed_leaf, sample, tree_dot
-from gfo.population import PopulationConfig, chunked_contraction
-from models.linear import LowRankKernel
+from gfo.population import PopulationConfig, _halves_dots, chunked_contraction, halves_cosine, noise_update_dots
+from models.linear import LowRankKernel, noise_block_elements
 
 # EGGROLL's defaults (HyperscaleES): matrices low-rank; embeddings, norms, biases and other vectors frozen.
 # In gfo's models every non-matrix leaf is a `bias` or a norm `scale`.
@@ -100,6 +100,10 @@ class LowRankES(PopulationConfig):
         _, shaped, metrics = self.evaluate(member_loss)
         weights = self.direction_weights(shaped) / (self.population * self.sigma)
 
+        if self.pop_sharding is None:
+            grad, snr = self._update(weights, noise_key, x)
+            return grad, {**metrics, "grad_norm": jnp.sqrt(tree_dot(grad, grad)), "snr_cosine": snr}
+
         def direction_update(d):
             k = member_key(noise_key, d)
 
@@ -114,10 +118,55 @@ class LowRankES(PopulationConfig):
 
             return jax.tree_util.tree_map_with_path(leaf, x)
 
-        # Σ_p w_p A_p B_pᵀ: per chunk one contraction over (direction, rank), no per-member matrices.
+        # Sharded over `pop`: Σ_p w_p A_p B_pᵀ per chunk of directions split over the devices, all-reduced.
         grad, snr = self.halves(weights, lambda w, offset: _lowrank_weighted_sum(
             w, lambda d: direction_update(d + offset), x, self.batch_size, self.rank, self.pop_sharding))
         return grad, {**metrics, "grad_norm": jnp.sqrt(tree_dot(grad, grad)), "snr_cosine": snr}
+
+    def _update(self, weights, noise_key, x):
+        """`(g, snr_cosine)` leaf by leaf: a matrix's `Σ_p w_p A_p B_pᵀ / √r` over each half of the
+        directions in one contraction over (direction, rank) per chunk of directions, so the memory beyond
+        `g` is that leaf's two float32 half-sums and the chunk's factors, whatever the population; `full`
+        leaves through `noise_update_dots` (a block of rows at a time when large)."""
+        g_full, dots = noise_update_dots(weights, lambda d: member_key(noise_key, d), x, "gaussian",
+                                         lambda p, w: self._kind(p, w) != "full")
+        dots = [] if dots is None else [dots]
+        n, h = weights.shape[0], weights.shape[0] // 2
+
+        def leaf(path, w, g):
+            if self._kind(path, w) != "lowrank":
+                return g
+            # as many directions per contraction as keep their factors under NOISE_BLOCK_ELEMENTS (at least
+            # `batch_size`): a loop (whose carry may be copied) only for very large populations
+            per_direction = math.prod(w.shape[:-2]) * (w.shape[-2] + w.shape[-1]) * self.rank
+            chunk = max(self.batch_size or 1, noise_block_elements() // per_direction)
+            factors = lambda d: lowrank_factors(member_key(noise_key, d), path, w.shape, self.rank)  # noqa: E731
+            if n == 1:
+                return _factor_sum(weights, factors, 0, w.shape, chunk, self.rank).astype(w.dtype)
+            first = _factor_sum(weights[:h], factors, 0, w.shape, chunk, self.rank)
+            second = _factor_sum(weights[h:], factors, h, w.shape, chunk, self.rank)
+            dots.append(_halves_dots(first, second))
+            return (first + second).astype(w.dtype)
+
+        g = jax.tree_util.tree_map_with_path(leaf, x, g_full)
+        return g, halves_cosine(sum(dots) if dots else None)
+
+
+def _factor_sum(weights, factors, offset: int, shape, chunk: int, rank: int) -> jax.Array:
+    """`Σ_j weights[j] A_{offset+j} B_{offset+j}ᵀ / √r` (float32 of `shape`) for `factors(d) -> (A, B)`, one
+    contraction over (direction, rank) per chunk of `chunk` directions in a loop (zero-padded weights)."""
+    m = weights.shape[0]
+    k = max(1, min(int(chunk), m))
+    n_chunks = -(-m // k)
+    padded = jnp.zeros((n_chunks * k,), jnp.float32).at[:m].set(weights.astype(jnp.float32))
+
+    def body(c, acc):
+        ids = c * k + jnp.arange(k, dtype=jnp.int32)
+        a, b = jax.vmap(factors)(offset + jnp.minimum(ids, m - 1))  # [k, ..., m, r], [k, ..., n, r]
+        w = jax.lax.dynamic_slice_in_dim(padded, c * k, k)
+        return acc + jnp.einsum("c...mr,c...nr->...mn", a * w.reshape((-1,) + (1,) * (a.ndim - 1)), b)
+
+    return jax.lax.fori_loop(0, n_chunks, body, jnp.zeros(shape, jnp.float32)) / math.sqrt(rank)
 
 
 def _lowrank_weighted_sum(weights, direction_update, x, batch_size, rank, pop_sharding=None):
