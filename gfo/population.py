@@ -130,7 +130,7 @@ def _direction_sums(weights: jax.Array, noise_of: Callable[[jax.Array], jax.Arra
     return jax.lax.fori_loop(0, h, body, (jnp.zeros(shape, jnp.float32), last))
 
 
-def _halves_dots(first, second, fresh=None) -> jax.Array:
+def halves_dots(first, second, fresh=None) -> jax.Array:
     """`[first·second, first·first, second·second]` (over the rows where `fresh`, when given)."""
     if fresh is not None:
         first = jnp.where(fresh, first, 0.0)
@@ -141,21 +141,9 @@ def _halves_dots(first, second, fresh=None) -> jax.Array:
 def noise_update_dots(weights: jax.Array, direction_key: Callable[[jax.Array], jax.Array], x,
                       distribution: str = "gaussian", frozen: Callable = lambda path, leaf: False, mask=None,
                       batch_size: int | None = None, pop_sharding=None, block_elements: int | None = None):
-    """`noise_update`'s `(g, dots)`: the halves' `[first·second, first·first, second·second]` summed over
-    the leaves (None for one direction), for callers that add leaves of their own to the cosine.
-
-    `(g, snr_cosine)` with `g = Σ_d weights[d] · ε_d` leaf by leaf, `ε_d` being
-    `gfo.noise.leaf_noise(direction_key(d), path, leaf, distribution)` (times `mask`'s leaf, a pytree like
-    `x`, when given; zero `g` where `frozen(path, leaf)`), and the cosine between the sums over the first
-    ⌊D/2⌋ and the remaining directions (NaN for one direction).
-
-    A leaf of at most `NOISE_BLOCK_ELEMENTS` is summed whole: one loop over the directions carrying its
-    two half-sums. A larger one is regenerated a block of rows of one layer at a time
-    (`gfo.noise.noise_blocks`): for each block, a loop over the directions, then the block is written into
-    `g`. Memory beyond `g` (cast to `x`'s dtypes) is two blocks of float32 half-sums and one block of noise
-    — MeZO's in-place regeneration, functionally. With `pop_sharding` the directions are split over the
-    devices instead (`noise_sum`), a leaf at a time.
-    """
+    """`noise_update`'s `(g, dots)`: `dots` is the halves' `[first·second, first·first, second·second]`
+    summed over the leaves (None for one direction), for callers that add leaves of their own to the
+    cosine (LowRankES). See `noise_update`."""
     from gfo.noise import leaf_noise, leaf_noise_rows, noise_blocks
 
     n = weights.shape[0]
@@ -177,7 +165,7 @@ def noise_update_dots(weights: jax.Array, direction_key: Callable[[jax.Array], j
             first, second = _direction_sums(weights, noise_of, shape)
         if second is None:
             return first.astype(dtype)
-        dots.append(_halves_dots(first, second))
+        dots.append(halves_dots(first, second))
         return (first + second).astype(dtype)
 
     def blocked(path, w, m, plan):
@@ -209,7 +197,7 @@ def noise_update_dots(weights: jax.Array, direction_key: Callable[[jax.Array], j
                                              corner)
             if second is not None:
                 fresh = None if rows is None else (ids >= b * per).reshape((per,) + (1,) * (len(block_shape) - 1))
-                acc = acc + _halves_dots(first, second, fresh)
+                acc = acc + halves_dots(first, second, fresh)
             return g, acc
 
         g, acc = jax.lax.fori_loop(0, (n_layers or 1) * n_blocks, block,

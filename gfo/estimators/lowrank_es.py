@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from gfo.noise import leaf_kind, leaf_noise, leaf_noise_keys, matrix_ndim, member_key, perturbed_leaf, sample, tree_dot
-from gfo.population import PopulationConfig, _halves_dots, chunked_contraction, halves_cosine, noise_update_dots
+from gfo.population import PopulationConfig, chunked_contraction, halves_cosine, halves_dots, noise_update_dots
 from models.linear import LowRankKernel, noise_block_elements
 
 # EGGROLL's defaults (HyperscaleES): matrices low-rank; embeddings, norms, biases and other vectors frozen.
@@ -145,7 +145,7 @@ class LowRankES(PopulationConfig):
                 return _factor_sum(weights, factors, 0, w.shape, chunk, self.rank).astype(w.dtype)
             first = _factor_sum(weights[:h], factors, 0, w.shape, chunk, self.rank)
             second = _factor_sum(weights[h:], factors, h, w.shape, chunk, self.rank)
-            dots.append(_halves_dots(first, second))
+            dots.append(halves_dots(first, second))
             return (first + second).astype(w.dtype)
 
         g = jax.tree_util.tree_map_with_path(leaf, x, g_full)
