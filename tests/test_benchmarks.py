@@ -42,6 +42,8 @@ def test_throughput_targets_are_judged_by_their_definitions():
     for t in missed:
         assert f"| {t['target']} | {t['measured']} | {mark(t['met'])} |" in text
     assert (mark(True), mark(False), mark(None)) == ("**met**", "**not met**", "n/a")
+    skipped = throughput.evaluate_targets(_payload(float("nan"), 1.4, 2.2, 2.4, 0.95, 0.6))  # --skip-compile
+    assert skipped[0]["met"] is None and skipped[0]["measured"].startswith("not measured")
 
 
 @pytest.mark.slow
