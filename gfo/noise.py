@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from models.linear import NoisyLeaf, noise_block_elements, row_blocks, row_noise, standard_noise
 from models.tree import LAYERS
 
-DISTRIBUTIONS = ("gaussian", "rademacher")
+DISTRIBUTIONS = ("gaussian", "rademacher", "auto")  # auto: models.linear.resolve_distribution
 
 
 def path_name(path) -> str:
@@ -126,7 +126,7 @@ def member_key(key: jax.Array, member) -> jax.Array:
 
 
 def sample(key: jax.Array, shape, dtype=jnp.float32, distribution: str = "gaussian") -> jax.Array:
-    """Standard noise of `shape`: N(0, 1) or Rademacher ±1, drawn in float32, cast to `dtype`."""
+    """Standard noise of `shape`: N(0, 1), Rademacher ±1 or `"auto"`, drawn in float32, cast to `dtype`."""
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"noise distribution {distribution!r}: expected one of {DISTRIBUTIONS}")
     return standard_noise(key, shape, distribution).astype(dtype)

@@ -112,3 +112,21 @@ def test_leaf_noise_of_a_matrix_is_keyed_by_row():
     for r in (0, 17, 36):
         np.testing.assert_array_equal(np.asarray(eps[r]),
                                       np.asarray(jax.random.normal(jax.random.fold_in(leaf_key(key, path), r), (16,))))
+
+
+def test_auto_distribution_is_the_backends_fast_noise_and_bad_names_are_refused():
+    """`"auto"` draws exactly the Rademacher signs on CPU (Gaussian elsewhere); unknown names are refused
+    when an estimator is built, naming the value."""
+    import gfo
+    from models.linear import resolve_distribution, standard_noise
+
+    key = jax.random.key(3)
+    expected = "rademacher" if jax.default_backend() == "cpu" else "gaussian"
+    assert resolve_distribution("auto") == expected and resolve_distribution("gaussian") == "gaussian"
+    np.testing.assert_array_equal(np.asarray(standard_noise(key, (5, 7), "auto")),
+                                  np.asarray(standard_noise(key, (5, 7), expected)))
+    gfo.OpenES(population=4, distribution="auto")
+    with pytest.raises(ValueError, match=r"OpenES distribution='uniform': expected one of"):
+        gfo.OpenES(population=4, distribution="uniform")
+    with pytest.raises(ValueError, match=r"SPSA distribution='uniform'"):
+        gfo.SPSA(distribution="uniform")

@@ -29,7 +29,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gfo.noise import leaf_kind, member_key, perturbed_leaf, tree_dot
+from gfo.noise import DISTRIBUTIONS, leaf_kind, member_key, perturbed_leaf, tree_dot
 from gfo.population import PopulationConfig
 
 __all__ = ["OpenES", "PopulationConfig"]
@@ -37,7 +37,12 @@ __all__ = ["OpenES", "PopulationConfig"]
 
 @dataclasses.dataclass(frozen=True)
 class OpenES(PopulationConfig):
-    distribution: str = "gaussian"
+    distribution: str = "gaussian"  # or "rademacher", or "auto" (rademacher on CPU: models.linear.resolve_distribution)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"OpenES distribution={self.distribution!r}: expected one of {DISTRIBUTIONS}")
 
     def _frozen(self, path, w) -> bool:
         return leaf_kind(path, w, self.noise_map, lambda _: "full") == "frozen"
