@@ -169,8 +169,10 @@ def row_blocks(n_rows: int, row_size: int, block_elements: int | None = None) ->
 def noisy_linear(x: jax.Array, kernel: NoisyLeaf, dtype, block_elements: int | None = None) -> jax.Array:
     """`x @ (w + scale · ε)` for a 2-D `NoisyLeaf` without forming the perturbed matrix: `x @ w` plus
     `scale · x @ ε` with `ε` drawn a block of rows at a time. The rows are `w`'s input axis (`x @ ε` sums
-    the blocks' products) or, `transposed`, its output axis (the blocks' products are the logits of a
-    block of the vocabulary, concatenated). Memory: one block of noise per (vmapped) member."""
+    the blocks' products) or, `transposed`, its output axis (each block's product is added in place to
+    its columns of `x @ w`: a block of the vocabulary's logits for a tied head). A partial last block
+    overlaps the one before it and counts only its new rows. Memory: one block of noise per (vmapped)
+    member."""
     rows, cols = kernel.noise_shape()
     per, n_blocks = row_blocks(rows, cols, block_elements)
 
