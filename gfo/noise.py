@@ -13,12 +13,13 @@ layer's noise at a time, an embedding lookup only the rows it reads, and an upda
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import jax
 import jax.numpy as jnp
 
-from models.linear import NoisyLeaf, noise_block_elements, row_blocks, row_noise, standard_noise
+from models.linear import NoisyLeaf, matrix_noise, noise_block_elements, row_blocks, row_noise, standard_noise
 from models.tree import LAYERS
 
 DISTRIBUTIONS = ("gaussian", "rademacher", "auto")  # auto: models.linear.resolve_distribution
@@ -88,7 +89,7 @@ def leaf_noise_rows(key: jax.Array, path, leaf, layer, rows, distribution: str =
         k = jax.random.fold_in(k, layer)
     shape = layer_shape(path, leaf)
     if rows is None or len(shape) < 2:
-        return NoisyLeaf(jax.ShapeDtypeStruct(shape, jnp.float32), k, jnp.float32(0.0), distribution).noise()
+        return matrix_noise(k, shape, distribution)
     return row_noise(k, rows, shape[1:], distribution)
 
 
@@ -97,10 +98,7 @@ def noise_blocks(path, leaf, block_elements: int | None = None):
     `models.linear.NOISE_BLOCK_ELEMENTS`), else `(n_layers or None, rows, rows per block, blocks per layer)` — blocks of
     rows of one layer (`rows` None: whole layers of a vector leaf)."""
     limit = noise_block_elements() if block_elements is None else block_elements
-    shape = _shape(leaf)
-    size = 1
-    for n in shape:
-        size *= int(n)
+    size = math.prod(_shape(leaf))
     if size <= limit:
         return None
     lead = n_stacked_layers(path, leaf)
@@ -179,7 +177,7 @@ def check_noise_map(noise_map, allowed=NOISE_KINDS) -> tuple[tuple[str, str], ..
 
 def matrix_ndim(path, leaf) -> int:
     """The number of axes of one layer's copy of the leaf (its ndim without the stacked layer axis)."""
-    return len(_shape(leaf)) - (n_stacked_layers(path, leaf) is not None)
+    return len(layer_shape(path, leaf))
 
 
 def leaf_kind(path, leaf, noise_map, default) -> str:

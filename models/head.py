@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from models.linear import Kernel, LowRankKernel, NoisyLeaf, linear, row_blocks, row_noise, transpose
+from models.linear import Kernel, LowRankKernel, NoisyLeaf, linear, row_blocks, transpose
 
 VOCAB_BLOCK = 8192  # vocabulary columns per block
 
@@ -30,12 +30,9 @@ def vocab_block(head: Kernel, start: jax.Array, width: int, tied: bool) -> Kerne
             return LowRankKernel(cut(head.w, 0), cut(head.a, 0), head.b, head.scale).transpose()
         return LowRankKernel(cut(head.w, -1), head.a, cut(head.b, 0), head.scale)
     if isinstance(head, NoisyLeaf):  # only a table keyed by its (vocabulary) rows can be cut
-        if not tied or head.transposed or jnp.ndim(head.key) != 0:
+        if not (tied and head.reads_rows()):
             return None
-        ids = start + jnp.arange(width, dtype=jnp.int32)
-        eps = row_noise(head.key, ids, head.shape[1:], head.distribution)  # [width, D]
-        rows = cut(head.w, 0).astype(jnp.float32) + jnp.asarray(head.scale, jnp.float32) * eps
-        return rows.astype(head.dtype).T
+        return head.rows(start + jnp.arange(width, dtype=jnp.int32), cut(head.w, 0)).T
     return cut(head, 0).T if tied else cut(head, -1)
 
 

@@ -125,6 +125,18 @@ class NoisyLeaf(_OverBase):
         """The same perturbed matrix transposed (last two axes), noise unchanged."""
         return NoisyLeaf(jnp.swapaxes(self.w, -1, -2), self.key, self.scale, self.distribution, not self.transposed)
 
+    def reads_rows(self) -> bool:
+        """Whether rows of the perturbed matrix can be drawn alone (`rows`): one unstacked, untransposed
+        matrix, whose noise row `r` is drawn from `fold_in(key, r)`."""
+        return jnp.ndim(self.key) == 0 and self.w.ndim == 2 and not self.transposed
+
+    def rows(self, ids: jax.Array, base: jax.Array | None = None) -> jax.Array:
+        """Rows `ids [...]` of `w + scale · ε` in `w`'s dtype (`[..., d]`), drawing only those rows of the
+        noise (`reads_rows` must hold); `base` is `w[ids]` when the caller already has it (a slice)."""
+        base = self.w[ids] if base is None else base
+        noise = row_noise(self.key, ids, self.w.shape[1:], self.distribution)
+        return (base.astype(jnp.float32) + jnp.asarray(self.scale, jnp.float32) * noise).astype(self.w.dtype)
+
     def is_blocked(self) -> bool:
         """Whether readers draw this leaf's noise in row blocks rather than materialising it: one
         unstacked matrix of more than `NOISE_BLOCK_ELEMENTS` elements."""
@@ -252,15 +264,15 @@ def linear(x: jax.Array, kernel: Kernel, bias: jax.Array | None = None, dtype=No
         bias = materialize(bias)
     if isinstance(kernel, NoisyLeaf) and kernel.is_blocked():
         y = noisy_linear(x, kernel, dtype)
-        return y if bias is None else y + bias.astype(dtype).reshape((1,) * (y.ndim - 1) + bias.shape)
-    if isinstance(kernel, NoisyLeaf):
-        kernel = kernel.dense()
-    if isinstance(kernel, LowRankKernel):
-        y = x @ kernel.w.astype(dtype)
-        correction = (x @ kernel.a.astype(dtype)) @ kernel.b.astype(dtype).T
-        y = y + jnp.asarray(kernel.scale, dtype) * correction
     else:
-        y = x @ kernel.astype(dtype)
+        if isinstance(kernel, NoisyLeaf):
+            kernel = kernel.dense()
+        if isinstance(kernel, LowRankKernel):
+            y = x @ kernel.w.astype(dtype)
+            correction = (x @ kernel.a.astype(dtype)) @ kernel.b.astype(dtype).T
+            y = y + jnp.asarray(kernel.scale, dtype) * correction
+        else:
+            y = x @ kernel.astype(dtype)
     if bias is not None:
         y = y + bias.astype(dtype).reshape((1,) * (y.ndim - 1) + bias.shape)
     return y
@@ -268,11 +280,8 @@ def linear(x: jax.Array, kernel: Kernel, bias: jax.Array | None = None, dtype=No
 
 def embed_lookup(table: Kernel, ids: jax.Array, dtype) -> jax.Array:
     """Rows `table[ids]` for `table: [vocab, d]`, `ids: [...]` → `[..., d]`, low-rank aware."""
-    if isinstance(table, NoisyLeaf) and jnp.ndim(table.key) == 0 and table.ndim == 2 and not table.transposed:
-        # only the rows read: row r of the noise is drawn from fold_in(key, r) (`matrix_noise`)
-        noise = row_noise(table.key, ids, table.shape[1:], table.distribution)
-        rows = table.w[ids].astype(jnp.float32) + jnp.asarray(table.scale, jnp.float32) * noise
-        return rows.astype(table.dtype).astype(dtype)
+    if isinstance(table, NoisyLeaf) and table.reads_rows():  # only the rows read
+        return table.rows(ids).astype(dtype)
     if isinstance(table, NoisyLeaf):
         table = table.dense()
     if isinstance(table, LowRankKernel):
