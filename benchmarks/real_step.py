@@ -74,10 +74,12 @@ def main(argv=None) -> dict:
     del params
     loss = OnSpace(lambda q, batch, key: -model.token_logprobs(q, batch[:, :-1], batch[:, 1:]).mean(), space)
     param_bytes = sum(v.nbytes for v in jax.tree.leaves(x0))
-    methods = {
-        "spsa": gfo.Optimizer(gfo.SPSA(eps=1e-3, n=1, factored=True), optax.sgd(1e-5)),
-        "es": gfo.Optimizer(gfo.OpenES(population=32, sigma=1e-3, batch_size=8, factored=True), optax.sgd(1e-5)),
-        "lowrank_es": gfo.Optimizer(gfo.LowRankES(population=32, sigma=1e-3, rank=1, batch_size=8), optax.sgd(1e-5)),
+    sgd = optax.sgd(1e-5)
+    methods = {  # leafwise: each leaf's update made, applied and dropped before the next (as gfo train runs)
+        "spsa": gfo.Optimizer(gfo.SPSA(eps=1e-3, n=1, factored=True), sgd, leafwise=True),
+        "es": gfo.Optimizer(gfo.OpenES(population=32, sigma=1e-3, batch_size=8, factored=True), sgd, leafwise=True),
+        "lowrank_es": gfo.Optimizer(gfo.LowRankES(population=32, sigma=1e-3, rank=1, batch_size=8), sgd,
+                                    leafwise=True),
     }
     out["steps"] = {}
     for name, opt in methods.items():

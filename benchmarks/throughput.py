@@ -73,13 +73,15 @@ def _peak(executable) -> int:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def optimizers(n: int, chunk: int, distribution: str) -> dict:
+def optimizers(n: int, chunk: int, distribution: str, leafwise: bool = True) -> dict:
+    """The three steps, updated leaf by leaf (`gfo.direction.leafwise_update`, as `gfo train` runs them)
+    unless `leafwise=False` (the whole gradient tree, then the transform)."""
+    sgd = optax.sgd(1e-4)
     return {
-        "spsa": gfo.Optimizer(gfo.SPSA(eps=1e-3, n=1, factored=True, distribution=distribution), optax.sgd(1e-4)),
+        "spsa": gfo.Optimizer(gfo.SPSA(eps=1e-3, n=1, factored=True, distribution=distribution), sgd, leafwise),
         "es": gfo.Optimizer(gfo.OpenES(population=n, sigma=0.01, batch_size=chunk, factored=True,
-                                       distribution=distribution), optax.sgd(1e-4)),
-        "lowrank_es": gfo.Optimizer(gfo.LowRankES(population=n, sigma=0.01, rank=1, batch_size=chunk),
-                                    optax.sgd(1e-4)),
+                                       distribution=distribution), sgd, leafwise),
+        "lowrank_es": gfo.Optimizer(gfo.LowRankES(population=n, sigma=0.01, rank=1, batch_size=chunk), sgd, leafwise),
     }
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from gfo.direction import leafwise_update
 from gfo.jitting import filter_jit
 from gfo.objectives import objective_kind_of
 from gfo.protocol import fresh, parameter_sharding
@@ -43,14 +44,23 @@ class OptState:
 
 
 class Optimizer:
-    """`estimator` (a pseudo-gradient of the loss) followed by an optax `transform`."""
+    """`estimator` (a pseudo-gradient of the loss) followed by an optax `transform`.
 
-    def __init__(self, estimator, transform: optax.GradientTransformation):
+    `leafwise=True` promises that `transform` treats every parameter leaf on its own (sgd, momentum,
+    adam, adamw, weight decay, schedules — not global-norm clipping): the noise-based estimators (those
+    with a `direction` method: SPSA, OpenES, LowRankES) then regenerate, transform and apply their
+    pseudo-gradient one leaf at a time (`gfo.direction.leafwise_update`), so the update needs one leaf's
+    gradient beyond the parameters instead of a whole gradient tree. The result equals the whole-tree
+    update; the optax state's layout is the same either way. `gfo train` and `gfo.minimize` set it.
+    """
+
+    def __init__(self, estimator, transform: optax.GradientTransformation, leafwise: bool = False):
         self.estimator = estimator
         self.transform = transform
+        self.leafwise = bool(leafwise)
 
     def __repr__(self) -> str:
-        return f"Optimizer({self.estimator!r})"
+        return f"Optimizer({self.estimator!r}{', leafwise=True' if self.leafwise else ''})"
 
     @property
     def objective_kind(self) -> str:
@@ -67,6 +77,11 @@ class Optimizer:
     def step(self, state: OptState, objective: Callable, batch, key: jax.Array):
         """One estimate + update; `state` is donated (use the returned state only)."""
         est_state = state.est_state
+        if self.leafwise and hasattr(self.estimator, "direction"):
+            direction, metrics = self.estimator.direction(objective, state.x, batch, key)
+            x, opt_state, stats = leafwise_update(self.transform, direction, state.x, state.opt_state)
+            return (OptState(x=x, opt_state=opt_state, step=state.step + 1, est_state=est_state),
+                    {**metrics, **stats})
         if hasattr(self.estimator, "init"):  # stateful: `(objective, x, batch, key, state, step)`
             grad, metrics, est_state = self.estimator(objective, state.x, batch, key, est_state, state.step)
         else:

@@ -31,6 +31,13 @@ def _constrain(tree, sharding):
     return tree if sharding is None else jax.tree.map(lambda y: jax.lax.with_sharding_constraint(y, sharding), tree)
 
 
+def zeros_after(weights: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+    """Zeros of `shape` that depend on `weights`: an accumulator XLA cannot allocate before its inputs
+    exist. A constant-initialised loop carry is otherwise hoisted to the start of the step, and every
+    leaf's accumulator would be live at once — defeating a leaf-by-leaf update (`gfo.direction`)."""
+    return jnp.broadcast_to(jnp.zeros((), dtype) * weights.reshape(-1)[0].astype(dtype), shape)
+
+
 def map_members(fn: Callable[[jax.Array], jax.Array], n: int, batch_size: int | None = None,
                 pop_sharding=None) -> jax.Array:
     """`stack([fn(i) for i in range(n)])` as `lax.map` over `vmap`ped chunks of `batch_size` members.
@@ -87,7 +94,7 @@ def chunked_contraction(weights: jax.Array, contract: Callable[[jax.Array, jax.A
     if n_chunks == 1:
         return contract(padded, ids)
     template = jax.eval_shape(lambda: contract(padded[:chunk], ids[:chunk]))
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), template)
+    zero = jax.tree.map(lambda s: zeros_after(padded, s.shape), template)
 
     def body(total, c):
         w = jax.lax.dynamic_slice_in_dim(padded, c * chunk, chunk)
@@ -111,7 +118,7 @@ def noise_sum(weights: jax.Array, noise_of: Callable[[jax.Array], jax.Array], sh
         return weighted_sum(weights, noise_of, batch_size, pop_sharding)
     weights = weights.astype(jnp.float32)
     return jax.lax.fori_loop(0, weights.shape[0], lambda d, acc: acc + weights[d] * noise_of(d),
-                             jnp.zeros(shape, jnp.float32))
+                             zeros_after(weights, shape))
 
 
 def _direction_sums(weights: jax.Array, noise_of: Callable[[jax.Array], jax.Array], shape):
@@ -126,8 +133,8 @@ def _direction_sums(weights: jax.Array, noise_of: Callable[[jax.Array], jax.Arra
         first, second = halves
         return first + weights[d] * noise_of(d), second + weights[d + h] * noise_of(d + h)
 
-    last = weights[n - 1] * noise_of(jnp.int32(n - 1)) if n % 2 else jnp.zeros(shape, jnp.float32)
-    return jax.lax.fori_loop(0, h, body, (jnp.zeros(shape, jnp.float32), last))
+    last = weights[n - 1] * noise_of(jnp.int32(n - 1)) if n % 2 else zeros_after(weights, shape)
+    return jax.lax.fori_loop(0, h, body, (zeros_after(weights, shape), last))
 
 
 def halves_dots(first, second, fresh=None) -> jax.Array:
@@ -138,25 +145,47 @@ def halves_dots(first, second, fresh=None) -> jax.Array:
                       jnp.vdot(second, second) if fresh is None else jnp.vdot(jnp.where(fresh, second, 0.0), second)])
 
 
-def noise_update_dots(weights: jax.Array, direction_key: Callable[[jax.Array], jax.Array], x,
-                      distribution: str = "gaussian", frozen: Callable = lambda path, leaf: False, mask=None,
-                      batch_size: int | None = None, pop_sharding=None, block_elements: int | None = None):
-    """`noise_update`'s `(g, dots)`: `dots` is the halves' `[first·second, first·first, second·second]`
-    summed over the leaves (None for one direction), for callers that add leaves of their own to the
-    cosine (LowRankES). See `noise_update`."""
+def leaf_noise_sum(weights: jax.Array, direction_key: Callable[[jax.Array], jax.Array], path, w,
+                   distribution: str = "gaussian", mask=None, batch_size: int | None = None, pop_sharding=None,
+                   block_elements: int | None = None):
+    """`(g, dots)` for one leaf `w` at `path`: `g = Σ_d weights[d] · ε_d` (cast to `w`'s dtype), `ε_d` being
+    `gfo.noise.leaf_noise(direction_key(d), path, w, distribution)` times `mask` (like `w`) when given, and
+    `dots` the `[first·second, first·first, second·second]` of the sums over the first ⌊D/2⌋ and the
+    remaining directions (None for one direction). A large leaf is made a block at a time
+    (`leaf_noise_direction`) and written into `g`."""
+    from gfo.direction import leaf_direction
+
+    made = leaf_noise_direction(weights, direction_key, path, w, distribution, mask, batch_size, pop_sharding,
+                                block_elements)
+    return leaf_direction(made, lambda: zeros_after(weights, jnp.shape(w), jnp.result_type(w)))
+
+
+def leaf_noise_direction(weights: jax.Array, direction_key: Callable[[jax.Array], jax.Array], path, w,
+                         distribution: str = "gaussian", mask=None, batch_size: int | None = None,
+                         pop_sharding=None, block_elements: int | None = None):
+    """`leaf_noise_sum`'s leaf as a `gfo.direction.Direction` leaf: `(g, dots)`, or `LeafBlocks` for a leaf
+    over `NOISE_BLOCK_ELEMENTS`.
+
+    A small leaf is summed whole: one loop over the directions carrying its two half-sums. A larger one
+    is regenerated a block of rows of one layer at a time (`gfo.noise.noise_blocks`): each block is a loop
+    over the directions, so the memory of a block is two blocks of float32 half-sums and one block of
+    noise — MeZO's in-place regeneration, functionally (`gfo.direction.leafwise_update` applies each block
+    to the leaf as it is made). With `pop_sharding` the directions are split over the devices instead
+    (`noise_sum`), the leaf whole.
+    """
+    from gfo.direction import LeafBlocks
     from gfo.noise import leaf_noise, leaf_noise_rows, noise_blocks
 
     n = weights.shape[0]
     h = n // 2
     weights = weights.astype(jnp.float32)
-    dots = []
+    shape, dtype = jnp.shape(w), jnp.result_type(w)
+    plan = None if pop_sharding is not None else noise_blocks(path, w, block_elements)
 
-    def whole(path, w, m):
-        shape, dtype = jnp.shape(w), jnp.result_type(w)
-
+    if plan is None:  # the leaf whole
         def noise_of(d):
             z = leaf_noise(direction_key(d), path, w, distribution)
-            return z if m is None else z * m.astype(jnp.float32)
+            return z if mask is None else z * mask.astype(jnp.float32)
 
         if pop_sharding is not None and n > 1:
             first = noise_sum(weights[:h], noise_of, shape, batch_size, pop_sharding)
@@ -164,57 +193,35 @@ def noise_update_dots(weights: jax.Array, direction_key: Callable[[jax.Array], j
         else:
             first, second = _direction_sums(weights, noise_of, shape)
         if second is None:
-            return first.astype(dtype)
-        dots.append(halves_dots(first, second))
-        return (first + second).astype(dtype)
+            return first.astype(dtype), None
+        return (first + second).astype(dtype), halves_dots(first, second)
 
-    def blocked(path, w, m, plan):
-        n_layers, rows, per, n_blocks = plan
-        shape, dtype = jnp.shape(w), jnp.result_type(w)
-        stacked = n_layers is not None
-        per_layer = shape[1:] if stacked else shape
-        block_shape = per_layer if rows is None else (per,) + tuple(per_layer[1:])
+    n_layers, rows, per, n_blocks = plan
+    stacked = n_layers is not None
+    per_layer = shape[1:] if stacked else shape
+    block_shape = per_layer if rows is None else (per,) + tuple(per_layer[1:])
+    lead = (1,) if stacked else ()
 
-        def block(t, carry):
-            g, acc = carry
-            layer, b = t // n_blocks, t % n_blocks
-            start = 0 if rows is None else jnp.minimum(b * per, rows - per)  # the last block may overlap
-            ids = None if rows is None else start + jnp.arange(per, dtype=jnp.int32)
-            corner = ((layer,) if stacked else ()) + (start,) + (0,) * (len(per_layer) - 1)
-            if rows is None:
-                corner = corner[:len(shape)]
+    def block(t):
+        layer, b = t // n_blocks, t % n_blocks
+        start = 0 if rows is None else jnp.minimum(b * per, rows - per)  # the last block may overlap
+        ids = None if rows is None else start + jnp.arange(per, dtype=jnp.int32)
+        corner = ((layer,) if stacked else ()) + (start,) + (0,) * (len(per_layer) - 1)
+        corner = tuple(jnp.asarray(c, jnp.int32) for c in corner[:len(shape)])
 
-            def noise_of(d):
-                z = leaf_noise_rows(direction_key(d), path, w, layer if stacked else None, ids, distribution)
-                if m is None:
-                    return z
-                mb = jax.lax.dynamic_slice(m, corner, ((1,) if stacked else ()) + block_shape)
-                return z * mb.reshape(block_shape).astype(jnp.float32)
+        def noise_of(d):
+            z = leaf_noise_rows(direction_key(d), path, w, layer if stacked else None, ids, distribution)
+            if mask is None:
+                return z
+            return z * jax.lax.dynamic_slice(mask, corner, lead + block_shape).reshape(block_shape).astype(jnp.float32)
 
-            first, second = _direction_sums(weights, noise_of, block_shape)
-            total = first if second is None else first + second
-            g = jax.lax.dynamic_update_slice(g, total.astype(dtype).reshape(((1,) if stacked else ()) + block_shape),
-                                             corner)
-            if second is not None:
-                fresh = None if rows is None else (ids >= b * per).reshape((per,) + (1,) * (len(block_shape) - 1))
-                acc = acc + halves_dots(first, second, fresh)
-            return g, acc
+        first, second = _direction_sums(weights, noise_of, block_shape)
+        total = first if second is None else first + second
+        fresh = None if rows is None else (ids >= b * per).reshape((per,) + (1,) * (len(block_shape) - 1))
+        dots = None if second is None else halves_dots(first, second, fresh)
+        return corner, total.reshape(lead + block_shape), (None if fresh is None else fresh.reshape(lead + fresh.shape)), dots
 
-        g, acc = jax.lax.fori_loop(0, (n_layers or 1) * n_blocks, block,
-                                   (jnp.zeros(shape, dtype), jnp.zeros((3,), jnp.float32)))
-        if n > 1:
-            dots.append(acc)
-        return g
-
-    def leaf(path, w, m=None):
-        if frozen(path, w):
-            return jnp.zeros(jnp.shape(w), jnp.result_type(w))
-        plan = None if pop_sharding is not None else noise_blocks(path, w, block_elements)
-        return whole(path, w, m) if plan is None else blocked(path, w, m, plan)
-
-    g = jax.tree_util.tree_map_with_path(leaf, x) if mask is None else \
-        jax.tree_util.tree_map_with_path(leaf, x, mask)
-    return g, (sum(dots) if dots else None)
+    return LeafBlocks((n_layers or 1) * n_blocks, lead + block_shape, block, halves=n > 1)
 
 
 def halves_cosine(dots) -> jax.Array:
@@ -228,21 +235,17 @@ def halves_cosine(dots) -> jax.Array:
 def noise_update(weights: jax.Array, direction_key: Callable[[jax.Array], jax.Array], x,
                  distribution: str = "gaussian", frozen: Callable = lambda path, leaf: False, mask=None,
                  batch_size: int | None = None, pop_sharding=None, block_elements: int | None = None):
-    """`(g, snr_cosine)` with `g = Σ_d weights[d] · ε_d` leaf by leaf, `ε_d` being
-    `gfo.noise.leaf_noise(direction_key(d), path, leaf, distribution)` (times `mask`'s leaf, a pytree like
-    `x`, when given; zero `g` where `frozen(path, leaf)`), and the cosine between the sums over the first
-    ⌊D/2⌋ and the remaining directions (NaN for one direction).
-
-    A leaf of at most `NOISE_BLOCK_ELEMENTS` is summed whole: one loop over the directions carrying its
-    two half-sums. A larger one is regenerated a block of rows of one layer at a time
-    (`gfo.noise.noise_blocks`): for each block, a loop over the directions, then the block is written into
-    `g`. Memory beyond `g` (cast to `x`'s dtypes) is two blocks of float32 half-sums and one block of noise
-    — MeZO's in-place regeneration, functionally. With `pop_sharding` the directions are split over the
-    devices instead (`noise_sum`), a leaf at a time.
-    """
-    g, dots = noise_update_dots(weights, direction_key, x, distribution, frozen, mask, batch_size, pop_sharding,
-                                block_elements)
-    return g, halves_cosine(dots)
+    """`(g, snr_cosine)` for a whole tree `x`: `leaf_noise_sum` of every leaf (times `mask`'s leaf, a
+    pytree like `x`, when given; zero where `frozen(path, leaf)`), and the cosine between the sums over
+    the first ⌊D/2⌋ and the remaining directions (NaN for one direction). The estimators hand the same
+    per-leaf sums to the step as a `gfo.direction.Direction`, which an update may consume leaf by leaf."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(x)
+    masks = [None] * len(flat) if mask is None else treedef.flatten_up_to(mask)
+    outs = [(jnp.zeros(jnp.shape(w), jnp.result_type(w)), None) if frozen(p, w) else
+            leaf_noise_sum(weights, direction_key, p, w, distribution, m, batch_size, pop_sharding, block_elements)
+            for (p, w), m in zip(flat, masks)]
+    dots = [d for _, d in outs if d is not None]
+    return treedef.unflatten([g for g, _ in outs]), halves_cosine(sum(dots) if dots else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,19 +340,3 @@ class PopulationConfig:
 
         losses = self.member_losses(member_loss)
         return losses, shaping.shape(losses, self.shaping, self.groups), population_metrics(losses)
-
-    def noise_update(self, weights: jax.Array, direction_key: Callable, x, distribution: str = "gaussian",
-                     frozen: Callable = lambda path, leaf: False):
-        """`noise_update` over this population's directions (sharded like its evaluation)."""
-        return noise_update(weights, direction_key, x, distribution, frozen, None, self.batch_size,
-                            self.pop_sharding)
-
-    def halves(self, weights: jax.Array, contract):
-        """`(g, snr_cosine)`: `g = contract(w[:h], 0) + contract(w[h:], h)` over the two halves of the
-        directions, and the cosine between the halves' estimates — one pass over the directions."""
-        h = weights.shape[0] // 2
-        if h == 0:  # one direction: no halves to compare
-            return contract(weights, 0), jnp.float32(jnp.nan)
-        first = contract(weights[:h], 0)
-        second = contract(weights[h:], h)
-        return jax.tree.map(jnp.add, first, second), cosine(first, second)

@@ -18,7 +18,8 @@ each prompt is answered by a group of members). `noise_map` (regex → `full` | 
 With `factored` (set by `gfo.build` for spaces that pass leaves through) a member's `x + s σ ε` reaches the
 model as `models.linear.NoisyLeaf` leaves and the noise is drawn inside the forward, one (stacked) layer at
 a time; an antithetic pair draws its direction once. The update regenerates `ε_p` direction by direction
-into a float32 accumulator, leaf by leaf. Diagnostics: `snr_cosine`, the cosine between the estimates of
+into a float32 accumulator, leaf by leaf (a block of rows of a large leaf at a time), and is handed to the
+step as a `gfo.direction.Direction`, which a leafwise step applies before making the next leaf's. Diagnostics: `snr_cosine`, the cosine between the estimates of
 the two halves of the directions, and the fitness spread (`loss_std`, `loss_range`).
 """
 
@@ -29,14 +30,15 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gfo.noise import DISTRIBUTIONS, leaf_kind, member_key, perturbed_leaf, tree_dot
-from gfo.population import PopulationConfig
+from gfo.direction import Direction, DirectionEstimator
+from gfo.noise import DISTRIBUTIONS, leaf_kind, member_key, perturbed_leaf
+from gfo.population import PopulationConfig, leaf_noise_direction
 
 __all__ = ["OpenES", "PopulationConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
-class OpenES(PopulationConfig):
+class OpenES(DirectionEstimator, PopulationConfig):
     distribution: str = "gaussian"  # or "rademacher", or "auto" (rademacher on CPU: models.linear.resolve_distribution)
 
     def __post_init__(self):
@@ -53,7 +55,8 @@ class OpenES(PopulationConfig):
             lambda p, w: w if self._frozen(p, w) else perturbed_leaf(direction_key, p, w, scale, self.distribution,
                                                                      self.factored), x)
 
-    def __call__(self, objective, x, batch, key):
+    def direction(self, objective, x, batch, key):
+        """`(Direction, metrics)`: the population evaluated, `g` described leaf by leaf (`gfo.direction`)."""
         noise_key, eval_key = jax.random.split(key)  # every member sees the same eval key
 
         def member_loss(direction, sign, member):
@@ -62,5 +65,13 @@ class OpenES(PopulationConfig):
 
         _, shaped, metrics = self.evaluate(member_loss)
         weights = self.direction_weights(shaped) / (self.population * self.sigma)
-        grad, snr = self.noise_update(weights, lambda d: member_key(noise_key, d), x, self.distribution, self._frozen)
-        return grad, {**metrics, "grad_norm": jnp.sqrt(tree_dot(grad, grad)), "snr_cosine": snr}
+        return Direction(self._leaf_update, (weights, noise_key)), metrics
+
+    def _leaf_update(self, operands, path, w):
+        """One leaf's `(Σ_p w_p ε_p, halves' dots)` — `LeafBlocks` for a large leaf — zero where frozen
+        (`gfo.population.leaf_noise_direction`)."""
+        weights, noise_key = operands
+        if self._frozen(path, w):
+            return jnp.zeros(jnp.shape(w), jnp.result_type(w)), None
+        return leaf_noise_direction(weights, lambda d: member_key(noise_key, d), path, w, self.distribution,
+                                    None, self.batch_size, self.pop_sharding)

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from gfo.noise import leaf_kind, leaf_noise, leaf_noise_keys, matrix_ndim, member_key, perturbed_leaf, sample, tree_dot
-from gfo.population import PopulationConfig, chunked_contraction, halves_cosine, halves_dots, noise_update_dots
+from gfo.direction import Direction, DirectionEstimator
+from gfo.noise import leaf_kind, leaf_noise, leaf_noise_keys, matrix_ndim, member_key, perturbed_leaf, sample
+from gfo.population import PopulationConfig, chunked_contraction, halves_dots, leaf_noise_direction, zeros_after
 from models.linear import LowRankKernel, noise_block_elements
 
 # EGGROLL's defaults (HyperscaleES): matrices low-rank; embeddings, norms, biases and other vectors frozen.
@@ -50,17 +50,8 @@ def dense_noise(key: jax.Array, path, shape):
     return leaf_noise(key, path, jax.ShapeDtypeStruct(tuple(shape), jnp.float32))
 
 
-class _Factors(NamedTuple):
-    a: jax.Array  # [c, ..., m, r]
-    b: jax.Array  # [c, ..., n, r]
-
-
-class _Dense(NamedTuple):
-    e: jax.Array
-
-
 @dataclasses.dataclass(frozen=True)
-class LowRankES(PopulationConfig):
+class LowRankES(DirectionEstimator, PopulationConfig):
     rank: int = 1
     factored: bool = True  # hand factored LowRankKernel / NoisyLeaf leaves to the objective
     _noise_kinds = ("lowrank", "full", "frozen")
@@ -90,7 +81,8 @@ class LowRankES(PopulationConfig):
 
         return jax.tree_util.tree_map_with_path(leaf, x)
 
-    def __call__(self, objective, x, batch, key):
+    def direction(self, objective, x, batch, key):
+        """`(Direction, metrics)`: the population evaluated, `g` described leaf by leaf (`gfo.direction`)."""
         noise_key, eval_key = jax.random.split(key)
 
         def member_loss(direction, sign, member):
@@ -99,57 +91,44 @@ class LowRankES(PopulationConfig):
 
         _, shaped, metrics = self.evaluate(member_loss)
         weights = self.direction_weights(shaped) / (self.population * self.sigma)
+        return Direction(self._leaf_update, (weights, noise_key)), metrics
 
+    def _leaf_update(self, operands, path, w):
+        """One leaf's `(g, halves' dots)`: a matrix's `Σ_p w_p A_p B_pᵀ / √r` over each half of the
+        directions, one contraction over (direction, rank) per chunk of directions, so the memory beyond
+        `g` is the leaf's two float32 half-sums and the chunk's factors, whatever the population (with
+        `pop_sharding` each chunk's directions split over the devices and the sums all-reduced); `full`
+        leaves through `gfo.population.leaf_noise_direction` (blocks of rows when large)."""
+        weights, noise_key = operands
+        kind = self._kind(path, w)
+        if kind == "frozen":
+            return jnp.zeros(jnp.shape(w), jnp.result_type(w)), None
+        if kind == "full":
+            return leaf_noise_direction(weights, lambda d: member_key(noise_key, d), path, w, "gaussian", None,
+                                  self.batch_size, self.pop_sharding)
+        factors = lambda d: lowrank_factors(member_key(noise_key, d), path, w.shape, self.rank)  # noqa: E731
         if self.pop_sharding is None:
-            grad, snr = self._update(weights, noise_key, x)
-            return grad, {**metrics, "grad_norm": jnp.sqrt(tree_dot(grad, grad)), "snr_cosine": snr}
-
-        def direction_update(d):
-            k = member_key(noise_key, d)
-
-            def leaf(path, w):
-                kind = self._kind(path, w)
-                if kind == "lowrank":
-                    a, b = lowrank_factors(k, path, w.shape, self.rank)
-                    return _Factors(a, b)
-                if kind == "frozen":
-                    return _Dense(jnp.zeros(w.shape, jnp.float32))
-                return _Dense(leaf_noise(k, path, w))
-
-            return jax.tree_util.tree_map_with_path(leaf, x)
-
-        # Sharded over `pop`: Σ_p w_p A_p B_pᵀ per chunk of directions split over the devices, all-reduced.
-        grad, snr = self.halves(weights, lambda w, offset: _lowrank_weighted_sum(
-            w, lambda d: direction_update(d + offset), x, self.batch_size, self.rank, self.pop_sharding))
-        return grad, {**metrics, "grad_norm": jnp.sqrt(tree_dot(grad, grad)), "snr_cosine": snr}
-
-    def _update(self, weights, noise_key, x):
-        """`(g, snr_cosine)` leaf by leaf: a matrix's `Σ_p w_p A_p B_pᵀ / √r` over each half of the
-        directions in one contraction over (direction, rank) per chunk of directions, so the memory beyond
-        `g` is that leaf's two float32 half-sums and the chunk's factors, whatever the population; `full`
-        leaves through `noise_update_dots` (a block of rows at a time when large)."""
-        g_full, dots = noise_update_dots(weights, lambda d: member_key(noise_key, d), x, "gaussian",
-                                         lambda p, w: self._kind(p, w) != "full")
-        dots = [] if dots is None else [dots]
-        n, h = weights.shape[0], weights.shape[0] // 2
-
-        def leaf(path, w, g):
-            if self._kind(path, w) != "lowrank":
-                return g
             # as many directions per contraction as keep their factors under NOISE_BLOCK_ELEMENTS (at least
             # `batch_size`): a loop (whose carry may be copied) only for very large populations
             per_direction = math.prod(w.shape[:-2]) * (w.shape[-2] + w.shape[-1]) * self.rank
             chunk = max(self.batch_size or 1, noise_block_elements() // per_direction)
-            factors = lambda d: lowrank_factors(member_key(noise_key, d), path, w.shape, self.rank)  # noqa: E731
-            if n == 1:
-                return _factor_sum(weights, factors, 0, w.shape, chunk, self.rank).astype(w.dtype)
-            first = _factor_sum(weights[:h], factors, 0, w.shape, chunk, self.rank)
-            second = _factor_sum(weights[h:], factors, h, w.shape, chunk, self.rank)
-            dots.append(halves_dots(first, second))
-            return (first + second).astype(w.dtype)
+            half_sum = lambda ws, offset: _factor_sum(ws, factors, offset, w.shape, chunk, self.rank)  # noqa: E731
+        else:
+            def half_sum(ws, offset):
+                def contract(wc, ids):
+                    a, b = jax.vmap(factors)(offset + ids)  # [c, ..., m, r], [c, ..., n, r]
+                    return _contract(wc, a, b) / math.sqrt(self.rank)
+                return chunked_contraction(ws, contract, self.batch_size, self.pop_sharding)
+        n, h = weights.shape[0], weights.shape[0] // 2
+        if n == 1:
+            return half_sum(weights, 0).astype(w.dtype), None
+        first, second = half_sum(weights[:h], 0), half_sum(weights[h:], h)
+        return (first + second).astype(w.dtype), halves_dots(first, second)
 
-        g = jax.tree_util.tree_map_with_path(leaf, x, g_full)
-        return g, halves_cosine(sum(dots) if dots else None)
+
+def _contract(w, a, b) -> jax.Array:
+    """`Σ_c w_c A_c B_cᵀ` for `A [c, ..., m, r]`, `B [c, ..., n, r]`: one contraction over (c, r)."""
+    return jnp.einsum("c...mr,c...nr->...mn", a * w.reshape((-1,) + (1,) * (a.ndim - 1)), b)
 
 
 def _factor_sum(weights, factors, offset: int, shape, chunk: int, rank: int) -> jax.Array:
@@ -163,24 +142,6 @@ def _factor_sum(weights, factors, offset: int, shape, chunk: int, rank: int) -> 
     def body(c, acc):
         ids = c * k + jnp.arange(k, dtype=jnp.int32)
         a, b = jax.vmap(factors)(offset + jnp.minimum(ids, m - 1))  # [k, ..., m, r], [k, ..., n, r]
-        w = jax.lax.dynamic_slice_in_dim(padded, c * k, k)
-        return acc + jnp.einsum("c...mr,c...nr->...mn", a * w.reshape((-1,) + (1,) * (a.ndim - 1)), b)
+        return acc + _contract(jax.lax.dynamic_slice_in_dim(padded, c * k, k), a, b)
 
-    return jax.lax.fori_loop(0, n_chunks, body, jnp.zeros(shape, jnp.float32)) / math.sqrt(rank)
-
-
-def _lowrank_weighted_sum(weights, direction_update, x, batch_size, rank, pop_sharding=None):
-    inv_sqrt_r = 1.0 / math.sqrt(rank)
-
-    def contract(w, j):
-        parts = jax.vmap(direction_update)(j)
-
-        def leaf(p):
-            if isinstance(p, _Factors):  # Σ_c w_c A_c B_cᵀ, A: [c, ..., m, r], B: [c, ..., n, r]: one contraction
-                return jnp.einsum("c...mr,c...nr->...mn", p.a * w.reshape((-1,) + (1,) * (p.a.ndim - 1)), p.b) * inv_sqrt_r
-            return jnp.tensordot(w, p.e, axes=1)
-
-        return jax.tree.map(leaf, parts, is_leaf=lambda t: isinstance(t, (_Factors, _Dense)))
-
-    total = chunked_contraction(weights, contract, batch_size, pop_sharding)
-    return jax.tree.map(lambda t, u: t.astype(u.dtype), total, x)
+    return jax.lax.fori_loop(0, n_chunks, body, zeros_after(padded, shape)) / math.sqrt(rank)

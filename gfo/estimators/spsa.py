@@ -11,8 +11,10 @@ Adam come from the optax transformation (ZO-SGD-MMT = `optax.sgd(momentum=0.9)`,
 A query whose losses are not finite contributes nothing and is counted in `nonfinite`.
 With `factored` (set by `gfo.build` for spaces that pass leaves through), `x ± εz` reaches the model as
 `models.linear.NoisyLeaf` leaves, so `z` is drawn inside the forward one (stacked) layer at a time and no
-perturbed copy of the parameters exists; both signs share one draw; the update regenerates `z` leaf by
-leaf (MeZO's in-place trick, functionally: with the state donated XLA writes it into `x`'s buffer). Diagnostics:
+perturbed copy of the parameters exists; both signs share one draw. The estimate is handed to the step
+as a `gfo.direction.Direction` (`direction`); with `Optimizer(..., leafwise=True)` (as `gfo train` builds
+it) the step regenerates `z`, transforms and applies it one leaf — one block of rows of a large leaf — at
+a time into the donated parameters: MeZO's in-place update, functionally. Diagnostics:
 `loss_range` (mean |L₊ − L₋|, the fitness spread) and, with `n >= 2`, `snr_cosine` (cosine between the
 estimates of the first ⌊n/2⌋ queries and of the rest).
 """
@@ -24,12 +26,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gfo.noise import DISTRIBUTIONS, member_key, noise_like, perturbed_leaf, tree_axpy, tree_dot
-from gfo.population import noise_update
+from gfo.direction import Direction, DirectionEstimator, LeafBlocks
+from gfo.noise import DISTRIBUTIONS, member_key, noise_like, perturbed_leaf, tree_axpy
+from gfo.population import leaf_noise_direction
 
 
 @dataclasses.dataclass(frozen=True)
-class SPSA:
+class SPSA(DirectionEstimator):
     eps: float = 1e-3
     n: int = 1
     distribution: str = "gaussian"
@@ -48,17 +51,15 @@ class SPSA:
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"SPSA sparsity={self.sparsity} must be in [0, 1)")
 
-    def _mask(self, x):
-        if self.sparsity == 0.0:
-            return None
-        def leaf_mask(v):
-            a = jnp.abs(v.astype(jnp.float32))
-            return (a <= jnp.quantile(a, 1.0 - self.sparsity)).astype(jnp.float32)
-        return jax.tree.map(leaf_mask, x)
+    def _leaf_mask(self, w):
+        """Sparse MeZO's mask of one leaf: 1 on the `1 − sparsity` smallest-magnitude entries (float32)."""
+        a = jnp.abs(w.astype(jnp.float32))
+        return (a <= jnp.quantile(a, 1.0 - self.sparsity)).astype(jnp.float32)
 
-    def __call__(self, objective, x, batch, key):
+    def direction(self, objective, x, batch, key):
+        """`(Direction, metrics)`: the queries evaluated, `g` described leaf by leaf (`gfo.direction`)."""
         noise_key, eval_key = jax.random.split(key)
-        mask = self._mask(x)
+        mask = None if self.sparsity == 0.0 else jax.tree.map(self._leaf_mask, x)
         in_forward = self.factored and mask is None
 
         def perturb(query_key, scale):
@@ -91,15 +92,19 @@ class SPSA:
                                     else jax.lax.map(query, ks))
 
         # g = Σ_k proj_k z_k / n, z regenerated leaf by leaf (large leaves a block of rows at a time) and
-        # masked like the queries; the SNR cosine compares the first ⌊n/2⌋ queries' estimate with the rest's.
-        grad, snr = noise_update(proj / self.n, lambda k: member_key(noise_key, k), x, self.distribution,
-                                 mask=mask)
-        if self.sign:
-            grad = jax.tree.map(jnp.sign, grad)
+        # masked like the queries (the mask is a function of the leaf); the SNR cosine compares the first
+        # ⌊n/2⌋ queries' estimate with the rest's.
+        def make(operands, path, w):
+            weights, key = operands
+            made = leaf_noise_direction(weights, lambda k: member_key(key, k), path, w, self.distribution,
+                                        None if mask is None else self._leaf_mask(w))
+            if not self.sign:
+                return made
+            return made.map(jnp.sign) if isinstance(made, LeafBlocks) else (jnp.sign(made[0]), made[1])
+
         bad = jnp.sum(~ok, dtype=jnp.int32)
         n_ok = jnp.maximum(self.n - bad, 1)
         evaluations = self.n * (1 if self.one_sided else 2) + (1 if self.one_sided else 0)
-        extra = {"snr_cosine": snr} if self.n >= 2 else {}
-        return grad, {"loss": jnp.sum(losses) / n_ok, "grad_norm": jnp.sqrt(tree_dot(grad, grad)),
-                      "loss_range": jnp.sum(spread) / n_ok, "nonfinite": bad, "evaluations": evaluations, **extra}
-
+        return (Direction(make, (proj / self.n, noise_key), snr=self.n >= 2),
+                {"loss": jnp.sum(losses) / n_ok, "loss_range": jnp.sum(spread) / n_ok, "nonfinite": bad,
+                 "evaluations": evaluations})

@@ -1,0 +1,234 @@
+"""A pseudo-gradient made one leaf at a time, and an optax transform applied one leaf at a time.
+
+The noise-based estimators (SPSA, OpenES, LowRankES) never hold their perturbations: a leaf's
+pseudo-gradient `g = Σ_d w_d ε_d` is regenerated from the directions' weights and the noise key. They
+describe it as a `Direction` — `make(operands, path, leaf) -> (g_leaf, dots)` — and the step either
+builds the whole tree (`Direction.tree`, then any optax transform) or, for an *elementwise* transform,
+runs `leafwise_update`: regenerate leaf `i`'s `g`, apply the transform to that leaf, write it, then go
+on to leaf `i + 1`. The leaves are ordered by a data dependency, so the memory of the update is
+the parameters (donated, updated in place) plus one leaf's float32 `g` — MeZO's in-place update,
+functionally — instead of the parameters plus the whole gradient tree.
+
+`leafwise_update` is exact for every transform that treats each leaf on its own: `sgd` (with momentum),
+`adam`, `adamw`, `add_decayed_weights`, schedules, … — its state must be made of parameter-shaped
+subtrees (moments) and scalars (step counts), which is checked. A transform that couples leaves
+(`clip_by_global_norm`, a global-norm trust ratio) must not be applied leaf by leaf: `gfo.Optimizer`
+only does so when told (`leafwise=True`; `gfo train`'s transforms all qualify).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class Direction:
+    """A pseudo-gradient tree described leaf by leaf.
+
+    `make(operands, path, leaf)` returns `(g, dots)` — the leaf's pseudo-gradient (shape and dtype of
+    `leaf`) and `[first·second, first·first, second·second]` (float32 `[3]`) of its sums over the two
+    halves of the directions, or None — or, for a large leaf, `LeafBlocks`: then `leafwise_update`
+    updates the leaf a block at a time and never holds its whole `g`. `operands` is the pytree of arrays
+    `g` is made from (direction weights, noise key): passed explicitly so that an update can order the
+    leaves. `snr`: report `snr_cosine`, the cosine of the halves summed over the leaves.
+    """
+
+    make: Callable
+    operands: Any
+    snr: bool = True
+
+    def tree(self, x) -> tuple[Any, dict]:
+        """`(g, metrics)`: the whole pseudo-gradient (a pytree like `x`) and its `grad_norm` (and
+        `snr_cosine`)."""
+        flat, treedef = jax.tree_util.tree_flatten_with_path(x)
+        outs = [leaf_direction(self.make(self.operands, p, w), lambda w=w: jnp.zeros(jnp.shape(w), jnp.result_type(w)))
+                for p, w in flat]
+        g = [o[0] for o in outs]
+        return treedef.unflatten(g), self.metrics(sum(_sq_norm(v) for v in g), [o[1] for o in outs])
+
+    def metrics(self, grad_sq_norm, dots: list) -> dict:
+        """`grad_norm` from the summed squared norm, `snr_cosine` from the leaves' dots (None ones skipped)."""
+        from gfo.population import halves_cosine
+
+        out = {"grad_norm": jnp.sqrt(grad_sq_norm)}
+        if self.snr:
+            dots = [d for d in dots if d is not None]
+            out["snr_cosine"] = halves_cosine(sum(dots) if dots else None)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafBlocks:
+    """A leaf's pseudo-gradient as `count` blocks of `shape` (the leaf's rank), for a leaf too large to
+    hold a second time: `make(t) -> (corner, g, fresh, dots)` gives block `t`'s start index per axis
+    (int32 scalars), its float32 `g` of `shape`, `fresh` — a bool array broadcastable to `shape` that marks
+    the entries no earlier block covered (blocks may overlap), or None — and its halves' dots over the
+    fresh entries (None when the direction has no halves)."""
+
+    count: int
+    shape: tuple
+    make: Callable
+    halves: bool = False  # the blocks report dots
+
+    def map(self, fn: Callable) -> "LeafBlocks":
+        """The blocks with `fn` (elementwise) applied to every block's `g`."""
+        def make(t):
+            corner, g, fresh, dots = self.make(t)
+            return corner, fn(g), fresh, dots
+
+        return LeafBlocks(self.count, self.shape, make, self.halves)
+
+    def assemble(self, init: jax.Array) -> tuple[jax.Array, Any]:
+        """`(g, dots)`: the blocks written into `init` (the leaf's shape and dtype), their dots summed."""
+        def body(t, carry):
+            g, acc = carry
+            corner, block, _, dots = self.make(t)
+            g = jax.lax.dynamic_update_slice(g, block.astype(g.dtype), corner)
+            return g, acc if dots is None else acc + dots
+
+        g, acc = jax.lax.fori_loop(0, self.count, body, (init, jnp.zeros((3,), jnp.float32)))
+        return g, (acc if self.halves else None)
+
+
+def leaf_direction(made, init: Callable[[], jax.Array]):
+    """`(g, dots)` of one leaf from what a `Direction.make` returned (blocks assembled into `init()`)."""
+    return made.assemble(init()) if isinstance(made, LeafBlocks) else made
+
+
+class DirectionEstimator:
+    """Mixin: an estimator defining `direction(objective, x, batch, key) -> (Direction, metrics)` is
+    also a plain estimator, `__call__ -> (g, metrics)` with `g` the whole tree."""
+
+    def __call__(self, objective, x, batch, key):
+        direction, metrics = self.direction(objective, x, batch, key)
+        g, stats = direction.tree(x)
+        return g, {**metrics, **stats}
+
+
+def _sq_norm(v) -> jax.Array:
+    """`Σ v²` in float32, as a reduction XLA fuses with `v`'s producer (a `vdot` would materialise `v`)."""
+    v = v.astype(jnp.float32)
+    return jnp.sum(v * v)
+
+
+def _after(operands, value):
+    """`operands` unchanged, but made to depend on `value`: an exact zero computed from one element of
+    `value` is added to every leaf (to a PRNG key's data). A data dependency, unlike an optimization
+    barrier, survives XLA's common-subexpression elimination, so it orders the leaves of
+    `leafwise_update`: no noise of leaf `i + 1` is drawn, and no accumulator allocated, before leaf `i`
+    is written."""
+    v = value.reshape(-1)[0].astype(jnp.float32)
+    zero = jnp.where(jnp.isfinite(v), v, 0.0) * 0.0  # 0.0 (or -0.0) whatever `v` is
+
+    def tie(a):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            data = jax.random.key_data(a)
+            return jax.random.wrap_key_data(data + (zero != 0).astype(data.dtype), impl=jax.random.key_impl(a))
+        if jnp.issubdtype(a.dtype, jnp.floating):
+            return a + zero.astype(a.dtype)
+        return a + (zero != 0).astype(a.dtype)
+
+    return jax.tree.map(tie, operands)
+
+
+def _is_like(treedef):
+    return lambda node: node is not None and jax.tree.structure(node) == treedef
+
+
+def leafwise_update(transform: optax.GradientTransformation, direction: Direction, x, opt_state):
+    """`(x_new, opt_state_new, metrics)`: `transform` applied to `direction` one leaf of `x` at a time.
+
+    Leaf `i`'s `g` is made, transformed with leaf `i`'s slice of `opt_state` and added to the leaf before
+    leaf `i + 1`'s `g` is made (a data dependency between them), so only one leaf's `g` lives at a
+    time. `opt_state` keeps `transform.init(x)`'s layout: its parameter-shaped subtrees are split by leaf
+    and its scalars (step counts) shared, so the same state serves the whole-tree update and checkpoints
+    do not change. Equal to `transform.update` on the whole tree for transforms that treat every leaf on
+    its own; a state leaf that is neither parameter-shaped nor a scalar is refused. Metrics:
+    `grad_norm`, `snr_cosine` (when the direction reports it) and `update_norm`.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(x)
+    if treedef.num_leaves <= 1:  # one leaf: the whole-tree update is the leaf's
+        g, metrics = direction.tree(x)
+        updates, opt_state = transform.update(g, opt_state, x)
+        return optax.apply_updates(x, updates), opt_state, {**metrics, "update_norm": optax.tree.norm(updates)}
+    parts, state_def = jax.tree_util.tree_flatten(opt_state, is_leaf=_is_like(treedef))
+    shaped = [_is_like(treedef)(p) for p in parts]
+    for p, is_shaped in zip(parts, shaped):
+        if not is_shaped and jnp.ndim(p) != 0:
+            raise ValueError(f"leafwise update: the transform's state has a leaf of shape {jnp.shape(p)} that is "
+                             f"neither parameter-shaped nor a scalar, so the transform cannot be applied one "
+                             f"parameter leaf at a time; build the optimizer with leafwise=False")
+    by_leaf = [treedef.flatten_up_to(p) if s else None for p, s in zip(parts, shaped)]
+    shared = [p for p, s in zip(parts, shaped) if not s]
+
+    def join(shaped_values, shared_values):
+        it_a, it_b = iter(shaped_values), iter(shared_values)
+        return state_def.unflatten([next(it_a) if s else next(it_b) for s in shaped])
+
+    def split(state):
+        leaves = jax.tree.leaves(state)
+        if len(leaves) != len(parts):
+            raise ValueError(f"leafwise update: the transform's state for one leaf has {len(leaves)} leaves, "
+                             f"expected {len(parts)}; build the optimizer with leafwise=False")
+        return [v for v, s in zip(leaves, shaped) if s], [v for v, s in zip(leaves, shaped) if not s]
+
+    operands, new_leaves, new_shaped = direction.operands, [], []
+    totals, dots = (jnp.float32(0.0), jnp.float32(0.0)), []
+    for i, (path, w) in enumerate(flat):
+        if new_leaves:  # leaf i's g is made only after leaf i-1 is written
+            operands = _after(operands, new_leaves[-1])
+        leaf_state = [b[i] for b in by_leaf if b is not None]
+        made = direction.make(operands, path, w)
+        if isinstance(made, LeafBlocks):
+            w, leaf_state, shared_out, sums, d = _blocked_update(transform, made, w, leaf_state, shared, join, split)
+        else:
+            g, d = made
+            u, state = transform.update(g, join(leaf_state, shared), w)
+            w = optax.apply_updates(w, u)
+            leaf_state, shared_out = split(state)
+            sums = (_sq_norm(g), _sq_norm(u))
+        new_leaves.append(w)
+        new_shaped.append(leaf_state)
+        totals = (totals[0] + sums[0], totals[1] + sums[1])
+        dots.append(d)
+    # every leaf's copy of a shared scalar (a step count) is the same: keep the last leaf's
+    per_part = iter(zip(*new_shaped)) if new_shaped and new_shaped[0] else iter(())
+    new_state = join([treedef.unflatten(list(values)) for values in per_part], shared_out)
+    metrics = {**direction.metrics(totals[0], dots), "update_norm": jnp.sqrt(totals[1])}
+    return treedef.unflatten(new_leaves), new_state, metrics
+
+
+def _blocked_update(transform, blocks: LeafBlocks, w, leaf_state: list, shared: list, join, split):
+    """One leaf updated a block at a time in place (a loop carrying the leaf and its state slices):
+    `(w, leaf_state, shared_out, (Σ g², Σ u²), dots)`. Entries that an earlier (overlapping) block
+    already updated keep that update."""
+
+    def body(t, carry):
+        w, leaf_state, shared_out, g_sq, u_sq, acc = carry
+        corner, g, fresh, dots = blocks.make(t)
+        w_b = jax.lax.dynamic_slice(w, corner, blocks.shape)
+        state_b = [jax.lax.dynamic_slice(v, corner, blocks.shape) for v in leaf_state]
+        g = g.astype(w.dtype)
+        u, new_state = transform.update(g, join(state_b, shared), w_b)
+        new_w_b = optax.apply_updates(w_b, u)
+        new_state_b, shared_out = split(new_state)
+        if fresh is not None:
+            new_w_b = jnp.where(fresh, new_w_b, w_b)
+            new_state_b = [jnp.where(fresh, new, old) for new, old in zip(new_state_b, state_b)]
+            g, u = jnp.where(fresh, g, 0), jnp.where(fresh, u, 0)
+        w = jax.lax.dynamic_update_slice(w, new_w_b, corner)
+        # the state's slices are written after the leaf's (which reads them), so both update in place
+        new_state_b = _after(new_state_b, w)
+        leaf_state = [jax.lax.dynamic_update_slice(v, b, corner) for v, b in zip(leaf_state, new_state_b)]
+        return (w, leaf_state, shared_out, g_sq + _sq_norm(g), u_sq + _sq_norm(u),
+                acc if dots is None else acc + dots)
+
+    zero = jnp.float32(0.0)
+    w, leaf_state, shared_out, g_sq, u_sq, acc = jax.lax.fori_loop(
+        0, blocks.count, body, (w, leaf_state, list(shared), zero, zero, jnp.zeros((3,), jnp.float32)))
+    return w, leaf_state, shared_out, (g_sq, u_sq), (acc if blocks.halves else None)
