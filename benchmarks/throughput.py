@@ -197,11 +197,18 @@ def evaluate_targets(payload: dict) -> list[dict]:
     return out
 
 
+def _update_words(payload: dict) -> str:
+    if payload.get("update") == "leafwise":
+        return "made and applied one leaf (one block of rows) at a time (`Optimizer(..., leafwise=True)`)"
+    return "built as a whole gradient tree, then transformed (before `leafwise`)"
+
+
 def markdown(payload: dict) -> str:
     lines = [f"# The step at real size ({'quick' if payload['quick'] else 'full'} run)", "",
              f"{describe(payload['machine'])} Batch {payload['batch']} × {payload['seq']} tokens per member, "
              f"members in chunks of {payload['chunk']}, noise `{payload['distribution']}` drawn inside the forward, "
-             "state donated. Peak = XLA's compiled memory analysis (arguments + outputs + temporaries − aliases).",
+             f"state donated, the update {_update_words(payload)}. Peak = XLA's compiled memory analysis "
+             "(arguments + outputs + temporaries − aliases).",
              "", "## Targets", "", "| target | measured | status |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {mark(t['met'])} |" for t in payload["targets"]]
     lines += ["", "## Compile time (d_model 256, GPT-2 layout)", "",
@@ -249,7 +256,7 @@ def main(argv=None) -> dict:
     depths = (2, 8) if args.quick else (2, 32)
     repeats = 1 if args.quick else 2
     payload = {"quick": args.quick, "machine": machine(), "batch": batch, "seq": seq, "chunk": chunk,
-               "distribution": args.distribution, "depths": list(depths)}
+               "distribution": args.distribution, "depths": list(depths), "update": "leafwise"}
     payload["compile"] = {} if args.skip_compile else measure_compile(depths, population, chunk, batch, seq,
                                                                       args.distribution)
     payload["rows"] = [measure_model(name, cfg, (population, 4 * population), chunk, batch, seq, repeats,

@@ -2,18 +2,21 @@
 
 The noise-based estimators (SPSA, OpenES, LowRankES) never hold their perturbations: a leaf's
 pseudo-gradient `g = Σ_d w_d ε_d` is regenerated from the directions' weights and the noise key. They
-describe it as a `Direction` — `make(operands, path, leaf) -> (g_leaf, dots)` — and the step either
-builds the whole tree (`Direction.tree`, then any optax transform) or, for an *elementwise* transform,
-runs `leafwise_update`: regenerate leaf `i`'s `g`, apply the transform to that leaf, write it, then go
-on to leaf `i + 1`. The leaves are ordered by a data dependency, so the memory of the update is
-the parameters (donated, updated in place) plus one leaf's float32 `g` — MeZO's in-place update,
-functionally — instead of the parameters plus the whole gradient tree.
+describe it as a `Direction` — `make(operands, path, leaf) -> (g_leaf, dots)`, or `LeafBlocks` (blocks
+of rows of one layer) for a leaf over `models.linear.NOISE_BLOCK_ELEMENTS` — and the step either builds
+the whole tree (`Direction.tree`, then any optax transform) or, for an *elementwise* transform, runs
+`leafwise_update`: regenerate leaf `i`'s `g` (block `b`'s), apply the transform to it, write it into the
+donated parameters, then go on. The leaves are ordered by a data dependency, so the update's memory is
+the parameters (updated in place) plus what one leaf (one block) needs — its `g` and float32 half-sums
+— instead of the parameters plus the whole gradient tree: MeZO's in-place update, functionally.
+(LowRankES's low-rank leaves are made whole; with a sharded population there are no blocks.)
 
-`leafwise_update` is exact for every transform that treats each leaf on its own: `sgd` (with momentum),
-`adam`, `adamw`, `add_decayed_weights`, schedules, … — its state must be made of parameter-shaped
-subtrees (moments) and scalars (step counts), which is checked. A transform that couples leaves
-(`clip_by_global_norm`, a global-norm trust ratio) must not be applied leaf by leaf: `gfo.Optimizer`
-only does so when told (`leafwise=True`; `gfo train`'s transforms all qualify).
+`leafwise_update` is exact for every *elementwise* transform — `sgd` (with momentum), `adam`, `adamw`,
+`add_decayed_weights`, learning-rate schedules, … Its state must be made of subtrees shaped like the
+parameters (moments) and scalars (step counts); any other state is refused with a clear error. A
+transform that reduces over a leaf or over the tree (`clip_by_global_norm`, trust ratios as in LAMB /
+LARS, block RMS clipping) cannot be detected from its state and must not be applied leaf by leaf:
+`gfo.Optimizer` only does so when told (`leafwise=True`; every transform `gfo train` builds qualifies).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class Direction:
         outs = [leaf_direction(self.make(self.operands, p, w), lambda w=w: jnp.zeros(jnp.shape(w), jnp.result_type(w)))
                 for p, w in flat]
         g = [o[0] for o in outs]
-        return treedef.unflatten(g), self.metrics(sum(_sq_norm(v) for v in g), [o[1] for o in outs])
+        return treedef.unflatten(g), self.metrics(sum(sq_norm(v) for v in g), [o[1] for o in outs])
 
     def metrics(self, grad_sq_norm, dots: list) -> dict:
         """`grad_norm` from the summed squared norm, `snr_cosine` from the leaves' dots (None ones skipped)."""
@@ -110,10 +113,17 @@ class DirectionEstimator:
         return g, {**metrics, **stats}
 
 
-def _sq_norm(v) -> jax.Array:
+def sq_norm(v) -> jax.Array:
     """`Σ v²` in float32, as a reduction XLA fuses with `v`'s producer (a `vdot` would materialise `v`)."""
     v = v.astype(jnp.float32)
     return jnp.sum(v * v)
+
+
+def exact_zero(value: jax.Array) -> jax.Array:
+    """A float32 `-0.0` computed from one element of `value` (whatever that element is, NaN and inf
+    included): XLA cannot fold it, so whatever uses it depends on `value`; `y + exact_zero(v) == y`."""
+    v = value[(0,) * jnp.ndim(value)].astype(jnp.float32)
+    return -(jnp.where(jnp.isfinite(v), jnp.abs(v), 0.0) * 0.0)
 
 
 def _after(operands, value):
@@ -122,8 +132,7 @@ def _after(operands, value):
     barrier, survives XLA's common-subexpression elimination, so it orders the leaves of
     `leafwise_update`: no noise of leaf `i + 1` is drawn, and no accumulator allocated, before leaf `i`
     is written."""
-    v = value.reshape(-1)[0].astype(jnp.float32)
-    zero = jnp.where(jnp.isfinite(v), v, 0.0) * 0.0  # 0.0 (or -0.0) whatever `v` is
+    zero = exact_zero(value)
 
     def tie(a):
         if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
@@ -136,8 +145,16 @@ def _after(operands, value):
     return jax.tree.map(tie, operands)
 
 
-def _is_like(treedef):
-    return lambda node: node is not None and jax.tree.structure(node) == treedef
+def _is_like(x, treedef):
+    """Whether a node of an optax state is shaped like `x`: `x`'s tree structure and leaf shapes."""
+    shapes = [jnp.shape(v) for v in jax.tree.leaves(x)]
+
+    def like(node) -> bool:
+        if node is None or jax.tree.structure(node) != treedef:
+            return False
+        return [jnp.shape(v) for v in jax.tree.leaves(node)] == shapes
+
+    return like
 
 
 def leafwise_update(transform: optax.GradientTransformation, direction: Direction, x, opt_state):
@@ -152,12 +169,9 @@ def leafwise_update(transform: optax.GradientTransformation, direction: Directio
     `grad_norm`, `snr_cosine` (when the direction reports it) and `update_norm`.
     """
     flat, treedef = jax.tree_util.tree_flatten_with_path(x)
-    if treedef.num_leaves <= 1:  # one leaf: the whole-tree update is the leaf's
-        g, metrics = direction.tree(x)
-        updates, opt_state = transform.update(g, opt_state, x)
-        return optax.apply_updates(x, updates), opt_state, {**metrics, "update_norm": optax.tree.norm(updates)}
-    parts, state_def = jax.tree_util.tree_flatten(opt_state, is_leaf=_is_like(treedef))
-    shaped = [_is_like(treedef)(p) for p in parts]
+    like_x = _is_like(x, treedef)
+    parts, state_def = jax.tree_util.tree_flatten(opt_state, is_leaf=like_x)
+    shaped = [like_x(p) for p in parts]
     for p, is_shaped in zip(parts, shaped):
         if not is_shaped and jnp.ndim(p) != 0:
             raise ValueError(f"leafwise update: the transform's state has a leaf of shape {jnp.shape(p)} that is "
@@ -191,7 +205,7 @@ def leafwise_update(transform: optax.GradientTransformation, direction: Directio
             u, state = transform.update(g, join(leaf_state, shared), w)
             w = optax.apply_updates(w, u)
             leaf_state, shared_out = split(state)
-            sums = (_sq_norm(g), _sq_norm(u))
+            sums = (sq_norm(g), sq_norm(u))
         new_leaves.append(w)
         new_shaped.append(leaf_state)
         totals = (totals[0] + sums[0], totals[1] + sums[1])
@@ -225,7 +239,7 @@ def _blocked_update(transform, blocks: LeafBlocks, w, leaf_state: list, shared: 
         # the state's slices are written after the leaf's (which reads them), so both update in place
         new_state_b = _after(new_state_b, w)
         leaf_state = [jax.lax.dynamic_update_slice(v, b, corner) for v, b in zip(leaf_state, new_state_b)]
-        return (w, leaf_state, shared_out, g_sq + _sq_norm(g), u_sq + _sq_norm(u),
+        return (w, leaf_state, shared_out, g_sq + sq_norm(g), u_sq + sq_norm(u),
                 acc if dots is None else acc + dots)
 
     zero = jnp.float32(0.0)

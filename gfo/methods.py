@@ -58,8 +58,8 @@ class Method:
 
 
 def transform(section):
-    """The optax transformation of an estimator method's section. Every one of them treats each parameter
-    leaf on its own, so the estimators' updates may run leaf by leaf (`gfo.direction.leafwise_update`)."""
+    """The optax transformation of an estimator method's section. Every one of them is elementwise, so the
+    noise estimators' updates may run leaf by leaf (`gfo.direction.leafwise_update`)."""
     import optax
 
     from gfo.config import ConfigError
@@ -82,7 +82,7 @@ def _estimator(name: str, kwargs: Callable[[Any, Context], dict]):
         from gfo.optimizer import Optimizer
 
         estimator = ESTIMATORS[name](**{**kwargs(s, ctx), **s.options})
-        return Optimizer(estimator, transform(s), leafwise=True)  # every `transform` treats leaves on their own
+        return Optimizer(estimator, transform(s), leafwise=True)  # every `transform` is elementwise
 
     return make
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from gfo.direction import leafwise_update
+from gfo.direction import leafwise_update, sq_norm
 from gfo.jitting import filter_jit
 from gfo.objectives import objective_kind_of
 from gfo.protocol import fresh, parameter_sharding
@@ -46,12 +46,13 @@ class OptState:
 class Optimizer:
     """`estimator` (a pseudo-gradient of the loss) followed by an optax `transform`.
 
-    `leafwise=True` promises that `transform` treats every parameter leaf on its own (sgd, momentum,
-    adam, adamw, weight decay, schedules — not global-norm clipping): the noise-based estimators (those
+    `leafwise=True` promises that `transform` is elementwise (sgd, momentum, adam, adamw, weight decay,
+    schedules — not global-norm clipping nor trust ratios): the noise-based estimators (those
     with a `direction` method: SPSA, OpenES, LowRankES) then regenerate, transform and apply their
-    pseudo-gradient one leaf at a time (`gfo.direction.leafwise_update`), so the update needs one leaf's
-    gradient beyond the parameters instead of a whole gradient tree. The result equals the whole-tree
-    update; the optax state's layout is the same either way. `gfo train` and `gfo.minimize` set it.
+    pseudo-gradient one leaf — one block of rows of a large leaf — at a time
+    (`gfo.direction.leafwise_update`), so the update needs one block's gradient beyond the parameters
+    instead of a whole gradient tree. The result equals the whole-tree update; the optax state's layout
+    is the same either way. `gfo train` and `gfo.minimize` set it.
     """
 
     def __init__(self, estimator, transform: optax.GradientTransformation, leafwise: bool = False):
@@ -77,7 +78,7 @@ class Optimizer:
     def step(self, state: OptState, objective: Callable, batch, key: jax.Array):
         """One estimate + update; `state` is donated (use the returned state only)."""
         est_state = state.est_state
-        if self.leafwise and hasattr(self.estimator, "direction"):
+        if self.leafwise and hasattr(self.estimator, "direction") and not hasattr(self.estimator, "init"):
             direction, metrics = self.estimator.direction(objective, state.x, batch, key)
             x, opt_state, stats = leafwise_update(self.transform, direction, state.x, state.opt_state)
             return (OptState(x=x, opt_state=opt_state, step=state.step + 1, est_state=est_state),
@@ -88,7 +89,7 @@ class Optimizer:
             grad, metrics = self.estimator(objective, state.x, batch, key)
         updates, opt_state = self.transform.update(grad, state.opt_state, state.x)
         x = optax.apply_updates(state.x, updates)
-        metrics = {**metrics, "update_norm": optax.tree.norm(updates)}
+        metrics = {**metrics, "update_norm": jnp.sqrt(sum(sq_norm(u) for u in jax.tree.leaves(updates)))}
         return OptState(x=x, opt_state=opt_state, step=state.step + 1, est_state=est_state), metrics
 
     def solution(self, state: OptState):

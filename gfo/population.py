@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from gfo import shaping
-from gfo.noise import check_noise_map, cosine
+from gfo.noise import check_noise_map
 
 
 def _sub_sharding(pop_sharding, spec):
@@ -35,7 +35,9 @@ def zeros_after(weights: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     """Zeros of `shape` that depend on `weights`: an accumulator XLA cannot allocate before its inputs
     exist. A constant-initialised loop carry is otherwise hoisted to the start of the step, and every
     leaf's accumulator would be live at once — defeating a leaf-by-leaf update (`gfo.direction`)."""
-    return jnp.broadcast_to(jnp.zeros((), dtype) * weights.reshape(-1)[0].astype(dtype), shape)
+    from gfo.direction import exact_zero
+
+    return jnp.broadcast_to(jnp.abs(exact_zero(weights)).astype(dtype), shape)
 
 
 def map_members(fn: Callable[[jax.Array], jax.Array], n: int, batch_size: int | None = None,
@@ -218,8 +220,9 @@ def leaf_noise_direction(weights: jax.Array, direction_key: Callable[[jax.Array]
         first, second = _direction_sums(weights, noise_of, block_shape)
         total = first if second is None else first + second
         fresh = None if rows is None else (ids >= b * per).reshape((per,) + (1,) * (len(block_shape) - 1))
-        dots = None if second is None else halves_dots(first, second, fresh)
-        return corner, total.reshape(lead + block_shape), (None if fresh is None else fresh.reshape(lead + fresh.shape)), dots
+        dots = None if second is None else halves_dots(first, second, fresh)  # rows of an earlier block skipped
+        fresh = None if fresh is None else fresh.reshape(lead + fresh.shape)
+        return corner, total.reshape(lead + block_shape), fresh, dots
 
     return LeafBlocks((n_layers or 1) * n_blocks, lead + block_shape, block, halves=n > 1)
 

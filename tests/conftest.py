@@ -9,11 +9,15 @@ import os
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-# `gfo train` turns on JAX's persistent compilation cache: tests keep it in a temporary directory.
-if "GFO_CACHE_DIR" not in os.environ:
+# `gfo train` turns on JAX's persistent compilation cache: tests keep it in a temporary directory, one per
+# pytest-xdist worker (the workers inherit the controller's environment; two processes writing one entry
+# of a shared cache at once is a race we do not need).
+if "GFO_CACHE_DIR" not in os.environ or os.environ["GFO_CACHE_DIR"] == os.environ.get("GFO_TEST_CACHE_DIR"):
     import tempfile
 
-    os.environ["GFO_CACHE_DIR"] = tempfile.mkdtemp(prefix="gfo-test-cache-")
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    cache = tempfile.mkdtemp(prefix=f"gfo-test-cache-{worker}-")
+    os.environ["GFO_CACHE_DIR"] = os.environ["GFO_TEST_CACHE_DIR"] = cache
 
 import jax  # noqa: E402
 import pytest

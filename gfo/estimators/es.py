@@ -19,8 +19,9 @@ With `factored` (set by `gfo.build` for spaces that pass leaves through) a membe
 model as `models.linear.NoisyLeaf` leaves and the noise is drawn inside the forward, one (stacked) layer at
 a time; an antithetic pair draws its direction once. The update regenerates `ε_p` direction by direction
 into a float32 accumulator, leaf by leaf (a block of rows of a large leaf at a time), and is handed to the
-step as a `gfo.direction.Direction`, which a leafwise step applies before making the next leaf's. Diagnostics: `snr_cosine`, the cosine between the estimates of
-the two halves of the directions, and the fitness spread (`loss_std`, `loss_range`).
+step as a `gfo.direction.Direction`, which a leafwise step applies before making the next leaf's.
+Diagnostics: `snr_cosine`, the cosine between the estimates of the two halves of the directions, and
+the fitness spread (`loss_std`, `loss_range`).
 """
 
 from __future__ import annotations
@@ -65,9 +66,9 @@ class OpenES(DirectionEstimator, PopulationConfig):
 
         _, shaped, metrics = self.evaluate(member_loss)
         weights = self.direction_weights(shaped) / (self.population * self.sigma)
-        return Direction(self._leaf_update, (weights, noise_key)), metrics
+        return Direction(self._leaf_direction, (weights, noise_key)), metrics
 
-    def _leaf_update(self, operands, path, w):
+    def _leaf_direction(self, operands, path, w):
         """One leaf's `(Σ_p w_p ε_p, halves' dots)` — `LeafBlocks` for a large leaf — zero where frozen
         (`gfo.population.leaf_noise_direction`)."""
         weights, noise_key = operands

@@ -91,9 +91,9 @@ class LowRankES(DirectionEstimator, PopulationConfig):
 
         _, shaped, metrics = self.evaluate(member_loss)
         weights = self.direction_weights(shaped) / (self.population * self.sigma)
-        return Direction(self._leaf_update, (weights, noise_key)), metrics
+        return Direction(self._leaf_direction, (weights, noise_key)), metrics
 
-    def _leaf_update(self, operands, path, w):
+    def _leaf_direction(self, operands, path, w):
         """One leaf's `(g, halves' dots)`: a matrix's `Σ_p w_p A_p B_pᵀ / √r` over each half of the
         directions, one contraction over (direction, rank) per chunk of directions, so the memory beyond
         `g` is the leaf's two float32 half-sums and the chunk's factors, whatever the population (with
@@ -105,7 +105,7 @@ class LowRankES(DirectionEstimator, PopulationConfig):
             return jnp.zeros(jnp.shape(w), jnp.result_type(w)), None
         if kind == "full":
             return leaf_noise_direction(weights, lambda d: member_key(noise_key, d), path, w, "gaussian", None,
-                                  self.batch_size, self.pop_sharding)
+                                        self.batch_size, self.pop_sharding)
         factors = lambda d: lowrank_factors(member_key(noise_key, d), path, w.shape, self.rank)  # noqa: E731
         if self.pop_sharding is None:
             # as many directions per contraction as keep their factors under NOISE_BLOCK_ELEMENTS (at least
