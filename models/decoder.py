@@ -164,7 +164,7 @@ class TransformerLM:
         self.config = config
         self.module = Decoder(config)
         self._apply = jax.jit(self.module.apply, static_argnames=("last_only", "hidden_only"))
-        self._token_logprobs = jax.jit(self._blocked_logprobs, static_argnames=("block",))
+        self._token_logprobs = jax.jit(self._blocked_logprobs, static_argnames=("block", "last"))
 
     def __repr__(self) -> str:
         return f"TransformerLM({self.config})"
@@ -197,23 +197,30 @@ class TransformerLM:
         return logits
 
     def token_logprobs(self, params, tokens: jax.Array, targets: jax.Array, attention_mask: jax.Array | None = None,
-                       prompt: jax.Array | None = None, block: int | None = None) -> jax.Array:
+                       prompt: jax.Array | None = None, block: int | None = None, last: int | None = None) -> jax.Array:
         """`log p(targets[b, t] | tokens[b, :t + 1])`: float32 `[B, T]`, equal to `log_softmax(apply(...))`
         at `targets`, without the `[B, T, vocab]` logits: the head is applied `block` vocabulary columns at a
         time (`models.head.token_logprobs`, default `models.head.VOCAB_BLOCK`). A next-token loss is
-        `-model.token_logprobs(params, seq[:, :-1], seq[:, 1:]).mean()`."""
+        `-model.token_logprobs(params, seq[:, :-1], seq[:, 1:]).mean()`. With `last`, only the last `last`
+        positions go through the head: `targets` is `[B, last]` and so is the result (a completion's
+        log-probabilities after a prompt)."""
         params, prompt = _split_soft_prompt(params, prompt)
         params = check_layout(params, self.config.n_layers)
-        if jnp.shape(targets) != jnp.shape(tokens):
-            raise ValueError(f"token_logprobs: targets {jnp.shape(targets)} must have the shape of tokens "
-                             f"{jnp.shape(tokens)} (one target per position)")
-        return self._token_logprobs(params, tokens, targets, attention_mask, prompt, block=block)
+        expected = jnp.shape(tokens) if last is None else (jnp.shape(tokens)[0], last)
+        if last is not None and not 1 <= last <= jnp.shape(tokens)[1]:
+            raise ValueError(f"token_logprobs: last={last} must be in [1, {jnp.shape(tokens)[1]}] (the tokens' length)")
+        if jnp.shape(targets) != expected:
+            raise ValueError(f"token_logprobs: targets {jnp.shape(targets)} must have shape {expected} (one target "
+                             f"per {'position' if last is None else 'one of the last positions'})")
+        return self._token_logprobs(params, tokens, targets, attention_mask, prompt, block=block, last=last)
 
-    def _blocked_logprobs(self, params, tokens, targets, attention_mask, prompt, block):
+    def _blocked_logprobs(self, params, tokens, targets, attention_mask, prompt, block, last):
         from models.head import token_logprobs
 
         cfg = self.config
         hidden, _ = self.module.apply({"params": params}, tokens, attention_mask, None, prompt, hidden_only=True)
+        if last is not None:
+            hidden = hidden[:, -last:]
         head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
         return token_logprobs(hidden, head, targets, cfg.compute_dtype, cfg.final_logit_softcap, block,
                               tied=cfg.tie_embeddings)

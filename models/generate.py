@@ -91,9 +91,12 @@ def completion_logprobs(model: TransformerLM, params, prompt_ids: jax.Array, pro
     `prompt_ids/prompt_mask: [B, P]` left-padded, `completion/completion_mask: [B, N]` right-padded;
     entries where `completion_mask` is 0 are 0.
     """
-    P = prompt_ids.shape[1]
+    P, N = prompt_ids.shape[1], completion.shape[1]
     seq = jnp.concatenate([prompt_ids, completion], axis=1)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
+    if hasattr(model, "token_logprobs"):  # only the completion's positions through the head, a vocabulary block at a time
+        logp = model.token_logprobs(params, seq[:, :-1], completion, mask[:, :-1], last=N)
+        return logp * completion_mask.astype(logp.dtype)
     logits = model.apply(params, seq[:, :-1], mask[:, :-1])[:, P - 1:]
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), completion[..., None], axis=-1)[..., 0]
     return logp * completion_mask.astype(logp.dtype)

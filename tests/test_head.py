@@ -71,5 +71,27 @@ def test_descriptor_heads_and_the_gradient(batch):
 def test_targets_of_another_shape_are_refused(batch):
     model = models.TransformerLM(models.tiny("gpt2", d_model=16, n_layers=1, n_heads=2, vocab_size=VOCAB))
     tokens, targets = batch
-    with pytest.raises(ValueError, match=r"targets \(2, 6\) must have the shape of tokens \(2, 7\)"):
-        model.token_logprobs(model.init(jax.random.key(0)), tokens, targets[:, 1:])
+    params = model.init(jax.random.key(0))
+    with pytest.raises(ValueError, match=r"targets \(2, 6\) must have shape \(2, 7\)"):
+        model.token_logprobs(params, tokens, targets[:, 1:])
+    with pytest.raises(ValueError, match=r"targets \(2, 7\) must have shape \(2, 3\)"):
+        model.token_logprobs(params, tokens, targets, last=3)
+    with pytest.raises(ValueError, match=r"last=8 must be in \[1, 7\]"):
+        model.token_logprobs(params, tokens, targets, last=8)
+
+
+def test_completion_logprobs_put_only_the_completion_through_the_head():
+    """A left-padded prompt and a right-padded completion: the blocked head over the last positions
+    gives the log-softmax of the full logits at the completion's tokens (0 where masked)."""
+    model = models.TransformerLM(models.tiny("llama", d_model=16, n_layers=1, n_heads=2, vocab_size=VOCAB))
+    params = model.init(jax.random.key(0))
+    prompt = jax.random.randint(jax.random.key(2), (2, 5), 0, VOCAB)
+    prompt_mask = jnp.array([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    completion = jax.random.randint(jax.random.key(3), (2, 3), 0, VOCAB)
+    completion_mask = jnp.array([[1, 1, 0], [1, 1, 1]])
+    got = models.completion_logprobs(model, params, prompt, prompt_mask, completion, completion_mask)
+    seq, mask = jnp.concatenate([prompt, completion], 1), jnp.concatenate([prompt_mask, completion_mask], 1)
+    logits = model.apply(params, seq[:, :-1], mask[:, :-1])[:, 4:]
+    want = jnp.take_along_axis(jax.nn.log_softmax(logits), completion[..., None], -1)[..., 0] * completion_mask
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert float(got[0, 2]) == 0.0 and float(jnp.min(got[1])) < -1.0  # masked entry, real log-probabilities
