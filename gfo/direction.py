@@ -49,8 +49,7 @@ class Direction:
         """`(g, metrics)`: the whole pseudo-gradient (a pytree like `x`) and its `grad_norm` (and
         `snr_cosine`)."""
         flat, treedef = jax.tree_util.tree_flatten_with_path(x)
-        outs = [leaf_direction(self.make(self.operands, p, w), lambda w=w: jnp.zeros(jnp.shape(w), jnp.result_type(w)))
-                for p, w in flat]
+        outs = [leaf_direction(self.make(self.operands, p, w), lambda w=w: jnp.zeros_like(w)) for p, w in flat]
         g = [o[0] for o in outs]
         return treedef.unflatten(g), self.metrics(sum(sq_norm(v) for v in g), [o[1] for o in outs])
 
@@ -114,7 +113,7 @@ class DirectionEstimator:
 
 
 def sq_norm(v) -> jax.Array:
-    """`Σ v²` in float32, as a reduction XLA fuses with `v`'s producer (a `vdot` would materialise `v`)."""
+    """`Σ v²`, accumulated in float32 whatever `v`'s dtype."""
     v = v.astype(jnp.float32)
     return jnp.sum(v * v)
 

@@ -94,7 +94,7 @@ def completion_logprobs(model: TransformerLM, params, prompt_ids: jax.Array, pro
     P, N = prompt_ids.shape[1], completion.shape[1]
     seq = jnp.concatenate([prompt_ids, completion], axis=1)
     mask = jnp.concatenate([prompt_mask, completion_mask], axis=1)
-    if hasattr(model, "token_logprobs"):  # only the completion's positions through the head, a vocabulary block at a time
+    if hasattr(model, "token_logprobs"):  # the completion's positions alone through the head, blocked
         logp = model.token_logprobs(params, seq[:, :-1], completion, mask[:, :-1], last=N)
         return logp * completion_mask.astype(logp.dtype)
     logits = model.apply(params, seq[:, :-1], mask[:, :-1])[:, P - 1:]
