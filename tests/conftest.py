@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 
 # Eight fake CPU devices for the whole session (read when the backend starts, before any test runs):
@@ -11,7 +10,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 # `gfo train` turns on JAX's persistent compilation cache for the rest of its process, after which every
-# compile of a pytest worker would serialise its executable to disk. The tests keep it off
+# compile of a pytest worker serialises its executable to disk (twice a worker crashed inside that write,
+# `compilation_cache.put_executable_and_time`, late in a full run). The tests keep it off
 # (`GFO_COMPILATION_CACHE=0`); `tests/test_protocol.py` checks the cache in a subprocess of its own. Any
 # cache directory they do use is a temporary one per pytest-xdist worker.
 os.environ.setdefault("GFO_COMPILATION_CACHE", "0")
@@ -26,16 +26,6 @@ import jax  # noqa: E402
 import pytest
 
 import models  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-    """After each test module, drop JAX's compiled programs and traces: a pytest worker otherwise keeps every
-    executable it ever compiled (a worker's memory grew past 2 GB in the fast tier alone; in two runs of the
-    whole suite a worker crashed inside XLA near the end, which memory would explain)."""
-    yield
-    jax.clear_caches()
-    gc.collect()
 
 
 # Tests over ~5 s on a loaded 2-core machine (measured with --durations), marked `slow` here for the
