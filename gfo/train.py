@@ -504,6 +504,7 @@ def train(cfg: RunConfig, on_eval=None) -> dict:
     """
     mesh = build_mesh(cfg)
     stepplan.enable_compilation_cache()
+    stepplan.release_compiled_programs()  # many runs in one process (a sweep) stay under the kernel's map limit
     run_dir = os.path.join(cfg.runs_dir, cfg.name)
     resolved = to_dict(cfg)
     _check_resumable(run_dir, cfg, resolved)
