@@ -29,6 +29,22 @@ import jax.numpy as jnp
 import optax
 
 
+def halves_dots(first, second, fresh=None) -> jax.Array:
+    """`[first·second, first·first, second·second]` (over the rows where `fresh`, when given)."""
+    if fresh is not None:
+        first = jnp.where(fresh, first, 0.0)
+    return jnp.stack([jnp.vdot(first, second), jnp.vdot(first, first),
+                      jnp.vdot(second, second) if fresh is None else jnp.vdot(jnp.where(fresh, second, 0.0), second)])
+
+
+def halves_cosine(dots) -> jax.Array:
+    """The cosine of `[first·second, first·first, second·second]` summed over leaves (NaN for None)."""
+    if dots is None:
+        return jnp.float32(jnp.nan)
+    ab, aa, bb = dots
+    return ab / jnp.maximum(jnp.sqrt(aa) * jnp.sqrt(bb), 1e-30)
+
+
 @dataclasses.dataclass(frozen=True)
 class Direction:
     """A pseudo-gradient tree described leaf by leaf.
@@ -55,8 +71,6 @@ class Direction:
 
     def metrics(self, grad_sq_norm, dots: list) -> dict:
         """`grad_norm` from the summed squared norm, `snr_cosine` from the leaves' dots (None ones skipped)."""
-        from gfo.population import halves_cosine
-
         out = {"grad_norm": jnp.sqrt(grad_sq_norm)}
         if self.snr:
             dots = [d for d in dots if d is not None]

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from gfo import shaping
-from gfo.noise import check_noise_map
+from gfo.direction import LeafBlocks, exact_zero, halves_cosine, halves_dots, leaf_direction
+from gfo.noise import check_noise_map, leaf_noise, leaf_noise_rows, noise_blocks
 
 
 def _sub_sharding(pop_sharding, spec):
@@ -35,8 +36,6 @@ def zeros_after(weights: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     """Zeros of `shape` that depend on `weights`: an accumulator XLA cannot allocate before its inputs
     exist. A constant-initialised loop carry is otherwise hoisted to the start of the step, and every
     leaf's accumulator would be live at once — defeating a leaf-by-leaf update (`gfo.direction`)."""
-    from gfo.direction import exact_zero
-
     return jnp.broadcast_to(jnp.abs(exact_zero(weights)).astype(dtype), shape)
 
 
@@ -139,14 +138,6 @@ def _direction_sums(weights: jax.Array, noise_of: Callable[[jax.Array], jax.Arra
     return jax.lax.fori_loop(0, h, body, (zeros_after(weights, shape), last))
 
 
-def halves_dots(first, second, fresh=None) -> jax.Array:
-    """`[first·second, first·first, second·second]` (over the rows where `fresh`, when given)."""
-    if fresh is not None:
-        first = jnp.where(fresh, first, 0.0)
-    return jnp.stack([jnp.vdot(first, second), jnp.vdot(first, first),
-                      jnp.vdot(second, second) if fresh is None else jnp.vdot(jnp.where(fresh, second, 0.0), second)])
-
-
 def leaf_noise_sum(weights: jax.Array, direction_key: Callable[[jax.Array], jax.Array], path, w,
                    distribution: str = "gaussian", mask=None, batch_size: int | None = None, pop_sharding=None,
                    block_elements: int | None = None):
@@ -155,8 +146,6 @@ def leaf_noise_sum(weights: jax.Array, direction_key: Callable[[jax.Array], jax.
     `dots` the `[first·second, first·first, second·second]` of the sums over the first ⌊D/2⌋ and the
     remaining directions (None for one direction). A large leaf is made a block at a time
     (`leaf_noise_direction`) and written into `g`."""
-    from gfo.direction import leaf_direction
-
     made = leaf_noise_direction(weights, direction_key, path, w, distribution, mask, batch_size, pop_sharding,
                                 block_elements)
     return leaf_direction(made, lambda: zeros_after(weights, jnp.shape(w), jnp.result_type(w)))
@@ -175,9 +164,6 @@ def leaf_noise_direction(weights: jax.Array, direction_key: Callable[[jax.Array]
     to the leaf as it is made). With `pop_sharding` the directions are split over the devices instead
     (`noise_sum`), the leaf whole.
     """
-    from gfo.direction import LeafBlocks
-    from gfo.noise import leaf_noise, leaf_noise_rows, noise_blocks
-
     n = weights.shape[0]
     h = n // 2
     weights = weights.astype(jnp.float32)
@@ -225,14 +211,6 @@ def leaf_noise_direction(weights: jax.Array, direction_key: Callable[[jax.Array]
         return corner, total.reshape(lead + block_shape), fresh, dots
 
     return LeafBlocks((n_layers or 1) * n_blocks, lead + block_shape, block, halves=n > 1)
-
-
-def halves_cosine(dots) -> jax.Array:
-    """The cosine of `[first·second, first·first, second·second]` summed over leaves (NaN for None)."""
-    if dots is None:
-        return jnp.float32(jnp.nan)
-    ab, aa, bb = dots
-    return ab / jnp.maximum(jnp.sqrt(aa) * jnp.sqrt(bb), 1e-30)
 
 
 def noise_update(weights: jax.Array, direction_key: Callable[[jax.Array], jax.Array], x,

@@ -24,9 +24,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from gfo.direction import Direction, DirectionEstimator
+from gfo.direction import Direction, DirectionEstimator, halves_dots
 from gfo.noise import leaf_kind, leaf_noise, leaf_noise_keys, matrix_ndim, member_key, perturbed_leaf, sample
-from gfo.population import PopulationConfig, chunked_contraction, halves_dots, leaf_noise_direction, zeros_after
+from gfo.population import PopulationConfig, chunked_contraction, leaf_noise_direction, zeros_after
 from models.linear import LowRankKernel, noise_block_elements
 
 # EGGROLL's defaults (HyperscaleES): matrices low-rank; embeddings, norms, biases and other vectors frozen.
