@@ -461,12 +461,10 @@ def _check_resumable(run_dir: str, cfg: RunConfig, resolved: dict) -> None:
 
 
 def _build_model(cfg: RunConfig):
-    """`build.build_model`, with a checkpoint's unreadable files named (json's errors name no file)."""
+    """`build.build_model`, with a checkpoint that cannot be read named (its JSON files name themselves:
+    `models.jsonfile.read_json_object`)."""
     try:
         return build.build_model(cfg.model, stream(cfg.seed, "run", "model"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"model.path={cfg.model.path!r}: a JSON file of the checkpoint (config.json) is not "
-                          f"valid JSON: {e}") from None
     except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
         raise ConfigError(f"model.path={cfg.model.path!r}: cannot read the checkpoint: {e}") from None
 

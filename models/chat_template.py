@@ -17,6 +17,8 @@ import functools
 import json
 from typing import Mapping, Sequence
 
+from models.jsonfile import read_json_object
+
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
@@ -93,14 +95,13 @@ def read_template(value: str) -> str:
     import os
 
     if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            text = f.read()
         if value.endswith(".json"):
-            template = json.loads(text).get("chat_template")
+            template = read_json_object(value, ChatTemplateError).get("chat_template")
             if not isinstance(template, str):
                 raise ChatTemplateError(f"{value}: no string 'chat_template' in this JSON file")
             return template
-        return text
+        with open(value, encoding="utf-8") as f:
+            return f.read()
     if "{%" in value or "{{" in value:
         return value
     raise ChatTemplateError(f"chat_template={value!r}: expected 'auto', 'none', a path to a .jinja/"

@@ -25,6 +25,7 @@ import numpy as np
 from models.config import ModelConfig
 from models.decoder import TransformerLM
 from models.hf_config import SUPPORTED_MODEL_TYPES, CheckpointError, config_from_hf, config_to_hf  # noqa: F401
+from models.jsonfile import read_json_object
 from models.tree import LAYERS, get_path, set_path
 
 # ----------------------------------------------------------------------------- tensor mapping
@@ -136,8 +137,7 @@ def _read_tensors(path: str) -> Callable[[str], jax.Array | None]:
         files = {None: single}
         where: dict[str, str | None] | None = None
     elif os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        weight_map = read_json_object(index, CheckpointError).get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: expected a 'weight_map' object mapping tensor names to files")
         files = {name: os.path.join(path, name) for name in set(weight_map.values())}
@@ -183,8 +183,7 @@ def from_pretrained(path: str, dtype: str = "float32") -> tuple[TransformerLM, d
     if not os.path.isfile(config_file):
         raise CheckpointError(f"no config.json in {path!r}: expected a Hugging Face checkpoint directory "
                               "(or a .gguf file)")
-    with open(config_file) as f:
-        cfg = config_from_hf(json.load(f), dtype=dtype)
+    cfg = config_from_hf(read_json_object(config_file, CheckpointError), dtype=dtype)
     model = TransformerLM(cfg)
     return model, params_from_tensors(model, _read_tensors(path), path)
 

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from models.jsonfile import read_json_object
+
 
 class TokenizerError(ValueError):
     """Tokenizer files that are missing, malformed, or do not fit the model."""
@@ -191,14 +193,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _read_json(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(value, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return read_json_object(path, TokenizerError)
 
 
 def load_tokenizer(path: str | None = None):

@@ -126,6 +126,21 @@ def test_missing_directory_contents_are_clear_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(dict(HF_CONFIGS["gpt2"])))
     with pytest.raises(models.CheckpointError, match="no model.safetensors"):
         models.from_pretrained(str(tmp_path))
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "b",}}')  # a trailing comma
+    with pytest.raises(models.CheckpointError, match=r"model\.safetensors\.index\.json: not valid JSON \(.* at line "
+                                                     r"1, column 26\)"):
+        models.from_pretrained(str(tmp_path))
+    index.write_text('["model.safetensors"]')
+    with pytest.raises(models.CheckpointError, match=r"index\.json: expected a JSON object, got list"):
+        models.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"\n "n_layer": 2}')  # a missing comma
+    with pytest.raises(models.CheckpointError, match=r"config\.json: not valid JSON \(Expecting ',' delimiter at "
+                                                     r"line 2, column 2\)"):
+        models.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(models.CheckpointError, match=r"config\.json: not UTF-8 text"):
+        models.from_pretrained(str(tmp_path))
 
 
 def test_original_gpt2_names_without_transformer_prefix(tmp_path):

@@ -151,7 +151,7 @@ def test_user_errors_are_one_line_naming_the_value(tmp_path, capsys):
         (str(tmp_path / "list.yaml"),): "holds a list at its top level: expected a mapping",
         (str(tmp_path / "scalar.yaml"),): "holds an integer at its top level",
         (str(tmp_path),): "is a directory: expected a YAML file",
-        (str(tmp_path / "ckpt.yaml"),): "garbage_ckpt': a JSON file of the checkpoint (config.json) is not valid JSON",
+        (str(tmp_path / "ckpt.yaml"),): "garbage_ckpt/config.json: not valid JSON (Expecting property name enclosed in double quotes at line 1, column 2)",
         (str(tmp_path / "gpt3.yaml"),): "model_type='gpt3' is not supported",
         (str(tmp_path / "nowhere.yaml"),): "no config.json in '/nonexistent'",
         ("--set", "task.batch_size=-3"): "'task.batch_size' = -3 is invalid: expected an integer >= 1",
