@@ -13,14 +13,13 @@ Adam), "ga", and every evosax algorithm by name ("cma_es", "sep_cma_es", "snes",
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gfo import methods
+from gfo import methods, stepplan
 from gfo.jitting import filter_jit
 from gfo.protocol import best_solution
 
@@ -76,6 +75,7 @@ def minimize(fun: Callable[[Any], jax.Array], x0, method: str = "cma_es", steps:
     key = jax.random.key(0) if key is None else key
     x0 = jax.tree.map(jnp.asarray, x0)
     opt = make_optimizer(method, x0, **options)
+    stepplan.release_compiled_programs()  # every call compiles a new run: a loop of calls stays under the map limit
     k_init, k_run = jax.random.split(key)
     state = opt.init(k_init, x0)
     best_x, best_f, history, nfev = _run(opt, _Objective(fun), state, x0, jax.random.split(k_run, steps))
