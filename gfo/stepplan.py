@@ -9,12 +9,13 @@
 - `enable_compilation_cache`: JAX's persistent compilation cache under `$GFO_CACHE_DIR/jax`
   (default `~/.cache/gfo/jax`); `GFO_COMPILATION_CACHE=0` turns it off.
 - `release_compiled_programs`: drops JAX's in-memory compiled programs when the process's memory maps
-  near the kernel's limit (each CPU executable holds ~10 maps per kernel group, a `gfo train` step ~2000
-  on CPU; past `vm.max_map_count`, 65530 by default, the next compile segfaults).
+  near the kernel's limit (on CPU a small executable holds ~10 maps, a `gfo train` run's step and
+  evaluations ~2000; past `vm.max_map_count`, 65530 by default, the next compile segfaults).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 
 import jax
@@ -129,8 +130,6 @@ def release_compiled_programs(fraction: float = 0.5, note=print) -> bool:
     maps = memory_maps()
     if maps is None or maps[0] <= fraction * maps[1]:
         return False
-    import gc
-
     jax.clear_caches()
     gc.collect()
     after = memory_maps()
