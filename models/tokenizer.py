@@ -192,10 +192,6 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _read_json(path: str) -> dict:
-    return read_json_object(path, TokenizerError)
-
-
 def load_tokenizer(path: str | None = None):
     """The tokenizer of a checkpoint: a directory with `tokenizer.json`, a `.gguf` file (or a directory
     holding one), a `tokenizer.json` file itself; `None` gives the byte tokenizer.
@@ -223,7 +219,7 @@ def load_tokenizer(path: str | None = None):
     config: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if os.path.isfile(os.path.join(path, name)):
-            config.update(_read_json(os.path.join(path, name)))
+            config.update(read_json_object(os.path.join(path, name), TokenizerError))
     jinja = os.path.join(path, "chat_template.jinja")
     if config.get("chat_template") is None and os.path.isfile(jinja):
         with open(jinja, encoding="utf-8") as f:
@@ -232,7 +228,7 @@ def load_tokenizer(path: str | None = None):
     eos_ids: list[int] = []
     for name in ("generation_config.json", "config.json"):
         if os.path.isfile(os.path.join(path, name)):
-            cfg = _read_json(os.path.join(path, name))
+            cfg = read_json_object(os.path.join(path, name), TokenizerError)
             for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
                 value = cfg.get(key)
                 values = value if isinstance(value, list) else [value]
