@@ -6,7 +6,9 @@
 Full-rank ES and SPSA draw one noise tree per direction to evaluate it and once more to update; at short
 sequences that is most of their step. This measures, on this backend, the time of drawing one noise tree
 shaped like the model's parameters (leaf by leaf, each leaf from its own key, as `gfo.noise` does) with:
-- `threefry gaussian`: `jax.random.normal` on the default threefry keys (gfo's `gaussian`);
+- `hashed gaussian`: gfo's `gaussian` — each row's key expanded by a counter hash
+  (`models.linear.hashed_bits`), through the inverse normal CDF;
+- `threefry gaussian`: `jax.random.normal` on the default threefry keys (gfo's `gaussian_threefry`);
 - `threefry rademacher (packed)`: 32 signs unpacked from each random word (gfo's `rademacher`);
 - `threefry rademacher (jax)`: `jax.random.rademacher`, one word per sign;
 - `rbg gaussian`, `unsafe_rbg gaussian`: the same normal draw on XLA's RngBitGenerator keys;
@@ -51,7 +53,8 @@ def _drawers(table):
         return jax.lax.dynamic_slice(table, (offset,), (n,)).reshape(shape)
 
     return {
-        "threefry gaussian": lambda k, shape: standard_noise(k, shape, "gaussian"),
+        "hashed gaussian": lambda k, shape: standard_noise(k, shape, "gaussian"),
+        "threefry gaussian": lambda k, shape: standard_noise(k, shape, "gaussian_threefry"),
         "threefry rademacher (packed)": lambda k, shape: standard_noise(k, shape, "rademacher"),
         "threefry rademacher (jax)": lambda k, shape: jax.random.rademacher(k, shape, jnp.float32),
         "rbg gaussian": rekey("rbg"),
@@ -94,13 +97,12 @@ def markdown(payload: dict) -> str:
              "| noise | one tree (ms) | × forward pass |", "|---|---|---|"]
     lines += [f"| {name} | {v['seconds'] * 1e3:.1f} | {v['forward_passes']:.2f} |" for name, v in r["draws"].items()]
     d = r["draws"]
+    bound = lambda name: f"≈ {1 / (1 + d[name]['forward_passes']):.2f}"  # noqa: E731
     lines += ["", "Full-rank ES draws each direction's noise once to evaluate its antithetic pair (inside the "
-              "forward) and once to update, so one draw per member; SPSA draws twice per query. With a draw "
-              f"costing {d['threefry gaussian']['forward_passes']:.2f} forward passes (threefry Gaussian) a "
-              f"member costs ≈ {1 + d['threefry gaussian']['forward_passes']:.2f} forward passes and ES reaches ≈ "
-              f"{1 / (1 + d['threefry gaussian']['forward_passes']):.2f} of the batched-inference ceiling at best; "
-              f"with packed Rademacher signs ({d['threefry rademacher (packed)']['forward_passes']:.2f}) ≈ "
-              f"{1 / (1 + d['threefry rademacher (packed)']['forward_passes']):.2f}."]
+              "forward) and once to update, so about one draw per member, and reaches at best ≈ 1 / (1 + one "
+              f"draw) of the batched-inference ceiling: {bound('threefry gaussian')} with threefry Gaussians, "
+              f"{bound('hashed gaussian')} with hashed Gaussians (gfo's `gaussian`), "
+              f"{bound('threefry rademacher (packed)')} with packed Rademacher signs. SPSA draws twice per query."]
     return "\n".join(lines) + "\n"
 
 

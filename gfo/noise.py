@@ -19,10 +19,9 @@ import zlib
 import jax
 import jax.numpy as jnp
 
-from models.linear import NoisyLeaf, matrix_noise, noise_block_elements, row_blocks, row_noise, standard_noise
+from models.linear import DISTRIBUTIONS, NoisyLeaf, matrix_noise, noise_block_elements, row_blocks, row_noise, standard_noise
 from models.tree import LAYERS
 
-DISTRIBUTIONS = ("gaussian", "rademacher", "auto")  # auto: models.linear.resolve_distribution
 
 
 def path_name(path) -> str:

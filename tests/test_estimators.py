@@ -231,10 +231,12 @@ def test_openai_es_config_reproduces_the_reference_update():
 
 
 def test_stacked_leaf_draws_each_layer_from_its_own_key():
-    """A leaf under `layers/` `[L, ...]`: row r of layer l's noise is `normal(fold_in(fold_in(leaf key, l), r))`,
+    """A leaf under `layers/` `[L, ...]`: row r of layer l's noise is
+    `standard_noise(fold_in(fold_in(leaf key, l), r))`,
     the same whether drawn for the whole leaf (the update) or one layer at a time from a sliced `NoisyLeaf`
     (the forward)."""
     from gfo.noise import leaf_key, leaf_noise, perturbed_leaf
+    from models.linear import standard_noise
 
     path = (jax.tree_util.DictKey("layers/attn/q/kernel"),)
     w = jnp.zeros((3, 4, 5))
@@ -242,7 +244,7 @@ def test_stacked_leaf_draws_each_layer_from_its_own_key():
     eps = leaf_noise(key, path, w)
     for layer in range(3):
         layer_key = jax.random.fold_in(leaf_key(key, path), layer)
-        expected = jnp.stack([jax.random.normal(jax.random.fold_in(layer_key, r), (5,)) for r in range(4)])
+        expected = jnp.stack([standard_noise(jax.random.fold_in(layer_key, r), (5,)) for r in range(4)])
         np.testing.assert_array_equal(np.asarray(eps[layer]), np.asarray(expected))
     assert float(jnp.abs(eps[0] - eps[1]).max()) > 0.5  # layers are independent, not one shared draw
     noisy = perturbed_leaf(key, path, w, 0.5)

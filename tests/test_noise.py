@@ -103,15 +103,16 @@ def _keys(key, path, w):
 
 
 def test_leaf_noise_of_a_matrix_is_keyed_by_row():
-    """Row r of an unstacked matrix leaf's noise is `normal(fold_in(leaf key, r), row shape)`."""
+    """Row r of an unstacked matrix leaf's noise is `standard_noise(fold_in(leaf key, r), row shape)`."""
     from gfo.noise import leaf_key
+    from models.linear import standard_noise
 
     path = (jax.tree_util.DictKey("embed"),)
     key = jax.random.key(11)
     eps = leaf_noise(key, path, TABLE)
     for r in (0, 17, 36):
         np.testing.assert_array_equal(np.asarray(eps[r]),
-                                      np.asarray(jax.random.normal(jax.random.fold_in(leaf_key(key, path), r), (16,))))
+                                      np.asarray(standard_noise(jax.random.fold_in(leaf_key(key, path), r), (16,))))
 
 
 def test_auto_distribution_is_the_backends_fast_noise_and_bad_names_are_refused():
@@ -130,3 +131,58 @@ def test_auto_distribution_is_the_backends_fast_noise_and_bad_names_are_refused(
         gfo.OpenES(population=4, distribution="uniform")
     with pytest.raises(ValueError, match=r"SPSA distribution='uniform'"):
         gfo.SPSA(distribution="uniform")
+
+
+def test_hashed_gaussian_has_the_moments_and_distribution_of_a_standard_normal():
+    """gfo's `gaussian` (counter-hashed words through the inverse CDF) over 2²⁰ values from 256 row keys:
+    mean, variance, skewness and kurtosis within 5 standard errors of N(0, 1)'s, and the Kolmogorov–Smirnov
+    distance to its CDF below the 0.1 % critical value."""
+    from scipy.special import ndtr
+
+    from models.linear import matrix_noise
+
+    z = np.asarray(matrix_noise(jax.random.key(5), (256, 4096)), np.float64).ravel()
+    n = z.size
+    assert abs(z.mean()) < 5 / np.sqrt(n)
+    assert abs(z.var() - 1) < 5 * np.sqrt(2 / n)
+    assert abs((z ** 3).mean()) < 5 * np.sqrt(15 / n)
+    assert abs((z ** 4).mean() - 3) < 5 * np.sqrt(96 / n)
+    z.sort()
+    ks = np.max(np.abs(ndtr(z) - np.arange(1, n + 1) / n))
+    assert ks < 1.95 / np.sqrt(n)
+
+
+def test_hashed_words_are_uniform_bit_by_bit_and_uncorrelated_along_rows_and_across_keys():
+    """The words behind the Gaussian (`hashed_bits`): every one of the 32 bit positions is set half the
+    time, and neither consecutive words of one key nor the same counter under neighbouring keys (members
+    `0, 1, …` of a population, rows of a matrix) are correlated — the failures of a weak counter mix (an
+    unmixed `i + k` has serial correlation 1)."""
+    from models.linear import hashed_bits
+
+    keys = jax.vmap(lambda i: member_key(jax.random.key(8), i))(jnp.arange(512, dtype=jnp.uint32))
+    words = np.asarray(jax.vmap(lambda k: hashed_bits(k, 2048))(keys))  # [512 keys, 2048 counters]
+    n = words.size
+    frequency = ((words.ravel()[:, None] >> np.arange(32, dtype=np.uint32)) & 1).mean(axis=0)
+    assert np.max(np.abs(frequency - 0.5)) < 5 * 0.5 / np.sqrt(n)
+    u = words.astype(np.float64) / 2.0 ** 32 - 0.5
+    bound = 5 / np.sqrt(u[:, 1:].size)  # the correlation of independent uniforms has sd 1/√n
+    along = np.mean(u[:, 1:] * u[:, :-1]) * 12
+    across = np.mean(u[1:] * u[:-1]) * 12
+    assert abs(along) < bound and abs(across) < bound, (along, across)
+    # the low bytes of consecutive words, as pairs: 65 536 cells, chi-square within 5 sd of its mean
+    pairs = (words[:, :-1] & 0xFF).astype(np.int64) * 256 + (words[:, 1:] & 0xFF)
+    counts = np.bincount(pairs.ravel(), minlength=65536)
+    expected = pairs.size / 65536
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    assert abs(chi2 - 65535) < 5 * np.sqrt(2 * 65535)
+
+
+def test_threefry_gaussian_is_jax_random_normal():
+    """`gaussian_threefry` (the reference generator) is `jax.random.normal` of the same key, and `gaussian`
+    is not a copy of it (it hashes the key's words instead)."""
+    from models.linear import standard_noise
+
+    key = jax.random.key(4)
+    np.testing.assert_array_equal(np.asarray(standard_noise(key, (3, 5), "gaussian_threefry")),
+                                  np.asarray(jax.random.normal(key, (3, 5))))
+    assert float(jnp.abs(standard_noise(key, (3, 5)) - jax.random.normal(key, (3, 5))).max()) > 0.5
