@@ -14,7 +14,8 @@ chunks of `chunk` (`eval_chunk`) and the state donated, as `gfo train` runs them
   (population methods) and `1.5 × params` (SPSA), at two populations for the population methods.
 - *Speed*: the *inference ceiling* is one forward pass over the `N · B` sequences with shared weights;
   a population step's ratio is ceiling time / step time (both evaluate `N · B` sequences). An SPSA step
-  is timed in forward passes over the batch.
+  is timed in forward passes over the batch, next to the time of one noise tree's draw (the step draws
+  two: its floor is ≈ 2 + 2 draws).
 Writes `throughput.json` and `throughput.md` (each target marked met / not met) to `--out`.
 """
 
@@ -31,6 +32,7 @@ import optax
 import gfo
 import models
 from benchmarks.common import describe, machine, mark, seconds, write
+from gfo.noise import noise_like
 from gfo.objectives import OnSpace
 from gfo.spaces import Full
 
@@ -124,6 +126,13 @@ def timed_steps(fn, state, tokens, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def draw_seconds(setup: "Setup", distribution: str, repeats: int) -> float:
+    """Seconds to draw one noise tree like the searched weights (`gfo.noise.noise_like`, leaf by leaf and
+    row by row as the step draws it): the unit of an SPSA step's noise cost."""
+    draw = jax.jit(lambda x, key: noise_like(key, x, distribution))
+    return seconds(draw, setup.x0, jax.random.key(5), repeats=repeats)
+
+
 def measure_compile(depths, population: int, chunk: int, batch: int, seq: int, distribution: str) -> dict:
     """Compile seconds of each method's step per depth (d_model 256, GPT-2 layout)."""
     out = {}
@@ -160,6 +169,7 @@ def measure_model(name: str, cfg: models.ModelConfig, populations, chunk: int, b
                 entry["step_s"] = timed_steps(fn, state, setup.tokens, repeats)
                 if method == "spsa":
                     entry["forward_passes"] = entry["step_s"] / t_forward
+                    entry["draw_forward_passes"] = draw_seconds(setup, distribution, repeats) / t_forward
                 else:
                     entry["ceiling_s"] = ceiling
                     entry["ratio_to_ceiling"] = ceiling / entry["step_s"]
@@ -184,7 +194,8 @@ def evaluate_targets(payload: dict) -> list[dict]:
         {"target": TARGETS["spsa_memory"], "met": max(e["peak_x_params"] for e in spsa) <= 1.5,
          "measured": "peak " + ", ".join(f"{e['peak_x_params']:.2f}x" for e in spsa)},
         {"target": TARGETS["spsa_time"], "met": max(e["forward_passes"] for e in spsa) <= 2.3,
-         "measured": ", ".join(f"{e['forward_passes']:.2f} forward passes" for e in spsa)},
+         "measured": ", ".join(f"{e['forward_passes']:.2f} forward passes" + (
+             f" (one noise draw: {e['draw_forward_passes']:.2f})" if "draw_forward_passes" in e else "") for e in spsa)},
         {"target": TARGETS["population_memory"],
          "met": all(e["peak_x_params"] <= e["memory_budget_x_params"] for e, _ in pop),
          "measured": "; ".join(f"{m} N={e['population']}: {e['peak_x_params']:.2f}x (budget "
@@ -211,6 +222,12 @@ def markdown(payload: dict) -> str:
              "(arguments + outputs + temporaries − aliases).",
              "", "## Targets", "", "| target | measured | status |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {mark(t['met'])} |" for t in payload["targets"]]
+    draws = [e["draw_forward_passes"] for r in payload["rows"] for e in r["methods"]["spsa"] if "draw_forward_passes" in e]
+    if draws:
+        lines += ["", "An SPSA step evaluates its ± pair in one batch (two forward passes drawing `z` once, inside "
+                  "the forward) and regenerates `z` once more to update the weights in place, so without storing "
+                  f"`z` (which the memory target forbids) its floor is ≈ 2 + 2 × one draw: here "
+                  + ", ".join(f"{2 + 2 * d:.2f}" for d in draws) + " forward passes, against the 2.3 asked."]
     lines += ["", "## Compile time (d_model 256, GPT-2 layout)", "",
               "| method | " + " | ".join(f"{d} layers" for d in payload["depths"]) + " |",
               "|---|" + "---|" * len(payload["depths"])]

@@ -92,9 +92,9 @@ class NoisyLeaf(_OverBase):
       transposed: `w` is the transpose of the leaf the noise was keyed for (a tied embedding read as the
         output head): the noise rows are `w`'s columns.
 
-    Readers never build `w + scale · ε` for a large matrix: an embedding lookup draws the rows it reads
-    (`embed_lookup`), and `linear` adds `scale · x @ ε` in blocks of rows of at most
-    `NOISE_BLOCK_ELEMENTS` (`noisy_linear`); smaller leaves are materialised (`dense`).
+    Readers never build `w + scale · ε` whole for a large matrix: an embedding lookup draws the rows it
+    reads (`embed_lookup`), and `linear` multiplies by `w + scale · ε` one block of at most
+    `NOISE_BLOCK_ELEMENTS` rows at a time (`noisy_linear`); smaller leaves are materialised (`dense`).
     """
 
     w: jax.Array
@@ -179,39 +179,40 @@ def row_blocks(n_rows: int, row_size: int, block_elements: int | None = None) ->
 
 
 def noisy_linear(x: jax.Array, kernel: NoisyLeaf, dtype, block_elements: int | None = None) -> jax.Array:
-    """`x @ (w + scale · ε)` for a 2-D `NoisyLeaf` without forming the perturbed matrix: `x @ w` plus
-    `scale · x @ ε` with `ε` drawn a block of rows at a time. The rows are `w`'s input axis (`x @ ε` sums
-    the blocks' products) or, `transposed`, its output axis (each block's product is added in place to
-    its columns of `x @ w`: a block of the vocabulary's logits for a tied head). A partial last block
-    overlaps the one before it and counts only its new rows. Memory: one block of noise per (vmapped)
-    member."""
+    """`x @ (w + scale · ε)` for a 2-D `NoisyLeaf` without forming the whole perturbed matrix: a block of
+    rows of `ε` is drawn at a time, added to the same rows of `w` and multiplied in, so the product costs
+    one matmul (not `x @ w` plus `x @ ε`). The rows are `w`'s input axis (the blocks' products are summed
+    in float32) or, `transposed`, its output axis (each block gives `per` columns of the output: a block of
+    the vocabulary's logits for a tied head). A partial last block overlaps the one before it: an input
+    block counts only its new rows; an output block rewrites its overlapping columns with the same values.
+    The perturbed block is rounded to `w`'s dtype as `NoisyLeaf.dense` does. Memory: one block of noise
+    and one perturbed block per (vmapped) member."""
     rows, cols = kernel.noise_shape()
     per, n_blocks = row_blocks(rows, cols, block_elements)
-
     scale = jnp.asarray(kernel.scale, jnp.float32)
-    y = x @ kernel.w.astype(dtype)
+    axis = 1 if kernel.transposed else 0  # the axis of `w` that the noise rows run along
 
-    def block(b):  # rows start ... start + per − 1; the last block ends at the last row (it may overlap)
+    def perturbed_block(b):  # rows start ... start + per − 1; the last block ends at the last row (it may overlap)
         start = jnp.minimum(b * per, rows - per)
         ids = start + jnp.arange(per, dtype=jnp.int32)
-        return start, ids >= b * per, row_noise(kernel.key, ids, (cols,), kernel.distribution).astype(dtype)
+        eps = row_noise(kernel.key, ids, (cols,), kernel.distribution)  # [per, cols], float32
+        w_b = jax.lax.dynamic_slice_in_dim(kernel.w, start, per, axis=axis).astype(jnp.float32)
+        w_b = w_b + scale * (eps.T if kernel.transposed else eps)
+        return start, ids >= b * per, w_b.astype(kernel.w.dtype).astype(dtype)
 
-    if kernel.transposed:  # x [..., cols] @ εᵀ: each block adds to `per` output columns, in place
-        def add_block(b, y):
-            start, fresh, eps = block(b)
-            term = jnp.where(fresh, scale * (x @ eps.T).astype(jnp.float32), 0.0)
-            part = jax.lax.dynamic_slice_in_dim(y, start, per, axis=-1)
-            return jax.lax.dynamic_update_slice_in_dim(y, part + term.astype(dtype), start, axis=-1)
+    if kernel.transposed:  # x [..., cols] @ (w + ε)ᵀ-block: `per` output columns per block, written in place
+        def write_block(b, y):
+            start, _, w_b = perturbed_block(b)
+            return jax.lax.dynamic_update_slice_in_dim(y, x @ w_b, start, axis=-1)
 
-        return jax.lax.fori_loop(0, n_blocks, add_block, y)
+        return jax.lax.fori_loop(0, n_blocks, write_block, jnp.zeros(x.shape[:-1] + (rows,), dtype))
 
-    def add_rows(b, acc):  # x [..., rows] @ ε: each block contracts `per` input features
-        start, fresh, eps = block(b)
+    def add_rows(b, acc):  # x [..., rows] @ (w + ε): each block contracts `per` input features
+        start, fresh, w_b = perturbed_block(b)
         xb = jnp.where(fresh, jax.lax.dynamic_slice_in_dim(x, start, per, axis=-1), 0)
-        return acc + (xb @ eps).astype(jnp.float32)
+        return acc + (xb @ w_b).astype(jnp.float32)
 
-    noise_term = jax.lax.fori_loop(0, n_blocks, add_rows, jnp.zeros(x.shape[:-1] + (cols,), jnp.float32))
-    return y + (scale * noise_term).astype(dtype)
+    return jax.lax.fori_loop(0, n_blocks, add_rows, jnp.zeros(x.shape[:-1] + (cols,), jnp.float32)).astype(dtype)
 
 
 # The standard noises a perturbation may draw (`standard_noise`); "auto" resolves per backend.
@@ -220,7 +221,7 @@ DISTRIBUTIONS = ("gaussian", "rademacher", "auto", "gaussian_threefry")
 
 def resolve_distribution(distribution: str) -> str:
     """`"auto"` as the noise this backend draws fastest — `"rademacher"` on CPU (packed signs cost about
-    0.6 of a hashed Gaussian draw there, `benchmarks/results/noise_cost.md`), `"gaussian"` on accelerators
+    0.4 of a hashed Gaussian draw there, `benchmarks/results/noise_cost.md`), `"gaussian"` on accelerators
     — resolved when traced; any other name as given. Opt-in: the default everywhere is `"gaussian"`, as
     the published methods use."""
     if distribution == "auto":

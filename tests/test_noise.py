@@ -186,3 +186,18 @@ def test_threefry_gaussian_is_jax_random_normal():
     np.testing.assert_array_equal(np.asarray(standard_noise(key, (3, 5), "gaussian_threefry")),
                                   np.asarray(jax.random.normal(key, (3, 5))))
     assert float(jnp.abs(standard_noise(key, (3, 5)) - jax.random.normal(key, (3, 5))).max()) > 0.5
+
+
+def test_blocked_noisy_linear_costs_one_matmul_not_two():
+    """The blocked product multiplies by `w + scale · ε` block by block: XLA counts about the FLOPs of
+    `x @ w` alone (`x @ w + scale · x @ ε` would count twice as many), in both orientations."""
+    kernel = NoisyLeaf(jnp.zeros((256, 128)), jax.random.key(5), jnp.float32(0.3))
+    x_in, x_out = jnp.ones((8, 128, 256)), jnp.ones((8, 128, 128))  # 1024 rows: the noise is ~3 % of the FLOPs
+
+    def flops(fn, *args):
+        return jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+
+    for x, k in ((x_in, kernel), (x_out, transpose(kernel))):
+        plain = flops(lambda x, w: x @ w, x, k.w)
+        blocked = flops(lambda x, k: noisy_linear(x, k, jnp.float32, block_elements=1 << 20), x, k)
+        assert plain * 0.99 < blocked < plain * 1.25, (blocked / plain)
