@@ -44,6 +44,11 @@ def test_throughput_targets_are_judged_by_their_definitions():
     assert (mark(True), mark(False), mark(None)) == ("**met**", "**not met**", "n/a")
     skipped = throughput.evaluate_targets(_payload(float("nan"), 1.4, 2.2, 2.4, 0.95, 0.6))  # --skip-compile
     assert skipped[0]["met"] is None and skipped[0]["measured"].startswith("not measured")
+    drawn = _payload(13.1, 1.6, 2.4, 2.6, 0.85, 0.4)  # with one noise draw timed: the SPSA floor 2 + 2 draws
+    drawn["rows"][0]["methods"]["spsa"][0]["draw_forward_passes"] = 0.75
+    drawn["targets"] = throughput.evaluate_targets(drawn)
+    assert drawn["targets"][2]["measured"] == "2.40 forward passes (one noise draw: 0.75)"
+    assert "its floor is ≈ 2 + 2 × one draw: here 3.50 forward passes" in throughput.markdown(drawn)
 
 
 @pytest.mark.slow
@@ -58,6 +63,7 @@ def test_throughput_setup_measures_a_real_step(tmp_path):
     assert seconds > 0 and 1.0 < peak < 50.0  # at least the donated parameters, and not a population of copies
     state, metrics = fn(state, setup.tokens, throughput.jax.random.key(0))
     assert float(metrics["loss"]) > 0
+    assert throughput.draw_seconds(setup, "gaussian", repeats=1) > 0
 
 
 @pytest.mark.slow
