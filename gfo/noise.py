@@ -19,9 +19,9 @@ import zlib
 import jax
 import jax.numpy as jnp
 
-from models.linear import DISTRIBUTIONS, NoisyLeaf, matrix_noise, noise_block_elements, row_blocks, row_noise, standard_noise
+from models.linear import (DISTRIBUTIONS, NoisyLeaf, matrix_noise, noise_block_elements, row_blocks, row_noise,
+                           standard_noise)
 from models.tree import LAYERS
-
 
 
 def path_name(path) -> str:

@@ -261,7 +261,7 @@ def hashed_bits(key: jax.Array, n: int) -> jax.Array:
 
 def _normal_from_bits(bits: jax.Array) -> jax.Array:
     """N(0, 1) float32 from uniform 32-bit words, by inverse CDF like `jax.random.normal`: the top 23 bits
-    give `u` uniform on `(-1, 1)` (2²³ levels), and `z = √2 · erfinv(u)`; `|z| ≤ 5.4`."""
+    give `u` uniform on `(-1, 1)` (2²³ levels), and `z = √2 · erfinv(u)` lies in `[−5.42, 5.17]`."""
     unit = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0  # [0, 1)
     lowest = jnp.nextafter(jnp.float32(-1.0), jnp.float32(0.0))
     u = jnp.maximum(lowest, unit * 2.0 - 1.0)
