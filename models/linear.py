@@ -232,6 +232,7 @@ def resolve_distribution(distribution: str) -> str:
 # lowbias32 (C. Wellons' hash prospector): an invertible 32-bit mixer with near-ideal avalanche.
 _MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
 _GOLDEN = 0x9E3779B9  # odd: `i · _GOLDEN` spreads consecutive counters before the first mix
+_OFFSET = 0x5851F42D  # lowbias32 maps 0 to 0: without it the all-zero key (`key(0)`) would start at −5.42
 
 
 def _mix32(x: jax.Array) -> jax.Array:
@@ -244,8 +245,8 @@ def _mix32(x: jax.Array) -> jax.Array:
 
 def hashed_bits(key: jax.Array, n: int) -> jax.Array:
     """`n` random 32-bit words (uint32 `[n]`) expanded from one PRNG key by a counter hash:
-    word `i` is `mix(mix(i · φ + k₀) ^ k₁)` with `(k₀, k₁)` the key's first two data words and `mix` the
-    lowbias32 integer hash.
+    word `i` is `mix(mix(i · φ + k₀ + c) ^ k₁)` with `(k₀, k₁)` the key's first two data words, `mix` the
+    lowbias32 integer hash and `c` a constant (so that no common key, such as `key(0)`, is special).
 
     Keys stay JAX's (threefry by default): every leaf, layer and matrix row of a noise tree has its own
     key derived by `fold_in`, and only the expansion of one key into at most one row's (or one vector
@@ -256,7 +257,7 @@ def hashed_bits(key: jax.Array, n: int) -> jax.Array:
     """
     words = jax.random.key_data(key).astype(jnp.uint32).reshape(-1)
     counter = jnp.arange(n, dtype=jnp.uint32)
-    return _mix32(_mix32(counter * jnp.uint32(_GOLDEN) + words[0]) ^ words[1])
+    return _mix32(_mix32(counter * jnp.uint32(_GOLDEN) + words[0] + jnp.uint32(_OFFSET)) ^ words[1])
 
 
 def _normal_from_bits(bits: jax.Array) -> jax.Array:

@@ -201,3 +201,12 @@ def test_blocked_noisy_linear_costs_one_matmul_not_two():
         plain = flops(lambda x, w: x @ w, x, k.w)
         blocked = flops(lambda x, k: noisy_linear(x, k, jnp.float32, block_elements=1 << 20), x, k)
         assert plain * 0.99 < blocked < plain * 1.25, (blocked / plain)
+
+
+def test_the_all_zero_key_is_not_special():
+    """`key(0)` has data words (0, 0), and lowbias32 maps 0 to 0: without the hash's offset its first
+    Gaussian would be the extreme −5.42 (the word 0). Its first words are ordinary."""
+    from models.linear import hashed_bits, standard_noise
+
+    assert np.all(np.asarray(hashed_bits(jax.random.key(0), 8)) != 0)
+    assert float(jnp.abs(standard_noise(jax.random.key(0), (8,))).max()) < 4.0
