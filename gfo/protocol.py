@@ -21,6 +21,7 @@ follow the model-axis path rules of `gfo.distributed`, dense population states s
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
@@ -79,7 +80,6 @@ def lower_step(optimizer, state, objective, batch, key) -> jax.stages.Lowered:
     """The lowered (not yet compiled) step of `optimizer` for these arguments, for ahead-of-time
     compilation and XLA's memory analysis: `.compile()` it; calling the step afterwards reuses it."""
     step = optimizer.step
-    if hasattr(step, "lower"):  # a `gfo.jitting.filter_jit` step
-        return step.lower(state, objective, batch, key)
-    jitted = getattr(type(optimizer), "step")  # a `jax.jit(static_argnums=(0, 2))` method
-    return jitted.lower(optimizer, state, objective, batch, key)
+    if inspect.ismethod(step):  # a `jax.jit(static_argnums=(0, 2))` method: its `.lower` is the unbound
+        return step.__func__.lower(optimizer, state, objective, batch, key)  # function's, so pass `self`
+    return step.lower(state, objective, batch, key)  # a `gfo.jitting.filter_jit` step (bound to the optimizer)

@@ -254,3 +254,10 @@ def test_config_methods_build_and_step(method, options):
         state, metrics = opt.step(state, quadratic, BATCH, jax.random.key(t))
     assert float(quadratic(opt.solution(state), BATCH)) < float(quadratic(X, BATCH))
     assert int(metrics["evaluations"]) >= 0 and np.isfinite(float(metrics["loss"]))
+    # compiled ahead as `gfo train` does (`jax.jit` methods and `filter_jit` steps alike): the state is
+    # among the traced arguments, not hashed as a static one
+    from gfo.protocol import lower_step
+
+    executable = lower_step(opt, state, quadratic, BATCH, jax.random.key(9)).compile()
+    state_bytes = sum(v.nbytes for v in jax.tree.leaves(state) if hasattr(v, "nbytes"))
+    assert executable.memory_analysis().argument_size_in_bytes >= state_bytes

@@ -38,6 +38,9 @@ FAMILIES = {
     "spsa+sgd": {"optimizer": {"method": "spsa", "transform": "sgd", "lr": 0.01, "sigma": 1e-3, "n": 2}},
     "es": {"optimizer": {"method": "es", "population": 8, "sigma": 0.01, "eval_chunk": 4}},
     "lowrank_es": {"optimizer": {"method": "lowrank_es", "population": 8, "sigma": 0.01, "rank": 2}},
+    # `jax.jit` methods (not `filter_jit`): compiled ahead through `gfo.protocol.lower_step` too
+    "zo_sgd_cons": {"optimizer": {"method": "zo_sgd_cons", "lr": 0.01, "sigma": 1e-3}},
+    "randopt": {"optimizer": {"method": "randopt", "population": 4, "sigma": 0.01, "options": {"top_k": 2}}},
     "cma_es on subspace": {"space": {"kind": "subspace", "dim": 8}, "optimizer": {"method": "CMA_ES", "population": 6,
                                                                                  "sigma": 0.05}},
     "sep_cma_es on lora": {"space": {"kind": "lora", "rank": 1, "targets": ["q", "v"]},
