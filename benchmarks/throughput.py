@@ -231,7 +231,7 @@ def markdown(payload: dict) -> str:
     if draws:
         lines += ["", "An SPSA step evaluates its ± pair in one batch (two forward passes drawing `z` once, inside "
                   "the forward) and regenerates `z` once more to update the weights in place, so without storing "
-                  f"`z` (which the memory target forbids) its floor is ≈ 2 + 2 × one draw: here "
+                  "`z` (which the memory target forbids) its floor is ≈ 2 + 2 × one draw: here "
                   + ", ".join(f"{2 + 2 * d:.2f}" for d in draws) + " forward passes, against the 2.3 asked."]
     lines += ["", "## Compile time (d_model 256, GPT-2 layout)", "",
               "| method | " + " | ".join(f"{d} layers" for d in payload["depths"]) + " |",

@@ -11,7 +11,8 @@ import pytest
 import models
 from gfo.noise import leaf_noise, member_key, noise_blocks, noise_like
 from gfo.population import noise_update
-from models.linear import NoisyLeaf, embed_lookup, noisy_linear, transpose
+from models.linear import (NoisyLeaf, embed_lookup, hashed_bits, matrix_noise, noisy_linear, resolve_distribution,
+                           standard_noise, transpose)
 
 model_linear = importlib.import_module("models.linear")  # the module (`models.linear` is also a function)
 TABLE = jax.random.normal(jax.random.key(1), (37, 16))  # 37 rows: no block size divides it
@@ -105,7 +106,6 @@ def _keys(key, path, w):
 def test_leaf_noise_of_a_matrix_is_keyed_by_row():
     """Row r of an unstacked matrix leaf's noise is `standard_noise(fold_in(leaf key, r), row shape)`."""
     from gfo.noise import leaf_key
-    from models.linear import standard_noise
 
     path = (jax.tree_util.DictKey("embed"),)
     key = jax.random.key(11)
@@ -119,7 +119,6 @@ def test_auto_distribution_is_the_backends_fast_noise_and_bad_names_are_refused(
     """`"auto"` draws exactly the Rademacher signs on CPU (Gaussian elsewhere); unknown names are refused
     when an estimator is built, naming the value."""
     import gfo
-    from models.linear import resolve_distribution, standard_noise
 
     key = jax.random.key(3)
     expected = "rademacher" if jax.default_backend() == "cpu" else "gaussian"
@@ -139,8 +138,6 @@ def test_hashed_gaussian_has_the_moments_and_distribution_of_a_standard_normal()
     distance to its CDF below the 0.1 % critical value."""
     from scipy.special import ndtr
 
-    from models.linear import matrix_noise
-
     z = np.asarray(matrix_noise(jax.random.key(5), (256, 4096)), np.float64).ravel()
     n = z.size
     assert abs(z.mean()) < 5 / np.sqrt(n)
@@ -157,8 +154,6 @@ def test_hashed_words_are_uniform_bit_by_bit_and_uncorrelated_along_rows_and_acr
     time, and neither consecutive words of one key nor the same counter under neighbouring keys (members
     `0, 1, …` of a population, rows of a matrix) are correlated — the failures of a weak counter mix (an
     unmixed `i + k` has serial correlation 1)."""
-    from models.linear import hashed_bits
-
     keys = jax.vmap(lambda i: member_key(jax.random.key(8), i))(jnp.arange(512, dtype=jnp.uint32))
     words = np.asarray(jax.vmap(lambda k: hashed_bits(k, 2048))(keys))  # [512 keys, 2048 counters]
     n = words.size
@@ -180,7 +175,6 @@ def test_hashed_words_are_uniform_bit_by_bit_and_uncorrelated_along_rows_and_acr
 def test_threefry_gaussian_is_jax_random_normal():
     """`gaussian_threefry` (the reference generator) is `jax.random.normal` of the same key, and `gaussian`
     is not a copy of it (it hashes the key's words instead)."""
-    from models.linear import standard_noise
 
     key = jax.random.key(4)
     np.testing.assert_array_equal(np.asarray(standard_noise(key, (3, 5), "gaussian_threefry")),
@@ -206,7 +200,5 @@ def test_blocked_noisy_linear_costs_one_matmul_not_two():
 def test_the_all_zero_key_is_not_special():
     """`key(0)` has data words (0, 0), and lowbias32 maps 0 to 0: without the hash's offset its first
     Gaussian would be the extreme −5.42 (the word 0). Its first words are ordinary."""
-    from models.linear import hashed_bits, standard_noise
-
     assert np.all(np.asarray(hashed_bits(jax.random.key(0), 8)) != 0)
     assert float(jnp.abs(standard_noise(jax.random.key(0), (8,))).max()) < 4.0
