@@ -29,7 +29,7 @@ import optax
 import models
 from benchmarks.common import describe, machine, seconds, write
 from gfo.noise import leaf_key, path_name
-from models.linear import standard_noise
+from models.noise import standard_noise
 
 TABLE_SIZE = 2**25  # floats (128 MiB): at least the largest leaf of the models measured
 

@@ -19,8 +19,8 @@ import zlib
 import jax
 import jax.numpy as jnp
 
-from models.linear import (DISTRIBUTIONS, NoisyLeaf, matrix_noise, noise_block_elements, row_blocks, row_noise,
-                           standard_noise)
+from models.linear import NoisyLeaf, noise_block_elements, row_blocks
+from models.noise import DISTRIBUTIONS, matrix_noise, row_noise, standard_noise
 from models.tree import LAYERS
 
 

@@ -6,7 +6,7 @@ largest activation is `[B, T, block]` rather than `[B, T, V]`: at GPT-2's 50k vo
 the full float32 logits of one population member are 51 MB, as much as 10% of the parameters. Any kernel
 the models use can be the head: a plain `[D, V]` array, a `LowRankKernel` (LoRA, EGGROLL) or a `NoisyLeaf`
 read as the tied embedding's transpose, whose noise rows are exactly the vocabulary block's
-(`models.linear.row_noise`); a head whose block cannot be cut alone (an untied `NoisyLeaf` keyed by its
+(`models.noise.row_noise`); a head whose block cannot be cut alone (an untied `NoisyLeaf` keyed by its
 input rows) falls back to the full logits.
 """
 

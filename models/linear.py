@@ -9,16 +9,24 @@ forming the sum: under `vmap` over a population whose members differ only in `(A
 shared (`in_axes=None`), `x@W` is one large matmul over all members, and each member adds an
 `O(r·(d_in + d_out))` correction. This is what lets low-rank evolution strategies (EGGROLL) and LoRA run
 at inference speed through the same code.
+
+A `NoisyLeaf` is read the same way without ever forming `W + scale · ε` for a large matrix: an embedding
+lookup draws only the rows it reads, and `linear` multiplies one block of at most `NOISE_BLOCK_ELEMENTS`
+rows at a time (`noisy_linear`; `row_blocks` cuts the blocks). The noise itself, float32 from a key
+(`standard_noise`, `row_noise`, `matrix_noise`, `DISTRIBUTIONS`), is drawn by `models.noise`; this module
+only decides which rows to draw and where they are added.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Union
 
 import jax
 import jax.numpy as jnp
 from flax import struct
+
+from models.noise import matrix_noise, row_noise
+from models.noise import standard_noise  # noqa: F401  (re-exported for tests/test_estimators.py)
 
 
 class _OverBase:
@@ -88,7 +96,7 @@ class NoisyLeaf(_OverBase):
         `fold_in(key[l], r)`), so slicing the descriptor along the layer axis (as `lax.scan` over layers
         does) gives the noise of that layer, and any block of rows can be drawn alone.
       scale: float32 `[*lead]` multiplier (a member's `sign · σ`).
-      distribution: one of `DISTRIBUTIONS` (`standard_noise`), drawn in float32.
+      distribution: one of `models.noise.DISTRIBUTIONS` (`models.noise.standard_noise`), drawn in float32.
       transposed: `w` is the transpose of the leaf the noise was keyed for (a tied embedding read as the
         output head): the noise rows are `w`'s columns.
 
@@ -153,23 +161,6 @@ def noise_block_elements() -> int:
     return NOISE_BLOCK_ELEMENTS
 
 
-def row_noise(key: jax.Array, rows: jax.Array, row_shape, distribution: str = "gaussian") -> jax.Array:
-    """Rows `rows [*n]` (int) of a noise matrix whose row `r` is drawn from `fold_in(key, r)`: float32
-    `[*n, *row_shape]`."""
-    draw = lambda r: standard_noise(jax.random.fold_in(key, r), row_shape, distribution)  # noqa: E731
-    flat = jax.vmap(draw)(jnp.reshape(rows, (-1,)).astype(jnp.uint32))
-    return flat.reshape(jnp.shape(rows) + tuple(row_shape))
-
-
-def matrix_noise(key: jax.Array, shape, distribution: str = "gaussian") -> jax.Array:
-    """Float32 standard noise of one layer's leaf: row by row for two or more axes (`row_noise`, so any
-    block of rows can be regenerated alone at the same cost), in one draw for a vector or scalar."""
-    shape = tuple(shape)
-    if len(shape) < 2:
-        return standard_noise(key, shape, distribution)
-    return row_noise(key, jnp.arange(shape[0], dtype=jnp.uint32), shape[1:], distribution)
-
-
 def row_blocks(n_rows: int, row_size: int, block_elements: int | None = None) -> tuple[int, int]:
     """`(rows per block, number of blocks)` covering `n_rows` rows of `row_size` elements with at most
     `block_elements` (default `NOISE_BLOCK_ELEMENTS`) elements per block (at least one row)."""
@@ -213,83 +204,6 @@ def noisy_linear(x: jax.Array, kernel: NoisyLeaf, dtype, block_elements: int | N
         return acc + (xb @ w_b).astype(jnp.float32)
 
     return jax.lax.fori_loop(0, n_blocks, add_rows, jnp.zeros(x.shape[:-1] + (cols,), jnp.float32)).astype(dtype)
-
-
-# The standard noises a perturbation may draw (`standard_noise`); "auto" resolves per backend.
-DISTRIBUTIONS = ("gaussian", "rademacher", "auto", "gaussian_threefry")
-
-
-def resolve_distribution(distribution: str) -> str:
-    """`"auto"` as the noise this backend draws fastest — `"rademacher"` on CPU (packed signs cost about
-    0.4 of a hashed Gaussian draw there, `benchmarks/results/noise_cost.md`), `"gaussian"` on accelerators
-    — resolved when traced; any other name as given. Opt-in: the default everywhere is `"gaussian"`, as
-    the published methods use."""
-    if distribution == "auto":
-        return "rademacher" if jax.default_backend() == "cpu" else "gaussian"
-    return distribution
-
-
-# lowbias32 (C. Wellons' hash prospector): an invertible 32-bit mixer with near-ideal avalanche.
-_MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)
-_GOLDEN = 0x9E3779B9  # odd: `i · _GOLDEN` spreads consecutive counters before the first mix
-_OFFSET = 0x5851F42D  # lowbias32 maps 0 to 0: without it the all-zero key (`key(0)`) would start at −5.42
-
-
-def _mix32(x: jax.Array) -> jax.Array:
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(_MIX_MULTIPLIERS[0])
-    x = x ^ (x >> 15)
-    x = x * jnp.uint32(_MIX_MULTIPLIERS[1])
-    return x ^ (x >> 16)
-
-
-def hashed_bits(key: jax.Array, n: int) -> jax.Array:
-    """`n` random 32-bit words (uint32 `[n]`) expanded from one PRNG key by a counter hash:
-    word `i` is `mix(mix(i · φ + k₀ + c) ^ k₁)` with `(k₀, k₁)` the key's first two data words, `mix` the
-    lowbias32 integer hash and `c` a constant (so that no common key, such as `key(0)`, is special).
-
-    Keys stay JAX's (threefry by default): every leaf, layer and matrix row of a noise tree has its own
-    key derived by `fold_in`, and only the expansion of one key into at most one row's (or one vector
-    leaf's) words uses the hash. For a fixed key the words are a permutation of distinct 32-bit values;
-    two different keys give unrelated streams unless their `k₁` coincide (probability 2⁻³²) *and* their
-    `k₀` differ by a multiple of φ smaller than the row. On CPU this costs about 1/8 of threefry's bits
-    (`benchmarks/noise_cost.py`), which is what makes Gaussian full-rank ES and SPSA steps affordable.
-    """
-    words = jax.random.key_data(key).astype(jnp.uint32).reshape(-1)
-    counter = jnp.arange(n, dtype=jnp.uint32)
-    return _mix32(_mix32(counter * jnp.uint32(_GOLDEN) + words[0] + jnp.uint32(_OFFSET)) ^ words[1])
-
-
-def _normal_from_bits(bits: jax.Array) -> jax.Array:
-    """N(0, 1) float32 from uniform 32-bit words, by inverse CDF like `jax.random.normal`: the top 23 bits
-    give `u` uniform on `(-1, 1)` (2²³ levels), and `z = √2 · erfinv(u)` lies in `[−5.42, 5.17]`."""
-    unit = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0  # [0, 1)
-    lowest = jnp.nextafter(jnp.float32(-1.0), jnp.float32(0.0))
-    u = jnp.maximum(lowest, unit * 2.0 - 1.0)
-    return jnp.float32(math.sqrt(2.0)) * jax.lax.erf_inv(u)
-
-
-def standard_noise(key: jax.Array, shape, distribution: str = "gaussian") -> jax.Array:
-    """Float32 standard noise of `shape` from `key`: N(0, 1), Rademacher ±1, or `"auto"`
-    (`resolve_distribution`).
-
-    Both draw their random words cheaply, because on CPU generating them dominates a full-rank ES or
-    SPSA step: a Gaussian expands `key` with a counter hash (`hashed_bits`, one word per value), and
-    Rademacher signs are unpacked 32 to a threefry word (`jax.random.bits`). `"gaussian_threefry"` is the
-    Gaussian drawn by `jax.random.normal` itself (threefry for every word, about 4 × the cost), kept as a
-    reference.
-    """
-    distribution = resolve_distribution(distribution)
-    n = math.prod(shape)
-    if distribution == "gaussian":
-        return _normal_from_bits(hashed_bits(key, n)).reshape(shape)
-    if distribution == "rademacher":
-        words = jax.random.bits(key, (-(-n // 32),), jnp.uint32)
-        signs = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)[None, :]) & 1
-        return (signs.reshape(-1)[:n].astype(jnp.float32) * 2.0 - 1.0).reshape(shape)
-    if distribution == "gaussian_threefry":
-        return jax.random.normal(key, shape, jnp.float32)
-    raise ValueError(f"noise distribution {distribution!r}: expected one of {DISTRIBUTIONS}")
 
 
 def materialize(p):

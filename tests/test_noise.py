@@ -11,8 +11,8 @@ import pytest
 import models
 from gfo.noise import leaf_noise, member_key, noise_blocks, noise_like
 from gfo.population import noise_update
-from models.linear import (NoisyLeaf, embed_lookup, hashed_bits, matrix_noise, noisy_linear, resolve_distribution,
-                           standard_noise, transpose)
+from models.linear import NoisyLeaf, embed_lookup, noisy_linear, transpose
+from models.noise import hashed_bits, matrix_noise, resolve_distribution, standard_noise
 
 model_linear = importlib.import_module("models.linear")  # the module (`models.linear` is also a function)
 TABLE = jax.random.normal(jax.random.key(1), (37, 16))  # 37 rows: no block size divides it
