@@ -11,15 +11,23 @@
 Parameters: `embed`, `pos_embed` (learned positions), `final_norm/*`, `lm_head` (untied), and the blocks
 stacked in ONE subtree `layers` (`models.LAYERS`) whose every leaf has a leading `[n_layers]` axis, e.g.
 `layers/attn/q/kernel: [L, d_in, d_out]`, `layers/attn_norm/scale: [L, D]`; the decoder is one scan over it.
+
+Where things live: `config` (`ModelConfig` and the family constructors), `decoder` / `layers` / `head`
+(the network), `linear` (the one matmul primitive and its perturbation descriptors `LowRankKernel`,
+`NoisyLeaf`), `noise` (how a key becomes float32 noise), `generate`, `lora`, `prompt`; checkpoints:
+`pretrained` (`from_pretrained`, either format), `hf` (safetensors, `save_pretrained`), `hf_config`
+(`config.json` ⇄ `ModelConfig`), `gguf` (llama.cpp's GGUF), `tensor_map` (checkpoint tensor names ⇄ our
+parameter paths, shared by both formats); tokenizers: `tokenizer`, `gguf_tokenizer`, `gguf_metadata`.
 """
 
 from models.config import ModelConfig, gemma3, gpt2, llama, opt, qwen2, qwen3, tiny
 from models.decoder import KVCache, TransformerLM, stack_layers, unstack_layers
 from models.generate import Generation, completion_logprobs, generate, sample_logits
 from models.gguf import gguf_tokenizer, load_gguf
-from models.hf import CheckpointError, config_from_hf, config_to_hf, from_pretrained, save_pretrained
+from models.hf import CheckpointError, config_from_hf, config_to_hf, save_pretrained
 from models.linear import LowRankKernel, NoisyLeaf, linear
 from models.lora import init_lora, merge_lora
+from models.pretrained import from_pretrained
 from models.prompt import init_prompt
 from models.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from models.tree import LAYERS

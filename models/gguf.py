@@ -8,7 +8,7 @@ Q4_1, Q5_0, Q5_1, Q4_K, Q5_K or Q6_K are dequantised (by the `gguf` package, lla
 float32 and cast to the requested dtype; any other type is refused by name.
 
 The file's tensors are mapped to Hugging Face's names and from there through the same table as
-`models.hf` (`_tensor_map`), so one table serves both formats. Two conventions of llama.cpp's converter
+`models.hf` (`models.tensor_map`), so one table serves both formats. Two conventions of llama.cpp's converter
 are undone on the way: the row permutation of `llama`'s q/k projections (it converts Hugging Face's
 rotate-half RoPE layout into interleaved pairs), and Gemma's RMSNorm weights, stored as `1 + w`.
 """
@@ -23,9 +23,10 @@ import numpy as np
 
 from models.config import ModelConfig, gemma3, llama, qwen2, qwen3
 from models.decoder import TransformerLM
+from models.gguf_metadata import read_metadata
 from models.gguf_tokenizer import gguf_tokenizer  # noqa: F401  (part of this module's interface)
-from models.hf import _tensor_map, params_from_tensors
 from models.hf_config import CheckpointError
+from models.tensor_map import params_from_tensors, tensor_map
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
@@ -57,16 +58,6 @@ def gguf_name(hf_name: str, arch: str) -> str:
 
 
 # ----------------------------------------------------------------------------- metadata
-def read_metadata(reader) -> dict[str, Any]:
-    """Every key-value field of a `gguf.GGUFReader` as Python values (str, int, float, bool, lists)."""
-    out = {}
-    for name, field in reader.fields.items():
-        if name.startswith("GGUF."):  # the header (version, counts), not metadata
-            continue
-        out[name] = field.contents()
-    return out
-
-
 def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], vocab_rows: int,
                      dtype: str = "float32") -> ModelConfig:
     """Our `ModelConfig` from GGUF metadata (llama.cpp's `{arch}.*` keys) and the tensors present."""
@@ -171,7 +162,7 @@ def load_gguf(path: str, dtype: str = "float32") -> tuple[TransformerLM, dict]:
     vocab_rows = int(tensors["token_embd.weight"].shape[-1])
     cfg = config_from_gguf(meta, set(tensors), vocab_rows, dtype=dtype)
     arch = meta["general.architecture"]
-    wanted = {entry[0] for entry in _tensor_map(cfg)}
+    wanted = {entry[0] for entry in tensor_map(cfg)}
     extra = sorted(n for n in tensors if n not in {gguf_name(h, arch) for h in wanted} and n != "rope_freqs.weight")
     if extra:
         raise CheckpointError(f"{path}: tensors {extra[:6]} have no place in a {arch} model of this config "

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from models.gguf_metadata import read_metadata
+
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 # Pre-tokenizer split patterns of the byte-level vocabularies llama.cpp names (`tokenizer.ggml.pre`).
@@ -49,14 +51,12 @@ def gguf_tokenizer(path: str) -> tuple[Any, dict[str, Any]]:
     """
     from gguf import GGUFReader
 
-    from models.gguf import read_metadata
-
     meta = read_metadata(GGUFReader(path))
     return tokenizer_from_metadata(meta, source=path)
 
 
 def tokenizer_from_metadata(meta: dict[str, Any], source: str = "<gguf>") -> tuple[Any, dict[str, Any]]:
-    """`gguf_tokenizer` on already-read metadata (`models.gguf.read_metadata`)."""
+    """`gguf_tokenizer` on already-read metadata (`models.gguf_metadata.read_metadata`)."""
     kind = meta.get("tokenizer.ggml.model")
     tokens = meta.get("tokenizer.ggml.tokens")
     if tokens is None:

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from models.gguf_tokenizer import gguf_tokenizer
 from models.jsonfile import read_json_object
 
 
@@ -241,8 +242,6 @@ def load_tokenizer(path: str | None = None):
 
 
 def _load_gguf_tokenizer(path: str) -> HFTokenizer:
-    from models.gguf import gguf_tokenizer
-
     tok, config = gguf_tokenizer(path)
     return HFTokenizer(tok, config=config, source=path)
 
