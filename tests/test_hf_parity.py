@@ -165,3 +165,48 @@ def test_configs_transformers_cannot_express_are_refused_on_export(tmp_path, con
     model = models.TransformerLM(config)
     with pytest.raises(ValueError, match=message):
         models.save_pretrained(model, model.init(jax.random.key(0)), str(tmp_path))
+
+
+def _models_import_graph() -> dict[str, set[str]]:
+    """`module -> the models/ modules it imports`, top-level and function-level `import`/`from` alike."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(models.__file__).parent
+    names = {p.stem for p in root.glob("*.py")}
+    graph = {}
+    for file in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = "models" + (f".{node.module}" if node.module else "") if node.level else node.module or ""
+                targets = [base] if base != "models" else [f"models.{a.name}" for a in node.names]
+            else:
+                continue
+            for target in targets:
+                parts = target.split(".")
+                if parts[0] == "models":
+                    name = parts[1] if len(parts) > 1 and parts[1] in names else "__init__"
+                    deps.add(name)
+        graph[file.stem] = deps - {file.stem}
+    return graph
+
+
+def test_no_models_module_imports_one_that_imports_it_back():
+    """The checkpoint loaders meet in `models.pretrained`; `models.tensor_map` is the table `hf` and `gguf`
+    share and `models.gguf_metadata` what `gguf_tokenizer` reads, so no circle runs through models/."""
+    graph = _models_import_graph()
+    assert {"hf", "gguf"} <= graph["pretrained"] and "tensor_map" in graph["hf"] & graph["gguf"]
+
+    def reaches(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += graph.get(m, ())
+        return seen
+
+    assert [m for m in sorted(graph) if m in reaches(m)] == []
