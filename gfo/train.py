@@ -21,7 +21,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import yaml
 
 from gfo import build, distributed, protocol, stepplan
@@ -29,13 +28,10 @@ from gfo.config import ConfigError, RunConfig, SpaceSection, StageSection, to_di
 from gfo.run import checkpoint
 from gfo.run.checkpoint import RunCheckpointError  # noqa: F401 - re-exported: a user error of `gfo train`
 from gfo.run.evaluation import Evaluation, print_eval
+from gfo.run.loop import DivergenceError, Hooks, StepLoop, progress  # noqa: F401 - DivergenceError re-exported
 from gfo.run.metrics_log import MetricsLog
 from gfo.stepplan import StepMemoryError  # noqa: F401 - re-exported: a user error of `gfo train`
 from gfo.streams import stream
-
-
-class DivergenceError(RuntimeError):
-    """The searched parameters became non-finite; the last good checkpoint is kept."""
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -44,7 +40,7 @@ class RunInterrupted(KeyboardInterrupt):
 
 class Stage:
     """One optimisation stage over a task, with its own run directory: built from its config sections,
-    restored from its latest checkpoint, run step by step."""
+    restored from its latest checkpoint, run through `gfo.run.loop.StepLoop`."""
 
     def __init__(self, run_dir: str, seed: int, steps: int, task_section, optimizer_section, space_section,
                  model, params, cfg: RunConfig, mesh, eval_section=None, dry: bool = False, name: str = "main"):
@@ -99,6 +95,11 @@ class Stage:
         self.state, step = checkpoint.restore(manager, self.state)
         return step
 
+    def _step(self, state, t: int):
+        """Step `t` (dispatched, not waited for): its data and key are functions of the seed and `t`."""
+        batch = distributed.place_batch(self.task.train_batch(t), self.mesh)
+        return self.optimizer.step(state, self.objective, batch, jax.random.fold_in(self.k_step, t))
+
     def run(self, label: str, on_eval=None) -> dict:
         """Optimise to `self.steps`; `on_eval(step, metrics)` is called after each evaluation (pruning)."""
         primary = distributed.is_primary()
@@ -117,9 +118,21 @@ class Stage:
             line = self.compile_step(self.task.train_batch(start), jax.random.fold_in(self.k_step, start))
             if primary:
                 print(f"[{label}] {line}")
-        bar = _progress(total=self.steps, initial=start, label=label, disable=not primary)
+        bar = progress(total=self.steps, initial=start, label=label, disable=not primary)
+        cfg = self.cfg
+        loop = StepLoop(self._step, self.optimizer.solution, steps=self.steps, log_every=cfg.log_every,
+                        eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, label=label)
+
+        def evaluate(step, state, time_s):
+            row = self._evaluate(log, step, state, time_s, None if bar.disable else bar.write, label)
+            if on_eval is not None:
+                on_eval(step, row)
+
+        hooks = Hooks(log=log.write, evaluate=evaluate, save=lambda step, state: checkpoint.save(manager, step, state),
+                      kept=lambda: checkpoint.last_good(manager))
+        time_s = records[-1].get("time_s", 0.0) if records else 0.0  # carried over a resume
         try:
-            self._loop(start, label, on_eval, manager, log, bar)
+            self.state = loop.run(self.state, start, time_s, bar, hooks)
         except KeyboardInterrupt:
             bar.close()
             try:
@@ -128,7 +141,7 @@ class Stage:
                 pass
             saved = manager.latest_step()
             raise RunInterrupted(
-                f"[{label}] interrupted at step {self._done}; "
+                f"[{label}] interrupted at step {loop.done}; "
                 + (f"checkpoint at step {saved} in {manager.directory}" if saved else "no checkpoint saved yet")
                 + "; rerun the same command to resume") from None
         except BaseException:  # divergence, a pruned sweep trial: checkpoints being written complete first
@@ -152,44 +165,6 @@ class Stage:
         print_eval(write, label, row)
         return row
 
-    def _loop(self, start, label, on_eval, manager, log: MetricsLog, bar):
-        self._done = start
-        t0, evals = time.perf_counter(), 0
-        # `time_s`: optimisation wall time so far (steps only: no evaluation, no compilation — the first
-        # step of a session counts as the second one did), carried over a resume.
-        opt_time = log.records[-1].get("time_s", 0.0) if log.records else 0.0
-        for step in range(start, self.steps):
-            batch = distributed.place_batch(self.task.train_batch(step), self.mesh)
-            t_step = time.perf_counter()
-            new_state, metrics = self.optimizer.step(self.state, self.objective, batch,
-                                                     jax.random.fold_in(self.k_step, step))
-            finite = _all_finite(self.optimizer.solution(new_state))  # blocks on the step
-            elapsed = time.perf_counter() - t_step
-            if step > start:  # the session's first step includes compilation: the second counts twice
-                opt_time += elapsed * (2 if step == start + 1 else 1)
-            else:  # the progress bar's rate and ETA, and evals/s, too, start after compilation
-                bar.initial, bar.start_t, t0 = bar.n, time.time(), time.perf_counter()  # tqdm's clock: time.time
-            if not finite:
-                raise DivergenceError(f"[{label}] parameters became non-finite at step {step + 1} (loss "
-                                      f"{float(metrics['loss'])}); {checkpoint.last_good(manager)}. Lower the "
-                                      f"learning rate or sigma.")
-            self.state = new_state
-            evals += int(metrics.get("evaluations", 1)) if step > start else 0
-            done = self._done = step + 1
-            if done % self.cfg.log_every == 0 or done == self.steps:
-                row = {"step": done, "split": "train", "time_s": opt_time,
-                       **{k: float(v) for k, v in distributed.to_host(metrics).items()}}
-                log.write(row)
-                rate = evals / max(time.perf_counter() - t0, 1e-9)  # after the session's first step
-                bar.set_postfix(loss=f"{row['loss']:.4f}", evals_per_s=f"{rate:.0f}")
-            if done % self.cfg.eval_every == 0 or done == self.steps:
-                row = self._evaluate(log, done, self.state, opt_time, None if bar.disable else bar.write, label)
-                if on_eval is not None:
-                    on_eval(done, row)
-            if done % self.cfg.checkpoint_every == 0 or done == self.steps:
-                checkpoint.save(manager, done, self.state)
-            bar.update(1)
-
     def compile_step(self, batch, key) -> str:
         """Lower and compile the step ahead of time (the loop then reuses the executable); one line with
         XLA's memory analysis as multiples of the parameter bytes per device. Raises `StepMemoryError`
@@ -207,25 +182,6 @@ class Stage:
         if self.planned_chunk is not None:
             line += f"; eval_chunk {self.planned_chunk} chosen from the memory budget"
         return line
-
-
-@jax.jit
-def _finite(tree) -> jax.Array:
-    checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
-
-
-def _all_finite(tree) -> bool:
-    """Whether every float leaf is finite (one jitted reduction, not one op per leaf)."""
-    return bool(distributed.to_host(_finite(tree)))
-
-
-def _progress(total, initial, label, disable=False):
-    from tqdm import tqdm
-
-    # smoothing=0: the rate is steps done / time since the bar's start, which the loop moves past compilation
-    return tqdm(total=total, initial=initial, desc=label, dynamic_ncols=True, mininterval=1.0, smoothing=0,
-                disable=disable)
 
 
 def _build_model(cfg: RunConfig):

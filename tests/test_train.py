@@ -72,17 +72,18 @@ def test_every_optimizer_family_runs_through_gfo_train(name, tmp_path, capsys):
 
 
 def _interrupt_at(monkeypatch, n_calls):
-    import gfo.train as train_module
+    """Ctrl-C at the `n_calls`-th finiteness check of the loop (the host waiting on a step)."""
+    import gfo.run.loop as loop_module
 
-    real, calls = train_module._all_finite, {"n": 0}
+    real, calls = loop_module.fetch_finite, {"n": 0}
 
-    def interrupting(tree):
+    def interrupting(flag):
         calls["n"] += 1
         if calls["n"] == n_calls:
             raise KeyboardInterrupt
-        return real(tree)
+        return real(flag)
 
-    monkeypatch.setattr(train_module, "_all_finite", interrupting)
+    monkeypatch.setattr(loop_module, "fetch_finite", interrupting)
 
 
 @pytest.mark.slow
@@ -91,7 +92,7 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypa
     sections = {**FAMILIES["lowrank_es"], "steps": 6}
     full = train(_config(tmp_path / "a", **sections))
     with monkeypatch.context() as m:
-        _interrupt_at(m, 4)  # dies during step 4; the last checkpoint is step 2
+        _interrupt_at(m, 4)  # dies waiting on step 4 (step 3 checked, after step 4's dispatch); checkpoint: step 2
         with pytest.raises(RunInterrupted, match=r"interrupted at step 3; checkpoint at step 2 in .*; rerun the "
                                                  r"same command to resume"):
             train(_config(tmp_path / "b", **sections))
@@ -100,6 +101,50 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path, monkeypa
                  full["params"], resumed["params"])
     strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]  # noqa: E731 - wall time varies
     assert strip(full["records"]) == strip(resumed["records"])
+
+
+@pytest.mark.slow
+def test_the_loop_dispatches_step_t_plus_1_before_it_waits_on_step_t(tmp_path, monkeypatch):
+    # nanodo's pipelining: the one device value the host waits on per step, its finiteness flag, is read
+    # only once the next step is dispatched, so the device always has a step queued. A step whose state is
+    # evaluated or saved is checked before that state is donated to the next step.
+    from gfo import build, distributed
+
+    dispatched, reads = [0], []
+    real_build, real_to_host = build.build_optimizer_for, distributed.to_host
+
+    def counting(*args, **kwargs):
+        optimizer = real_build(*args, **kwargs)
+        real_step = optimizer.step
+
+        def step(*a, **k):
+            dispatched[0] += 1
+            return real_step(*a, **k)
+
+        step.lower = real_step.lower  # the ahead-of-time compilation (`protocol.lower_step`) lowers the real step
+        optimizer.step = step
+        return optimizer
+
+    def reading(tree):
+        leaves = jax.tree.leaves(tree)
+        if len(leaves) == 1 and np.shape(leaves[0]) == () and np.asarray(leaves[0]).dtype == bool:  # a flag
+            reads.append(dispatched[0])
+        return real_to_host(tree)
+
+    sections = {"steps": 6, "log_every": 1, "eval_every": 3}
+    with monkeypatch.context() as m:
+        m.setattr(build, "build_optimizer_for", counting)
+        m.setattr(distributed, "to_host", reading)
+        pipelined = train(_config(tmp_path, name="pipelined", checkpoint_every=6, **sections))
+    # one read per step; step t's after step t+1's dispatch, except steps 3 (evaluated) and 6 (saved)
+    assert reads == [2, 3, 3, 5, 6, 6]  # the loop that checked each step before the next: [1, 2, 3, 4, 5, 6]
+    # every row is logged at its own step with the values of a run that checks every step at once
+    synced = train(_config(tmp_path, name="synced", checkpoint_every=1, **sections))
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time_s"} for r in rs]  # noqa: E731 - wall time varies
+    assert strip(pipelined["records"]) == strip(synced["records"])
+    assert [r["step"] for r in pipelined["records"] if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    times = [r["time_s"] for r in pipelined["records"] if r["split"] == "train"]
+    assert times[0] == 0.0 and all(0 < a <= b for a, b in zip(times[1:], times[2:]))  # step 1: compilation
 
 
 def test_unknown_key_wrong_type_and_bad_values_are_clear_errors(tmp_path):
@@ -267,13 +312,34 @@ def test_eval_and_report_and_checkpoint_errors(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = _config(tmp_path, steps=6, optimizer={"method": "backprop", "transform": "sgd", "lr": 1e30},
-                  checkpoint_every=1)
-    with pytest.raises(DivergenceError, match="non-finite") as err:
-        train(cfg)
-    ckpts = sorted(int(d) for d in os.listdir(os.path.join(tmp_path, "run", "checkpoints")) if d.isdigit())
-    assert ckpts and "last good checkpoint" in str(err.value)
+def test_divergence_stops_the_run_at_its_step_and_never_saves_a_non_finite_state(tmp_path):
+    from gfo.evaluate import restore_run
+
+    sgd = {"method": "backprop", "transform": "sgd", "lr": 1e5}  # finite for a few steps, then overflows
+    # every step checked before the next is dispatched (a checkpoint each step), and the pipelined loop
+    # (step t checked after step t+1's dispatch; a checkpoint every 2) stop at the same step
+    errors = {}
+    for name, every in (("synced", 1), ("pipelined", 2)):
+        with pytest.raises(DivergenceError, match="non-finite") as err:
+            train(_config(tmp_path, name=name, steps=8, eval_every=8, checkpoint_every=every, optimizer=sgd))
+        errors[name] = str(err.value)
+    step = int(re.search(r"non-finite at step (\d+) \(loss", errors["synced"]).group(1))
+    for name, every in (("synced", 1), ("pipelined", 2)):
+        run_dir = os.path.join(tmp_path, name)
+        last = (step - 1) // every * every  # the last checkpoint step before the non-finite one
+        ckpts = sorted(int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
+        assert ckpts == list(range(every, last + 1, every))[-3:]  # the last `keep_checkpoints`, none past `last`
+        kept = (f"the last good checkpoint is kept in {os.path.abspath(os.path.join(run_dir, 'checkpoints'))} "
+                f"(step {last})" if last else "no checkpoint had been saved yet")
+        assert errors[name].startswith(f"[backprop] parameters became non-finite at step {step} (loss ")
+        assert errors[name].endswith(f"; {kept}. Lower the learning rate or sigma.")
+        rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+        assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, step))  # not the bad step's
+        if last:  # the kept checkpoint is finite, and resumable
+            _, stage, restored = restore_run(run_dir)
+            assert restored == last
+            assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(stage.optimizer.solution(stage.state)))
+    assert step >= 3, "choose an lr that diverges later: the pipelined case should keep a checkpoint"
     with pytest.raises(DivergenceError, match=r"at step \d+ .*no checkpoint had been saved yet") as err:
         train(_config(tmp_path, name="early", steps=6, checkpoint_every=6,
                       optimizer={"method": "backprop", "transform": "sgd", "lr": 1e30}))

@@ -52,8 +52,9 @@ def restore(mgr, like) -> tuple:
 
 
 def save(mgr, step: int, state) -> None:
-    """Start writing `state` as checkpoint `step` (orbax copies it off the device before returning, so
-    the caller may donate `state` next; the write completes in the background)."""
+    """Start writing `state` as checkpoint `step`: orbax copies it to the host before returning (as it
+    does without `device_host_max_bytes`), so the caller may donate `state` to the next step; the write
+    to disk completes in the background."""
     import orbax.checkpoint as ocp
 
     mgr.save(step, args=ocp.args.StandardSave(state))
