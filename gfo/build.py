@@ -100,8 +100,7 @@ def build_space(section: SpaceSection, params, key: jax.Array) -> spaces.Space:
     return space
 
 
-def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_sharding=None, vocab=None,
-                    noise_map=()):
+def build_optimizer(section: OptimizerSection, x0, pop_sharding=None, vocab=None, noise_map=()):
     """The optimizer of `section` (from the registry `gfo.methods`); `pop_sharding` splits population
     members over the mesh's `pop` axis.
 
@@ -138,7 +137,7 @@ def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_shardin
             names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(x0)[0]]
             raise ConfigError(f"space.noise_map patterns {unmatched} match no searched leaf; paths look like "
                               f"{names[:6]}")
-    ctx = methods.Context(x0=x0, lowrank_ok=lowrank_ok, pop_sharding=pop_sharding, vocab=vocab,
+    ctx = methods.Context(x0=x0, pop_sharding=pop_sharding, vocab=vocab,
                           noise_map=tuple(noise_map or ()))
     try:
         return spec.build(s, ctx)
@@ -149,9 +148,9 @@ def build_optimizer(section: OptimizerSection, x0, lowrank_ok: bool, pop_shardin
 
 
 def build_optimizer_for(section: OptimizerSection, space: spaces.Space, x0, pop_sharding=None):
-    """`build_optimizer` for a space: its domain (token ids or vectors), low-rank support and noise map."""
+    """`build_optimizer` for a space: its domain (token ids or vectors) and noise map."""
     vocab = space.vocab if getattr(space, "domain", "continuous") == "tokens" else None
-    return build_optimizer(section, x0, space.lowrank_ok, pop_sharding, vocab, noise_map=space.noise_map)
+    return build_optimizer(section, x0, pop_sharding, vocab, noise_map=space.noise_map)
 
 
 def build_objective(task, section: TaskSection, optimizer: OptimizerSection, model, space, x0):
@@ -169,7 +168,7 @@ def build_objective(task, section: TaskSection, optimizer: OptimizerSection, mod
         objective = GenerationReward(model, space.to_params, task.completion_rewards, task.max_answer_tokens,
                                      group_size=optimizer.group_size, temperature=1.0,
                                      stop_tokens=task.stop_tokens, stop_strings=getattr(task, "stop_matcher", None),
-                                     reference=x0)
+                                     reference=x0, leaf_descriptors=space.lowrank_ok)
     else:
         objective = OnSpace(task.objective(section.objective, model, _identity), space)
     check_kind(objective, spec.objective, f"optimizer.method={optimizer.method!r}")

@@ -22,6 +22,7 @@ LARS, block RMS clipping) cannot be detected from its state and must not be appl
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -114,16 +115,6 @@ class LeafBlocks:
 def leaf_direction(made, init: Callable[[], jax.Array]):
     """`(g, dots)` of one leaf from what a `Direction.make` returned (blocks assembled into `init()`)."""
     return made.assemble(init()) if isinstance(made, LeafBlocks) else made
-
-
-class DirectionEstimator:
-    """Mixin: an estimator defining `direction(objective, x, batch, key) -> (Direction, metrics)` is
-    also a plain estimator, `__call__ -> (g, metrics)` with `g` the whole tree."""
-
-    def __call__(self, objective, x, batch, key):
-        direction, metrics = self.direction(objective, x, batch, key)
-        g, stats = direction.tree(x)
-        return g, {**metrics, **stats}
 
 
 def sq_norm(v) -> jax.Array:
@@ -259,3 +250,49 @@ def _blocked_update(transform, blocks: LeafBlocks, w, leaf_state: list, shared: 
     w, leaf_state, shared_out, g_sq, u_sq, acc = jax.lax.fori_loop(
         0, blocks.count, body, (w, leaf_state, list(shared), zero, zero, jnp.zeros((3,), jnp.float32)))
     return w, leaf_state, shared_out, (g_sq, u_sq), (acc if blocks.halves else None)
+
+
+def is_elementwise(transform: optax.GradientTransformation) -> bool:
+    """Whether `transform` may be applied one leaf — one block of rows of a leaf — at a time.
+
+    Decided by running it on a probe: three updates (gradients from 1e-3 to 1e3, so that clipping and
+    trust ratios act) of a tree `{a: [6, 4], b: [5]}` must equal, to float32 rounding, the updates of its
+    pieces `a[:4]`, `a[4:]` and `b` each transformed on its own; and the state must be made of
+    parameter-shaped subtrees and scalars (what `leafwise_update` splits). `sgd`, `adam`, `adamw`, weight
+    decay, elementwise clipping and schedules pass; `clip_by_global_norm`, LAMB/LARS trust ratios,
+    Adafactor's factored moments, random noise (`add_noise`) and a transform whose masks are made for
+    another tree fail. A few dozen small host operations, cached per transform."""
+    try:
+        return _is_elementwise_cached(transform)
+    except TypeError:  # an unhashable transform: decide afresh
+        return _is_elementwise(transform)
+
+
+@functools.lru_cache(maxsize=256)
+def _is_elementwise_cached(transform) -> bool:
+    return _is_elementwise(transform)
+
+
+def _is_elementwise(transform) -> bool:
+    key_a, key_b = jax.random.split(jax.random.key(20231))
+    x = {"a": jax.random.normal(key_a, (6, 4)), "b": jax.random.normal(key_b, (5,))}
+    pieces = [{"p": x["a"][:4]}, {"p": x["a"][4:]}, {"p": x["b"]}]
+    try:
+        state = transform.init(x)
+        treedef = jax.tree.structure(x)
+        for part in jax.tree_util.tree_flatten(state, is_leaf=_is_like(x, treedef))[0]:
+            if not _is_like(x, treedef)(part) and jnp.ndim(part) != 0:
+                return False  # neither parameter-shaped nor a scalar: leafwise_update cannot split it
+        states = [transform.init(p) for p in pieces]
+        for i, scale in enumerate((1e-3, 1.0, 1e3)):
+            g = jax.tree.map(lambda v: scale * jnp.cos(v * (i + 1) + i), x)
+            u, state = transform.update(g, state, x)
+            x = optax.apply_updates(x, u)
+            g_pieces = [{"p": g["a"][:4]}, {"p": g["a"][4:]}, {"p": g["b"]}]
+            for k, (p, gp) in enumerate(zip(pieces, g_pieces)):
+                u, states[k] = transform.update(gp, states[k], p)
+                pieces[k] = optax.apply_updates(p, u)
+    except Exception:  # noqa: BLE001 - a transform that cannot run on the probe's pieces cannot run leafwise
+        return False
+    joined = {"a": jnp.concatenate([pieces[0]["p"], pieces[1]["p"]]), "b": pieces[2]["p"]}
+    return all(bool(jnp.allclose(x[k], joined[k], rtol=1e-5, atol=1e-6)) for k in x)

@@ -113,6 +113,10 @@ class DiscreteSearch:
         """The best sequence found so far (token ids `[L]` int32; the initial one before the first step)."""
         return jnp.asarray(self.vocab, jnp.int32)[state.best]
 
+    def lower(self, state: DiscreteState, objective: Callable, batch, key: jax.Array) -> jax.stages.Lowered:
+        """The lowered step for these arguments (ahead-of-time compilation, XLA's memory analysis)."""
+        return self.step.lower(state, objective, batch, key)
+
     def state_sharding(self, state: DiscreteState, mesh):
         """Replicated: `[L]` sequences and `[L, |vocab|]` tables, not parameter-shaped."""
         return replicated_sharding(state, mesh)

@@ -1,13 +1,12 @@
 """One registry of methods: name → optimizer constructor, the config fields it reads, its defaults.
 
     spec = methods.lookup("lowrank_es")           # a `Method`; any evosax algorithm name works too
-    opt = spec.build(section, Context(x0=x0, lowrank_ok=True, pop_sharding=None))
+    opt = spec.build(section, Context(x0=x0, pop_sharding=None))
 
 `gfo.build` (from a config's `optimizer` section) and `gfo.minimize` (from keyword arguments, through
 the same `OptimizerSection`) both construct optimizers here, and `gfo.config.OPTIMIZER_FIELDS` (which
 optimizer fields a method reads; any other one set is an error) is derived from this table. A method's
-defaults are the `OptimizerSection` field defaults plus its `defaults` row (e.g. a generic function
-cannot take low-rank kernel leaves: `lowrank_es` is dense unless the space says otherwise).
+defaults are the `OptimizerSection` field defaults.
 
 Light at import (no JAX, no evosax): `gfo.config` reads the field table before any device exists.
 """
@@ -24,14 +23,12 @@ EVOSAX_FIELDS = ("sigma", "population", "eval_chunk", "options", "params")
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """What a constructor may need beyond the config section: the start point `x0` (a pytree), whether
-    the space's `to_params` passes leaves through (`Space.lowrank_ok`: the zeroth-order and population
-    estimators then hand it `NoisyLeaf` / `LowRankKernel` leaves drawn inside the forward — their
-    `factored` field), the mesh's `pop` sharding, the space's token vocabulary (token-domain methods)
-    and its per-leaf noise map."""
+    """What a constructor may need beyond the config section: the start point `x0` (a pytree), the
+    mesh's `pop` sharding, the space's token vocabulary (token-domain methods) and its per-leaf noise map.
+    (Whether a perturbation reaches the model as descriptors is the objective's to declare, not the
+    constructor's: `gfo.objectives.accepts_descriptors`.)"""
 
     x0: Any
-    lowrank_ok: bool = False
     pop_sharding: Any = None
     vocab: tuple | None = None
     noise_map: tuple = ()
@@ -82,7 +79,7 @@ def _estimator(name: str, kwargs: Callable[[Any, Context], dict]):
         from gfo.optimizer import Optimizer
 
         estimator = ESTIMATORS[name](**{**kwargs(s, ctx), **s.options})
-        return Optimizer(estimator, transform(s), leafwise=True)  # every `transform` is elementwise
+        return Optimizer(estimator, transform(s))  # every `transform` is elementwise: leaf by leaf
 
     return make
 
@@ -90,20 +87,20 @@ def _estimator(name: str, kwargs: Callable[[Any, Context], dict]):
 def _population(s, ctx: Context) -> dict:
     return dict(population=s.population, sigma=s.sigma, antithetic=s.antithetic, shaping=s.shaping,
                 batch_size=s.eval_chunk, pop_sharding=ctx.pop_sharding, groups=s.groups,
-                noise_map=tuple(ctx.noise_map or ()), factored=ctx.lowrank_ok)
+                noise_map=tuple(ctx.noise_map or ()))
 
 
 def _zo_sgd_cons(s, ctx: Context):
     from gfo.estimators import SPSA, ZOSGDCons
 
-    return ZOSGDCons(SPSA(**{"eps": s.sigma, "n": s.n, "factored": ctx.lowrank_ok, **s.options}), s.lr)
+    return ZOSGDCons(SPSA(**{"eps": s.sigma, "n": s.n, **s.options}), s.lr)
 
 
 def _randopt(s, ctx: Context):
     from gfo.estimators import RandOpt
 
     return RandOpt(**{"population": s.population, "sigma": s.sigma, "batch_size": s.eval_chunk,
-                      "pop_sharding": ctx.pop_sharding, "factored": ctx.lowrank_ok, **s.options})
+                      "pop_sharding": ctx.pop_sharding, **s.options})
 
 
 def _discrete(s, ctx: Context):
@@ -126,7 +123,7 @@ def _evosax(name: str):
 _ROWS = (
     Method("backprop", "estimator", _TRANSFORM_FIELDS, _estimator("backprop", lambda s, c: {})),
     Method("spsa", "estimator", _TRANSFORM_FIELDS + ("sigma", "n"),
-           _estimator("spsa", lambda s, c: dict(eps=s.sigma, n=s.n, factored=c.lowrank_ok))),
+           _estimator("spsa", lambda s, c: dict(eps=s.sigma, n=s.n))),
     Method("forward_grad", "estimator", _TRANSFORM_FIELDS + ("n",), _estimator("forward_grad", lambda s, c: dict(n=s.n))),
     Method("es", "estimator", _TRANSFORM_FIELDS + _ES_FIELDS, _estimator("es", _population), splits_population=True),
     Method("lowrank_es", "estimator", _TRANSFORM_FIELDS + _ES_FIELDS + ("rank",),
@@ -135,10 +132,10 @@ _ROWS = (
     Method("policy_gradient", "estimator", _TRANSFORM_FIELDS + ("kl_coef", "group_size"),
            _estimator("policy_gradient", lambda s, c: dict(kl_coef=s.kl_coef)), objective="reward"),
     Method("lozo", "estimator", _TRANSFORM_FIELDS + ("sigma", "n", "rank"),
-           _estimator("lozo", lambda s, c: dict(eps=s.sigma, n=s.n, rank=s.rank, factored=c.lowrank_ok))),
+           _estimator("lozo", lambda s, c: dict(eps=s.sigma, n=s.n, rank=s.rank))),
     Method("hizoo", "estimator", _TRANSFORM_FIELDS + ("sigma",), _estimator("hizoo", lambda s, c: dict(eps=s.sigma))),
     Method("mezo_svrg", "estimator", _TRANSFORM_FIELDS + ("sigma",),
-           _estimator("mezo_svrg", lambda s, c: dict(eps=s.sigma, factored=c.lowrank_ok))),
+           _estimator("mezo_svrg", lambda s, c: dict(eps=s.sigma))),
     Method("zo_sgd_cons", "optimizer", ("sigma", "n", "lr", "options"), _zo_sgd_cons),
     Method("randopt", "optimizer", ("sigma", "population", "eval_chunk", "options"), _randopt, splits_population=True),
     *(Method(m, "discrete", ("population", "eval_chunk", "options"), _discrete, domain="tokens",

@@ -21,7 +21,6 @@ import numpy as np
 
 from gfo import methods, stepplan
 from gfo.jitting import filter_jit
-from gfo.protocol import best_solution
 
 @dataclasses.dataclass
 class MinimizeResult:
@@ -85,14 +84,13 @@ def minimize(fun: Callable[[Any], jax.Array], x0, method: str = "cma_es", steps:
 
 @filter_jit  # (no donation: the run's outputs are the best point and history, not the state)
 def _run(opt, objective, state, x0, keys):
-    archive = hasattr(opt, "best_solution")  # a best-so-far archive whose loss the step reports
     f0 = objective(x0, None, None).astype(jnp.float32)
 
     def body(carry, key):
         state, best_x, best_f, nfev = carry
         state, metrics = opt.step(state, objective, None, key)
-        cand = best_solution(opt, state)
-        if archive:
+        cand = opt.best_solution(state)
+        if "best_loss" in metrics:  # a best-so-far archive whose loss the step reports
             value, extra = metrics["best_loss"].astype(jnp.float32), 0
         else:
             value, extra = objective(cand, None, None).astype(jnp.float32), 1

@@ -10,6 +10,14 @@
 An estimator declares the kind it takes with a class attribute `objective_kind` ("loss" by default;
 `PolicyGradient`: "reward"); `gfo.build` builds the matching objective from the task, and a step
 given the wrong kind fails at build time with the method's name.
+
+An objective also declares whether a perturbed point may reach it as *descriptors*
+(`leaf_descriptors`, `accepts_descriptors`): `models.linear.NoisyLeaf` / `LowRankKernel` leaves that the
+model expands inside its forward, layer by layer, so that no perturbed copy of the parameters exists.
+`OnSpace` over a space whose `to_params` passes leaves through (`Space.lowrank_ok`: `Full`) does — its
+loss hands the parameters to a gfo model; a bare function does not (it may compute on the leaves), and
+gets plain perturbed arrays. The zeroth-order and population estimators read it (their `factored=None`),
+so a script gets the in-forward perturbation from what it built, not from a flag.
 """
 
 from __future__ import annotations
@@ -47,6 +55,13 @@ def objective_kind_of(estimator) -> str:
     return kind
 
 
+def accepts_descriptors(objective) -> bool:
+    """Whether `objective` declares that its `x` may hold perturbation descriptors (`NoisyLeaf`,
+    `LowRankKernel`) instead of arrays: its `leaf_descriptors` attribute (False when absent: a plain
+    function of `x` gets plain arrays)."""
+    return bool(getattr(objective, "leaf_descriptors", False))
+
+
 def check_kind(objective, kind: str, who: str) -> None:
     """Raise when `objective` is not of `kind` (a reward method given a bare loss, or a non-callable)."""
     if kind == "reward" and not isinstance(objective, RewardObjective):
@@ -61,10 +76,17 @@ class OnSpace:
 
     A pytree: the space (with its frozen base weights, projections, keys) is a child, so a jitted step
     receives those weights as arguments; `loss` (a function of parameters) is static.
+
+    `loss` is expected to read the parameters through a gfo model (`apply`, `token_logprobs`,
+    `models.completion_logprobs`, a task's objective), which accepts perturbation descriptors as kernel
+    leaves: so over a space that passes leaves through (`Full`) the objective declares
+    `leaf_descriptors`, and ES / SPSA draw their noise inside the forward. A loss that computes on the
+    parameter arrays itself (an L2 penalty, a norm) passes `descriptors=False`.
     """
 
-    def __init__(self, loss: Callable, space):
+    def __init__(self, loss: Callable, space, descriptors: bool = True):
         self.loss, self.space = loss, space
+        self.leaf_descriptors = bool(descriptors and getattr(space, "lowrank_ok", False))
 
     def __call__(self, x, batch, key) -> jax.Array:
         return self.loss(self.space.to_params(x), batch, key)

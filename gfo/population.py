@@ -233,11 +233,13 @@ def noise_update(weights: jax.Array, direction_key: Callable[[jax.Array], jax.Ar
 class PopulationConfig:
     """Settings shared by the population estimators (validated once, here).
 
-    `factored`: the objective accepts perturbation descriptors as leaves of `x`
+    `factored`: hand the objective perturbation descriptors as leaves of `x`
     (`models.linear.NoisyLeaf` for full-rank noise, `LowRankKernel` for low-rank), so a member's noise is
     generated inside the model's forward where each (stacked) layer uses it and no perturbed copy of the
-    parameters exists; `False` hands the objective plain perturbed arrays (any function of `x` works).
-    `gfo.build` turns it on for spaces whose `to_params` passes leaves through (`Space.lowrank_ok`).
+    parameters exists; `False` hands the objective plain perturbed arrays (any function of `x` works);
+    None (the default) decides by the objective's declaration (`gfo.objectives.accepts_descriptors`: an
+    objective over a space whose `to_params` passes leaves through, `Space.lowrank_ok`).
+    `batch_size` None: `gfo.Optimizer` plans a chunk from the memory budget (`gfo.optim.plan`).
     """
 
     population: int = 32
@@ -248,7 +250,7 @@ class PopulationConfig:
     pop_sharding: object = None  # a `jax.sharding.Sharding` over the mesh's `pop` axis, or None
     groups: int = 1  # blocks of members, each on its own part of the batch, shaped within the block
     noise_map: tuple = ()  # ((regex, kind), ...): per-leaf noise kind, first match wins
-    factored: bool = False
+    factored: bool | None = None
 
     def __post_init__(self):
         if self.population < 2 or (self.antithetic and self.population % 2):

@@ -3,7 +3,8 @@
     state = opt.init(key, x0)                                # x0: a point of the space (a pytree)
     state, metrics = opt.step(state, objective, batch, key)  # jitted; `state` is DONATED: use the new one
     x = opt.solution(state)                                  # the current point
-    x = opt.best_solution(state)                             # methods with a best-so-far archive only
+    x = opt.best_solution(state)                             # the best-so-far point (the current one where none is kept)
+    lowered = opt.lower(state, objective, batch, key)        # the step lowered ahead of time (.compile())
     shardings = opt.state_sharding(state, mesh)              # a tree of NamedSharding like `state`
 
 Implemented by `gfo.optimizer.Optimizer` (estimator + optax: backprop, SPSA, ES, low-rank ES, policy
@@ -13,7 +14,9 @@ methods whose `objective_kind` is "reward", a `gfo.objectives.RewardObjective`. 
 vocabulary of `gfo.fitness`.
 
 `solution` is the current point everywhere (the mean of a search distribution, the current sequence
-of a local search); a method that also keeps the best point seen so far offers it as `best_solution`.
+of a local search); `best_solution` is the best point seen so far where a method keeps one (its step
+then reports `best_loss`), else the current point. Every method is required: no caller asks an
+optimizer what it has. Estimators have one protocol too (`Estimator`, below).
 `step` takes its state donated (its buffers may be reused for the new state): a caller keeps only the
 returned state. The state's sharding is the method's to say (`state_sharding`): parameter-shaped states
 follow the model-axis path rules of `gfo.distributed`, dense population states stay replicated.
@@ -21,21 +24,44 @@ follow the model-axis path rules of `gfo.distributed`, dense population states s
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
 
 
 @runtime_checkable
+class Estimator(Protocol):
+    """A pseudo-gradient of the loss, in one calling convention (`gfo.estimators.base.Estimator` is the
+    base class every gfo estimator derives from).
+
+    `init(key, x0)` is the estimator's own state (None when stateless); `estimate(objective, x, batch,
+    key, state, step)` returns `(g, metrics, state)`, `g` a pytree like `x` or a `gfo.direction.Direction`;
+    `for_objective(objective)` is the estimator with the settings the objective decides (descriptors);
+    `objective_kind` is "loss" or "reward"."""
+
+    objective_kind: str
+
+    def init(self, key: jax.Array, x0) -> Any: ...
+
+    def for_objective(self, objective) -> Any: ...
+
+    def estimate(self, objective, x, batch, key: jax.Array, state, step) -> tuple[Any, dict, Any]: ...
+
+
+@runtime_checkable
 class OptimizerProtocol(Protocol):
-    """What `gfo train`, `gfo.minimize` and the tests need of an optimizer (see the module doc)."""
+    """What `gfo train`, `gfo.minimize` and the tests need of an optimizer (see the module doc); every
+    method is required."""
 
     def init(self, key: jax.Array, x0) -> Any: ...
 
     def step(self, state, objective: Callable, batch, key: jax.Array) -> tuple[Any, dict]: ...
 
+    def lower(self, state, objective: Callable, batch, key: jax.Array) -> jax.stages.Lowered: ...
+
     def solution(self, state) -> Any: ...
+
+    def best_solution(self, state) -> Any: ...
 
     def state_sharding(self, state, mesh) -> Any: ...
 
@@ -55,19 +81,6 @@ def parameter_sharding(state, mesh):
     return distributed.shardings(state, mesh, distributed.DEFAULT_RULES)
 
 
-def state_sharding(optimizer, state, mesh):
-    """`optimizer.state_sharding(state, mesh)`; the path rules for optimizers that do not declare one
-    (the estimator-family optimizers `RandOpt` and `ZOSGDCons`, whose states are parameter-shaped)."""
-    declared = getattr(optimizer, "state_sharding", None)
-    return declared(state, mesh) if declared is not None else parameter_sharding(state, mesh)
-
-
-def best_solution(optimizer, state):
-    """The best point seen so far where the method keeps one, else the current point."""
-    best = getattr(optimizer, "best_solution", None)
-    return best(state) if best is not None else optimizer.solution(state)
-
-
 def fresh(tree):
     """A copy of every array leaf: an `init` returns buffers of its own, so that donating the state to
     `step` never deletes the caller's `x0` (or the space's base weights it may alias)."""
@@ -79,7 +92,4 @@ def fresh(tree):
 def lower_step(optimizer, state, objective, batch, key) -> jax.stages.Lowered:
     """The lowered (not yet compiled) step of `optimizer` for these arguments, for ahead-of-time
     compilation and XLA's memory analysis: `.compile()` it; calling the step afterwards reuses it."""
-    step = optimizer.step
-    if inspect.ismethod(step):  # a `jax.jit(static_argnums=(0, 2))` method: its `.lower` is the unbound
-        return step.__func__.lower(optimizer, state, objective, batch, key)  # function's, so pass `self`
-    return step.lower(state, objective, batch, key)  # a `gfo.jitting.filter_jit` step (bound to the optimizer)
+    return optimizer.lower(state, objective, batch, key)

@@ -62,6 +62,9 @@ class GenerationReward:
     stop_tokens: tuple[int, ...] = ()
     stop_strings: Any = None  # models.generate.StopStrings
     reference: Any = None  # x of the KL reference (policy gradient), e.g. the starting point
+    # `to_params` passes perturbation descriptors through to the model (a `Full` space): ES and SPSA may
+    # hand `x` as `NoisyLeaf` / `LowRankKernel` leaves (`gfo.objectives.accepts_descriptors`)
+    leaf_descriptors: bool = False
 
     def sample(self, x, batch, key) -> Rollout:
         B, G = batch["prompt"].shape[0], self.group_size

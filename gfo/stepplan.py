@@ -22,33 +22,11 @@ import jax
 import numpy as np
 
 from gfo.config import ConfigError
+from gfo.optim.plan import device_memory_limit, tree_bytes  # noqa: F401 - the step's sizes, used by gfo train
 
 
 class StepMemoryError(ConfigError):
     """The compiled step needs more memory than the device has (XLA's own memory analysis)."""
-
-
-def tree_bytes(tree) -> int:
-    """Bytes of `tree`'s array leaves held by one device (a sharded leaf counts its shard)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shards = getattr(x, "addressable_shards", None)
-        total += shards[0].data.nbytes if shards else np.asarray(x).nbytes
-    return total
-
-
-def device_memory_limit(mesh=None) -> tuple[int, str]:
-    """`(bytes, where from)` one device may use: the accelerator's `bytes_limit`, or on CPU the machine's
-    physical memory shared by its local devices."""
-    local = [d for d in (mesh.devices.flat if mesh is not None else jax.devices())
-             if d.process_index == jax.process_index()]  # only this process's devices report their memory
-    device = local[0] if local else jax.local_devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"]), f"{device.platform} bytes_limit"
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    n = max(1, len(jax.local_devices(backend=device.platform)))
-    return ram // n, "physical RAM" + (f" / {n} devices" if n > 1 else "")
 
 
 def step_memory_line(analysis, param_bytes: int, seconds: float, limit: int, source: str) -> str:

@@ -252,6 +252,10 @@ class EvosaxStrategy:
         metrics = {**metrics, "best_loss": jnp.min(es_state.best_fitness)}
         return state.replace(es_state=es_state, step=state.step + 1), metrics
 
+    def lower(self, state: StrategyState, objective: Callable, batch, key: jax.Array) -> jax.stages.Lowered:
+        """The lowered step for these arguments (ahead-of-time compilation, XLA's memory analysis)."""
+        return self.step.lower(state, objective, batch, key)
+
     def state_sharding(self, state: StrategyState, mesh):
         """Replicated: the state holds dense populations and covariances over the raveled space, whose
         axes are not parameter axes (the model-axis path rules do not apply)."""

@@ -70,7 +70,7 @@ class Stage:
         # The optimizer says how its state is sharded (parameter-shaped: model-axis path rules; populations:
         # replicated).
         state = self.optimizer.init(self.keys["optimizer"], self.x0)
-        self.state = distributed.place_as(state, protocol.state_sharding(self.optimizer, state, mesh))
+        self.state = distributed.place_as(state, self.optimizer.state_sharding(state, mesh))
 
     def _plan_chunk(self, section):
         """`section` with `eval_chunk` from the memory budget when a population method leaves it unset

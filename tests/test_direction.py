@@ -129,11 +129,32 @@ def test_a_transform_whose_state_is_not_per_leaf_is_refused():
     def update(updates, state, params=None):
         return updates, state
 
-    opt = gfo.Optimizer(gfo.SPSA(eps=1e-2), optax.GradientTransformation(init, update), leafwise=True)
+    transform = optax.GradientTransformation(init, update)
+    with pytest.raises(ValueError, match=r"leafwise=True.*cannot be applied leaf by leaf"):
+        gfo.Optimizer(gfo.SPSA(eps=1e-2), transform, leafwise=True)
     x0, c = _tree(jax.random.key(0)), _tree(jax.random.key(1))
-    state = opt.init(jax.random.key(0), x0)
-    with pytest.raises(ValueError, match=r"shape \(2,\).*leafwise=False"):
-        opt.step(state, Quadratic(c), None, jax.random.key(1))
+    with pytest.warns(UserWarning, match="whole pseudo-gradient tree"):  # the default falls back, saying so
+        opt = gfo.Optimizer(gfo.SPSA(eps=1e-2), transform)
+    assert not opt.leafwise
+    state, _ = opt.step(opt.init(jax.random.key(0), x0), Quadratic(c), None, jax.random.key(1))
+    with pytest.raises(ValueError, match=r"shape \(2,\).*leafwise=False"):  # forced, the update refuses it
+        leafwise_update(transform, gfo.SPSA(eps=1e-2).direction(Quadratic(c), x0, None, jax.random.key(1))[0], x0,
+                        init(x0))
+
+
+@pytest.mark.parametrize("transform, elementwise", [
+    (lambda: optax.sgd(1e-2, momentum=0.9), True), (lambda: optax.adam(1e-3), True),
+    (lambda: optax.adamw(1e-3, weight_decay=0.1), True),
+    (lambda: optax.chain(optax.add_decayed_weights(0.01), optax.adam(1e-2)), True),
+    (lambda: optax.adam(optax.linear_schedule(1e-3, 0.0, 100)), True),
+    (lambda: optax.chain(optax.clip(1.0), optax.sgd(1e-2)), True),
+    (lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), False),
+    (lambda: optax.lamb(1e-3), False), (lambda: optax.lars(1e-2), False), (lambda: optax.adafactor(1e-3), False),
+    (lambda: optax.chain(optax.add_noise(0.1, 0.5, 0), optax.sgd(1e-2)), False)])
+def test_the_leafwise_default_is_decided_by_running_the_transform(transform, elementwise):
+    from gfo.direction import is_elementwise
+
+    assert is_elementwise(transform()) is elementwise
 
 
 def test_gfo_train_builds_leafwise_optimizers_for_the_noise_estimators():

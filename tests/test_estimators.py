@@ -202,7 +202,7 @@ def test_openai_es_config_reproduces_the_reference_update():
     section = dataclasses.replace(load_config("paper_configs/openai_es.yaml").optimizer, population=8,
                                   eval_chunk=None)
     x0 = {"w": jnp.full((4, 3), 3.0), "b": jnp.full(3, -2.0)}
-    opt = build_optimizer(section, x0, lowrank_ok=False)
+    opt = build_optimizer(section, x0)
     sigma, lr, l2, n = 0.02, 0.01, 0.005, 8
     state, theta = opt.init(jax.random.key(0), x0), {k: np.asarray(v, np.float64) for k, v in x0.items()}
     m = {k: np.zeros_like(v) for k, v in theta.items()}

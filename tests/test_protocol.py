@@ -134,7 +134,7 @@ def test_registry_is_the_one_table_of_build_minimize_and_config():
 
     assert OPTIMIZER_FIELDS == {name: m.fields for name, m in methods.METHODS.items()}
     x0 = jnp.zeros(4)
-    built = build_optimizer(OptimizerSection(method="es", population=8, sigma=0.1, lr=0.01), x0, False)
+    built = build_optimizer(OptimizerSection(method="es", population=8, sigma=0.1, lr=0.01), x0)
     made = gfo.make_optimizer("es", x0, lr=0.01, sigma=0.1, popsize=8)
     assert built.estimator == made.estimator  # same constructor, same defaults
     assert methods.lookup("cma_es").family == "evosax" and methods.lookup("tabu").domain == "tokens"

@@ -114,15 +114,15 @@ def test_space_owns_the_noise_map_and_the_optimizer_checks_it():
     space = build_space(SpaceSection(kind="full", noise_map=dict(EGGROLL_NOISE_MAP)), params, jax.random.key(0))
     assert space.noise_map == EGGROLL_NOISE_MAP
     x0 = space.init(jax.random.key(0))
-    opt = build_optimizer(OptimizerSection(method="lowrank_es", population=4), x0, True, noise_map=space.noise_map)
+    opt = build_optimizer(OptimizerSection(method="lowrank_es", population=4), x0, noise_map=space.noise_map)
     kinds = {path_name(p): leaf_kind(p, v, opt.estimator.noise_map, lambda w: "lowrank" if w.ndim == 2 else "full")
              for p, v in jax.tree_util.tree_flatten_with_path(x0)[0]}
     # EGGROLL's defaults: only the 2-D kernels (and the untied head, if any) move, through low-rank noise.
     assert {k for k, v in kinds.items() if v != "frozen"} == {k for k in kinds if k.endswith("kernel")}
     assert kinds["embed"] == "frozen" and kinds["final_norm/scale"] == "frozen"
     with pytest.raises(ConfigError, match=r"patterns \['attn_typo'\] match no searched leaf"):
-        build_optimizer(OptimizerSection(method="es", population=4), x0, True, noise_map=(("attn_typo", "frozen"),))
+        build_optimizer(OptimizerSection(method="es", population=4), x0, noise_map=(("attn_typo", "frozen"),))
     with pytest.raises(ConfigError, match="does not read it"):
-        build_optimizer(OptimizerSection(method="spsa"), x0, True, noise_map=space.noise_map)
+        build_optimizer(OptimizerSection(method="spsa"), x0, noise_map=space.noise_map)
     with pytest.raises(ConfigError, match="'sparse' is not a noise kind"):
         build_space(SpaceSection(kind="full", noise_map={"embed": "sparse"}), params, jax.random.key(0))

@@ -7,13 +7,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from gfo.estimators.base import Estimator
 from gfo.noise import tree_dot
 
 
 @dataclasses.dataclass(frozen=True)
-class Backprop:
+class Backprop(Estimator):
     """Objective must be differentiable. Metrics: `loss` at x, `evaluations` (1 forward+backward)."""
 
-    def __call__(self, objective, x, batch, key):
+    def direction(self, objective, x, batch, key):
         loss, grad = jax.value_and_grad(objective)(x, batch, key)
         return grad, {"loss": loss, "grad_norm": jnp.sqrt(tree_dot(grad, grad)), "evaluations": 1}

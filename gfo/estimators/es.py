@@ -15,7 +15,7 @@ update is `g_ref = Σ F ε / N = σ g`, so its coupled L2 `l2·θ` is `(l2/σ)·
 `groups > 1` splits the population into `groups` blocks of consecutive members and the batch's leading
 axis into `groups` parts: block `k` evaluates part `k` and is shaped on its own (EGGROLL / GRPO-style:
 each prompt is answered by a group of members). `noise_map` (regex → `full` | `frozen`) freezes leaves.
-With `factored` (set by `gfo.build` for spaces that pass leaves through) a member's `x + s σ ε` reaches the
+With `factored` (by default as the objective declares: an objective over a `Full` space) a member's `x + s σ ε` reaches the
 model as `models.linear.NoisyLeaf` leaves and the noise is drawn inside the forward, one (stacked) layer at
 a time; an antithetic pair draws its direction once. The update regenerates `ε_p` direction by direction
 into a float32 accumulator, leaf by leaf (a block of rows of a large leaf at a time), and is handed to the
@@ -31,7 +31,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gfo.direction import Direction, DirectionEstimator
+from gfo.direction import Direction
+from gfo.estimators.base import PerturbingEstimator
 from gfo.noise import DISTRIBUTIONS, leaf_kind, member_key, perturbed_leaf
 from gfo.population import PopulationConfig, leaf_noise_direction
 
@@ -39,7 +40,7 @@ __all__ = ["OpenES", "PopulationConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
-class OpenES(DirectionEstimator, PopulationConfig):
+class OpenES(PerturbingEstimator, PopulationConfig):
     distribution: str = "gaussian"  # or "rademacher", or "auto" (rademacher on CPU: models.linear.resolve_distribution)
 
     def __post_init__(self):

@@ -11,11 +11,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from gfo.estimators.base import Estimator
 from gfo.noise import DISTRIBUTIONS, member_key, noise_like, tree_dot
 
 
 @dataclasses.dataclass(frozen=True)
-class ForwardGrad:
+class ForwardGrad(Estimator):
     n: int = 1
     distribution: str = "gaussian"
 
@@ -25,7 +26,7 @@ class ForwardGrad:
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"ForwardGrad distribution={self.distribution!r}: expected one of {DISTRIBUTIONS}")
 
-    def __call__(self, objective, x, batch, key):
+    def direction(self, objective, x, batch, key):
         noise_key, eval_key = jax.random.split(key)
         f = lambda y: objective(y, batch, eval_key)  # noqa: E731
 

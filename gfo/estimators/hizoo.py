@@ -21,11 +21,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from gfo.estimators.base import Estimator
 from gfo.noise import noise_like, tree_dot
 
 
 @dataclasses.dataclass(frozen=True)
-class HiZOO:
+class HiZOO(Estimator):
     eps: float = 1e-3  # μ
     alpha: float = 1e-6  # EMA rate of the Hessian estimate (the paper's α_t, 1e-6 … 1e-8 for LLMs)
     h_min: float = 1e-8  # floor on h (keeps Σ finite)
@@ -40,7 +41,7 @@ class HiZOO:
         del key
         return jax.tree.map(lambda w: jnp.ones(jnp.shape(w), jnp.float32), x0)
 
-    def __call__(self, objective, x, batch, key, h, step):
+    def estimate(self, objective, x, batch, key, h, step):
         del step
         noise_key, eval_key = jax.random.split(key)
         z = noise_like(noise_key, jax.tree.map(lambda w: jnp.zeros(jnp.shape(w), jnp.float32), x))

@@ -5,7 +5,7 @@ reference `ESHyperscale/HyperscaleES` (`src/hyperscalees/noiser/eggroll.py`).
 
 For every 2-D leaf `W: [m, n]`, direction `p` draws `A_p: [m, r]`, `B_p: [n, r]` from
 `(key, p, leaf path)` and member `i` uses `W + s_i σ A_p B_pᵀ / √r`. When the space accepts factored
-kernels (`factored=True`, e.g. `spaces.Full`), the member's leaf is the `LowRankKernel(W, s_i A_p, B_p,
+kernels (`factored`: by default as the objective declares — an objective over `spaces.Full`), the member's leaf is the `LowRankKernel(W, s_i A_p, B_p,
 σ/√r)`, so the model computes `x@W + …` with `W` shared across the population — one big matmul; other
 spaces get the dense `W + …`. `noise_map` (regex on leaf paths → `lowrank` | `full` | `frozen`, first
 match wins, as HyperscaleES decides per leaf) overrides the default, which is `lowrank` for matrices and
@@ -24,7 +24,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from gfo.direction import Direction, DirectionEstimator, halves_dots
+from gfo.direction import Direction, halves_dots
+from gfo.estimators.base import PerturbingEstimator
 from gfo.noise import leaf_kind, leaf_noise, leaf_noise_keys, matrix_ndim, member_key, perturbed_leaf, sample
 from gfo.population import PopulationConfig, chunked_contraction, leaf_noise_direction, zeros_after
 from models.linear import LowRankKernel, noise_block_elements
@@ -51,9 +52,8 @@ def dense_noise(key: jax.Array, path, shape):
 
 
 @dataclasses.dataclass(frozen=True)
-class LowRankES(DirectionEstimator, PopulationConfig):
+class LowRankES(PerturbingEstimator, PopulationConfig):
     rank: int = 1
-    factored: bool = True  # hand factored LowRankKernel / NoisyLeaf leaves to the objective
     _noise_kinds = ("lowrank", "full", "frozen")
 
     def __post_init__(self):

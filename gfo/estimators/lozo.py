@@ -18,18 +18,19 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from gfo.estimators.base import PerturbingEstimator
 from gfo.estimators.lowrank_es import lowrank_factors
 from gfo.noise import cosine, leaf_noise, matrix_ndim, member_key, perturbed_leaf, tree_dot
 from models.linear import LowRankKernel
 
 
 @dataclasses.dataclass(frozen=True)
-class LOZO:
+class LOZO(PerturbingEstimator):
     eps: float = 1e-3
     rank: int = 2
     nu: int = 50  # steps between draws of V
     n: int = 1  # queries per step (each with its own U)
-    factored: bool = False  # the objective accepts LowRankKernel / NoisyLeaf leaves (drawn in the forward)
+    factored: bool | None = None  # hand LowRankKernel / NoisyLeaf leaves (drawn in the forward); None: as the objective declares
 
     def __post_init__(self):
         if self.eps <= 0 or self.rank < 1 or self.nu < 1 or self.n < 1:
@@ -69,7 +70,8 @@ class LOZO:
 
         return jax.tree_util.tree_map_with_path(leaf, x)
 
-    def __call__(self, objective, x, batch, key, v_root, step):
+    def estimate(self, objective, x, batch, key, v_root, step):
+        self = self.for_objective(objective)
         noise_key, eval_key = jax.random.split(key)
         v_key = jax.random.fold_in(jax.random.wrap_key_data(v_root), step // self.nu)
         ds, losses, spreads = [], [], []

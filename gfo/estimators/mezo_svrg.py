@@ -21,15 +21,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from gfo.estimators.base import PerturbingEstimator
 from gfo.noise import leaf_noise, member_key, perturbed_leaf, tree_dot
 
 
 @dataclasses.dataclass(frozen=True)
-class MeZOSVRG:
+class MeZOSVRG(PerturbingEstimator):
     eps: float = 1e-3
     q: int = 10  # steps between full-batch anchors
     minibatch: int = 4  # rows of the batch per mini-batch estimate
-    factored: bool = False  # the objective accepts NoisyLeaf leaves: z is drawn inside the forward
+    factored: bool | None = None  # hand NoisyLeaf leaves (z drawn in the forward); None: as the objective declares
 
     def __post_init__(self):
         if self.eps <= 0 or self.q < 1 or self.minibatch < 1:
@@ -53,7 +54,8 @@ class MeZOSVRG:
         d = jnp.where(ok, (plus - minus) / (2 * self.eps), 0.0)
         return jax.tree_util.tree_map_with_path(lambda p, w: d * leaf_noise(z_key, p, w), y), (plus + minus) / 2
 
-    def __call__(self, objective, x, batch, key, state, step):
+    def estimate(self, objective, x, batch, key, state, step):
+        self = self.for_objective(objective)
         k_full, k_mb, k_rows, eval_key = jax.random.split(key, 4)
         refresh = jnp.asarray(step) % self.q == 0
 

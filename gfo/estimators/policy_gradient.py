@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from gfo.estimators.base import Estimator
 from gfo.noise import tree_dot
 from gfo.objectives import RewardObjective
 
@@ -22,14 +23,14 @@ __all__ = ["PolicyGradient", "RewardObjective"]
 
 
 @dataclasses.dataclass(frozen=True)
-class PolicyGradient:
+class PolicyGradient(Estimator):
     """Takes a `gfo.objectives.RewardObjective` (objective kind "reward"), not a loss."""
 
     kl_coef: float = 0.0
     normalize: bool = True
     objective_kind = "reward"  # a class attribute, not a field
 
-    def __call__(self, objective: RewardObjective, x, batch, key):
+    def direction(self, objective: RewardObjective, x, batch, key):
         rollout = objective.sample(jax.lax.stop_gradient(x), batch, key)
         reward = jax.lax.stop_gradient(rollout.reward.astype(jnp.float32))  # [B, G]
         advantage = reward - reward.mean(axis=1, keepdims=True)

@@ -21,8 +21,11 @@ import jax.numpy as jnp
 from flax import struct
 
 from gfo import shaping
+from gfo.jitting import filter_jit
 from gfo.noise import member_key, perturbed_leaf
+from gfo.objectives import accepts_descriptors
 from gfo.population import map_members
+from gfo.protocol import fresh, parameter_sharding
 
 
 @struct.dataclass
@@ -36,13 +39,14 @@ class RandOptState:
 
 class RandOpt:
     def __init__(self, population: int = 64, sigma: float = 1e-3, top_k: int = 8, batch_size: int | None = None,
-                 pop_sharding=None, distribution: str = "gaussian", factored: bool = False):
+                 pop_sharding=None, distribution: str = "gaussian", factored: bool | None = None):
         if population < 1 or not 1 <= top_k <= population or sigma <= 0:
             raise ValueError(f"RandOpt population={population}, top_k={top_k}, sigma={sigma}: expected "
                              f"1 <= top_k <= population and sigma > 0")
         self.population, self.sigma, self.top_k = int(population), float(sigma), int(top_k)
         self.batch_size, self.pop_sharding, self.distribution = batch_size, pop_sharding, distribution
-        self.factored = bool(factored)  # the objective accepts NoisyLeaf leaves: members drawn inside the forward
+        # hand the objective NoisyLeaf leaves (members drawn inside the forward); None: as the objective declares
+        self.factored = None if factored is None else bool(factored)
 
     def _id(self):
         return (self.population, self.sigma, self.top_k, self.batch_size, self.pop_sharding, self.distribution,
@@ -61,10 +65,11 @@ class RandOpt:
         """`θ₀ + σ ε_i`, dense: the point `evaluated_member` evaluated (same float32 noise, same rounding)."""
         return self._perturbed(state, i, factored=False)
 
-    def evaluated_member(self, state: RandOptState, i):
-        """`θ₀ + σ ε_i` as the objective receives it: `NoisyLeaf` leaves (noise drawn in the forward) when
-        `factored`, else dense."""
-        return self._perturbed(state, i, self.factored)
+    def evaluated_member(self, state: RandOptState, i, objective=None):
+        """`θ₀ + σ ε_i` as `objective` receives it: `NoisyLeaf` leaves (noise drawn in the forward) when
+        `factored` (None: when the objective accepts descriptors), else dense."""
+        factored = accepts_descriptors(objective) if self.factored is None else self.factored
+        return self._perturbed(state, i, factored)
 
     def _perturbed(self, state: RandOptState, i, factored: bool):
         key = member_key(jax.random.wrap_key_data(state.noise_key), i)
@@ -72,13 +77,16 @@ class RandOpt:
             lambda p, w: perturbed_leaf(key, p, w, self.sigma, self.distribution, factored), state.x0)
 
     def init(self, key: jax.Array, x0) -> RandOptState:
-        return RandOptState(x0=x0, noise_key=jax.random.key_data(key), top=jnp.full((self.top_k,), -1, jnp.int32),
-                            top_losses=jnp.full((self.top_k,), jnp.inf, jnp.float32), step=jnp.zeros((), jnp.int32))
+        return fresh(RandOptState(x0=x0, noise_key=jax.random.key_data(key), top=jnp.full((self.top_k,), -1, jnp.int32),
+                                  top_losses=jnp.full((self.top_k,), jnp.inf, jnp.float32),
+                                  step=jnp.zeros((), jnp.int32)))  # own buffers: the step donates them
 
-    @functools.partial(jax.jit, static_argnums=(0, 2))
+    @functools.partial(filter_jit, donate=(1,))
     def step(self, state: RandOptState, objective: Callable, batch, key: jax.Array):
+        """The round at step 0, nothing afterwards; `state` is donated."""
         def round_(s):
-            losses = map_members(lambda i: objective(self.evaluated_member(s, i), batch, key), self.population,
+            losses = map_members(lambda i: objective(self.evaluated_member(s, i, objective), batch, key),
+                                 self.population,
                                  self.batch_size, self.pop_sharding)
             ranked = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
             order = jnp.argsort(ranked)[: self.top_k].astype(jnp.int32)
@@ -95,6 +103,18 @@ class RandOpt:
 
         new, metrics = jax.lax.cond(state.step == 0, round_, idle, state)
         return new.replace(step=state.step + 1), metrics
+
+    def lower(self, state: RandOptState, objective: Callable, batch, key: jax.Array) -> jax.stages.Lowered:
+        """The lowered step for these arguments (ahead-of-time compilation, XLA's memory analysis)."""
+        return self.step.lower(state, objective, batch, key)
+
+    def state_sharding(self, state: RandOptState, mesh):
+        """The model-axis path rules: θ₀ is parameter-shaped; the ids and losses replicated."""
+        return parameter_sharding(state, mesh)
+
+    def best_solution(self, state: RandOptState):
+        """The best member (the round's archive): the same point as `solution`."""
+        return self.solution(state)
 
     def solution(self, state: RandOptState):
         """The best member (θ₀ before the round)."""

@@ -9,11 +9,11 @@ For each of `n` queries, `z ~ N(0, I)` (or Rademacher) from `fold_in(key, k)`, a
 (Sparse MeZO: perturb only the `1 − sparsity` smallest-magnitude entries of each leaf). Momentum and
 Adam come from the optax transformation (ZO-SGD-MMT = `optax.sgd(momentum=0.9)`, ZO-Adam = `optax.adam`).
 A query whose losses are not finite contributes nothing and is counted in `nonfinite`.
-With `factored` (set by `gfo.build` for spaces that pass leaves through), `x ± εz` reaches the model as
+With `factored` (by default as the objective declares: an objective over a `Full` space), `x ± εz` reaches the model as
 `models.linear.NoisyLeaf` leaves, so `z` is drawn inside the forward one (stacked) layer at a time and no
 perturbed copy of the parameters exists; both signs share one draw. The estimate is handed to the step
-as a `gfo.direction.Direction` (`direction`); with `Optimizer(..., leafwise=True)` (as `gfo train` builds
-it) the step regenerates `z`, transforms and applies it one leaf — one block of rows of a large leaf — at
+as a `gfo.direction.Direction` (`direction`); with an elementwise optax transform (the default of
+`gfo.Optimizer`, and every one `gfo train` builds) the step regenerates `z`, transforms and applies it one leaf — one block of rows of a large leaf — at
 a time into the donated parameters: MeZO's in-place update, functionally. Diagnostics:
 `loss_range` (mean |L₊ − L₋|, the fitness spread) and, with `n >= 2`, `snr_cosine` (cosine between the
 estimates of the first ⌊n/2⌋ queries and of the rest).
@@ -26,20 +26,21 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from gfo.direction import Direction, DirectionEstimator, LeafBlocks
+from gfo.direction import Direction, LeafBlocks
+from gfo.estimators.base import PerturbingEstimator
 from gfo.noise import DISTRIBUTIONS, member_key, noise_like, perturbed_leaf, tree_axpy
 from gfo.population import leaf_noise_direction
 
 
 @dataclasses.dataclass(frozen=True)
-class SPSA(DirectionEstimator):
+class SPSA(PerturbingEstimator):
     eps: float = 1e-3
     n: int = 1
     distribution: str = "gaussian"
     one_sided: bool = False
     sign: bool = False
     sparsity: float = 0.0
-    factored: bool = False  # the objective accepts `NoisyLeaf` leaves: z is drawn inside the forward
+    factored: bool | None = None  # hand `NoisyLeaf` leaves (z drawn in the forward); None: as the objective declares
 
     def __post_init__(self):
         if self.eps <= 0:

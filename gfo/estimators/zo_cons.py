@@ -18,12 +18,15 @@ import jax
 import jax.numpy as jnp
 
 from gfo.estimators.spsa import SPSA
+from gfo.jitting import filter_jit
 from gfo.noise import tree_axpy
 from gfo.optimizer import OptState
+from gfo.protocol import fresh, parameter_sharding
 
 
 class ZOSGDCons:
-    """The optimizer protocol (`init`, `step`, `solution`) around `estimator` with learning rate `lr`."""
+    """The optimizer protocol (`gfo.protocol.OptimizerProtocol`) around a stateless `estimator` (SPSA by
+    default) with learning rate `lr`."""
 
     def __init__(self, estimator=None, lr: float = 1e-6):
         if lr <= 0:
@@ -42,10 +45,11 @@ class ZOSGDCons:
 
     def init(self, key: jax.Array, x0) -> OptState:
         del key
-        return OptState(x=x0, opt_state=None, step=jnp.zeros((), jnp.int32))
+        return fresh(OptState(x=x0, opt_state=None, step=jnp.zeros((), jnp.int32)))  # own buffers: donated
 
-    @functools.partial(jax.jit, static_argnums=(0, 2))
+    @functools.partial(filter_jit, donate=(1,))
     def step(self, state: OptState, objective: Callable, batch, key: jax.Array):
+        """One estimate and the best of three candidates; `state` is donated."""
         k_est, k_eval = jax.random.split(key)
         grad, metrics = self.estimator(objective, state.x, batch, k_est)
         candidates = (state.x, tree_axpy(-self.lr, grad, state.x), tree_axpy(self.lr, grad, state.x))
@@ -58,5 +62,18 @@ class ZOSGDCons:
                    "update_norm": jnp.where(choice == 0, 0.0, self.lr * metrics["grad_norm"])}
         return OptState(x=x, opt_state=None, step=state.step + 1), metrics
 
+    def lower(self, state: OptState, objective: Callable, batch, key: jax.Array) -> jax.stages.Lowered:
+        """The lowered step for these arguments (ahead-of-time compilation, XLA's memory analysis)."""
+        return self.step.lower(state, objective, batch, key)
+
     def solution(self, state: OptState):
+        """The current point (never worse on its step's batch than the previous one)."""
         return state.x
+
+    def best_solution(self, state: OptState):
+        """The current point: the conservative step keeps no separate archive."""
+        return state.x
+
+    def state_sharding(self, state: OptState, mesh):
+        """The model-axis path rules: the point is parameter-shaped."""
+        return parameter_sharding(state, mesh)

@@ -1,0 +1,1 @@
+"""The optimizer axis's shared mechanics that a step decides from what it is given (see `plan`)."""
