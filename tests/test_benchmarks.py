@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 
 from benchmarks import convergence, throughput
@@ -75,3 +76,14 @@ def test_convergence_quick_compares_methods_at_an_equal_budget(tmp_path):
     assert table["adam"]["final_mean"] < table["adam"]["start"]  # the exact gradient makes progress
     for name in ("convergence_quick.json", "convergence_quick.md", "convergence_quick.png"):
         assert os.path.isfile(tmp_path / name)
+
+
+def test_library_step_quick_measures_the_step_a_script_gets(tmp_path):
+    from benchmarks import library_step
+
+    payload = library_step.run(quick=True, out_dir=str(tmp_path))
+    rows = {r["method"]: r for r in payload["rows"]}
+    assert set(rows) == {"spsa", "openes"}
+    assert "factored=True" in rows["spsa"]["as_run"] and "factored=True" in rows["openes"]["as_run"]
+    assert all(0.5 < r["peak_x_params"] < 50 and np.isfinite(r["loss"]) for r in rows.values())
+    assert (tmp_path / "library_step_quick.md").read_text().count("| `Optimizer(") == 2
