@@ -181,6 +181,14 @@ class Stage:
                                          *stepplan.device_memory_limit(self.mesh))
         if self.planned_chunk is not None:
             line += f"; eval_chunk {self.planned_chunk} chosen from the memory budget"
+        from gfo.optimizer import Optimizer
+        from gfo.population import PopulationConfig
+
+        if self.planned_chunk is None and isinstance(self.optimizer, Optimizer):  # the library's own plan
+            estimator = self.optimizer.prepare(self.objective, self.state.x, batch, key)
+            if isinstance(estimator, PopulationConfig) and estimator.batch_size is not None:
+                line += (f"; {estimator.batch_size} members per chunk (the population's activations within the "
+                         f"parameters' size: gfo.optim.plan)")
         return line
 
 
