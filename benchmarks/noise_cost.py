@@ -7,7 +7,7 @@ Full-rank ES and SPSA draw one noise tree per direction to evaluate it and once 
 sequences that is most of their step. This measures, on this backend, the time of drawing one noise tree
 shaped like the model's parameters (leaf by leaf, each leaf from its own key, as `gfo.noise` does) with:
 - `hashed gaussian`: gfo's `gaussian` — each row's key expanded by a counter hash
-  (`models.linear.hashed_bits`), through the inverse normal CDF;
+  (`models.noise.hashed_bits`), through the inverse normal CDF;
 - `threefry gaussian`: `jax.random.normal` on the default threefry keys (gfo's `gaussian_threefry`);
 - `threefry rademacher (packed)`: 32 signs unpacked from each random word (gfo's `rademacher`);
 - `threefry rademacher (jax)`: `jax.random.rademacher`, one word per sign;

@@ -19,8 +19,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 
-class ConfigError(ValueError):
-    """A configuration key, type or value that cannot be used."""
+from gfo.errors import ConfigError  # noqa: E402,F401 - defined apart so that gfo.methods needs no gfo.config
 
 
 @dataclasses.dataclass

@@ -4,7 +4,7 @@
                                           batch_size=chunk, pop_sharding=pop_sharding)
 
 `evaluate_member(i)` (`i` an int32 scalar, traced) returns member `i`'s scalar loss; the `n` members are
-evaluated in `vmap`ped chunks of `batch_size` under `lax.map` (`gfo.population.map_members`), split over
+evaluated in `vmap`ped chunks of `batch_size` under `lax.map` (`map_members` below), split over
 the mesh's `pop` axis when `pop_sharding` is given. `losses` `[n]` float32 come back as evaluated (raw:
 non-finite values stay, so ranking can put them last); the metrics are those of the *sanitised* losses,
 where each non-finite loss is replaced by the worst finite one (`gfo.shaping.sanitize`) and counted.
@@ -32,7 +32,44 @@ import jax
 import jax.numpy as jnp
 
 from gfo import shaping
-from gfo.population import map_members
+
+
+def _sub_sharding(pop_sharding, spec):
+    """A sharding on `pop_sharding`'s mesh with another `PartitionSpec`."""
+    from jax.sharding import NamedSharding
+
+    return NamedSharding(pop_sharding.mesh, spec)
+
+
+def constrain(tree, sharding):
+    """`tree` with every leaf constrained to `sharding` (unchanged when None)."""
+    return tree if sharding is None else jax.tree.map(lambda y: jax.lax.with_sharding_constraint(y, sharding), tree)
+
+
+def map_members(fn: Callable[[jax.Array], jax.Array], n: int, batch_size: int | None = None,
+                pop_sharding=None) -> jax.Array:
+    """`stack([fn(i) for i in range(n)])` as `lax.map` over `vmap`ped chunks of `batch_size` members.
+
+    With `pop_sharding` (a `NamedSharding` with spec `P("pop")`), every chunk's members are split over
+    the `pop` axis, so each device evaluates `chunk / |pop|` members per step and the result `[n]` is
+    sharded over `pop`: only the per-member scalars ever exist outside the device that made them.
+    """
+    chunk = n if batch_size is None else max(1, min(int(batch_size), n))
+    n_chunks = -(-n // chunk)
+    # Padded ids repeat the last member; their results are dropped.
+    ids = jnp.minimum(jnp.arange(n_chunks * chunk, dtype=jnp.int32), n - 1).reshape(n_chunks, chunk)
+    if pop_sharding is not None:
+        from jax.sharding import PartitionSpec as P
+
+        ids = jax.lax.with_sharding_constraint(ids, _sub_sharding(pop_sharding, P(None, *pop_sharding.spec)))
+
+    def run_chunk(members):
+        return constrain(jax.vmap(fn)(constrain(members, pop_sharding)), pop_sharding)
+
+    out = run_chunk(ids[0]) if n_chunks == 1 else jax.lax.map(run_chunk, ids)
+    out = jax.tree.map(lambda y: y.reshape((n_chunks * chunk,) + y.shape[2 if n_chunks > 1 else 1:])[:n], out)
+    return constrain(out, pop_sharding)
+
 
 METRICS = ("loss", "loss_min", "loss_std", "loss_range", "nonfinite", "evaluations", "best_loss", "update_norm",
            "grad_norm", "snr_cosine", "reward")

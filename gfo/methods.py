@@ -59,7 +59,7 @@ def transform(section):
     noise estimators' updates may run leaf by leaf (`gfo.direction.leafwise_update`)."""
     import optax
 
-    from gfo.config import ConfigError
+    from gfo.errors import ConfigError
 
     s = section
     if s.transform == "adam":

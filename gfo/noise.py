@@ -5,7 +5,7 @@ Member `i`'s noise for the leaf at path `p` is a pure function of `(key, i, p)`:
 reusing one seed per layer, ES-at-scale issue #46, cannot happen) and any device can regenerate any
 member's noise from the step key alone. A *stacked* leaf (under the model's `layers/` subtree, leading
 layer axis `[L, ...]`) draws layer `l`'s noise from `fold_in(leaf key, l)`, and a matrix draws its row `r`
-from `fold_in(layer key, r)` (`models.linear.matrix_noise`), so the scanned forward can generate one
+from `fold_in(layer key, r)` (`models.noise.matrix_noise`), so the scanned forward can generate one
 layer's noise at a time, an embedding lookup only the rows it reads, and an update any block of rows
 (`leaf_noise_rows`), and all of them get exactly the same numbers (`leaf_noise_keys`,
 `models.linear.NoisyLeaf`). Noise is drawn in float32 (drawing directly in bfloat16 loses precision).

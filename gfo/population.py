@@ -17,19 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from gfo import shaping
+from gfo.fitness import constrain, map_members, population_metrics
 from gfo.direction import LeafBlocks, exact_zero, halves_cosine, halves_dots, leaf_direction
 from gfo.noise import check_noise_map, leaf_noise, leaf_noise_rows, noise_blocks
-
-
-def _sub_sharding(pop_sharding, spec):
-    """A sharding on `pop_sharding`'s mesh with another `PartitionSpec`."""
-    from jax.sharding import NamedSharding
-
-    return NamedSharding(pop_sharding.mesh, spec)
-
-
-def _constrain(tree, sharding):
-    return tree if sharding is None else jax.tree.map(lambda y: jax.lax.with_sharding_constraint(y, sharding), tree)
 
 
 def zeros_after(weights: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
@@ -37,31 +27,6 @@ def zeros_after(weights: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     exist. A constant-initialised loop carry is otherwise hoisted to the start of the step, and every
     leaf's accumulator would be live at once — defeating a leaf-by-leaf update (`gfo.direction`)."""
     return jnp.broadcast_to(jnp.abs(exact_zero(weights)).astype(dtype), shape)
-
-
-def map_members(fn: Callable[[jax.Array], jax.Array], n: int, batch_size: int | None = None,
-                pop_sharding=None) -> jax.Array:
-    """`stack([fn(i) for i in range(n)])` as `lax.map` over `vmap`ped chunks of `batch_size` members.
-
-    With `pop_sharding` (a `NamedSharding` with spec `P("pop")`), every chunk's members are split over
-    the `pop` axis, so each device evaluates `chunk / |pop|` members per step and the result `[n]` is
-    sharded over `pop`: only the per-member scalars ever exist outside the device that made them.
-    """
-    chunk = n if batch_size is None else max(1, min(int(batch_size), n))
-    n_chunks = -(-n // chunk)
-    # Padded ids repeat the last member; their results are dropped.
-    ids = jnp.minimum(jnp.arange(n_chunks * chunk, dtype=jnp.int32), n - 1).reshape(n_chunks, chunk)
-    if pop_sharding is not None:
-        from jax.sharding import PartitionSpec as P
-
-        ids = jax.lax.with_sharding_constraint(ids, _sub_sharding(pop_sharding, P(None, *pop_sharding.spec)))
-
-    def run_chunk(members):
-        return _constrain(jax.vmap(fn)(_constrain(members, pop_sharding)), pop_sharding)
-
-    out = run_chunk(ids[0]) if n_chunks == 1 else jax.lax.map(run_chunk, ids)
-    out = jax.tree.map(lambda y: y.reshape((n_chunks * chunk,) + y.shape[2 if n_chunks > 1 else 1:])[:n], out)
-    return _constrain(out, pop_sharding)
 
 
 def weighted_sum(weights: jax.Array, make: Callable[[jax.Array], object], batch_size: int | None = None,
@@ -86,7 +51,7 @@ def chunked_contraction(weights: jax.Array, contract: Callable[[jax.Array, jax.A
     """
     inner = contract
     if pop_sharding is not None:
-        contract = lambda w, j: inner(*_constrain((w, j), pop_sharding))  # noqa: E731
+        contract = lambda w, j: inner(*constrain((w, j), pop_sharding))  # noqa: E731
     n = weights.shape[0]
     chunk = n if batch_size is None else max(1, min(int(batch_size), n))
     n_chunks = -(-n // chunk)
@@ -319,7 +284,6 @@ class PopulationConfig:
 
     def evaluate(self, member_loss: Callable) -> tuple[jax.Array, jax.Array, dict]:
         """Losses `[N]` of all members (`member_loss(direction, sign, member)`), shaped values, metrics."""
-        from gfo.fitness import population_metrics  # the one metrics vocabulary (gfo.fitness)
 
         losses = self.member_losses(member_loss)
         return losses, shaping.shape(losses, self.shaping, self.groups), population_metrics(losses)

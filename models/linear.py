@@ -26,7 +26,6 @@ import jax.numpy as jnp
 from flax import struct
 
 from models.noise import matrix_noise, row_noise
-from models.noise import standard_noise  # noqa: F401  (re-exported for tests/test_estimators.py)
 
 
 class _OverBase:

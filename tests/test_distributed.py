@@ -23,7 +23,7 @@ from gfo.config import load_config
 from gfo.estimators import LowRankES, OpenES
 from gfo.noise import path_name
 from gfo.optimizer import Optimizer
-from gfo.population import map_members
+from gfo.fitness import map_members
 from gfo.spaces import Full
 from gfo.train import train
 from tests.conftest import LMObjective

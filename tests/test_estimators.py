@@ -236,7 +236,7 @@ def test_stacked_leaf_draws_each_layer_from_its_own_key():
     the same whether drawn for the whole leaf (the update) or one layer at a time from a sliced `NoisyLeaf`
     (the forward)."""
     from gfo.noise import leaf_key, leaf_noise, perturbed_leaf
-    from models.linear import standard_noise
+    from models.noise import standard_noise
 
     path = (jax.tree_util.DictKey("layers/attn/q/kernel"),)
     w = jnp.zeros((3, 4, 5))

@@ -41,7 +41,7 @@ __all__ = ["OpenES", "PopulationConfig"]
 
 @dataclasses.dataclass(frozen=True)
 class OpenES(PerturbingEstimator, PopulationConfig):
-    distribution: str = "gaussian"  # or "rademacher", or "auto" (rademacher on CPU: models.linear.resolve_distribution)
+    distribution: str = "gaussian"  # or "rademacher", or "auto" (rademacher on CPU: models.noise.resolve_distribution)
 
     def __post_init__(self):
         super().__post_init__()

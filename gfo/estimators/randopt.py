@@ -21,10 +21,10 @@ import jax.numpy as jnp
 from flax import struct
 
 from gfo import shaping
+from gfo.fitness import map_members
 from gfo.jitting import filter_jit
 from gfo.noise import member_key, perturbed_leaf
 from gfo.objectives import accepts_descriptors
-from gfo.population import map_members
 from gfo.protocol import fresh, parameter_sharding
 
 

@@ -1,0 +1,6 @@
+"""The user-error type every config-reading module raises (its own module: `gfo.methods` and
+`gfo.config` both need it, and neither may import the other back)."""
+
+
+class ConfigError(ValueError):
+    """A configuration key, type or value that cannot be used."""
