@@ -64,8 +64,8 @@ QUICK_MODEL = {"family": "gpt2", "overrides": {"d_model": 32, "n_layers": 1, "n_
 def pretrained(root: str, task: str, steps: int, model_section: dict) -> str:
     """A Hugging Face checkpoint of the tiny model after `steps` Adam steps on the task's cross-entropy."""
     import models
-    from gfo.config import from_dict, RunConfig
-    from gfo.train import train
+    from gfo.run.config import from_dict, RunConfig
+    from gfo.run.train import train
 
     path = os.path.join(root, "pretrained", task)
     if os.path.isfile(os.path.join(path, "config.json")):
@@ -81,8 +81,8 @@ def pretrained(root: str, task: str, steps: int, model_section: dict) -> str:
 
 
 def run(root: str, task: str, method: str, seed: int, budget: int, evals: int, checkpoint: str) -> dict:
-    from gfo.config import from_dict, RunConfig
-    from gfo.train import train
+    from gfo.run.config import from_dict, RunConfig
+    from gfo.run.train import train
 
     optimizer, cost = METHODS[method]
     if cost is None:  # RandOpt: one round of `budget` members

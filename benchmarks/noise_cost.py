@@ -5,7 +5,7 @@
 
 Full-rank ES and SPSA draw one noise tree per direction to evaluate it and once more to update; at short
 sequences that is most of their step. This measures, on this backend, the time of drawing one noise tree
-shaped like the model's parameters (leaf by leaf, each leaf from its own key, as `gfo.noise` does) with:
+shaped like the model's parameters (leaf by leaf, each leaf from its own key, as `gfo.optim.noise` does) with:
 - `hashed gaussian`: gfo's `gaussian` — each row's key expanded by a counter hash
   (`models.noise.hashed_bits`), through the inverse normal CDF;
 - `threefry gaussian`: `jax.random.normal` on the default threefry keys (gfo's `gaussian_threefry`);
@@ -28,7 +28,7 @@ import optax
 
 import models
 from benchmarks.common import describe, machine, seconds, write
-from gfo.noise import leaf_key, path_name
+from gfo.optim.noise import leaf_key, path_name
 from models.noise import standard_noise
 
 TABLE_SIZE = 2**25  # floats (128 MiB): at least the largest leaf of the models measured

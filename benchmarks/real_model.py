@@ -164,8 +164,8 @@ def generation_throughput(paths: dict, rows: int = 32, prompt_tokens: int = 128,
 # ----------------------------------------------------------------------------- fine-tuning
 def fine_tune(kind: str, paths: dict, seed: int, runs_dir: str, quick: bool) -> dict:
     """One `gfo train` run of a paper config; its first and last evaluations and wall time."""
-    from gfo.config import load_config
-    from gfo.train import train
+    from gfo.run.config import load_config
+    from gfo.run.train import train
 
     data = {"es_countdown": [], "mezo_sentiment": [f"task.options.data_path={paths['polarity']}"]}[kind]
     overrides = [f"model.path={paths['checkpoint']}", f"seed={seed}", f"name={kind}_seed{seed}",

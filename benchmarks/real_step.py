@@ -26,7 +26,7 @@ import optax
 import gfo
 import models
 from benchmarks.common import describe, machine, write
-from gfo.noise import member_key, perturbed_leaf
+from gfo.optim.noise import member_key, perturbed_leaf
 from gfo.objectives import OnSpace
 from gfo.spaces import Full
 
@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
     for name, opt in methods.items():
         state = opt.init(jax.random.key(1), x0)
         t0 = time.perf_counter()
-        exe = opt.step.lower(state, loss, seq, jax.random.key(2)).compile()
+        exe = opt.lower(state, loss, seq, jax.random.key(2)).compile()
         m = exe.memory_analysis()
         peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
         out["steps"][name] = {"compile_s": time.perf_counter() - t0, "peak_x_params": peak / param_bytes}

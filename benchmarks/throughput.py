@@ -32,7 +32,7 @@ import optax
 import gfo
 import models
 from benchmarks.common import describe, machine, mark, seconds, write
-from gfo.noise import noise_like
+from gfo.optim.noise import noise_like
 from gfo.objectives import OnSpace
 from gfo.spaces import Full
 
@@ -76,7 +76,7 @@ def _peak(executable) -> int:
 
 
 def optimizers(n: int, chunk: int, distribution: str, leafwise: bool = True) -> dict:
-    """The three steps, updated leaf by leaf (`gfo.direction.leafwise_update`, as `gfo train` runs them)
+    """The three steps, updated leaf by leaf (`gfo.optim.update.leafwise_update`, as `gfo train` runs them)
     unless `leafwise=False` (the whole gradient tree, then the transform)."""
     sgd = optax.sgd(1e-4)
     return {
@@ -107,7 +107,7 @@ class Setup:
         jitted step (`gfo.jitting.filter_jit`), lowered and compiled ahead as `gfo train` does."""
         state = opt.init(jax.random.key(2), self.x0)
         t0 = time.perf_counter()
-        executable = opt.step.lower(state, self.loss, self.tokens, jax.random.key(3)).compile()
+        executable = opt.lower(state, self.loss, self.tokens, jax.random.key(3)).compile()
         t = time.perf_counter() - t0
         return (lambda st, tokens, key: opt.step(st, self.loss, tokens, key)), state, t, executable
 
@@ -127,7 +127,7 @@ def timed_steps(fn, state, tokens, repeats: int) -> float:
 
 
 def draw_seconds(setup: "Setup", distribution: str, repeats: int) -> float:
-    """Seconds to draw one noise tree like the searched weights (`gfo.noise.noise_like`, leaf by leaf and
+    """Seconds to draw one noise tree like the searched weights (`gfo.optim.noise.noise_like`, leaf by leaf and
     row by row as the step draws it): the unit of an SPSA step's noise cost."""
     draw = jax.jit(lambda x, key: noise_like(key, x, distribution))
     return seconds(draw, setup.x0, jax.random.key(5), repeats=repeats)

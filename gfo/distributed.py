@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from gfo.noise import path_name
+from gfo.optim.noise import path_name
 from models.tree import LAYERS
 
 AXES = ("pop", "data", "model")
@@ -105,7 +105,7 @@ def _start(*args, **kwargs):
             raise
         raise DistributedError(
             "multi-process JAX must start before anything uses a device, and something already did (importing "
-            "evosax, gfo.train or gfo.strategies does): call gfo.distributed.initialize(...) first, as "
+            "evosax, gfo.run.train or gfo.optim.search.strategies does): call gfo.distributed.initialize(...) first, as "
             "`gfo train` does, or launch with GFO_COORDINATOR_ADDRESS/GFO_NUM_PROCESSES/GFO_PROCESS_ID set "
             "and call it at the top of the script") from None
 

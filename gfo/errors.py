@@ -1,5 +1,5 @@
-"""The user-error type every config-reading module raises (its own module: `gfo.methods` and
-`gfo.config` both need it, and neither may import the other back)."""
+"""The user-error type every config-reading module raises (its own module: `gfo.optim.registry` and
+`gfo.run.config` both need it, and neither may import the other back)."""
 
 
 class ConfigError(ValueError):

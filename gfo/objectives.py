@@ -8,7 +8,7 @@
    point for a KL term; `gfo.rollout.GenerationReward` is one, and is also a loss (`−mean reward`).
 
 An estimator declares the kind it takes with a class attribute `objective_kind` ("loss" by default;
-`PolicyGradient`: "reward"); `gfo.build` builds the matching objective from the task, and a step
+`PolicyGradient`: "reward"); `gfo.run.build` builds the matching objective from the task, and a step
 given the wrong kind fails at build time with the method's name.
 
 An objective also declares whether a perturbed point may reach it as *descriptors*

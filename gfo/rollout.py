@@ -3,7 +3,7 @@
 `GenerationReward` samples `group_size` completions per prompt with the KV-cache generator, scores
 them with `reward_fn`, and offers
 - `__call__(x, batch, key)`: the loss `−mean reward` (for ES, SPSA, evosax: any loss-minimiser);
-- `sample` / `log_prob`: the `gfo.objectives.RewardObjective` protocol of `gfo.estimators.PolicyGradient`.
+- `sample` / `log_prob`: the `gfo.objectives.RewardObjective` protocol of `gfo.optim.estimators.PolicyGradient`.
 It is a pytree (`gfo.jitting.register_object_pytree`): the space behind `to_params` (its frozen weights)
 and the KL `reference` point reach a jitted step as traced arguments, not as constants.
 

@@ -9,7 +9,7 @@ A space is built around base parameters and exposes
                                   # or [L, d_in, d_out] with per-layer factors under `layers/`)
 
 Spaces: `Full` (all weights or a path-filtered subset), `LoRA`, `Prompt` (soft prompt), `HardPrompt`
-(token ids, for the discrete searches of `gfo.discrete`), and
+(token ids, for the discrete searches of `gfo.optim.search.discrete`), and
 `Subspace` (a fixed random projection of a small vector into any other space, Black-Box Tuning).
 """
 
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 import models
-from gfo.noise import leaf_key, path_name, tree_size
+from gfo.optim.noise import leaf_key, path_name, tree_size
 from models.linear import embed_lookup, materialize
 from models.tree import get_path, set_path
 
@@ -30,7 +30,7 @@ from models.tree import get_path, set_path
 class Space:
     lowrank_ok: bool = False
     # Per-leaf noise kinds, `((regex on leaf paths, "lowrank" | "full" | "frozen"), ...)`, first match wins
-    # (HyperscaleES's es_map); read by the ES estimators (`gfo.noise.leaf_kind`). Set from `space.noise_map`.
+    # (HyperscaleES's es_map); read by the ES estimators (`gfo.optim.noise.leaf_kind`). Set from `space.noise_map`.
     noise_map: tuple = ()
 
     def init(self, key: jax.Array):
@@ -162,7 +162,7 @@ class HardPrompt(Space):
 
     `to_params` returns `params["soft_prompt"] = embed[x]`, which the model reads exactly as if the
     tokens were prepended (positions `0..n-1`, the input shifted by `n`). Searched by the discrete
-    optimizers of `gfo.discrete` (annealing, tabu search, ant colony), not by continuous ones.
+    optimizers of `gfo.optim.search.discrete` (annealing, tabu search, ant colony), not by continuous ones.
     """
 
     def __init__(self, params, n_tokens: int, vocab=None, initial=None):

@@ -9,7 +9,7 @@ turns `"auto"` into the fastest for the backend. A matrix's noise is drawn row b
 `matrix_noise` one layer's whole leaf), so any block of rows can be regenerated alone and equals the
 same rows of the whole draw. Keys stay JAX's typed keys (threefry by default); only the expansion of
 one key into at most one row's words uses the hash. No parameters live here: `models.linear` reads
-these draws inside the forward (`NoisyLeaf`), `gfo.noise` derives the per-member, per-leaf keys.
+these draws inside the forward (`NoisyLeaf`), `gfo.optim.noise` derives the per-member, per-leaf keys.
 """
 
 from __future__ import annotations

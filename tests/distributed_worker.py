@@ -2,7 +2,7 @@
 
     python tests/distributed_worker.py OUT_DIR PROCESS_ID NUM_PROCESSES PORT METHOD [KEY=VALUE ...]
 
-Runs the config through `gfo.train.train` with an explicit coordinator on 127.0.0.1 and writes this
+Runs the config through `gfo.run.train.train` with an explicit coordinator on 127.0.0.1 and writes this
 process's final parameters to `OUT_DIR/METHOD_PROCESS_ID.npz` (flattened by parameter path).
 """
 
@@ -14,14 +14,14 @@ import numpy as np
 def main(argv):
     out_dir, process_id, num_processes, port, method, *overrides = argv
     from gfo import distributed
-    from gfo.config import load_config
+    from gfo.run.config import load_config
 
     cfg = load_config(None, [*overrides, f"distributed.coordinator_address=127.0.0.1:{port}",
                              f"distributed.num_processes={num_processes}", f"distributed.process_id={process_id}"])
     d = cfg.distributed
     distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)  # as `gfo train` does, first
-    from gfo.noise import path_name
-    from gfo.train import train
+    from gfo.optim.noise import path_name
+    from gfo.run.train import train
 
     params = distributed.to_host(train(cfg)["params"])  # `train` starts multi-process JAX
     import jax

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import models
-from gfo import build
-from gfo.config import ConfigError, ModelSection, TaskSection
+from gfo.run import build
+from gfo.run.config import ConfigError, ModelSection, TaskSection
 from gfo.tasks import TASKS
 from gfo.tasks.countdown import REFERENCE_PREFIX, REFERENCE_SYSTEM
 from gfo.tasks.gsm8k import extract_answer
@@ -123,8 +123,8 @@ def test_tokenizer_that_does_not_fit_the_model_is_refused(tokenizer_dir):  # noq
 
 @pytest.mark.slow
 def test_train_from_a_checkpoint_uses_its_tokenizer_and_template(checkpoint, tmp_path, capsys):
-    from gfo.config import load_config
-    from gfo.train import train
+    from gfo.run.config import load_config
+    from gfo.run.train import train
 
     config = tmp_path / "run.yaml"
     config.write_text(json.dumps({
@@ -137,7 +137,7 @@ def test_train_from_a_checkpoint_uses_its_tokenizer_and_template(checkpoint, tmp
     result = train(load_config(str(config), []))
     losses = [r["loss"] for r in result["records"] if "loss" in r]
     assert losses and all(np.isfinite(losses))
-    from gfo.evaluate import restore_run
+    from gfo.run.evaluate import restore_run
 
     _, stage, step = restore_run(result["run_dir"])
     assert step == 2 and stage.task.style == "reference"

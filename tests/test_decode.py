@@ -87,9 +87,9 @@ def test_decode_section_compares_decoders_at_the_end_of_gfo_train(tmp_path, caps
     import json
     import os
 
-    from gfo import cli
-    from gfo.config import load_config
-    from gfo.train import train
+    from gfo.run import cli
+    from gfo.run.config import load_config
+    from gfo.run.train import train
 
     cfg = load_config(None, ["pretrain=null", f"runs_dir={tmp_path}", "task.name=arithmetic", "task.options={digits: 1}",
                              "task.batch_size=32", "task.eval_size=16", "optimizer.method=backprop", "optimizer.lr=0.01",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from gfo import cli, demo
+from gfo.run import cli, demo
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The leaf-by-leaf update (`gfo.direction`): equal to the whole-tree update for every noise estimator and
+"""The leaf-by-leaf update (`gfo.optim.update`): equal to the whole-tree update for every noise estimator and
 elementwise transform, blocked leaves included; one leaf's gradient in memory instead of the tree's;
 transforms whose state is not per-leaf refused."""
 
@@ -13,10 +13,10 @@ import optax
 import pytest
 
 import gfo
-from gfo.direction import Direction, leafwise_update
+from gfo.optim.update import Direction, leafwise_update
 from gfo.jitting import register_object_pytree
-from gfo.noise import member_key
-from gfo.population import leaf_noise_direction
+from gfo.optim.noise import member_key
+from gfo.optim.population import leaf_noise_direction
 
 
 class Quadratic:
@@ -152,14 +152,14 @@ def test_a_transform_whose_state_is_not_per_leaf_is_refused():
     (lambda: optax.lamb(1e-3), False), (lambda: optax.lars(1e-2), False), (lambda: optax.adafactor(1e-3), False),
     (lambda: optax.chain(optax.add_noise(0.1, 0.5, 0), optax.sgd(1e-2)), False)])
 def test_the_leafwise_default_is_decided_by_running_the_transform(transform, elementwise):
-    from gfo.direction import is_elementwise
+    from gfo.optim.update import is_elementwise
 
     assert is_elementwise(transform()) is elementwise
 
 
 def test_gfo_train_builds_leafwise_optimizers_for_the_noise_estimators():
-    from gfo import methods
-    from gfo.config import OptimizerSection
+    from gfo.optim import registry as methods
+    from gfo.run.config import OptimizerSection
 
     for method in ("spsa", "es", "lowrank_es"):
         section = OptimizerSection(method=method, transform="adam", lr=1e-3)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import models
-from gfo.discrete import prompt_objective, search
+from gfo.optim.search.discrete import prompt_objective, search
 from gfo.tasks import TASKS
 
 
@@ -45,8 +45,8 @@ def test_search_errors(problem):
 @pytest.mark.slow
 def test_hard_prompt_search_runs_through_gfo_train_and_resumes(tmp_path):
     """`space.kind: hard_prompt` + `optimizer.method: tabu`: checkpoints, resume, tokens from the vocab."""
-    from gfo.config import load_config
-    from gfo.train import train
+    from gfo.run.config import load_config
+    from gfo.run.train import train
 
     letters = list(range(97, 123))
     args = ["pretrain=null", f"runs_dir={tmp_path}", "task.name=prompt_classification", "task.options={k: 2}",

@@ -19,13 +19,13 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gfo import distributed
-from gfo.config import load_config
-from gfo.estimators import LowRankES, OpenES
-from gfo.noise import path_name
-from gfo.optimizer import Optimizer
-from gfo.fitness import map_members
+from gfo.run.config import load_config
+from gfo.optim.estimators import LowRankES, OpenES
+from gfo.optim.noise import path_name
+from gfo.optim.optimizer import Optimizer
+from gfo.optim.evaluate import map_members
 from gfo.spaces import Full
-from gfo.train import train
+from gfo.run.train import train
 from tests.conftest import LMObjective
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: XLA_FLAGS="

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import gfo
-from gfo.estimators.lowrank_es import dense_noise, lowrank_factors
-from gfo.noise import member_key
-from gfo.shaping import centered_ranks, shape
+from gfo.optim.estimators.lowrank_es import dense_noise, lowrank_factors
+from gfo.optim.noise import member_key
+from gfo.optim.shaping import centered_ranks, shape
 from models.linear import LowRankKernel, NoisyLeaf, linear, materialize
 
 CENTER = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.array([0.5, -0.25, 1.0])}
@@ -196,8 +196,8 @@ def test_openai_es_config_reproduces_the_reference_update():
     l2 = 0.005. With weight_decay = l2 (not l2/σ) the L2 term is 50× too weak and this fails."""
     import dataclasses
 
-    from gfo.build import build_optimizer
-    from gfo.config import load_config
+    from gfo.run.build import build_optimizer
+    from gfo.run.config import load_config
 
     section = dataclasses.replace(load_config("paper_configs/openai_es.yaml").optimizer, population=8,
                                   eval_chunk=None)
@@ -213,7 +213,7 @@ def test_openai_es_config_reproduces_the_reference_update():
         state, _ = opt.step(state, quadratic, None, key)
         noise_key, _ = jax.random.split(key)
         eps = [{k: np.asarray(e, np.float64) for k, e in
-                gfo.noise.noise_like(member_key(noise_key, jnp.int32(p)), x0).items()} for p in range(n // 2)]
+                gfo.optim.noise.noise_like(member_key(noise_key, jnp.int32(p)), x0).items()} for p in range(n // 2)]
         losses = np.array([float(quadratic({k: jnp.asarray(theta[k] + s * sigma * e[k], jnp.float32) for k in theta}))
                            for e in eps for s in (1.0, -1.0)])
         ranks = np.asarray(centered_ranks(jnp.asarray(losses)))
@@ -235,7 +235,7 @@ def test_stacked_leaf_draws_each_layer_from_its_own_key():
     `standard_noise(fold_in(fold_in(leaf key, l), r))`,
     the same whether drawn for the whole leaf (the update) or one layer at a time from a sliced `NoisyLeaf`
     (the forward)."""
-    from gfo.noise import leaf_key, leaf_noise, perturbed_leaf
+    from gfo.optim.noise import leaf_key, leaf_noise, perturbed_leaf
     from models.noise import standard_noise
 
     path = (jax.tree_util.DictKey("layers/attn/q/kernel"),)

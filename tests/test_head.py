@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import models
-from gfo.noise import leaf_noise_keys
+from gfo.optim.noise import leaf_noise_keys
 from models.linear import LowRankKernel, NoisyLeaf
 
 VOCAB = 61  # prime: no block width divides it

@@ -11,11 +11,11 @@ import pytest
 
 import gfo
 import models
-from gfo import methods
-from gfo.config import OptimizerSection
-from gfo.fitness import METRICS
+from gfo.optim import registry as methods
+from gfo.run.config import OptimizerSection
+from gfo.optim.evaluate import METRICS
 from gfo.jitting import register_object_pytree
-from gfo.protocol import Estimator, OptimizerProtocol
+from gfo.optim.protocol import Estimator, OptimizerProtocol
 from gfo.rollout import Rollout
 
 ALLOW_RANK_PROMOTION = True  # evosax internals

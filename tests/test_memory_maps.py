@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gfo import stepplan
+from gfo.run import stepplan
 
 
 def _maps() -> int:

@@ -10,9 +10,9 @@ import optax
 import pytest
 
 import gfo
-from gfo import shaping
-from gfo.estimators.randopt import vote
-from gfo.noise import member_key, noise_like, tree_axpy
+from gfo.optim import shaping
+from gfo.optim.search.randopt import vote
+from gfo.optim.noise import member_key, noise_like, tree_axpy
 
 CENTER = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.array([0.5, -0.25, 1.0])}
 CURV = {"w": jnp.linspace(0.5, 2.0, 12).reshape(4, 3), "b": jnp.array([1.0, 3.0, 0.5])}
@@ -246,8 +246,8 @@ def test_stateful_estimators_run_through_the_optimizer_protocol():
 @pytest.mark.parametrize("method, options", [("zo_sgd_cons", {}), ("lozo", {"nu": 2}), ("hizoo", {"alpha": 1e-3}),
                                              ("mezo_svrg", {"q": 2, "minibatch": 2}), ("randopt", {"top_k": 2})])
 def test_config_methods_build_and_step(method, options):
-    from gfo.build import build_optimizer
-    from gfo.config import OptimizerSection
+    from gfo.run.build import build_optimizer
+    from gfo.run.config import OptimizerSection
 
     section = OptimizerSection(method=method, sigma=1e-2, lr=1e-2, transform="sgd", population=8, options=options)
     opt = build_optimizer(section, X)
@@ -258,7 +258,7 @@ def test_config_methods_build_and_step(method, options):
     assert int(metrics["evaluations"]) >= 0 and np.isfinite(float(metrics["loss"]))
     # compiled ahead as `gfo train` does (`jax.jit` methods and `filter_jit` steps alike): the state is
     # among the traced arguments, not hashed as a static one
-    from gfo.protocol import lower_step
+    from gfo.optim.protocol import lower_step
 
     executable = lower_step(opt, state, quadratic, BATCH, jax.random.key(9)).compile()
     state_bytes = sum(v.nbytes for v in jax.tree.leaves(state) if hasattr(v, "nbytes"))

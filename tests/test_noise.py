@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import models
-from gfo.noise import leaf_noise, member_key, noise_blocks, noise_like
-from gfo.population import noise_update
+from gfo.optim.noise import leaf_noise, member_key, noise_blocks, noise_like
+from gfo.optim.population import noise_update
 from models.linear import NoisyLeaf, embed_lookup, noisy_linear, transpose
 from models.noise import hashed_bits, matrix_noise, resolve_distribution, standard_noise
 
@@ -98,14 +98,14 @@ def test_tied_model_with_blocked_noise_gives_the_loss_of_its_dense_tree(monkeypa
 
 
 def _keys(key, path, w):
-    from gfo.noise import leaf_noise_keys
+    from gfo.optim.noise import leaf_noise_keys
 
     return leaf_noise_keys(key, path, w)
 
 
 def test_leaf_noise_of_a_matrix_is_keyed_by_row():
     """Row r of an unstacked matrix leaf's noise is `standard_noise(fold_in(leaf key, r), row shape)`."""
-    from gfo.noise import leaf_key
+    from gfo.optim.noise import leaf_key
 
     path = (jax.tree_util.DictKey("embed"),)
     key = jax.random.key(11)

@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from gfo.config import ConfigError, load_config
-from gfo.train import train
+from gfo.run.config import ConfigError, load_config
+from gfo.run.train import train
 
 ALLOW_RANK_PROMOTION = True  # bbt_sst2 runs evosax's CMA-ES
 

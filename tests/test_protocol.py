@@ -73,8 +73,8 @@ def _sphere(x, batch, key):
 
 @pytest.mark.parametrize("kind", ["optimizer", "evosax", "discrete"])
 def test_every_family_implements_the_protocol_and_solution_is_the_current_point(kind):
-    from gfo.discrete import DiscreteSearch
-    from gfo.protocol import OptimizerProtocol
+    from gfo.optim.search.discrete import DiscreteSearch
+    from gfo.optim.protocol import OptimizerProtocol
 
     if kind == "discrete":
         vocab = tuple(range(10))
@@ -102,7 +102,7 @@ def test_every_family_implements_the_protocol_and_solution_is_the_current_point(
 
 
 def test_evaluate_population_sanitises_counts_and_reports_the_vocabulary():
-    from gfo.fitness import evaluate_population
+    from gfo.optim.evaluate import evaluate_population
 
     raw = jnp.array([1.0, jnp.nan, 3.0, jnp.inf, 2.0, 0.5])
     losses, m = evaluate_population(lambda i: raw[i], 6, batch_size=4)
@@ -128,9 +128,9 @@ def test_objective_kinds_are_declared_and_checked():
 
 
 def test_registry_is_the_one_table_of_build_minimize_and_config():
-    from gfo import methods
-    from gfo.build import build_optimizer
-    from gfo.config import OPTIMIZER_FIELDS, OptimizerSection
+    from gfo.optim import registry as methods
+    from gfo.run.build import build_optimizer
+    from gfo.run.config import OPTIMIZER_FIELDS, OptimizerSection
 
     assert OPTIMIZER_FIELDS == {name: m.fields for name, m in methods.METHODS.items()}
     x0 = jnp.zeros(4)
@@ -156,7 +156,7 @@ def test_key_streams_differ_by_stage_name_and_seed_and_are_stable_across_process
 
 
 def test_default_chunk_fits_the_budget():
-    from gfo.fitness import activation_bytes, default_chunk
+    from gfo.optim.evaluate import activation_bytes, default_chunk
 
     member = activation_bytes(tokens=16 * 64, batch=16, seq_len=64, d_model=32, n_heads=2, vocab_size=259)
     assert member == 4 * (1024 * (16 * 32 + 2 * 259) + 16 * 2 * 64 * 64)
@@ -169,7 +169,7 @@ def test_default_chunk_fits_the_budget():
 def test_step_memory_line_refuses_a_step_that_cannot_fit():
     from types import SimpleNamespace
 
-    from gfo.stepplan import StepMemoryError, step_memory_line
+    from gfo.run.stepplan import StepMemoryError, step_memory_line
 
     a = SimpleNamespace(argument_size_in_bytes=300, output_size_in_bytes=200, alias_size_in_bytes=100,
                         temp_size_in_bytes=50, generated_code_size_in_bytes=0)
@@ -180,7 +180,7 @@ def test_step_memory_line_refuses_a_step_that_cannot_fit():
 
 
 def test_compilation_cache_directory_is_populated(tmp_path, monkeypatch):
-    code = ("import jax, jax.numpy as jnp; from gfo.stepplan import enable_compilation_cache; "
+    code = ("import jax, jax.numpy as jnp; from gfo.run.stepplan import enable_compilation_cache; "
             "print(enable_compilation_cache()); "
             "jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T)(jnp.ones((64, 64))).block_until_ready()")
     env = {**os.environ, "GFO_CACHE_DIR": str(tmp_path), "PYTHONPATH": os.getcwd(), "JAX_PLATFORMS": "cpu"}
@@ -188,7 +188,7 @@ def test_compilation_cache_directory_is_populated(tmp_path, monkeypatch):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == str(tmp_path / "jax")
     assert os.listdir(tmp_path / "jax")
-    from gfo.stepplan import enable_compilation_cache
+    from gfo.run.stepplan import enable_compilation_cache
 
     monkeypatch.setenv("GFO_COMPILATION_CACHE", "0")  # the off switch: nothing configured, nothing written
     monkeypatch.setenv("GFO_CACHE_DIR", str(tmp_path / "off"))
@@ -196,10 +196,10 @@ def test_compilation_cache_directory_is_populated(tmp_path, monkeypatch):
 
 
 def test_gfo_train_picks_eval_chunk_from_the_memory_budget(monkeypatch, tmp_path):
-    import gfo.stepplan as plan
-    import gfo.train as T
-    from gfo.config import load_config
-    from gfo.fitness import activation_bytes
+    import gfo.run.stepplan as plan
+    import gfo.run.train as T
+    from gfo.run.config import load_config
+    from gfo.optim.evaluate import activation_bytes
 
     cfg = load_config(None, ["pretrain=null", f"runs_dir={tmp_path}", "task.name=grammar_lm", "task.options={seq_len: 16}",
                              "task.batch_size=4", "model.overrides={d_model: 32, n_layers: 1, n_heads: 2, max_seq_len: 32}",

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from gfo.config import ConfigError, RunConfig, from_dict
+from gfo.run.config import ConfigError, RunConfig, from_dict
 
 
 def _config(tmp_path, **eval_section):
@@ -22,8 +22,8 @@ def _config(tmp_path, **eval_section):
 
 @pytest.mark.slow
 def test_select_by_dev_keeps_and_reports_the_best_dev_point(tmp_path):
-    from gfo.report import compare
-    from gfo.train import train
+    from gfo.run.report import compare
+    from gfo.run.train import train
 
     cfg = _config(tmp_path, select_by="dev_cross_entropy", dev_size=8, kl_prompts=1)
     result = train(cfg)
@@ -35,7 +35,7 @@ def test_select_by_dev_keeps_and_reports_the_best_dev_point(tmp_path):
     assert max(r["kl_drift"] for r in evals) > 1e-4  # lr 3: the model moves
     # The returned params are the selected point: its dev loss, recomputed, is the selected record's.
     import models
-    from gfo.build import build_task
+    from gfo.run.build import build_task
 
     task = build_task(cfg.task, cfg.seed)
     model = models.TransformerLM(models.tiny("gpt2", d_model=16, n_layers=1, n_heads=2, max_seq_len=96))
@@ -86,7 +86,7 @@ def test_pass_at_k_matches_its_combinatorial_definition():
 
 @pytest.mark.slow
 def test_pass_at_k_is_logged_for_a_generation_task(tmp_path):
-    from gfo.train import train
+    from gfo.run.train import train
 
     cfg = from_dict(RunConfig, {
         "name": "pk", "runs_dir": str(tmp_path), "steps": 1, "eval_every": 1, "log_every": 1, "checkpoint_every": 1,

@@ -104,10 +104,10 @@ def test_subspace_of_a_prompt_space(tiny_model):
 
 def test_space_owns_the_noise_map_and_the_optimizer_checks_it():
     import models
-    from gfo.build import build_optimizer, build_space
-    from gfo.config import ConfigError, OptimizerSection, SpaceSection
-    from gfo.estimators.lowrank_es import EGGROLL_NOISE_MAP
-    from gfo.noise import leaf_kind, path_name
+    from gfo.run.build import build_optimizer, build_space
+    from gfo.run.config import ConfigError, OptimizerSection, SpaceSection
+    from gfo.optim.estimators.lowrank_es import EGGROLL_NOISE_MAP
+    from gfo.optim.noise import leaf_kind, path_name
 
     model = models.TransformerLM(models.tiny("gpt2", d_model=16, n_layers=1, n_heads=2))
     params = model.init(jax.random.key(0))

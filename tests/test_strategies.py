@@ -10,9 +10,9 @@ import optax
 import pytest
 
 import gfo
-from gfo.ga import polynomial_mutation, sbx, tournament
-from gfo.minimizer import _Objective
-from gfo.strategies import STRATEGIES, EvosaxStrategy, StrategyMemoryError
+from gfo.optim.search.ga import polynomial_mutation, sbx, tournament
+from gfo.optim.minimize import _Objective
+from gfo.optim.search.strategies import STRATEGIES, EvosaxStrategy, StrategyMemoryError
 
 ALLOW_RANK_PROMOTION = True  # evosax's internals broadcast implicitly
 
@@ -82,7 +82,7 @@ def test_standardize_is_replaced_by_a_stable_z_score():
     float32 rounding of the inputs (compared with float64 on the same float32 values)."""
     from evosax.core.fitness_shaping import standardize_fitness_shaping_fn
 
-    from gfo.shaping import z_score
+    from gfo.optim.shaping import z_score
 
     losses = (6.0 + 1e-6 * jax.random.normal(jax.random.key(0), (32,))).astype(jnp.float32)
     x = np.asarray(losses, np.float64)

@@ -7,11 +7,11 @@ import os
 import optuna
 import pytest
 
-import gfo.sweep as sweep_module
-from gfo import cli
-from gfo.config import ConfigError, load_config
-from gfo.sweep import parse_param, sweep
-from gfo.train import train
+import gfo.run.sweep as sweep_module
+from gfo.run import cli
+from gfo.run.config import ConfigError, load_config
+from gfo.run.sweep import parse_param, sweep
+from gfo.run.train import train
 from tests.test_train import _config
 
 TINY_RUN = {"steps": 4, "eval_every": 2, "checkpoint_every": 4,

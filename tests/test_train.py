@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
-from gfo import cli
-from gfo.config import ConfigError, from_dict, load_config, RunConfig
-from gfo.train import DivergenceError, RunCheckpointError, RunInterrupted, train
+from gfo.run import cli
+from gfo.run.config import ConfigError, from_dict, load_config, RunConfig
+from gfo.run.train import DivergenceError, RunCheckpointError, RunInterrupted, train
 
 ALLOW_RANK_PROMOTION = True  # evosax runs here
 
@@ -38,7 +38,7 @@ FAMILIES = {
     "spsa+sgd": {"optimizer": {"method": "spsa", "transform": "sgd", "lr": 0.01, "sigma": 1e-3, "n": 2}},
     "es": {"optimizer": {"method": "es", "population": 8, "sigma": 0.01, "eval_chunk": 4}},
     "lowrank_es": {"optimizer": {"method": "lowrank_es", "population": 8, "sigma": 0.01, "rank": 2}},
-    # `jax.jit` methods (not `filter_jit`): compiled ahead through `gfo.protocol.lower_step` too
+    # `jax.jit` methods (not `filter_jit`): compiled ahead through `gfo.optim.protocol.lower_step` too
     "zo_sgd_cons": {"optimizer": {"method": "zo_sgd_cons", "lr": 0.01, "sigma": 1e-3}},
     "randopt": {"optimizer": {"method": "randopt", "population": 4, "sigma": 0.01, "options": {"top_k": 2}}},
     "cma_es on subspace": {"space": {"kind": "subspace", "dim": 8}, "optimizer": {"method": "CMA_ES", "population": 6,
@@ -108,8 +108,9 @@ def test_the_loop_dispatches_step_t_plus_1_before_it_waits_on_step_t(tmp_path, m
     # nanodo's pipelining: the one device value the host waits on per step, its finiteness flag, is read
     # only once the next step is dispatched, so the device always has a step queued. A step whose state is
     # evaluated or saved is checked before that state is donated to the next step.
-    from gfo import build, distributed
+    from gfo.run import build
 
+    from gfo import distributed
     dispatched, reads = [0], []
     real_build, real_to_host = build.build_optimizer_for, distributed.to_host
 
@@ -121,7 +122,6 @@ def test_the_loop_dispatches_step_t_plus_1_before_it_waits_on_step_t(tmp_path, m
             dispatched[0] += 1
             return real_step(*a, **k)
 
-        step.lower = real_step.lower  # the ahead-of-time compilation (`protocol.lower_step`) lowers the real step
         optimizer.step = step
         return optimizer
 
@@ -248,7 +248,7 @@ def test_failed_start_does_not_block_its_fix_and_a_finished_run_is_not_shortened
 
 
 def test_a_truncated_last_metrics_line_is_skipped_and_a_bad_middle_line_named(tmp_path, capsys):
-    from gfo.report import read_metrics
+    from gfo.run.report import read_metrics
 
     run = tmp_path / "run"
     run.mkdir()
@@ -313,7 +313,7 @@ def test_eval_and_report_and_checkpoint_errors(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_divergence_stops_the_run_at_its_step_and_never_saves_a_non_finite_state(tmp_path):
-    from gfo.evaluate import restore_run
+    from gfo.run.evaluate import restore_run
 
     sgd = {"method": "backprop", "transform": "sgd", "lr": 1e5}  # finite for a few steps, then overflows
     # every step checked before the next is dispatched (a checkpoint each step), and the pipelined loop

@@ -33,7 +33,8 @@ def tree_bytes(tree) -> int:
     object `gfo.jitting.partition` looks into (an objective's frozen weights)."""
     total = 0
     for x in partition(tree)[1]:
-        shards = getattr(x, "addressable_shards", None)
+        concrete = isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+        shards = x.addressable_shards if concrete else None  # a tracer (planning inside a trace): its shape
         total += shards[0].data.nbytes if shards else int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
     return total
 
@@ -78,10 +79,10 @@ def member_bytes(objective, x, batch, key) -> int:
 
 def plan_chunk(estimator, objective, x, batch, key):
     """`estimator` with `batch_size` planned from the memory budget when it is a population estimator
-    (`gfo.population.PopulationConfig`) without one and the whole population does not fit; otherwise
+    (`gfo.optim.population.PopulationConfig`) without one and the whole population does not fit; otherwise
     `estimator` itself. `estimator.factored` must be resolved (`for_objective`)."""
-    from gfo.fitness import default_chunk
-    from gfo.population import PopulationConfig
+    from gfo.optim.evaluate import default_chunk
+    from gfo.optim.population import PopulationConfig
 
     if not isinstance(estimator, PopulationConfig) or estimator.batch_size is not None:
         return estimator

@@ -1,3 +1,9 @@
-"""The pieces of a `gfo train` run, one job per module: `checkpoint` (orbax state on disk, restore,
-resume checks), `evaluation` (eval rows, dev selection, the best point), `metrics_log` (metrics.jsonl,
-TensorBoard) and `loop` (the pipelined step loop). `gfo.train` composes them; none imports it."""
+"""Config → results: the run axis of gfo, one job per module.
+
+`config` (the typed, validated YAML + `--set` config), `build` (the four axes from a config), `stepplan`
+(the step compiled ahead, its memory refused when it cannot fit, the compilation cache), `checkpoint`
+(orbax state on disk, restore, resume checks), `evaluation` (eval rows, dev selection, the best point),
+`metrics_log` (metrics.jsonl, TensorBoard), `loop` (the pipelined step loop), `train` (`gfo train`),
+`evaluate` (`gfo eval`), `sweep` (`gfo sweep`), `report` (`gfo report`), `demo`, `quickstart` and `cli`.
+Nothing outside `gfo.run` imports it, and none of its modules imports `train` but `cli`, `sweep` and
+`evaluate`."""

@@ -12,7 +12,7 @@ import os
 import jax
 import yaml
 
-from gfo.config import PLACEMENT_KEYS, POSTHOC_KEYS, ConfigError, RunConfig
+from gfo.run.config import PLACEMENT_KEYS, POSTHOC_KEYS, ConfigError, RunConfig
 
 
 class RunCheckpointError(RuntimeError):

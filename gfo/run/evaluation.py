@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 
 from gfo import distributed
-from gfo.config import ConfigError
+from gfo.run.config import ConfigError
 from gfo.run import checkpoint
 
 
@@ -69,7 +69,7 @@ class Evaluation:
                 task, model, space.to_params(x), batch, key, e.samples, e.temperature), space)
         self.vote_fn = None
         if hasattr(optimizer, "members") and hasattr(task, "class_scores"):
-            from gfo.estimators.randopt import ensemble_metrics
+            from gfo.optim.search.randopt import ensemble_metrics
 
             self.vote_fn = frozen_args(lambda space, members, batch: ensemble_metrics(task, model, space.to_params,
                                                                                        members, batch), space)

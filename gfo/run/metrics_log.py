@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 
-from gfo.report import read_jsonl
+from gfo.run.report import read_jsonl
 
 
 class MetricsLog:

@@ -1,0 +1,179 @@
+"""From a validated config to the four axes: model, space, optimizer, task (and its objective)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import warnings
+
+import jax
+
+import models
+from gfo import spaces
+from gfo.run.config import ConfigError, ModelSection, OptimizerSection, SpaceSection, TaskSection
+from gfo.optim import registry as methods
+from gfo.optim.noise import check_noise_map
+from gfo.objectives import OnSpace, check_kind
+from gfo.rollout import GenerationReward
+from gfo.tasks import TASKS
+
+
+def build_model(section: ModelSection, key: jax.Array):
+    """`(model, params)` from a checkpoint path or a random `models.tiny(family, **overrides)`."""
+    if section.path is not None:
+        if section.overrides:
+            raise ConfigError(f"model.overrides={section.overrides} cannot change a checkpoint's architecture "
+                              f"(model.path={section.path!r})")
+        return models.from_pretrained(section.path, dtype=section.dtype)
+    fields = {f.name for f in dataclasses.fields(models.ModelConfig)}
+    unknown = set(section.overrides) - fields
+    if unknown:
+        raise ConfigError(f"model.overrides has unknown fields {sorted(unknown)}; ModelConfig fields are {sorted(fields)}")
+    try:
+        cfg = models.tiny(section.family, dtype=section.dtype, param_dtype=section.dtype, **section.overrides)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    model = models.TransformerLM(cfg)
+    return model, model.init(key)
+
+
+def build_tokenizer(section: ModelSection, vocab_size: int):
+    """The tokenizer of the run: `model.tokenizer` (a path, or `byte` for the built-in byte tokenizer, e.g.
+    for a tiny model saved as a checkpoint), else the checkpoint's own (`model.path`), else the byte
+    tokenizer of the tiny models. Its ids must fit the model's vocabulary."""
+    from models.tokenizer import TokenizerError, check_fits
+
+    source = None if section.tokenizer == "byte" else section.tokenizer or section.path
+    try:
+        tok = _load_tokenizer(source)
+        check_fits(tok, vocab_size, f"model.tokenizer={source!r}" if section.tokenizer else f"model.path={source!r}")
+    except TokenizerError as e:
+        raise ConfigError(str(e)) from None
+    return tok
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(source):
+    return models.load_tokenizer(source)
+
+
+def build_task(section: TaskSection, seed: int, tokenizer=None):
+    """The task of `section`, encoding through `tokenizer` (default: the byte tokenizer)."""
+    if section.name not in TASKS:
+        raise ConfigError(f"task.name={section.name!r} is unknown: expected one of {sorted(TASKS)}")
+    try:
+        return TASKS[section.name](seed=seed, batch_size=section.batch_size, eval_size=section.eval_size,
+                                   tokenizer=tokenizer, chat_template=section.chat_template,
+                                   system_prompt=section.system_prompt, **section.options)
+    except TypeError as e:
+        raise ConfigError(f"task.options for {section.name!r}: {e}") from None
+    except ValueError as e:  # DataError, ChatTemplateError and option checks are ValueErrors
+        raise ConfigError(f"task {section.name!r}: {e}") from None
+
+
+def build_space(section: SpaceSection, params, key: jax.Array) -> spaces.Space:
+    def simple(kind):
+        if kind == "full":
+            return spaces.Full(params, section.filter)
+        if kind == "lora":
+            return spaces.LoRA(params, section.rank, tuple(section.targets), section.alpha)
+        if kind == "prompt":
+            return spaces.Prompt(params, section.n_tokens)
+        if kind == "hard_prompt":
+            try:
+                return spaces.HardPrompt(params, section.n_tokens, section.vocab, section.initial)
+            except ValueError as e:
+                raise ConfigError(f"space: {e}") from None
+        raise ConfigError(f"space.kind={kind!r} is unknown: expected one of ['full', 'lora', 'prompt', "
+                          f"'hard_prompt', 'subspace']")
+
+    if section.kind == "subspace":
+        if section.inner in ("subspace", "hard_prompt"):
+            raise ConfigError(f"space.inner={section.inner!r} is not allowed: expected full, lora or prompt")
+        space = spaces.Subspace(simple(section.inner), section.dim, key)
+    else:
+        space = simple(section.kind)
+    try:
+        space.noise_map = check_noise_map(getattr(section, "noise_map", None) or {})
+    except ValueError as e:
+        raise ConfigError(f"space.{e}") from None
+    return space
+
+
+def build_optimizer(section: OptimizerSection, x0, pop_sharding=None, vocab=None, noise_map=()):
+    """The optimizer of `section` (from the registry `gfo.optim.registry`); `pop_sharding` splits population
+    members over the mesh's `pop` axis.
+
+    `vocab` is a token-domain space's token set (hard prompts): token-domain methods need it, no other
+    method takes it. `noise_map` is the space's per-leaf noise kinds (pairs regex → lowrank | full | frozen).
+    """
+    s = section
+    try:
+        spec = methods.lookup(s.method)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if (spec.domain == "tokens") != (vocab is not None):
+        raise ConfigError(f"optimizer.method={s.method!r} " + (
+            "searches token ids: it needs space.kind='hard_prompt'" if vocab is None else
+            f"cannot search a hard_prompt space (token ids): use one of {list(methods.DISCRETE)}"))
+    if pop_sharding is not None and spec.splits_population and spec.domain != "tokens":
+        size = pop_sharding.mesh.shape["pop"]
+        uneven = {k: v for k, v in (("optimizer.population", s.population), ("optimizer.eval_chunk", s.eval_chunk))
+                  if v is not None and v % size}
+        if uneven:
+            warnings.warn(f"{uneven} not a multiple of mesh.pop={size}: members are padded over the devices "
+                          f"(correct, but some devices idle); choose multiples of {size} or set mesh.pop",
+                          stacklevel=2)
+    if noise_map and s.method not in ("es", "lowrank_es"):
+        raise ConfigError(f"space.noise_map is set but optimizer.method={s.method!r} does not read it: only "
+                          f"es and lowrank_es perturb per leaf kind")
+    if s.groups != 1 and s.method not in ("es", "lowrank_es"):
+        raise ConfigError(f"optimizer.groups={s.groups} applies to es / lowrank_es, not {s.method!r}")
+    if noise_map:
+        from gfo.optim.noise import path_name, unmatched_patterns
+
+        unmatched = unmatched_patterns(noise_map, x0)
+        if unmatched:
+            names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(x0)[0]]
+            raise ConfigError(f"space.noise_map patterns {unmatched} match no searched leaf; paths look like "
+                              f"{names[:6]}")
+    ctx = methods.Context(x0=x0, pop_sharding=pop_sharding, vocab=vocab,
+                          noise_map=tuple(noise_map or ()))
+    try:
+        return spec.build(s, ctx)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"optimizer ({spec.name}): {e}") from None
+
+
+def build_optimizer_for(section: OptimizerSection, space: spaces.Space, x0, pop_sharding=None):
+    """`build_optimizer` for a space: its domain (token ids or vectors) and noise map."""
+    vocab = space.vocab if getattr(space, "domain", "continuous") == "tokens" else None
+    return build_optimizer(section, x0, pop_sharding, vocab, noise_map=space.noise_map)
+
+
+def build_objective(task, section: TaskSection, optimizer: OptimizerSection, model, space, x0):
+    """The objective of the kind the method takes (`gfo.optim.registry`: loss or reward) over the space.
+
+    A loss is the task's objective over model parameters composed with the space (`OnSpace`: a pytree,
+    so the space's frozen weights reach the jitted step as arguments); a reward objective is the task's
+    reward on generated text (`GenerationReward`, with `x0` as the KL reference).
+    """
+    spec = methods.lookup(optimizer.method)
+    if spec.objective == "reward":
+        if not hasattr(task, "completion_rewards"):
+            raise ConfigError(f"optimizer.method={optimizer.method!r} needs a task with a reward on generated "
+                              f"text (countdown); task.name={section.name!r} has none")
+        objective = GenerationReward(model, space.to_params, task.completion_rewards, task.max_answer_tokens,
+                                     group_size=optimizer.group_size, temperature=1.0,
+                                     stop_tokens=task.stop_tokens, stop_strings=getattr(task, "stop_matcher", None),
+                                     reference=x0, leaf_descriptors=space.lowrank_ok)
+    else:
+        objective = OnSpace(task.objective(section.objective, model, _identity), space)
+    check_kind(objective, spec.objective, f"optimizer.method={optimizer.method!r}")
+    return objective
+
+
+def _identity(params):
+    return params

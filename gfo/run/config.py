@@ -1,0 +1,421 @@
+"""Typed, validated run configuration: YAML files plus `--set a.b=value` overrides.
+
+    cfg = load_config("paper_configs/quickstart.yaml", ["optimizer.sigma=0.01", "steps=50"])
+
+Every section is a dataclass; loading checks each key and type before anything runs. An unknown key
+is an error naming the key and the closest valid one; a wrong type or an impossible value names the
+key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+from gfo.errors import ConfigError  # noqa: E402,F401 - defined apart so that gfo.optim.registry needs no gfo.run.config
+
+
+@dataclasses.dataclass
+class ModelSection:
+    """The model: a random one (`family` + `overrides` of `models.tiny`) or a checkpoint (`path`)."""
+
+    family: Literal["gpt2", "llama", "opt"] = "gpt2"  # for a random model
+    path: Optional[str] = None  # a local Hugging Face checkpoint directory or a .gguf file
+    tokenizer: Optional[str] = None  # a path or `byte`; default: the checkpoint's own (path), else byte
+    overrides: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields, e.g. {d_model: 128}
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+@dataclasses.dataclass
+class SpaceSection:
+    kind: Literal["full", "lora", "prompt", "hard_prompt", "subspace"] = "full"
+    filter: Optional[str] = None  # full: regex over parameter paths
+    rank: int = 4  # lora
+    targets: list = dataclasses.field(default_factory=lambda: ["q", "v"])  # lora
+    alpha: Optional[float] = None  # lora (default 2 * rank)
+    n_tokens: int = 8  # prompt, hard_prompt
+    vocab: list = dataclasses.field(default_factory=list)  # hard_prompt: allowed token ids ([] = all)
+    initial: Optional[list] = None  # hard_prompt: starting token ids (default: random from vocab)
+    dim: int = 64  # subspace
+    inner: Literal["full", "lora", "prompt"] = "full"  # subspace: the space it projects into
+    noise_map: dict = dataclasses.field(default_factory=dict)  # regex on leaf paths -> lowrank | full | frozen
+
+
+@dataclasses.dataclass
+class OptimizerSection:
+    """`method`: backprop | spsa | es | lowrank_es | forward_grad | policy_gradient | an evosax name,
+    or annealing | tabu | aco over a `hard_prompt` space (`population` = proposals or ants per step)."""
+
+    method: str = "lowrank_es"
+    transform: Literal["adam", "adamw", "adam_l2", "sgd"] = "adam"  # estimator methods
+    lr: float = 1e-2
+    momentum: float = 0.0  # sgd
+    weight_decay: float = 0.0  # adamw / OpenAI-ES l2
+    sigma: float = 1e-2  # ES σ, SPSA ε, evosax std_init
+    population: int = 16  # ES / evosax population
+    rank: int = 1  # lowrank_es
+    antithetic: bool = True
+    shaping: Literal["centered_ranks", "z_score", "z_score_var", "raw"] = "centered_ranks"  # z_score_var: EGGROLL
+    groups: int = 1  # es / lowrank_es: member groups, each on its own slice of the batch, shaped within
+    eval_chunk: Optional[int] = None  # members evaluated at once (memory knob)
+    n: int = 1  # spsa / forward_grad queries
+    kl_coef: float = 0.0  # policy_gradient
+    group_size: int = 4  # policy_gradient completions per prompt
+    options: dict = dataclasses.field(default_factory=dict)  # estimator fields / evosax constructor options
+    params: dict = dataclasses.field(default_factory=dict)  # evosax params
+
+
+@dataclasses.dataclass
+class TaskSection:
+    name: str = "countdown"
+    objective: Optional[str] = None  # default: the task's own
+    batch_size: int = 16
+    eval_size: int = 64
+    options: dict = dataclasses.field(default_factory=dict)  # task-specific, e.g. {digits: 3}
+    chat_template: Optional[str] = None  # auto (the tokenizer's, if any) | none | a .jinja path; None: the task's
+    # default (auto for instruction tasks: countdown, gsm8k; none for LM, classification, sequence tasks)
+    system_prompt: Optional[str] = None  # default: the task's own (countdown: the reference's)
+
+
+@dataclasses.dataclass
+class StageSection:
+    """A preceding stage (e.g. Adam pre-training) whose final parameters the run starts from."""
+
+    steps: int = 200
+    task: TaskSection = dataclasses.field(default_factory=TaskSection)
+    optimizer: OptimizerSection = dataclasses.field(default_factory=lambda: OptimizerSection(
+        method="backprop", lr=3e-3, transform="adam"))
+
+
+@dataclasses.dataclass
+class MeshSection:
+    """Device mesh axis sizes (one may be -1: the devices left); see `gfo.distributed`."""
+
+    pop: int = -1  # population members split over devices
+    data: int = 1  # each member's batch split over devices
+    model: int = 1  # weights split over devices (Megatron-style rules)
+
+
+@dataclasses.dataclass
+class DistributedSection:
+    """An explicit multi-process start (otherwise TPU pods / SLURM are detected; one process: nothing)."""
+
+    coordinator_address: Optional[str] = None  # host:port of process 0
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+
+@dataclasses.dataclass
+class DecodeSection:
+    """Decoders compared on the eval prompts after a run and by `gfo decode` (completion tasks):
+    greedy, beam search, and refinement of greedy by log-probability and by the task's reward."""
+
+    beam_width: int = 4
+    sweeps: int = 2  # refinement passes over the output positions
+    top_k: int = 8  # candidate tokens per position
+    proposals: Literal["model", "gradient", "both"] = "both"
+    length_penalty: float = 0.0
+
+    def __post_init__(self):
+        if self.beam_width < 1 or self.sweeps < 1 or self.top_k < 1:
+            raise ConfigError(f"decode: beam_width={self.beam_width}, sweeps={self.sweeps}, top_k={self.top_k} "
+                              f"must all be >= 1")
+        if self.proposals not in ("model", "gradient", "both"):
+            raise ConfigError(f"decode.proposals={self.proposals!r}: expected model, gradient or both")
+
+
+@dataclasses.dataclass
+class EvalSection:
+    """Model selection and research diagnostics (see `gfo.run.train`).
+
+    `select_by: dev_<metric>` evaluates a dev split of `dev_size` examples at every evaluation and keeps the
+    point with the best dev metric; the run reports that point's test (eval) metrics (MeZO's protocol).
+    `kl_prompts` > 0 logs the KL divergence of the current model from the starting one on that many held-out
+    prompts' next-token distributions. `samples`/`temperature`: pass@k with n samples on generation tasks.
+    """
+
+    select_by: Optional[str] = None  # e.g. dev_accuracy, dev_cross_entropy (lower is better for losses)
+    dev_size: int = 0  # examples in the dev split (needed by select_by)
+    kl_prompts: int = 0  # held-out batches' prompts for the KL drift (0: off)
+    samples: int = 0  # pass@k: completions sampled per prompt (0: off)
+    temperature: float = 1.0  # pass@k sampling temperature
+
+    def __post_init__(self):
+        if self.select_by is not None and not self.select_by.startswith("dev_"):
+            raise ConfigError(f"eval.select_by={self.select_by!r}: expected 'dev_<metric>', e.g. dev_accuracy")
+        if self.select_by is not None and self.dev_size < 1:
+            raise ConfigError(f"eval.select_by={self.select_by!r} needs eval.dev_size >= 1 (got {self.dev_size})")
+        if self.dev_size < 0 or self.kl_prompts < 0 or self.samples < 0 or self.temperature < 0:
+            raise ConfigError(f"eval: dev_size={self.dev_size}, kl_prompts={self.kl_prompts}, samples={self.samples}, "
+                              f"temperature={self.temperature} must be >= 0")
+
+
+# Sections that do not change what a run optimises: a run may resume under other values.
+POSTHOC_KEYS = ("decode",)
+# Sections that say where a run executes, not what it computes: a run may resume under other values.
+PLACEMENT_KEYS = ("mesh", "distributed")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    name: str = "quickstart"
+    seed: int = 0
+    steps: int = 100
+    eval_every: int = 25
+    log_every: int = 5
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    runs_dir: str = "runs"
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    space: SpaceSection = dataclasses.field(default_factory=SpaceSection)
+    optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
+    task: TaskSection = dataclasses.field(default_factory=TaskSection)
+    pretrain: Optional[StageSection] = None
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
+    decode: Optional[DecodeSection] = None  # compare decoders on the eval prompts at the end
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)  # model selection, diagnostics
+    reference: dict = dataclasses.field(default_factory=dict)  # paper configs: citation, table, paths (metadata)
+    plugins: list = dataclasses.field(default_factory=list)  # modules or .py files imported first (they register methods)
+
+    def __post_init__(self):
+        for key in ("steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)} is invalid: expected an integer >= 1")
+
+
+# ----------------------------------------------------------------------------- value checks
+# Which optimizer fields each method reads (besides `method`): setting any other one is an error, so a
+# field never silently does nothing. Derived from the method registry (`gfo.optim.registry`): add a method there.
+from gfo.optim.registry import EVOSAX_FIELDS, METHODS as _METHODS, fields as optimizer_fields  # noqa: E402, F401
+
+OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {name: m.fields for name, m in _METHODS.items()}
+# Transform fields that only one transform reads.
+TRANSFORM_ONLY = {"momentum": ("sgd",), "weight_decay": ("adamw", "adam_l2")}
+
+
+def _check_applicable(section: "OptimizerSection", given, where: str) -> None:
+    """Every optimizer field set to a non-default value is one the chosen method (and transform) reads."""
+    uses = optimizer_fields(section.method)
+    defaults = OptimizerSection()
+    for key in given:
+        if key == "method" or getattr(section, key) == getattr(defaults, key):
+            continue  # a default value (as every saved config.yaml spells out) changes nothing
+        if key not in uses:
+            raise ConfigError(f"{where}.{key} does not apply to method {section.method!r}: it reads only "
+                              f"{sorted(uses)}; remove {key}")
+        if key in TRANSFORM_ONLY and section.transform not in TRANSFORM_ONLY[key]:
+            raise ConfigError(f"{where}.{key} does not apply to transform {section.transform!r}: only to "
+                              f"{' / '.join(TRANSFORM_ONLY[key])}; remove {key} or change optimizer.transform")
+
+
+# (section, field) -> (test, expected): numeric ranges, checked when a section is read.
+_AT_LEAST_ONE = (lambda v: v >= 1, "an integer >= 1")
+_POSITIVE = (lambda v: v > 0, "a number > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+RANGES: dict[str, dict[str, tuple]] = {
+    "TaskSection": {"batch_size": _AT_LEAST_ONE, "eval_size": _AT_LEAST_ONE},
+    "SpaceSection": {"rank": _AT_LEAST_ONE, "n_tokens": _AT_LEAST_ONE, "dim": _AT_LEAST_ONE, "alpha": _POSITIVE},
+    "OptimizerSection": {"lr": _POSITIVE, "sigma": _POSITIVE, "population": _AT_LEAST_ONE, "rank": _AT_LEAST_ONE,
+                         "n": _AT_LEAST_ONE, "group_size": _AT_LEAST_ONE, "eval_chunk": _AT_LEAST_ONE,
+                         "momentum": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE, "kl_coef": _NON_NEGATIVE},
+    "StageSection": {"steps": _AT_LEAST_ONE},
+}
+
+
+def _check_ranges(obj, where: str) -> None:
+    for key, (ok, expected) in RANGES.get(type(obj).__name__, {}).items():
+        value = getattr(obj, key, None)
+        if value is not None and not ok(value):
+            raise ConfigError(f"config key '{where + '.' if where else ''}{key}' = {value!r} is invalid: "
+                              f"expected {expected}")
+
+
+def from_dict(cls, data: Any, where: str = ""):
+    """Build dataclass `cls` from a (YAML) dict, checking every key, type, choice and range."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping of keys to values, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{(where + '.' if where else '') + close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{path}'{hint} Valid keys here: {sorted(fields)}")
+        values[key] = _coerce(hints[key], value, path)
+    try:
+        obj = cls(**values)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+    _check_ranges(obj, where)
+    if cls is OptimizerSection:
+        _check_applicable(obj, data, where or "optimizer")
+    return obj
+
+
+def _coerce(kind, value, path):
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(kind) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(options[0], value, path)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"config key '{path}' = {value!r} is not a valid choice{hint}: expected one of "
+                              f"{list(choices)}")
+        return value
+    if dataclasses.is_dataclass(kind):
+        return from_dict(kind, value, path)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = origin or kind
+    if expected is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "1e-3" as a string
+        except ValueError:
+            pass
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{path}' = {value!r} has type {type(value).__name__}; expected "
+                          f"{getattr(expected, '__name__', expected)}")
+    return value
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply `a.b.c=value` (value parsed as YAML) to a nested dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optimizer.sigma=0.01")
+    dotted, raw = assignment.split("=", 1)
+    set_dotted(data, dotted.strip(), yaml.safe_load(raw))
+
+
+def set_dotted(data: dict, dotted: str, value) -> None:
+    """`data[a][b][c] = value` for `dotted = "a.b.c"`, creating sections as needed."""
+    keys = dotted.split(".")
+    node = data
+    for k in keys[:-1]:
+        if node.get(k) is None:  # an absent or null optional section (pretrain, decode) is created
+            node[k] = {}
+        node = node[k]
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key '{dotted}': '{k}' is not a section")
+    if keys[-1] == "method" and keys[-2:-1] == ["optimizer"] and node.get("method") != value:
+        # Switching method (`--set optimizer.method=spsa`, a sweep's choice): the fields the file set for the
+        # previous method and that the new one does not read go with it.
+        uses = optimizer_fields(str(value))
+        for field in [f for f in node if f != "method" and f not in uses]:
+            del node[field]
+    node[keys[-1]] = value
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """`update` deep-merged into a copy of `base` (nested mappings merge, anything else replaces)."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+_A = {"list": "a list", "int": "an integer", "float": "a number", "str": "a string", "bool": "a boolean"}
+
+
+def read_yaml(path: str) -> dict:
+    """The mapping at the top of YAML file `path`; every way it can fail is a `ConfigError` naming it."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config {path!r} is a directory: expected a YAML file (e.g. paper_configs/quickstart.yaml)")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} holds {_A.get(type(data).__name__, type(data).__name__)} at its top level: expected a "
+                          f"mapping of keys to values (name: ..., model: {{...}}, optimizer: {{...}})")
+    return data
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), variant: str | None = None) -> RunConfig:
+    """The run config of a YAML file (or the embedded quickstart when `path` is None) plus overrides.
+
+    A file may hold named `variants:` (e.g. `smoke`, the CPU-sized version of a paper config): nested
+    overrides merged over the file when `variant` names one, and dropped otherwise. A file without a
+    `name` is named after itself (`configs/foo.yaml` runs in `runs/foo`).
+    """
+    if path is None:
+        from gfo.run.quickstart import QUICKSTART
+
+        data = yaml.safe_load(QUICKSTART)
+    else:
+        data = read_yaml(path)
+        data.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    variants = data.pop("variants", None) or {}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise ConfigError(f"'variants' in {path!r} must map variant names to mappings of overrides")
+    if variant is not None:
+        if variant not in variants:
+            raise ConfigError(f"variant {variant!r} is not in {path or 'the quickstart'}: it has {sorted(variants)}")
+        data = _merge(data, variants[variant])
+    for assignment in overrides:
+        apply_override(data, assignment)
+    import_plugins(data.get("plugins") or [], base=os.path.dirname(path) if path else None)
+    return from_dict(RunConfig, data)
+
+
+def import_plugins(plugins, base: str | None = None) -> list:
+    """Import each entry of `plugins` — a module name (`mylab.methods`) or a `.py` file (relative to the
+    working directory, else to the config file's directory `base`) — before the config is checked, so the
+    methods they register (`gfo.optim.registry.register`) are known. Returns the modules."""
+    import importlib
+    import importlib.util
+    import sys
+
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"plugins={plugins!r}: expected a list of module names or .py paths")
+    modules = []
+    for plugin in plugins:
+        if plugin.endswith(".py"):
+            path = plugin if os.path.isfile(plugin) or base is None else os.path.join(base, plugin)
+            if not os.path.isfile(path):
+                raise ConfigError(f"plugins: {plugin!r} is not a file (looked in the working directory"
+                                  + (f" and {base!r})" if base else ")"))
+            name = "gfo_plugin_" + os.path.splitext(os.path.basename(path))[0]
+            if name in sys.modules and getattr(sys.modules[name], "__file__", None) == os.path.abspath(path):
+                modules.append(sys.modules[name])  # imported already (a resumed run, a sweep's next trial)
+                continue
+            spec = importlib.util.spec_from_file_location(name, os.path.abspath(path))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as e:  # noqa: BLE001 - any failure of a user's file is a config error naming it
+                del sys.modules[name]
+                raise ConfigError(f"plugins: importing {path!r} failed: {type(e).__name__}: {e}") from None
+        else:
+            try:
+                module = importlib.import_module(plugin)
+            except ImportError as e:
+                raise ConfigError(f"plugins: cannot import module {plugin!r}: {e}") from None
+        modules.append(module)
+    return modules
