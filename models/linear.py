@@ -82,7 +82,8 @@ class LowRankKernel(_OverBase):
 
 @struct.dataclass
 class NoisyLeaf(_OverBase):
-    """`w + scale · ε(key)`: a parameter perturbed by noise that is generated where the model reads it.
+    """`w + scale · ε(key)` (`⊙ mul ** mul_power` with a multiplier): a parameter perturbed by noise
+    that is generated where the model reads it.
 
     A population member's full-rank perturbation travels to the model as this descriptor, and the noise
     is drawn inside the layer that uses the leaf, so no perturbed copy of the whole parameter tree ever
@@ -98,6 +99,13 @@ class NoisyLeaf(_OverBase):
       distribution: one of `models.noise.DISTRIBUTIONS` (`models.noise.standard_noise`), drawn in float32.
       transposed: `w` is the transpose of the leaf the noise was keyed for (a tied embedding read as the
         output head): the noise rows are `w`'s columns.
+      mul: None (every plain perturbation), or an array shaped like `w` (its layer axes included, so the
+        scan slices it with `w`): the perturbed leaf is then `w + scale · ε ⊙ mul ** mul_power`, the
+        multiplier read with `w` wherever the noise is added (a dense leaf, the rows an embedding lookup
+        reads, a block of `noisy_linear`, a tied head's vocabulary block). HiZOO passes its Hessian
+        estimate `h` with `mul_power = −½`: `Σ^{1/2} z`, `Σ = h⁻¹`, formed where the leaf is read, so
+        neither `h^{-1/2}` nor the perturbed point exists as a tree.
+      mul_power: the power the multiplier is read with (1 or −½, `lax.rsqrt`; any other float works).
 
     Readers never build `w + scale · ε` whole for a large matrix: an embedding lookup draws the rows it
     reads (`embed_lookup`), and `linear` multiplies by `w + scale · ε` one block of at most
@@ -109,6 +117,27 @@ class NoisyLeaf(_OverBase):
     scale: jax.Array
     distribution: str = struct.field(pytree_node=False, default="gaussian")
     transposed: bool = struct.field(pytree_node=False, default=False)
+    mul: jax.Array | None = None
+    mul_power: float = struct.field(pytree_node=False, default=1.0)
+
+    def multiplier(self, mul: jax.Array | None = None) -> jax.Array | None:
+        """The noise's elementwise multiplier `mul ** mul_power` in float32 (of `self.mul`, or of the
+        slice `mul` of it a reader cut), or None without one."""
+        m = self.mul if mul is None else mul
+        if m is None:
+            return None
+        m = jnp.asarray(m).astype(jnp.float32)
+        if self.mul_power == 1.0:
+            return m
+        if self.mul_power == -0.5:
+            return jax.lax.rsqrt(m)
+        return m ** jnp.float32(self.mul_power)
+
+    def scaled_noise(self, eps: jax.Array, mul: jax.Array | None = None) -> jax.Array:
+        """`eps ⊙ mul ** mul_power` for noise `eps` (float32) read with the matching slice `mul` of `self.mul`
+        (the whole of it when None); `eps` itself without a multiplier."""
+        m = self.multiplier(mul)
+        return eps if m is None else eps * m
 
     def noise_shape(self) -> tuple[int, ...]:
         """One layer's shape in the orientation the noise is keyed in (rows first)."""
@@ -126,11 +155,13 @@ class NoisyLeaf(_OverBase):
     def dense(self) -> jax.Array:
         lead = jnp.shape(self.key)
         scale = jnp.asarray(self.scale, jnp.float32).reshape(lead + (1,) * (self.w.ndim - len(lead)))
-        return (self.w.astype(jnp.float32) + scale * self.noise()).astype(self.w.dtype)
+        return (self.w.astype(jnp.float32) + scale * self.scaled_noise(self.noise())).astype(self.w.dtype)
 
     def transpose(self) -> "NoisyLeaf":
-        """The same perturbed matrix transposed (last two axes), noise unchanged."""
-        return NoisyLeaf(jnp.swapaxes(self.w, -1, -2), self.key, self.scale, self.distribution, not self.transposed)
+        """The same perturbed matrix transposed (last two axes), noise (and multiplier) unchanged."""
+        mul = None if self.mul is None else jnp.swapaxes(self.mul, -1, -2)
+        return NoisyLeaf(jnp.swapaxes(self.w, -1, -2), self.key, self.scale, self.distribution, not self.transposed,
+                         mul, self.mul_power)
 
     def reads_rows(self) -> bool:
         """Whether rows of the perturbed matrix can be drawn alone (`rows`): one unstacked, untransposed
@@ -142,6 +173,8 @@ class NoisyLeaf(_OverBase):
         noise (`reads_rows` must hold); `base` is `w[ids]` when the caller already has it (a slice)."""
         base = self.w[ids] if base is None else base
         noise = row_noise(self.key, ids, self.w.shape[1:], self.distribution)
+        if self.mul is not None:
+            noise = self.scaled_noise(noise, self.mul[ids])
         return (base.astype(jnp.float32) + jnp.asarray(self.scale, jnp.float32) * noise).astype(self.w.dtype)
 
     def is_blocked(self) -> bool:
@@ -186,8 +219,11 @@ def noisy_linear(x: jax.Array, kernel: NoisyLeaf, dtype, block_elements: int | N
         start = jnp.minimum(b * per, rows - per)
         ids = start + jnp.arange(per, dtype=jnp.int32)
         eps = row_noise(kernel.key, ids, (cols,), kernel.distribution)  # [per, cols], float32
+        eps = eps.T if kernel.transposed else eps
+        if kernel.mul is not None:  # the multiplier's block, cut like w's
+            eps = kernel.scaled_noise(eps, jax.lax.dynamic_slice_in_dim(kernel.mul, start, per, axis=axis))
         w_b = jax.lax.dynamic_slice_in_dim(kernel.w, start, per, axis=axis).astype(jnp.float32)
-        w_b = w_b + scale * (eps.T if kernel.transposed else eps)
+        w_b = w_b + scale * eps
         return start, ids >= b * per, w_b.astype(kernel.w.dtype).astype(dtype)
 
     if kernel.transposed:  # x [..., cols] @ (w + ε)ᵀ-block: `per` output columns per block, written in place

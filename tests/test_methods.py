@@ -13,6 +13,7 @@ import gfo
 from gfo.optim import shaping
 from gfo.optim.search.randopt import vote
 from gfo.optim.noise import member_key, noise_like, tree_axpy
+from gfo.optim.update import Direction
 
 CENTER = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": jnp.array([0.5, -0.25, 1.0])}
 CURV = {"w": jnp.linspace(0.5, 2.0, 12).reshape(4, 3), "b": jnp.array([1.0, 3.0, 0.5])}
@@ -78,7 +79,7 @@ def test_lozo_is_unbiased_over_u_and_v():
     """`E[d · UVᵀ / r] = ∇` when V is redrawn (one sample per V period), vectors: ordinary SPSA."""
     est = gfo.LOZO(eps=1e-3, rank=2, nu=1)
     v_root = est.init(jax.random.key(0), X)
-    one = jax.jit(jax.vmap(lambda k, t: _stack(est.estimate(quadratic, X, None, k, v_root, t)[0])))
+    one = jax.jit(jax.vmap(lambda k, t: _stack(_tree(est.estimate(quadratic, X, None, k, v_root, t)[0], X))))
     keys = jax.random.split(jax.random.key(1), 20000)
     samples = jnp.concatenate([one(keys[i:i + 2000], jnp.arange(i, i + 2000)) for i in range(0, 20000, 2000)])
     _unbiased(samples, _flat(TRUE_GRAD))
@@ -88,12 +89,17 @@ def _stack(tree):
     return jnp.concatenate([jnp.ravel(tree["w"]), jnp.ravel(tree["b"])])
 
 
+def _tree(g, x):
+    """An estimate as a tree: a `Direction` made whole (`gfo.optim.update.Direction.tree`), a tree as it is."""
+    return g.tree(x)[0] if isinstance(g, Direction) else g
+
+
 # ---------------------------------------------------------------- HiZOO
 def test_hizoo_estimate_is_the_sigma_preconditioned_gradient():
     """With α = 0 the Hessian estimate h is fixed and E[g] = Σ ∇L = ∇L / h."""
     est = gfo.HiZOO(eps=1e-3, alpha=0.0)
     h = {"w": jnp.linspace(0.5, 4.0, 12).reshape(4, 3), "b": jnp.array([2.0, 0.25, 1.0])}
-    one = jax.jit(jax.vmap(lambda k: _stack(est.estimate(quadratic, X, None, k, h, 0)[0])))
+    one = jax.jit(jax.vmap(lambda k: _stack(_tree(est.estimate(quadratic, X, None, k, h, 0)[0], X))))
     keys = jax.random.split(jax.random.key(2), 20000)
     samples = jnp.concatenate([one(keys[i:i + 2000]) for i in range(0, 20000, 2000)])
     _unbiased(samples, _flat(jax.tree.map(jnp.divide, TRUE_GRAD, h)))
@@ -122,6 +128,137 @@ def test_hizoo_hessian_update_follows_its_definition_and_tracks_the_curvature():
 
     samples = jax.jit(jax.vmap(signed))(jax.random.split(jax.random.key(4), 20000))
     _unbiased(samples, _flat(CURV))
+
+
+@pytest.mark.parametrize("power", [1.0, -0.5])
+def test_a_noisy_leaf_multiplier_is_read_wherever_the_noise_is(power):
+    """`NoisyLeaf(..., mul=m, mul_power=p)` is `w + s·ε ⊙ m^p` as every reader forms it: dense, the rows an
+    embedding lookup reads, `noisy_linear` a block at a time (input and transposed output rows), a layer
+    sliced as the scan slices it."""
+    from models.linear import NoisyLeaf, embed_lookup, noisy_linear
+    from gfo.optim.noise import leaf_noise_keys, perturbed_leaf
+
+    w = jax.random.normal(jax.random.key(0), (7, 5))
+    m = jnp.exp(jax.random.normal(jax.random.key(1), (7, 5)))
+    key, s = jax.random.key(2), 0.3
+    noisy = perturbed_leaf(key, (), w, s, mul=m, mul_power=power)
+    eps = NoisyLeaf(w, leaf_noise_keys(key, (), w), jnp.float32(s)).noise()
+    expected = w + s * eps * m ** power
+    np.testing.assert_allclose(np.asarray(noisy.dense()), np.asarray(expected), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(perturbed_leaf(key, (), w, s, "gaussian", False, m, power)),
+                               np.asarray(expected), rtol=1e-6, atol=1e-6)
+    ids = jnp.array([[3, 0], [6, 3]])
+    np.testing.assert_allclose(np.asarray(embed_lookup(noisy, ids, jnp.float32)), np.asarray(expected[ids]), rtol=1e-6,
+                               atol=1e-6)
+    x = jax.random.normal(jax.random.key(3), (4, 7))
+    np.testing.assert_allclose(np.asarray(noisy_linear(x, noisy, jnp.float32, block_elements=10)),
+                               np.asarray(x @ expected), rtol=1e-5, atol=1e-5)  # 2 rows a block, the last overlapping
+    y = jax.random.normal(jax.random.key(4), (4, 5))
+    np.testing.assert_allclose(np.asarray(noisy_linear(y, noisy.transpose(), jnp.float32, block_elements=10)),
+                               np.asarray(y @ expected.T), rtol=1e-5, atol=1e-5)  # a tied head's blocks of columns
+    np.testing.assert_allclose(np.asarray(noisy.transpose().dense()), np.asarray(expected.T), rtol=1e-6, atol=1e-6)
+    path = (jax.tree_util.DictKey("layers"), jax.tree_util.DictKey("fc"))  # stacked: one key per layer
+    stacked_w, stacked_m = jnp.stack([w, 2 * w]), jnp.stack([m, m + 1])
+    stacked = perturbed_leaf(key, path, stacked_w, s, mul=stacked_m, mul_power=power)
+    layer = jax.tree.map(lambda t: t[1], stacked)  # what lax.scan over the layer axis hands layer 1
+    np.testing.assert_allclose(np.asarray(layer.dense()), np.asarray(stacked.dense()[1]), rtol=1e-6, atol=1e-6)
+    assert perturbed_leaf(key, (), w, s).mul is None  # every plain perturbation is as before
+    with pytest.raises(ValueError, match="multiplier has shape"):
+        perturbed_leaf(key, (), w, s, mul=m[:3])
+
+
+@pytest.fixture(scope="module")
+def tiny_script():
+    """A loss through a tiny `models.TransformerLM` (tied head, blocked `token_logprobs`) over `gfo.spaces.Full`."""
+    import models
+
+    model = models.TransformerLM(models.tiny("gpt2", d_model=32, n_layers=2, n_heads=2))
+    space = gfo.spaces.Full(model.init(jax.random.key(0)))
+
+    def loss(p, batch, key):
+        del key
+        return -model.token_logprobs(p, batch["tokens"][:, :-1], batch["tokens"][:, 1:]).mean()
+
+    batch = {"tokens": jax.random.randint(jax.random.key(3), (2, 9), 0, model.config.vocab_size, jnp.int32)}
+    return gfo.OnSpace(loss, space), space.init(jax.random.key(0)), batch
+
+
+def _estimate_tree(est, objective, x, batch, key, state, step):
+    g, metrics, state = est.estimate(objective, x, batch, key, state, step)
+    g, stats = g.tree(x) if isinstance(g, Direction) else (g, {})
+    return g, {**metrics, **stats}, state
+
+
+def _assert_same_estimates(make, objective, x, batch, state, step, rtol):
+    assert objective.leaf_descriptors and make(None).for_objective(objective).factored is True
+    run = lambda f: jax.jit(lambda k: _estimate_tree(make(f), objective, x, batch, k, state, step))(  # noqa: E731
+        jax.random.key(5))
+    (g_in, m_in, s_in), (g_out, m_out, s_out) = run(True), run(False)
+    for a, b in zip(jax.tree.leaves((g_in, s_in)), jax.tree.leaves((g_out, s_out))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=rtol * float(jnp.max(jnp.abs(b))))
+    assert sorted(m_in) == sorted(m_out)
+    for k in m_in:
+        np.testing.assert_allclose(float(m_in[k]), float(m_out[k]), rtol=10 * rtol, atol=1e-7)
+    assert float(m_in["grad_norm"]) > 0
+
+
+def _step_temp_bytes(est, objective, x, batch, leafwise=None) -> int:
+    """XLA's temporary bytes of one `gfo.Optimizer(est, sgd)` step (the state donated)."""
+    opt = gfo.Optimizer(est, optax.sgd(1e-3), leafwise=leafwise)
+    state = opt.init(jax.random.key(1), x)
+    return opt.lower(state, objective, batch, jax.random.key(2)).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("blocked", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["whole", "blocked"])
+def test_hizoo_in_the_forward_equals_hizoo_on_perturbed_weights(tiny_script, blocked, monkeypatch):
+    """`z ⊙ h^{-1/2}` drawn inside the forward (`NoisyLeaf(..., mul=h, mul_power=−½)`) gives the estimate and
+    Hessian update that the dense perturbed weights give; blocked: the embedding, the tied head and the
+    layers' matrices read a block of rows at a time, and `h` and `g` are regenerated in blocks."""
+    import importlib
+
+    if blocked:
+        monkeypatch.setattr(importlib.import_module("models.linear"), "NOISE_BLOCK_ELEMENTS", 1024)
+    objective, x0, batch = tiny_script
+    h = jax.tree.map(lambda w: jnp.exp(0.5 * jax.random.normal(jax.random.key(7), jnp.shape(w))), x0)
+    _assert_same_estimates(lambda f: gfo.HiZOO(eps=1e-2, alpha=0.1, factored=f), objective, x0, batch, h, 0, 1e-5)
+
+
+@pytest.mark.slow
+def test_hizoo_in_the_forward_holds_no_perturbed_copy_of_the_parameters(tiny_script):
+    objective, x0, batch = tiny_script
+    temps = lambda f: _step_temp_bytes(gfo.HiZOO(eps=1e-3, alpha=1e-3, factored=f), objective, x0, batch)  # noqa: E731
+    lean, dense = temps(None), temps(False)
+    x_bytes = sum(v.nbytes for v in jax.tree.leaves(x0))
+    assert lean + 0.9 * x_bytes <= dense  # neither the perturbed point nor z nor Σ^{1/2} z as a tree
+    assert lean == temps(True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("blocked", [False, True], ids=["whole", "blocked"])
+def test_lozo_in_the_forward_equals_lozo_on_perturbed_weights(tiny_script, blocked, monkeypatch):
+    """`LowRankKernel` / `NoisyLeaf` leaves give the estimate (three queries in a `lax.map`, made leaf by leaf)
+    that dense perturbed weights give; blocked: matrices and vectors are made a block of rows at a time."""
+    import importlib
+
+    if blocked:
+        monkeypatch.setattr(importlib.import_module("models.linear"), "NOISE_BLOCK_ELEMENTS", 64)
+    objective, x0, batch = tiny_script
+    est = gfo.LOZO(rank=2, nu=4)
+    v_root = est.init(jax.random.key(6), x0)
+    _assert_same_estimates(lambda f: gfo.LOZO(eps=0.05, rank=2, nu=4, n=3, factored=f), objective, x0, batch, v_root,
+                           5, 1e-5)
+
+
+@pytest.mark.slow
+def test_lozo_leafwise_step_holds_no_gradient_tree(tiny_script):
+    objective, x0, batch = tiny_script
+    make = lambda f=None: gfo.LOZO(eps=1e-3, rank=2, factored=f)  # noqa: E731
+    lean = _step_temp_bytes(make(), objective, x0, batch)
+    whole = _step_temp_bytes(make(), objective, x0, batch, leafwise=False)
+    dense = _step_temp_bytes(make(False), objective, x0, batch)
+    x_bytes = sum(v.nbytes for v in jax.tree.leaves(x0))
+    assert lean + 0.4 * x_bytes <= whole  # the whole-tree update builds g (a parameter-sized tree)
+    assert lean < x_bytes and lean + 0.9 * x_bytes <= dense  # and no perturbed copy of the parameters
 
 
 # ---------------------------------------------------------------- MeZO-SVRG

@@ -110,10 +110,17 @@ def noise_blocks(path, leaf, block_elements: int | None = None):
 
 
 def perturbed_leaf(key: jax.Array, path, leaf, scale, distribution: str = "gaussian",
-                   factored: bool = True):
-    """`leaf + scale · ε(key, path)`: a `NoisyLeaf` drawn inside the forward (`factored`), else dense."""
+                   factored: bool = True, mul=None, mul_power: float = 1.0):
+    """`leaf + scale · ε(key, path)`: a `NoisyLeaf` drawn inside the forward (`factored`), else dense.
+
+    `mul` (an array shaped like `leaf`, or None): `leaf + scale · ε ⊙ mul ** mul_power`, the multiplier
+    applied where the noise is read (HiZOO's `Σ^{1/2} z`: `mul = h`, `mul_power = −½`)."""
     keys = leaf_noise_keys(key, path, leaf)
-    noisy = NoisyLeaf(leaf, keys, jnp.broadcast_to(jnp.asarray(scale, jnp.float32), jnp.shape(keys)), distribution)
+    if mul is not None and tuple(jnp.shape(mul)) != _shape(leaf):
+        raise ValueError(f"perturbed_leaf at {path_name(path)!r}: the multiplier has shape {jnp.shape(mul)}, "
+                         f"expected the leaf's {_shape(leaf)}")
+    noisy = NoisyLeaf(leaf, keys, jnp.broadcast_to(jnp.asarray(scale, jnp.float32), jnp.shape(keys)), distribution,
+                      mul=mul, mul_power=float(mul_power))
     return noisy if factored else noisy.dense()
 
 

@@ -9,6 +9,16 @@ update stay in one subspace for a while); other leaves get ordinary Gaussian noi
 `d = (L(θ + εZ) − L(θ − εZ)) / 2ε` on one batch and key, the estimate is `g = d · Z / r` for matrices
 (`E_U[⟨∇, UVᵀ⟩ UVᵀ] = ∇ V Vᵀ` and `E[V Vᵀ] = r I`, so averaged over `V` it is the gradient) and `d · Z`
 for other leaves. LOZO-M is this estimator with `optax.sgd(momentum=β)`.
+
+With `factored` (by default as the objective declares: an objective over a `Full` space) `θ ± εZ` reaches
+the model as `LowRankKernel(W, U, V, ±ε)` / `models.linear.NoisyLeaf` leaves, formed inside the forward;
+both signs share one draw. The `n` queries (each with its own `U`, all with the step's `V`) run one at a
+time (`lax.map`; one query inline), and the estimate is a `gfo.optim.update.Direction`: a matrix's
+`Σ_k d_k U_k Vᵀ / (n r)` is one contraction over (query, rank) — `(Σ_k d_k U_k) Vᵀ` — and the other leaves
+regenerate their noise sum (a block of rows at a time for a leaf over `models.linear.NOISE_BLOCK_ELEMENTS`,
+matrices too), so `gfo.Optimizer` applies it one leaf (one block) at a time and no gradient tree exists.
+Diagnostics: `loss_range` (mean |L₊ − L₋|) and, with `n >= 2`, `snr_cosine` (the cosine between the
+estimates of the first ⌊n/2⌋ queries and of the rest).
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ import jax.numpy as jnp
 
 from gfo.optim.estimators.base import PerturbingEstimator
 from gfo.optim.estimators.lowrank_es import lowrank_factors
-from gfo.optim.noise import cosine, leaf_noise, matrix_ndim, member_key, perturbed_leaf, tree_dot
+from gfo.optim.noise import leaf_noise, matrix_ndim, member_key, noise_blocks, perturbed_leaf
+from gfo.optim.population import leaf_noise_direction, zeros_after
+from gfo.optim.update import Direction, LeafBlocks
 from models.linear import LowRankKernel
 
 
@@ -71,37 +83,81 @@ class LOZO(PerturbingEstimator):
         return jax.tree_util.tree_map_with_path(leaf, x)
 
     def estimate(self, objective, x, batch, key, v_root, step):
+        """`(Direction, metrics, v_root)`: the `n` queries (one inline, more in a `lax.map`: the memory of one
+        query), `g` described leaf by leaf."""
         self = self.for_objective(objective)
         noise_key, eval_key = jax.random.split(key)
         v_key = jax.random.fold_in(jax.random.wrap_key_data(v_root), step // self.nu)
-        ds, losses, spreads = [], [], []
-        for k in range(self.n):
+
+        def query(k):
+            """`(d, mean loss (NaN when not finite), |L₊ − L₋|)` of query `k`."""
             u_key = member_key(noise_key, k)
             signs = jnp.array([self.eps, -self.eps], jnp.float32)  # both in one vmap: Z drawn once for the pair
             plus, minus = jax.vmap(lambda s: objective(self._perturbed(x, u_key, v_key, s), batch, eval_key))(signs)
             ok = jnp.isfinite(plus) & jnp.isfinite(minus)
-            ds.append(jnp.where(ok, (plus - minus) / (2 * self.eps), 0.0))
-            losses.append(jnp.where(ok, (plus + minus) / 2, jnp.nan))
-            spreads.append(jnp.abs(plus - minus))
+            return (jnp.where(ok, (plus - minus) / (2 * self.eps), 0.0), jnp.where(ok, (plus + minus) / 2, jnp.nan),
+                    jnp.abs(plus - minus))
 
-        def estimate(queries):  # Σ_k d_k Z_k (/ r for matrices), regenerated
-            def leaf(path, w):
-                total = jnp.zeros(jnp.shape(w), jnp.float32)
-                for k in queries:
-                    u_key = member_key(noise_key, k)
-                    if matrix_ndim(path, w) == 2:
-                        u, v = self._factors(path, w, u_key, v_key)
-                        total = total + ds[k] / self.rank * jnp.einsum("...mr,...nr->...mn", u, v)
-                    else:
-                        total = total + ds[k] * leaf_noise(u_key, path, w)
-                return total
-            return jax.tree_util.tree_map_with_path(leaf, x)
+        ks = jnp.arange(self.n, dtype=jnp.int32)
+        ds, losses, spreads = (jax.tree.map(lambda v: v[None], query(ks[0])) if self.n == 1
+                               else jax.lax.map(query, ks))
+        metrics = {"loss": jnp.nanmean(losses), "loss_range": jnp.mean(spreads), "evaluations": 2 * self.n}
+        return Direction(self._leaf_direction, (ds / self.n, noise_key, v_key), snr=self.n >= 2), metrics, v_root
 
-        h = self.n // 2
-        total = estimate(range(self.n))
-        grad = jax.tree.map(lambda t, w: (t / self.n).astype(w.dtype), total, x)
-        metrics = {"loss": jnp.nanmean(jnp.stack(losses)), "grad_norm": jnp.sqrt(tree_dot(grad, grad)),
-                   "loss_range": jnp.mean(jnp.stack(spreads)), "evaluations": 2 * self.n}
-        if self.n >= 2:
-            metrics["snr_cosine"] = cosine(estimate(range(h)), estimate(range(h, 2 * h)))
-        return grad, metrics, v_root
+    def _leaf_direction(self, operands, path, w):
+        """One leaf's `(g, halves' dots)`, or `LeafBlocks` of it for a leaf over `NOISE_BLOCK_ELEMENTS`.
+
+        A matrix's `g = Σ_k w_k U_k Vᵀ / r = (Σ_k w_k U_k) Vᵀ / r` (`w_k = d_k / n`; `V` is the step's, shared
+        by the queries): the `U` factors are summed over each half of the queries (one `[..., m, r]` at a
+        time), then contracted with `V` over the rank — no per-query matrix — and the halves' dots come from
+        the `r × r` Gram matrices (`⟨A Vᵀ, B Vᵀ⟩ = tr(AᵀB · VᵀV)`). Other leaves: the regenerated noise sum
+        `Σ_k w_k ε_k` (`gfo.optim.population.leaf_noise_direction`)."""
+        weights, noise_key, v_key = operands
+        if matrix_ndim(path, w) != 2:
+            return leaf_noise_direction(weights, lambda k: member_key(noise_key, k), path, w, "gaussian")
+        shape, dtype, r = jnp.shape(w), jnp.result_type(w), self.rank
+        _, v = lowrank_factors(v_key, path, shape, r)  # [..., n, r]
+        first, second = _u_sums(weights, lambda k: lowrank_factors(member_key(noise_key, k), path, shape, r)[0])
+        total = first if second is None else first + second  # [..., m, r]
+        dots = None
+        if second is not None:
+            gram_v = jnp.einsum("...nr,...ns->...rs", v, v)
+            tr = lambda a, b: jnp.sum(jnp.einsum("...mr,...ms->...rs", a, b) * gram_v)  # noqa: E731
+            dots = jnp.stack([tr(first, second), tr(first, first), tr(second, second)]) / r ** 2
+        plan = noise_blocks(path, w)
+        if plan is None:
+            return (jnp.einsum("...mr,...nr->...mn", total, v) / r).astype(dtype), dots
+
+        n_layers, rows, per, n_blocks = plan  # blocks of `per` rows of one layer (the last may overlap)
+        stacked = n_layers is not None
+        lead = (1,) if stacked else ()
+
+        def block(t):
+            layer, b = t // n_blocks, t % n_blocks
+            start = jnp.minimum(b * per, rows - per)
+            u_b = jax.lax.dynamic_slice_in_dim(total[layer] if stacked else total, start, per, axis=0)
+            g_b = (u_b @ (v[layer] if stacked else v).T / r).reshape(lead + (per, shape[-1]))
+            corner = tuple(jnp.asarray(c, jnp.int32) for c in (((layer,) if stacked else ()) + (start, 0)))
+            fresh = (start + jnp.arange(per) >= b * per).reshape(lead + (per, 1))
+            return corner, g_b, fresh, (None if dots is None else jnp.where(t == 0, dots, 0.0))
+
+        return LeafBlocks((n_layers or 1) * n_blocks, lead + (per, shape[-1]), block, halves=dots is not None)
+
+
+def _u_sums(weights: jax.Array, u_of):
+    """`(Σ_{k<h} w_k U_k, Σ_{k>=h} w_k U_k)` with `h = ⌊n/2⌋` (float32), in one loop over the queries
+    (query `k` and `k + h` together); `(w_0 U_0, None)` for one query."""
+    n = weights.shape[0]
+    weights = weights.astype(jnp.float32)
+    if n == 1:
+        return weights[0] * u_of(jnp.int32(0)), None
+    h = n // 2
+    template = jax.eval_shape(u_of, jnp.int32(0))
+    zero = zeros_after(weights, template.shape)
+    last = weights[n - 1] * u_of(jnp.int32(n - 1)) if n % 2 else zero
+
+    def body(k, halves):
+        first, second = halves
+        return first + weights[k] * u_of(k), second + weights[k + h] * u_of(k + h)
+
+    return jax.lax.fori_loop(0, h, body, (zero, last))
