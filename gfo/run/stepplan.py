@@ -76,7 +76,7 @@ def compile_step(run, state, t: int) -> str:
 
     if run.planned_chunk is None and isinstance(run.optimizer, Optimizer):  # the library's own plan
         estimator = run.optimizer.prepare(run.objective, state.x, batch, key)
-        if isinstance(estimator, PopulationConfig) and estimator.batch_size is not None:
+        if isinstance(estimator, PopulationConfig) and estimator.batch_size != run.optimizer.estimator.batch_size:
             line += (f"; {estimator.batch_size} members per chunk (the population's activations within the "
                      f"parameters' size: gfo.optim.plan)")
     return line
