@@ -10,7 +10,7 @@ noise estimators: made one leaf at a time, so a leafwise step never holds the wh
 overrides `init` and `estimate`. `estimator(objective, x, batch, key) -> (g_tree, metrics)` is the
 convenience form of a stateless estimator (the whole tree, e.g. for a test against `jax.grad`).
 
-`factored=None` (SPSA, OpenES, LowRankES, LOZO, MeZO-SVRG) means "as the objective declares"
+`factored=None` (SPSA, OpenES, LowRankES, LOZO, HiZOO, MeZO-SVRG) means "as the objective declares"
 (`gfo.objectives.accepts_descriptors`): an objective over a `Full` space takes perturbation descriptors,
 so the noise is drawn inside the forward; a plain function gets perturbed arrays. `for_objective`
 resolves it (at trace time: the objective's declaration is static).
