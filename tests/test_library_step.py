@@ -119,8 +119,9 @@ def _temp_bytes(opt, objective, x0, batch):
     return opt.lower(state, objective, batch, jax.random.key(2)).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("make", [lambda f: gfo.SPSA(eps=1e-3, factored=f),
-                                  lambda f: gfo.OpenES(population=8, sigma=1e-3, factored=f)])
+@pytest.mark.parametrize("make", [pytest.param(lambda f: gfo.SPSA(eps=1e-3, factored=f), id="spsa"),
+                                  pytest.param(lambda f: gfo.OpenES(population=8, sigma=1e-3, factored=f), id="openes",
+                                               marks=pytest.mark.slow)])
 def test_a_script_gets_the_in_forward_perturbation_from_its_objective(script, make):
     space, loss, batch = script
     x0 = space.init(jax.random.key(0))
@@ -137,6 +138,7 @@ def test_a_script_gets_the_in_forward_perturbation_from_its_objective(script, ma
     assert lean == _temp_bytes(gfo.Optimizer(make(True), optax.sgd(1e-3), leafwise=True), objective, x0, batch)
 
 
+@pytest.mark.slow
 def test_a_population_without_a_chunk_gets_one_from_the_budget_and_the_same_numbers(script, monkeypatch):
     from gfo.optim import plan
 
