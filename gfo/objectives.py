@@ -48,8 +48,8 @@ class RewardObjective(Protocol):
 
 
 def objective_kind_of(estimator) -> str:
-    """The objective kind an estimator (or optimizer) declares: "loss" unless it says "reward"."""
-    kind = getattr(estimator, "objective_kind", "loss")
+    """The objective kind an estimator declares (`gfo.optim.protocol.Estimator.objective_kind`), checked."""
+    kind = estimator.objective_kind
     if kind not in KINDS:
         raise ValueError(f"{estimator!r} declares objective_kind={kind!r}: expected one of {KINDS}")
     return kind

@@ -92,11 +92,20 @@ def leaf_noise_rows(key: jax.Array, path, leaf, layer, rows, distribution: str =
     return row_noise(k, rows, shape[1:], distribution)
 
 
+def update_block_elements() -> int:
+    """Values an update regenerates at once for one leaf: a quarter of `models.linear.NOISE_BLOCK_ELEMENTS`
+    (1 M). A block's Gaussian is made through the inverse normal CDF, whose intermediates XLA keeps as
+    a few float32 buffers of the block's size: at 4 M values they were 3 × 16 MiB, two thirds of a GPT-2
+    (d 256, vocab 50257) SPSA step's temporaries; at 1 M the step's temporaries fall from 0.66 to 0.23 ×
+    the parameters (`benchmarks/library_step.py`). The forward's blocks keep the full size."""
+    return max(1, noise_block_elements() // 4)
+
+
 def noise_blocks(path, leaf, block_elements: int | None = None):
     """How an update regenerates the leaf's noise: None (the whole leaf at once, for a leaf of at most
-    `models.linear.NOISE_BLOCK_ELEMENTS`), else `(n_layers or None, rows, rows per block, blocks per layer)` — blocks of
+    `update_block_elements()`), else `(n_layers or None, rows, rows per block, blocks per layer)` — blocks of
     rows of one layer (`rows` None: whole layers of a vector leaf)."""
-    limit = noise_block_elements() if block_elements is None else block_elements
+    limit = update_block_elements() if block_elements is None else block_elements
     size = math.prod(_shape(leaf))
     if size <= limit:
         return None

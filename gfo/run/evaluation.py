@@ -68,8 +68,9 @@ class Evaluation:
             self.pass_fn = frozen_args(lambda space, x, batch, key: pass_at_k_metrics(
                 task, model, space.to_params(x), batch, key, e.samples, e.temperature), space)
         self.vote_fn = None
-        if hasattr(optimizer, "members") and hasattr(task, "class_scores"):
-            from gfo.optim.search.randopt import ensemble_metrics
+        from gfo.optim.search.randopt import RandOpt, ensemble_metrics
+
+        if isinstance(optimizer, RandOpt) and hasattr(task, "class_scores"):  # its kept members vote
 
             self.vote_fn = frozen_args(lambda space, members, batch: ensemble_metrics(task, model, space.to_params,
                                                                                        members, batch), space)
