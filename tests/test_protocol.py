@@ -196,22 +196,22 @@ def test_compilation_cache_directory_is_populated(tmp_path, monkeypatch):
 
 
 def test_gfo_train_picks_eval_chunk_from_the_memory_budget(monkeypatch, tmp_path):
+    import gfo.run.build as B
     import gfo.run.stepplan as plan
-    import gfo.run.train as T
     from gfo.run.config import load_config
     from gfo.optim.evaluate import activation_bytes
 
     cfg = load_config(None, ["pretrain=null", f"runs_dir={tmp_path}", "task.name=grammar_lm", "task.options={seq_len: 16}",
                              "task.batch_size=4", "model.overrides={d_model: 32, n_layers: 1, n_heads: 2, max_seq_len: 32}",
                              "optimizer.method=es", "optimizer.population=16", "optimizer.eval_chunk=null"])
-    mesh = T.build_mesh(cfg)
-    model, params = T._build_model(cfg)
-    _, roomy = T._stages(cfg, str(tmp_path / "a"), model, params, mesh)
+    mesh = B.build_mesh(cfg)
+    model, params = B.model_of(cfg)
+    roomy = B.build_run(cfg, str(tmp_path / "a"), model, params, mesh)
     assert roomy.planned_chunk is None and roomy.optimizer.estimator.batch_size is None  # a tiny model: all at once
     x_bytes = plan.tree_bytes(roomy.x0)
     member = activation_bytes(4 * 17, 4, 17, 32, 2, model.config.vocab_size) + x_bytes  # batch [4, 17] tokens
     pop = mesh.shape["pop"]
     limit = 2 * (roomy.param_bytes + 4 * x_bytes + member * 16 // pop // 2 + 1)  # room for half the population
     monkeypatch.setattr(plan, "device_memory_limit", lambda mesh=None: (limit, "test"))
-    _, tight = T._stages(cfg, str(tmp_path / "b"), model, params, mesh)
+    tight = B.build_run(cfg, str(tmp_path / "b"), model, params, mesh)
     assert tight.planned_chunk == 8 and tight.optimizer.estimator.batch_size == 8

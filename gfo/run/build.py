@@ -1,16 +1,29 @@
-"""From a validated config to the four axes: model, space, optimizer, task (and its objective)."""
+"""From a validated config to the four axes (model, space, optimizer, task and its objective) and to a
+`Run`: one stage's parts, built once, for `gfo train`, `gfo eval` and `gfo decode` alike.
+
+`build_run(cfg, run_dir, model, params, mesh, stage)` builds the stage `main` or `pretrain` of `cfg`
+(tokenizer, task, space, start point, optimizer, objective, evaluations, key streams); `build_runs`
+builds the model and both stages. A `Run` holds no optimizer state: whoever runs it creates
+(`Run.init_state`) or restores that state, and `Run.step` advances it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import warnings
+from typing import Any
 
 import jax
 
 import models
-from gfo import spaces
-from gfo.run.config import ConfigError, ModelSection, OptimizerSection, SpaceSection, TaskSection
+from gfo import distributed, spaces
+from gfo.run import stepplan
+from gfo.run.config import (ConfigError, EvalSection, ModelSection, OptimizerSection, RunConfig, SpaceSection,
+                            TaskSection)
+from gfo.run.evaluation import Evaluation
+from gfo.streams import stream
 from gfo.optim import registry as methods
 from gfo.optim.noise import check_noise_map
 from gfo.objectives import OnSpace, check_kind
@@ -177,3 +190,117 @@ def build_objective(task, section: TaskSection, optimizer: OptimizerSection, mod
 
 def _identity(params):
     return params
+
+
+def build_mesh(cfg: RunConfig):
+    """Start multi-process JAX if `cfg.distributed` (or the environment) asks for it; the run's mesh."""
+    d = cfg.distributed
+    try:
+        distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+        return distributed.make_mesh(cfg.mesh.pop, cfg.mesh.data, cfg.mesh.model)
+    except distributed.DistributedError as e:
+        raise ConfigError(str(e)) from None
+
+
+def model_of(cfg: RunConfig):
+    """`(model, params)` of the run: `build_model` with the run's model key, a checkpoint that cannot be
+    read named (its JSON files name themselves: `models.jsonfile.read_json_object`)."""
+    try:
+        return build_model(cfg.model, stream(cfg.seed, "run", "model"))
+    except (IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        raise ConfigError(f"model.path={cfg.model.path!r}: cannot read the checkpoint: {e}") from None
+
+
+KEY_STREAMS = ("space", "init", "optimizer", "step", "eval", "dev", "pass_at_k")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+    """One stage of a run, built once from its config sections (`build_run`); no optimizer state.
+
+    `stage`: `main` or `pretrain` (it names the key streams `keys`, `gfo.streams`: stages never share a
+    key); `run_dir`: the stage's directory (`name/` or `name/pretrain/`); `steps`: its length;
+    `param_bytes`: the model parameters' bytes (placed on `mesh`); `planned_chunk`: the `eval_chunk`
+    chosen from the memory budget (None when the config sets it, or the whole population fits at once;
+    `optimizer_section` carries the choice); `eval_section`: model selection and diagnostics (the main
+    stage's `eval`, None for pretraining)."""
+
+    stage: str
+    run_dir: str
+    steps: int
+    model: Any
+    tokenizer: Any
+    task: Any
+    space: spaces.Space
+    x0: Any
+    optimizer: Any
+    objective: Any
+    evaluation: Evaluation
+    keys: dict
+    mesh: Any
+    param_bytes: int
+    planned_chunk: int | None
+    task_section: TaskSection
+    optimizer_section: OptimizerSection
+    space_section: SpaceSection
+    eval_section: EvalSection | None
+
+    @property
+    def label(self) -> str:
+        """The name of the stage in printed lines and progress bars: `pretrain`, or the method's."""
+        return "pretrain" if self.stage == "pretrain" else self.optimizer_section.method
+
+    def init_state(self):
+        """A fresh optimizer state at `x0`, placed as the optimizer shards it (parameter-shaped leaves by
+        the model-axis path rules; populations replicated)."""
+        state = self.optimizer.init(self.keys["optimizer"], self.x0)
+        return distributed.place_as(state, self.optimizer.state_sharding(state, self.mesh))
+
+    def step(self, state, t: int):
+        """Step `t` (dispatched, not waited for): its data and key are functions of the seed and `t`."""
+        batch = distributed.place_batch(self.task.train_batch(t), self.mesh)
+        return self.optimizer.step(state, self.objective, batch, jax.random.fold_in(self.keys["step"], t))
+
+    def params(self, state):
+        """The model parameters of `state`'s solution."""
+        return self.space.to_params(self.optimizer.solution(state))
+
+
+def build_run(cfg: RunConfig, run_dir: str, model, params, mesh, stage: str = "main") -> Run:
+    """The stage `stage` (`main` | `pretrain`) of `cfg` in the run directory `run_dir`, on `model` with
+    `params` (the main stage of a run with pretraining starts from the pretrained parameters): every part
+    a config can get wrong is built here, so a config that builds can run."""
+    if stage == "pretrain":
+        p = cfg.pretrain
+        directory, steps, task_section, optimizer_section, space_section, eval_section = (
+            os.path.join(run_dir, "pretrain"), p.steps, p.task, p.optimizer, SpaceSection(kind="full"), None)
+    elif stage == "main":
+        directory, steps, task_section, optimizer_section, space_section, eval_section = (
+            run_dir, cfg.steps, cfg.task, cfg.optimizer, cfg.space, cfg.eval)
+    else:
+        raise ValueError(f"stage={stage!r}: expected 'main' or 'pretrain'")
+    keys = {k: stream(cfg.seed, stage, k) for k in KEY_STREAMS}
+    tokenizer = build_tokenizer(cfg.model, model.config.vocab_size)
+    task = build_task(task_section, cfg.seed, tokenizer)
+    params = distributed.place(params, mesh)  # frozen weights too are split over `model`
+    param_bytes = stepplan.tree_bytes(params)
+    space = build_space(space_section, params, keys["space"])
+    x0 = space.init(keys["init"])
+    # A population method that leaves `eval_chunk` unset gets one from the memory budget.
+    planned_chunk = stepplan.plan_eval_chunk(optimizer_section, task.train_batch(0), model.config, x0,
+                                             param_bytes, mesh)
+    if planned_chunk is not None:
+        optimizer_section = dataclasses.replace(optimizer_section, eval_chunk=planned_chunk)
+    optimizer = build_optimizer_for(optimizer_section, space, x0, distributed.pop_sharding(mesh))
+    objective = build_objective(task, task_section, optimizer_section, model, space, x0)
+    evaluation = Evaluation(task, model, space, x0, optimizer, mesh, keys, eval_section, directory)
+    return Run(stage, directory, steps, model, tokenizer, task, space, x0, optimizer, objective, evaluation, keys,
+               mesh, param_bytes, planned_chunk, task_section, optimizer_section, space_section, eval_section)
+
+
+def build_runs(cfg: RunConfig, run_dir: str, mesh) -> tuple[Run | None, Run]:
+    """The model of `cfg`, then its pretrain stage (or None) and its main stage, both on the initial
+    parameters (with a pretrain stage, the main one is rebuilt on the pretrained parameters to run)."""
+    model, params = model_of(cfg)
+    pre = None if cfg.pretrain is None else build_run(cfg, run_dir, model, params, mesh, "pretrain")
+    return pre, build_run(cfg, run_dir, model, params, mesh)

@@ -1,20 +1,36 @@
-"""`gfo eval RUN_DIR`: rebuild a run from its saved config and evaluate its latest checkpoint."""
+"""`gfo eval RUN_DIR` and `gfo decode RUN_DIR`: rebuild a run from its saved config (`gfo.run.build`, as
+`gfo train` built it) and evaluate, or compare decoders at, its latest checkpoint."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+from typing import Any
 
 import yaml
 
-from gfo.run.config import DistributedSection, MeshSection, RunConfig, SpaceSection, apply_override, from_dict
+from gfo.run.config import DistributedSection, MeshSection, RunConfig, apply_override, from_dict
 
 
-def restore_run(run_dir: str, overrides: list[str] = ()):
-    """`(cfg, stage, step)`: a run rebuilt from its `config.yaml` (plus `a.b=v` overrides of sections that do
-    not change the optimisation, e.g. `decode.*`) at its latest checkpoint, on this machine's devices."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Restored:
+    """A run at its latest checkpoint: `run` (a `gfo.run.build.Run`) and the optimizer `state` restored
+    into it; the run's parts read through (`restored.task`, `restored.optimizer`)."""
+
+    run: Any
+    state: Any
+
+    def __getattr__(self, name):
+        if name == "run":  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
+        return getattr(self.run, name)
+
+
+def restore_run(run_dir: str, overrides: list[str] = ()) -> tuple[RunConfig, Restored, int]:
+    """`(cfg, restored, step)`: a run rebuilt from its `config.yaml` (plus `a.b=v` overrides of sections that
+    do not change the optimisation, e.g. `decode.*`) at its latest checkpoint, on this machine's devices."""
     from gfo.run import build
-    from gfo.run.train import Stage, build_mesh
 
     config_file = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_file):
@@ -24,27 +40,21 @@ def restore_run(run_dir: str, overrides: list[str] = ()):
     for assignment in overrides:
         apply_override(data, assignment)
     cfg = from_dict(RunConfig, data)
-    import jax
-
     # Evaluation runs on this machine's devices, whatever mesh the run was trained on.
-    mesh = build_mesh(dataclasses.replace(cfg, mesh=MeshSection(), distributed=DistributedSection()))
-    from gfo.streams import stream
-
-    model, params = build.build_model(cfg.model, stream(cfg.seed, "run", "model"))  # as `gfo train` built it
+    mesh = build.build_mesh(dataclasses.replace(cfg, mesh=MeshSection(), distributed=DistributedSection()))
+    model, params = build.model_of(cfg)  # as `gfo train` built it
     if cfg.pretrain is not None:
-        pre = Stage(os.path.join(run_dir, "pretrain"), cfg.seed, cfg.pretrain.steps, cfg.pretrain.task,
-                    cfg.pretrain.optimizer, SpaceSection(kind="full"), model, params, cfg, mesh, name="pretrain")
-        _restore_or_fail(pre)
-        params = pre.space.to_params(pre.optimizer.solution(pre.state))
-    stage = Stage(run_dir, cfg.seed, cfg.steps, cfg.task, cfg.optimizer, cfg.space, model, params, cfg, mesh,
-                  eval_section=cfg.eval)
-    return cfg, stage, _restore_or_fail(stage)
+        pre = build.build_run(cfg, run_dir, model, params, mesh, "pretrain")
+        params = pre.params(_restore_or_fail(pre, cfg.keep_checkpoints)[0])
+    run = build.build_run(cfg, run_dir, model, params, mesh)
+    state, step = _restore_or_fail(run, cfg.keep_checkpoints)
+    return cfg, Restored(run, state), step
 
 
 def evaluate_run(run_dir: str) -> dict:
     """`gfo eval`: the run's eval metrics at its latest checkpoint, printed as a table."""
-    _, stage, step = restore_run(run_dir)
-    metrics = stage.eval_row()
+    _, restored, step = restore_run(run_dir)
+    metrics = restored.run.evaluation.row(restored.state)
     print(f"{run_dir} @ step {step}:")
     print("| metric | value |\n|---|---|")
     for k, v in metrics.items():
@@ -56,29 +66,53 @@ def decode_run(run_dir: str, overrides: list[str] = ()) -> dict:
     """`gfo decode`: greedy vs beam search vs refinement at the run's latest checkpoint (`decode` section,
     defaults when the run has none); writes `decode.md`/`decode.json` into the run directory."""
     from gfo.run.config import ConfigError
-    from gfo.run.train import compare_decoders_of
 
     bad = [o for o in overrides if not o.strip().startswith("decode.")]
     if bad:
         raise ConfigError(f"gfo decode --set {bad}: only decode.* keys can change (the run is fixed)")
-    cfg, stage, step = restore_run(run_dir, list(overrides))
+    cfg, restored, step = restore_run(run_dir, list(overrides))
     if cfg.decode is None:
         from gfo.run.config import DecodeSection
 
         cfg = dataclasses.replace(cfg, decode=DecodeSection())
     print(f"{run_dir} @ step {step}:")
-    return compare_decoders_of(stage, cfg)
+    return compare_decoders_of(restored.run, restored.run.params(restored.state), cfg)
 
 
-def _restore_or_fail(stage) -> int:
-    from gfo.run.train import RunCheckpointError
+def compare_decoders_of(run, params, cfg: RunConfig) -> dict:
+    """`gfo.decode.compare_decoders` of `run` (a `gfo.run.build.Run`) at `params`, on its eval prompts, with
+    `cfg.decode`; process 0 writes `decode.md` and `decode.json` into the run directory and prints the table."""
+    from gfo import distributed
+    from gfo.decode import compare_decoders, format_decoders
+    from gfo.run.config import ConfigError
 
-    directory = os.path.join(stage.run_dir, "checkpoints")
+    d = cfg.decode
+    try:
+        results = compare_decoders(run.model, params, run.task, run.task.eval_batches(), d.beam_width,
+                                   d.sweeps, d.top_k, d.proposals, d.length_penalty)
+    except ValueError as e:
+        raise ConfigError(f"decode: {e}") from None
+    if distributed.is_primary():
+        table = format_decoders(results)
+        with open(os.path.join(run.run_dir, "decode.md"), "w") as f:
+            f.write(table + "\n")
+        with open(os.path.join(run.run_dir, "decode.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print(table)
+    return results
+
+
+def _restore_or_fail(run, keep: int) -> tuple:
+    """`(state, step)` of `run`'s latest checkpoint (restored like a fresh state); an error when it has none."""
+    from gfo.run import checkpoint
+    from gfo.run.checkpoint import RunCheckpointError
+
+    directory = os.path.join(run.run_dir, "checkpoints")
     if not os.path.isdir(directory):
         raise RunCheckpointError(f"no checkpoint directory {directory!r}: the run has not saved a checkpoint yet")
-    manager = stage._manager()
-    step = stage.restore(manager)
+    manager = checkpoint.manager(run.run_dir, keep)
+    state, step = checkpoint.restore(manager, run.init_state())
     manager.close()
     if step == 0:
         raise RunCheckpointError(f"{directory!r} holds no checkpoint")
-    return step
+    return state, step

@@ -122,6 +122,15 @@ class Evaluation:
             row.update(self._mean_over(self.task.eval_batches(), lambda i, b: self.vote_fn(members, b)))
         return row
 
+    def record(self, log, step: int, state, time_s: float, write, label: str) -> dict:
+        """Evaluate `state` (after `step` steps): write the row to `log` (a `gfo.run.metrics_log.MetricsLog`),
+        track the best point, print the line through `write` (`print_eval`); the row."""
+        row = {"step": step, "split": "eval", "time_s": time_s, **self.row(state)}
+        log.write(row)
+        self.track_best(row, log.records, state)
+        print_eval(write, label, row)
+        return row
+
     def _selecting(self) -> bool:
         return self.section is not None and self.section.select_by is not None
 

@@ -1,5 +1,7 @@
 """A lean step for `gfo train`: memory read ahead of time, a chunk that fits, a persistent compile cache.
 
+- `compile_step`: a run's step lowered and compiled ahead of time (the loop then reuses the executable),
+  reported in one line (`step_memory_line`).
 - `step_memory_line`: XLA's memory analysis of the ahead-of-time compiled step (`compiled.memory_analysis()`)
   as multiples of the parameter bytes per device, and `StepMemoryError` when its peak
   (arguments + outputs − donated + temporaries + code) exceeds `device_memory_limit` (an accelerator's
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import jax
 import numpy as np
@@ -46,6 +49,36 @@ def step_memory_line(analysis, param_bytes: int, seconds: float, limit: int, sou
                               f"parameters) but the device has {_size(limit)} ({source}): lower "
                               f"optimizer.eval_chunk or task.batch_size, search a smaller space (lora, prompt, "
                               f"subspace), or shard over more devices (mesh.model)")
+    return line
+
+
+def compile_step(run, state, t: int) -> str:
+    """Lower and compile step `t` of `run` (a `gfo.run.build.Run`) from `state` ahead of time (the loop then
+    reuses the executable); one line with XLA's memory analysis as multiples of the parameter bytes per
+    device. Raises `StepMemoryError` when the step's peak (arguments + outputs − aliased (donated) +
+    temporaries + code) exceeds the device's memory."""
+    from gfo import distributed
+    from gfo.optim import protocol
+
+    t0 = time.perf_counter()
+    batch = distributed.place_batch(run.task.train_batch(t), run.mesh)
+    key = jax.random.fold_in(run.keys["step"], t)
+    compiled = protocol.lower_step(run.optimizer, state, run.objective, batch, key).compile()
+    seconds = time.perf_counter() - t0
+    analysis = compiled.memory_analysis()
+    if analysis is None:  # a backend without the analysis
+        return f"compiled step in {seconds:.1f} s (no memory analysis on this backend)"
+    line = step_memory_line(analysis, run.param_bytes, seconds, *device_memory_limit(run.mesh))
+    if run.planned_chunk is not None:
+        line += f"; eval_chunk {run.planned_chunk} chosen from the memory budget"
+    from gfo.optim.optimizer import Optimizer
+    from gfo.optim.population import PopulationConfig
+
+    if run.planned_chunk is None and isinstance(run.optimizer, Optimizer):  # the library's own plan
+        estimator = run.optimizer.prepare(run.objective, state.x, batch, key)
+        if isinstance(estimator, PopulationConfig) and estimator.batch_size is not None:
+            line += (f"; {estimator.batch_size} members per chunk (the population's activations within the "
+                     f"parameters' size: gfo.optim.plan)")
     return line
 
 
