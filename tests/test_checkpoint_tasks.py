@@ -139,7 +139,7 @@ def test_train_from_a_checkpoint_uses_its_tokenizer_and_template(checkpoint, tmp
     assert losses and all(np.isfinite(losses))
     from gfo.run.evaluate import restore_run
 
-    _, stage, step = restore_run(result["run_dir"])
+    _, stage, _, step = restore_run(result["run_dir"])
     assert step == 2 and stage.task.style == "reference"
     assert stage.task.tokenizer.vocab_size == models.load_tokenizer(str(checkpoint)).vocab_size > 259
     batch = stage.task.eval_batches()[0]

@@ -336,9 +336,9 @@ def test_divergence_stops_the_run_at_its_step_and_never_saves_a_non_finite_state
         rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, step))  # not the bad step's
         if last:  # the kept checkpoint is finite, and resumable
-            _, stage, restored = restore_run(run_dir)
+            _, run, state, restored = restore_run(run_dir)
             assert restored == last
-            assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(stage.optimizer.solution(stage.state)))
+            assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(run.optimizer.solution(state)))
     assert step >= 3, "choose an lr that diverges later: the pipelined case should keep a checkpoint"
     with pytest.raises(DivergenceError, match=r"at step \d+ .*no checkpoint had been saved yet") as err:
         train(_config(tmp_path, name="early", steps=6, checkpoint_every=6,

@@ -13,23 +13,10 @@ import yaml
 from gfo.run.config import DistributedSection, MeshSection, RunConfig, apply_override, from_dict
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Restored:
-    """A run at its latest checkpoint: `run` (a `gfo.run.build.Run`) and the optimizer `state` restored
-    into it; the run's parts read through (`restored.task`, `restored.optimizer`)."""
-
-    run: Any
-    state: Any
-
-    def __getattr__(self, name):
-        if name == "run":  # not set yet (a copy being made): no recursion
-            raise AttributeError(name)
-        return getattr(self.run, name)
-
-
-def restore_run(run_dir: str, overrides: list[str] = ()) -> tuple[RunConfig, Restored, int]:
-    """`(cfg, restored, step)`: a run rebuilt from its `config.yaml` (plus `a.b=v` overrides of sections that
-    do not change the optimisation, e.g. `decode.*`) at its latest checkpoint, on this machine's devices."""
+def restore_run(run_dir: str, overrides: list[str] = ()) -> tuple[RunConfig, Any, Any, int]:
+    """`(cfg, run, state, step)`: a run rebuilt from its `config.yaml` (plus `a.b=v` overrides of sections
+    that do not change the optimisation, e.g. `decode.*`) — a `gfo.run.build.Run` — and its optimizer
+    state at the latest checkpoint `step`, on this machine's devices."""
     from gfo.run import build
 
     config_file = os.path.join(run_dir, "config.yaml")
@@ -48,13 +35,13 @@ def restore_run(run_dir: str, overrides: list[str] = ()) -> tuple[RunConfig, Res
         params = pre.params(_restore_or_fail(pre, cfg.keep_checkpoints)[0])
     run = build.build_run(cfg, run_dir, model, params, mesh)
     state, step = _restore_or_fail(run, cfg.keep_checkpoints)
-    return cfg, Restored(run, state), step
+    return cfg, run, state, step
 
 
 def evaluate_run(run_dir: str) -> dict:
     """`gfo eval`: the run's eval metrics at its latest checkpoint, printed as a table."""
-    _, restored, step = restore_run(run_dir)
-    metrics = restored.run.evaluation.row(restored.state)
+    _, run, state, step = restore_run(run_dir)
+    metrics = run.evaluation.row(state)
     print(f"{run_dir} @ step {step}:")
     print("| metric | value |\n|---|---|")
     for k, v in metrics.items():
@@ -70,13 +57,13 @@ def decode_run(run_dir: str, overrides: list[str] = ()) -> dict:
     bad = [o for o in overrides if not o.strip().startswith("decode.")]
     if bad:
         raise ConfigError(f"gfo decode --set {bad}: only decode.* keys can change (the run is fixed)")
-    cfg, restored, step = restore_run(run_dir, list(overrides))
+    cfg, run, state, step = restore_run(run_dir, list(overrides))
     if cfg.decode is None:
         from gfo.run.config import DecodeSection
 
         cfg = dataclasses.replace(cfg, decode=DecodeSection())
     print(f"{run_dir} @ step {step}:")
-    return compare_decoders_of(restored.run, restored.run.params(restored.state), cfg)
+    return compare_decoders_of(run, run.params(state), cfg)
 
 
 def compare_decoders_of(run, params, cfg: RunConfig) -> dict:
