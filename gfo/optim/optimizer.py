@@ -41,7 +41,7 @@ from gfo.optim.update import Direction, is_elementwise, leafwise_update, sq_norm
 from gfo.jitting import filter_jit, partition
 from gfo.objectives import objective_kind_of
 from gfo.optim.plan import plan_chunk
-from gfo.optim.protocol import Estimator, fresh, parameter_sharding
+from gfo.optim.protocol import Estimator, PointOptimizer, fresh
 
 _WARNED: set = set()  # transforms already reported as applied to the whole tree
 
@@ -54,7 +54,7 @@ class OptState:
     est_state: Any = None  # a stateful estimator's own state (LOZO's V key, HiZOO's Hessian, SVRG's anchor)
 
 
-class Optimizer:
+class Optimizer(PointOptimizer):
     """`estimator` (a pseudo-gradient of the loss, `gfo.optim.protocol.Estimator`) followed by an optax `transform`.
 
     `leafwise` (default None: `gfo.optim.update.is_elementwise(transform)`): when the estimator describes its
@@ -140,15 +140,3 @@ class Optimizer:
         x = optax.apply_updates(state.x, updates)
         metrics = {**metrics, "update_norm": jnp.sqrt(sum(sq_norm(u) for u in jax.tree.leaves(updates)))}
         return OptState(x=x, opt_state=opt_state, step=state.step + 1, est_state=est_state), metrics
-
-    def solution(self, state: OptState):
-        """The current point."""
-        return state.x
-
-    def best_solution(self, state: OptState):
-        """The current point (this family keeps no best-so-far archive)."""
-        return state.x
-
-    def state_sharding(self, state: OptState, mesh):
-        """The model-axis path rules: the point and the optax moments are parameter-shaped."""
-        return parameter_sharding(state, mesh)

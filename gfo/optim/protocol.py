@@ -81,6 +81,24 @@ def parameter_sharding(state, mesh):
     return distributed.shardings(state, mesh, distributed.DEFAULT_RULES)
 
 
+class PointOptimizer:
+    """The accessors of an optimizer whose state holds its one current point as `state.x` (parameter-shaped,
+    like its optax moments): `solution` and `best_solution` are that point (no separate archive), the state
+    shards by the model-axis path rules. `gfo.Optimizer` and ZO-SGD-Cons use it."""
+
+    def solution(self, state):
+        """The current point."""
+        return state.x
+
+    def best_solution(self, state):
+        """The current point (no best-so-far archive is kept)."""
+        return state.x
+
+    def state_sharding(self, state, mesh):
+        """The model-axis path rules: the point and any optax moments are parameter-shaped."""
+        return parameter_sharding(state, mesh)
+
+
 def fresh(tree):
     """A copy of every array leaf: an `init` returns buffers of its own, so that donating the state to
     `step` never deletes the caller's `x0` (or the space's base weights it may alias)."""

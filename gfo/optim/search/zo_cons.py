@@ -21,10 +21,10 @@ from gfo.optim.estimators.spsa import SPSA
 from gfo.jitting import filter_jit
 from gfo.optim.noise import tree_axpy
 from gfo.optim.optimizer import OptState
-from gfo.optim.protocol import fresh, parameter_sharding
+from gfo.optim.protocol import PointOptimizer, fresh
 
 
-class ZOSGDCons:
+class ZOSGDCons(PointOptimizer):
     """The optimizer protocol (`gfo.optim.protocol.OptimizerProtocol`) around a stateless `estimator` (SPSA by
     default) with learning rate `lr`."""
 
@@ -65,15 +65,3 @@ class ZOSGDCons:
     def lower(self, state: OptState, objective: Callable, batch, key: jax.Array) -> jax.stages.Lowered:
         """The lowered step for these arguments (ahead-of-time compilation, XLA's memory analysis)."""
         return self.step.lower(state, objective, batch, key)
-
-    def solution(self, state: OptState):
-        """The current point (never worse on its step's batch than the previous one)."""
-        return state.x
-
-    def best_solution(self, state: OptState):
-        """The current point: the conservative step keeps no separate archive."""
-        return state.x
-
-    def state_sharding(self, state: OptState, mesh):
-        """The model-axis path rules: the point is parameter-shaped."""
-        return parameter_sharding(state, mesh)
