@@ -8,6 +8,7 @@ resumes on another. Nothing here discards a checkpoint: a corrupt one stops the 
 from __future__ import annotations
 
 import os
+import socket
 
 import jax
 import yaml
@@ -18,6 +19,69 @@ from gfo.run.config import PLACEMENT_KEYS, POSTHOC_KEYS, ConfigError, RunConfig
 class RunCheckpointError(RuntimeError):
     """A run's checkpoint that cannot be restored (corrupt, or written by an incompatible run). Not
     `models.CheckpointError`, which is about a model checkpoint (weights, config.json) that cannot be read."""
+
+
+class RunLockedError(RuntimeError):
+    """Another `gfo train` holds the run directory's lock (`RUN/.lock`): one writer per run directory."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    return True
+
+
+def lock(run_dir: str) -> str:
+    """Take the exclusive lock `run_dir/.lock` (created atomically, holding `host pid`); returns its path.
+    A lock whose pid is not alive on this host is stale and taken over (saying so); a live holder raises
+    `RunLockedError` naming it. Release with `unlock`."""
+    path = os.path.join(run_dir, ".lock")
+    host, pid = socket.gethostname(), os.getpid()
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(path)
+            if holder is None:
+                continue  # released meanwhile
+            h, p = holder
+            if h == host and p is not None and not _alive(p):
+                print(f"taking over the stale lock {path} of {h} pid {p} (not running)")
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            raise RunLockedError(f"run directory {run_dir} is in use by another gfo train (host {h}, pid {p}; "
+                                 f"lock {path}): wait for it to finish, or remove the lock if that process is gone")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{host} {pid}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return path
+    raise RunLockedError(f"cannot take the lock {path} of run directory {run_dir}: it keeps changing hands")
+
+
+def _holder(path: str):
+    """`(host, pid)` written in lock file `path` (pid None when unreadable), or None when it is gone."""
+    try:
+        with open(path) as f:
+            parts = f.read().split()
+    except FileNotFoundError:
+        return None
+    host = parts[0] if parts else "?"
+    pid = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+    return host, pid
+
+
+def unlock(path: str) -> None:
+    """Release a lock taken by `lock` (only if this process still holds it)."""
+    if _holder(path) == (socket.gethostname(), os.getpid()):
+        os.remove(path)
 
 
 def manager(run_dir: str, keep: int, folder: str = "checkpoints"):

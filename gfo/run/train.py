@@ -24,7 +24,7 @@ import yaml
 from gfo import distributed
 from gfo.run import checkpoint, stepplan
 from gfo.run.build import Run, build_mesh, build_run, build_runs
-from gfo.run.checkpoint import RunCheckpointError  # noqa: F401 - re-exported: a user error of `gfo train`
+from gfo.run.checkpoint import RunCheckpointError, RunLockedError  # noqa: F401 - re-exported: user errors of `gfo train`
 from gfo.run.config import RunConfig, to_dict
 from gfo.run.loop import DivergenceError, Hooks, StepLoop, progress  # noqa: F401 - DivergenceError re-exported
 from gfo.run.metrics_log import MetricsLog
@@ -64,6 +64,15 @@ def train(cfg: RunConfig, on_eval=None) -> dict:
     run.evaluation.metric_names()
     distributed.barrier("gfo:checked")  # every process has read the old config.yaml before it is rewritten
     os.makedirs(run_dir, exist_ok=True)
+    held = checkpoint.lock(run_dir) if distributed.is_primary() else None  # one writer per run directory
+    try:
+        return _train_locked(cfg, run_dir, resolved, mesh, pre, run, state, on_eval)
+    finally:
+        if held is not None:
+            checkpoint.unlock(held)
+
+
+def _train_locked(cfg, run_dir, resolved, mesh, pre, run, state, on_eval) -> dict:
     if distributed.is_primary():
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(resolved, f, sort_keys=False)

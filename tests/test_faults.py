@@ -1,0 +1,97 @@
+"""Nothing lost, nothing silent: one writer per run directory, metrics written once per step, verified
+checkpoints, and config values refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from gfo.run import cli
+from gfo.run.config import ConfigError, from_dict, load_config, RunConfig
+from gfo.run.train import train
+
+TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 64}
+
+
+def _data(tmp_path, **top) -> dict:
+    return {"name": "run", "runs_dir": str(tmp_path), "steps": 4, "eval_every": 2, "log_every": 1,
+            "checkpoint_every": 2, "model": {"family": "gpt2", "overrides": TINY},
+            "task": {"name": "grammar_lm", "batch_size": 4, "eval_size": 4, "options": {"seq_len": 16}},
+            "space": {"kind": "full"}, "optimizer": {"method": "backprop", "lr": 0.01}, **top}
+
+
+def _config(tmp_path, **top) -> RunConfig:
+    return from_dict(RunConfig, _data(tmp_path, **top))
+
+
+def _config_file(tmp_path, **top) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_data(tmp_path, **top)))
+    return str(path)
+
+
+def _cli_error(capsys, argv, code=2) -> str:
+    """The one line `gfo` prints for a failing command line (and its exit status is `code`)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _steps(run_dir) -> list[tuple[int, str]]:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [(r["step"], r["split"]) for r in rows]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+# ----------------------------------------------------------------------------- 1. one writer per run directory
+def test_a_second_train_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_path, capsys):
+    config = _config_file(tmp_path)
+    cli.main(["train", config])  # a first run: 4 steps, checkpoints 2 and 4
+    run_dir = tmp_path / "run"
+    assert not (run_dir / ".lock").exists()  # released on exit
+    before = (run_dir / "metrics.jsonl").read_text()
+    host = socket.gethostname()
+    (run_dir / ".lock").write_text(f"{host} {os.getpid()}\n")  # a live holder: this test's process
+    err = _cli_error(capsys, ["train", config, "--set", "steps=6"])
+    assert err.startswith("gfo train: error: run directory ") and "in use by another gfo train" in err
+    assert f"host {host}, pid {os.getpid()}" in err and str(run_dir) in err
+    assert (run_dir / ".lock").read_text() == f"{host} {os.getpid()}\n"  # the holder's lock stays
+    assert (run_dir / "metrics.jsonl").read_text() == before  # nothing of the first run is touched
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["2", "4"]
+    # a stale lock (its pid is gone) is taken over, saying so, and released at the end
+    dead = _dead_pid()
+    (run_dir / ".lock").write_text(f"{host} {dead}\n")
+    cli.main(["train", config, "--set", "steps=6"])
+    out = capsys.readouterr().out
+    assert f"taking over the stale lock {run_dir / '.lock'} of {host} pid {dead}" in out
+    assert not (run_dir / ".lock").exists()
+    assert [s for s, split in _steps(run_dir) if split == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_lock_is_released_when_the_run_fails(tmp_path, monkeypatch):
+    import gfo.run.train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "run_stage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path))
+    assert not (tmp_path / "run" / ".lock").exists()
