@@ -95,3 +95,25 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(_config(tmp_path))
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- 2. metrics.jsonl once per step
+def test_a_metrics_line_cut_mid_record_is_dropped_and_every_step_logged_once(tmp_path, capsys):
+    first = train(_config(tmp_path))
+    run_dir = first["run_dir"]
+    path = os.path.join(run_dir, "metrics.jsonl")
+    text = open(path).read()
+    last = json.loads(text.splitlines()[-1])
+    assert (last["step"], last["split"]) == (4, "eval")
+    with open(path, "w") as f:  # killed while writing step 4's evaluation
+        f.write(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
+    resumed = train(_config(tmp_path, steps=6))
+    steps = _steps(run_dir)
+    assert sorted(steps) == sorted(set(steps))  # every (step, split) once
+    assert [s for s, split in steps if split == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, split in steps if split == "eval"] == [0, 2, 4, 6]
+    again = [r for r in resumed["records"] if (r["step"], r["split"]) == (4, "eval")]
+    assert [{k: v for k, v in r.items() if k != "time_s"} for r in again] == [
+        {k: v for k, v in last.items() if k != "time_s"}]  # the same state evaluated again
+    assert "final (step 6)" in open(os.path.join(run_dir, "summary.md")).read()
+    assert not os.path.exists(path + ".tmp")
