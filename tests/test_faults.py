@@ -117,3 +117,69 @@ def test_a_metrics_line_cut_mid_record_is_dropped_and_every_step_logged_once(tmp
         {k: v for k, v in last.items() if k != "time_s"}]  # the same state evaluated again
     assert "final (step 6)" in open(os.path.join(run_dir, "summary.md")).read()
     assert not os.path.exists(path + ".tmp")
+
+
+# ----------------------------------------------------------------------------- 3. checkpoint integrity
+def _flip_largest_file(step_dir) -> str:
+    files = [os.path.join(root, f) for root, _, fs in os.walk(step_dir) for f in fs if f != "gfo_manifest.json"]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        data = bytearray(f.read())
+        for i in range(0, min(len(data), 64), 8):
+            data[len(data) // 2 + i - 32 if len(data) > 64 else i] ^= 0xFF
+        f.seek(0)
+        f.write(bytes(data))
+    return largest
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys):
+    full = train(_config(tmp_path / "a", steps=6))
+    run_dir = train(_config(tmp_path / "b"))["run_dir"]  # checkpoints 2 and 4, each with its manifest
+    for step in ("2", "4"):
+        manifest = json.load(open(os.path.join(run_dir, "checkpoints", step, "gfo_manifest.json")))
+        assert manifest["step"] == int(step) and manifest["files"] and manifest["config_fingerprint"]
+    bad = _flip_largest_file(os.path.join(run_dir, "checkpoints", "4"))
+    capsys.readouterr()
+    resumed = train(_config(tmp_path / "b", steps=6))
+    out = capsys.readouterr().out
+    assert f"checkpoint step 4 fails verification ({bad} does not match its sha256" in out
+    assert "skipped, resuming from step 2" in out and "resuming " + run_dir + " from step 2" in out
+    kept = os.path.join(run_dir, "corrupt_checkpoints", "4")
+    assert os.path.isfile(os.path.join(kept, os.path.relpath(bad, os.path.join(run_dir, "checkpoints", "4"))))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 full["params"], resumed["params"])
+    assert [s for s, split in _steps(run_dir) if split == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_strict_refuses_a_corrupt_checkpoint_and_a_stray_directory_is_refused(tmp_path, capsys):
+    config = _config_file(tmp_path)
+    cli.main(["train", config])
+    run_dir = tmp_path / "run"
+    before = (run_dir / "metrics.jsonl").read_text()
+    bad = _flip_largest_file(run_dir / "checkpoints" / "4")
+    err = _cli_error(capsys, ["train", config, "--strict", "--set", "steps=6"])
+    assert err.startswith("gfo train: error: checkpoint step 4 in ") and "fails verification" in err
+    assert bad in err and "--strict refuses it" in err
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["2", "4"]  # nothing removed or moved
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    os.makedirs(run_dir / "checkpoints" / "999")
+    err = _cli_error(capsys, ["train", config, "--set", "steps=6"])
+    assert f"{run_dir / 'checkpoints' / '999'} holds no orbax checkpoint" in err
+    os.rmdir(run_dir / "checkpoints" / "999")
+    os.makedirs(run_dir / "checkpoints" / "old")
+    err = _cli_error(capsys, ["train", config, "--set", "steps=6"])
+    assert f"{run_dir / 'checkpoints' / 'old'} is not a checkpoint step" in err
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["2", "4", "old"]
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_checkpoints_of_an_earlier_gfo_resume_unverified(tmp_path, capsys):
+    run_dir = train(_config(tmp_path))["run_dir"]
+    for step in ("2", "4"):
+        os.remove(os.path.join(run_dir, "checkpoints", step, "gfo_manifest.json"))
+    capsys.readouterr()
+    train(_config(tmp_path, steps=6))
+    out = capsys.readouterr().out
+    assert out.count("have no gfo_manifest.json (written by an earlier gfo): resuming from step 4 unverified") == 1
+    assert [s for s, split in _steps(run_dir) if split == "train"] == [1, 2, 3, 4, 5, 6]
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "6", "gfo_manifest.json"))

@@ -44,12 +44,13 @@ def check_config(cfg: RunConfig) -> list[str]:
     return main.evaluation.metric_names()
 
 
-def train(cfg: RunConfig, on_eval=None) -> dict:
+def train(cfg: RunConfig, on_eval=None, strict: bool = False) -> dict:
     """Run (or resume) `cfg`; returns `{"records": [...], "params": ..., "run_dir": ...}`.
 
     Every stage is built (and its metrics traced) before the run directory is created or written, so a
     config that cannot run leaves nothing behind. `on_eval(step, row)` is called after every evaluation
-    of the main stage (a sweep's pruner hook).
+    of the main stage (a sweep's pruner hook). `strict`: a newest checkpoint that fails verification
+    against its manifest stops the run (instead of resuming from the newest one that verifies).
     """
     mesh = build_mesh(cfg)
     stepplan.enable_compilation_cache()
@@ -66,13 +67,13 @@ def train(cfg: RunConfig, on_eval=None) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     held = checkpoint.lock(run_dir) if distributed.is_primary() else None  # one writer per run directory
     try:
-        return _train_locked(cfg, run_dir, resolved, mesh, pre, run, state, on_eval)
+        return _train_locked(cfg, run_dir, resolved, mesh, pre, run, state, on_eval, strict)
     finally:
         if held is not None:
             checkpoint.unlock(held)
 
 
-def _train_locked(cfg, run_dir, resolved, mesh, pre, run, state, on_eval) -> dict:
+def _train_locked(cfg, run_dir, resolved, mesh, pre, run, state, on_eval, strict) -> dict:
     if distributed.is_primary():
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(resolved, f, sort_keys=False)
@@ -80,9 +81,9 @@ def _train_locked(cfg, run_dir, resolved, mesh, pre, run, state, on_eval) -> dic
     distributed.barrier("gfo:config")  # no process reads a half-written config.yaml on resume
     started = time.perf_counter()
     if pre is not None:
-        run = build_run(cfg, run_dir, run.model, run_stage(pre, state, cfg)["params"], mesh)
+        run = build_run(cfg, run_dir, run.model, run_stage(pre, state, cfg, strict=strict)["params"], mesh)
         state = run.init_state()
-    result = run_stage(run, state, cfg, on_eval)
+    result = run_stage(run, state, cfg, on_eval, strict)
     result["run_dir"] = run_dir
     result["wall_s"] = time.perf_counter() - started
     if cfg.decode is not None:
@@ -96,14 +97,18 @@ def _train_locked(cfg, run_dir, resolved, mesh, pre, run, state, on_eval) -> dic
     return result
 
 
-def run_stage(run: Run, state, cfg: RunConfig, on_eval=None) -> dict:
+def run_stage(run: Run, state, cfg: RunConfig, on_eval=None, strict: bool = False) -> dict:
     """Optimise `run` from its latest checkpoint (else from `state`, a fresh state) to `run.steps` through
     `gfo.run.loop.StepLoop`, with `cfg`'s log, eval and checkpoint periods; `on_eval(step, row)` is called
     after each evaluation (pruning). Returns `{"records", "params"}` (and `selected`, `final_params` when
     `eval.select_by` selects the returned `params`)."""
     primary, label = distributed.is_primary(), run.label
     os.makedirs(run.run_dir, exist_ok=True)
-    manager = checkpoint.manager(run.run_dir, cfg.keep_checkpoints)
+    fingerprint = checkpoint.config_fingerprint(to_dict(cfg))
+    if primary:  # the newest checkpoint is one that verifies (or the run stops, naming what fails)
+        checkpoint.select(run.run_dir, fingerprint, strict, label)
+    distributed.barrier("gfo:verified")
+    manager = checkpoint.manager(run.run_dir, cfg.keep_checkpoints, fingerprint=fingerprint)
     state, start = checkpoint.restore(manager, state)
     log = MetricsLog(run.run_dir, start, primary)
     records = log.records
