@@ -183,3 +183,39 @@ def test_checkpoints_of_an_earlier_gfo_resume_unverified(tmp_path, capsys):
     assert out.count("have no gfo_manifest.json (written by an earlier gfo): resuming from step 4 unverified") == 1
     assert [s for s, split in _steps(run_dir) if split == "train"] == [1, 2, 3, 4, 5, 6]
     assert os.path.isfile(os.path.join(run_dir, "checkpoints", "6", "gfo_manifest.json"))
+
+
+# ----------------------------------------------------------------------------- 4. config values refused by name
+@pytest.mark.parametrize("override, expected", [
+    ("name=a/b", "name='a/b' is invalid: a run name is one path component"),
+    ("name=..", "name='..' is invalid"),
+    ("name=''", "name='' is invalid"),
+    ("name=/tmp/abs", "name='/tmp/abs' is invalid"),
+    ("optimizer.lr=.inf", "config key 'optimizer.lr' = inf is invalid: expected a finite number"),
+    ("optimizer.sigma=nan", "config key 'optimizer.sigma' = nan is invalid: expected a finite number"),
+    ("eval.temperature=-.inf", "config key 'eval.temperature' = -inf is invalid"),
+    ("seed=-1", "seed=-1 is out of range: expected an integer in [0, 2**32 - 1]"),
+    ("seed=4294967296", "seed=4294967296 is out of range"),
+])
+def test_bad_config_values_are_named(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert expected in str(err.value)
+
+
+def test_duplicate_keys_and_an_empty_file_are_errors_naming_them(tmp_path, capsys):
+    assert load_config(None, ["seed=4294967295"]).seed == 2**32 - 1
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("steps: 3\noptimizer:\n  lr: 0.1\n  sigma: 0.01\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"config file '.*dup.yaml' gives key 'lr' twice \(line 5\)"):
+        load_config(str(dup))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match=r"config file '.*empty.yaml' is empty"):
+        load_config(str(empty))
+    runs = f"runs_dir={tmp_path / 'runs'}"
+    err = _cli_error(capsys, ["train", str(dup), "--set", runs])
+    assert err.startswith("gfo train: error: config file ") and "gives key 'lr' twice" in err
+    err = _cli_error(capsys, ["train", "--set", "name=../escape", "--set", runs])
+    assert "name='../escape' is invalid" in err
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "escape")
