@@ -118,8 +118,10 @@ def run_stage(run: Run, state, cfg: RunConfig, on_eval=None, strict: bool = Fals
         print(f"[{label}] complete at step {start}: reusing {run.run_dir}")
     else:
         print(f"[{label}] resuming {run.run_dir} from step {start}")
-    if start and (start % cfg.eval_every == 0 or start == run.steps) and not log.has(start, "eval"):
-        # the log lost the restored step's evaluation (cut short by a kill): the same state evaluates it again
+    evaluated = start % cfg.eval_every == 0 or start % cfg.checkpoint_every != 0 or start == run.steps
+    if start and evaluated and not log.has(start, "eval"):
+        # the restored step was evaluated (an eval step, or a run's last step: the only checkpoint off the
+        # checkpoint period) but the log lost its row (cut short by a kill): the same state evaluates it again
         time_s0 = records[-1].get("time_s", 0.0) if records else 0.0
         run.evaluation.record(log, start, state, time_s0, print if primary else None, label)
     if start < run.steps:
@@ -135,8 +137,11 @@ def run_stage(run: Run, state, cfg: RunConfig, on_eval=None, strict: bool = Fals
         if on_eval is not None:
             on_eval(step, row)
 
-    hooks = Hooks(log=log.write, evaluate=evaluate, save=lambda step, state: (log.sync(), checkpoint.save(manager, step, state)),
-                  kept=lambda: checkpoint.last_good(manager))
+    def save(step, state):
+        log.sync()  # the rows up to the checkpoint are on disk before it is
+        checkpoint.save(manager, step, state)
+
+    hooks = Hooks(log=log.write, evaluate=evaluate, save=save, kept=lambda: checkpoint.last_good(manager))
     time_s = records[-1].get("time_s", 0.0) if records else 0.0  # carried over a resume
     try:
         state = loop.run(state, start, time_s, bar, hooks)
