@@ -7,7 +7,11 @@ resumes on another. Nothing here discards a checkpoint: a corrupt one stops the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+import socket
 
 import jax
 import yaml
@@ -20,12 +24,233 @@ class RunCheckpointError(RuntimeError):
     `models.CheckpointError`, which is about a model checkpoint (weights, config.json) that cannot be read."""
 
 
-def manager(run_dir: str, keep: int, folder: str = "checkpoints"):
-    """An orbax `CheckpointManager` over `run_dir/folder` keeping the last `keep` steps (created if absent)."""
+class RunLockedError(RuntimeError):
+    """Another `gfo train` holds the run directory's lock (`RUN/.lock`): one writer per run directory."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of another user
+        return True
+    return True
+
+
+def lock(run_dir: str) -> str:
+    """Take the exclusive lock `run_dir/.lock` (created atomically, holding `host pid`); returns its path.
+    A lock whose pid is not alive on this host is stale and taken over (saying so); a live holder raises
+    `RunLockedError` naming it. Release with `unlock`."""
+    path = os.path.join(run_dir, ".lock")
+    host, pid = socket.gethostname(), os.getpid()
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(path)
+            if holder is None:
+                continue  # released meanwhile
+            h, p = holder
+            if h == host and p is not None and not _alive(p):
+                print(f"taking over the stale lock {path} of {h} pid {p} (not running)")
+                try:
+                    os.remove(path)
+                except FileNotFoundError:
+                    pass
+                continue
+            raise RunLockedError(f"run directory {run_dir} is in use by another gfo train (host {h}, pid {p}; "
+                                 f"lock {path}): wait for it to finish, or remove the lock if that process is gone")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{host} {pid}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return path
+    raise RunLockedError(f"cannot take the lock {path} of run directory {run_dir}: it keeps changing hands")
+
+
+def _holder(path: str):
+    """`(host, pid)` written in lock file `path` (pid None when unreadable), or None when it is gone."""
+    try:
+        with open(path) as f:
+            parts = f.read().split()
+    except FileNotFoundError:
+        return None
+    host = parts[0] if parts else "?"
+    pid = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+    return host, pid
+
+
+def unlock(path: str) -> None:
+    """Release a lock taken by `lock` (only if this process still holds it)."""
+    if _holder(path) == (socket.gethostname(), os.getpid()):
+        os.remove(path)
+
+
+MANIFEST = "gfo_manifest.json"  # written last into each checkpoint step directory: what it holds, checksummed
+_ORBAX_DATA = "_CHECKPOINT_METADATA"  # every step directory orbax finished writing has it
+_CORRUPT = "corrupt_checkpoints"  # where a checkpoint that fails verification is moved (never deleted)
+
+
+def manager(run_dir: str, keep: int, folder: str = "checkpoints", fingerprint: str | None = None):
+    """An orbax `CheckpointManager` over `run_dir/folder` keeping the last `keep` steps (created if absent).
+    With `fingerprint` (a `config_fingerprint`), each checkpoint it saves gets its `MANIFEST` (process 0)."""
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, folder)), options=options)
+    mgr = ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, folder)), options=options)
+    mgr._gfo_manifest = {"fingerprint": fingerprint, "pending": None} if fingerprint is not None else None
+    return mgr
+
+
+def config_fingerprint(resolved: dict) -> str:
+    """sha256 of the resolved config's sections that decide what a run computes (not `steps`, where it
+    runs, or post-hoc sections): a checkpoint's manifest records the config it was written under."""
+    free = ("steps", "name", "runs_dir") + PLACEMENT_KEYS + POSTHOC_KEYS
+    kept = {k: v for k, v in resolved.items() if k not in free}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(step_dir: str) -> list[str]:
+    """Every file under `step_dir` but the manifest, as sorted relative paths."""
+    out = []
+    for root, _, files in os.walk(step_dir):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), step_dir)
+            if rel != MANIFEST and not rel.startswith(MANIFEST + "."):
+                out.append(rel)
+    return sorted(out)
+
+
+def write_manifest(step_dir: str, step: int, fingerprint: str) -> None:
+    """Write `step_dir/MANIFEST` (sha256 and size of every file, the config fingerprint): to a temporary
+    name, fsynced, then renamed, so a manifest present is complete."""
+    files = {rel: {"sha256": _sha256(os.path.join(step_dir, rel)), "size": os.path.getsize(os.path.join(step_dir, rel))}
+             for rel in _files(step_dir)}
+    tmp = os.path.join(step_dir, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"step": step, "config_fingerprint": fingerprint, "files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(step_dir, MANIFEST))
+    fd = os.open(step_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify(step_dir: str, fingerprint: str | None) -> str | None:
+    """What is wrong with checkpoint `step_dir` against its manifest (naming the file), or None."""
+    path = os.path.join(step_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return f"no {MANIFEST}"
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path} is not a gfo manifest"
+    if fingerprint is not None and manifest.get("config_fingerprint") != fingerprint:
+        return f"{path}: written under a different config"
+    for rel, entry in sorted(files.items()):
+        file = os.path.join(step_dir, rel)
+        if not os.path.isfile(file):
+            return f"{file} is missing"
+        if os.path.getsize(file) != entry.get("size") or _sha256(file) != entry.get("sha256"):
+            return f"{file} does not match its sha256 in {MANIFEST}"
+    extra = sorted(set(_files(step_dir)) - set(files))
+    if extra:
+        return f"{os.path.join(step_dir, extra[0])} is not in {MANIFEST}"
+    return None
+
+
+def select(run_dir: str, fingerprint: str | None, strict: bool = False, label: str = "") -> None:
+    """Make the newest checkpoint of `run_dir/checkpoints` one that verifies against its manifest (process
+    0, before the manager opens it). A directory there that is not a step orbax wrote is refused by name;
+    newer checkpoints that fail verification are moved to `run_dir/corrupt_checkpoints/` (kept, never
+    deleted), saying so; `strict` refuses instead. Checkpoints of an earlier gfo (no manifest in any)
+    resume unverified, saying so once."""
+    directory = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        return
+    steps = checked_steps(run_dir)
+    steps.sort(reverse=True)
+    tag = f"[{label}] " if label else ""
+    if not steps:
+        return
+    if not any(os.path.isfile(os.path.join(directory, str(s), MANIFEST)) for s in steps):
+        print(f"{tag}the checkpoints in {directory} have no {MANIFEST} (written by an earlier gfo): resuming "
+              f"from step {steps[0]} unverified")
+        return
+    failed = []
+    for step in steps:
+        problem = verify(os.path.join(directory, str(step)), fingerprint)
+        if problem is None:
+            break
+        if strict:
+            raise RunCheckpointError(f"checkpoint step {step} in {directory} fails verification ({problem}); "
+                                     f"--strict refuses it (without --strict the run resumes from the newest "
+                                     f"checkpoint that verifies)")
+        failed.append((step, problem))
+    else:
+        raise RunCheckpointError(f"no checkpoint in {directory} verifies (step {failed[0][0]}: {failed[0][1]}); "
+                                 f"nothing was removed: move them aside to start again, or choose another name "
+                                 f"(--set name=...)")
+    for bad, problem in failed:
+        dest = os.path.join(run_dir, _CORRUPT, str(bad))
+        n = 1
+        while os.path.exists(dest):
+            dest, n = os.path.join(run_dir, _CORRUPT, f"{bad}.{n}"), n + 1
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.move(os.path.join(directory, str(bad)), dest)
+        print(f"{tag}checkpoint step {bad} fails verification ({problem}): skipped, resuming from step {step}; "
+              f"it is kept in {dest}")
+
+
+def checked_steps(run_dir: str) -> list[int]:
+    """The steps of `run_dir/checkpoints`; a directory there that is not a step orbax wrote (not an
+    integer, or without orbax's data) is a `RunCheckpointError` naming it. orbax's temporary directories
+    (a save cut short) are not checkpoints and are passed over."""
+    directory = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    steps = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not os.path.isdir(path) or "orbax-checkpoint-tmp" in name:
+            continue
+        if not name.isdigit():
+            raise RunCheckpointError(f"{path} is not a checkpoint step (an integer directory written by gfo "
+                                     f"train): move it out of {directory} to resume")
+        if not os.path.isfile(os.path.join(path, _ORBAX_DATA)):
+            raise RunCheckpointError(f"{path} holds no orbax checkpoint (no {_ORBAX_DATA}): move it out of "
+                                     f"{directory} to resume")
+        steps.append(int(name))
+    return sorted(steps)
+
+
+def _manifest_pending(mgr) -> None:
+    """Write the manifest of the checkpoint `mgr` saved last, once orbax has finished writing it."""
+    info = getattr(mgr, "_gfo_manifest", None)
+    if info is None or info["pending"] is None:
+        return
+    mgr.wait_until_finished()
+    step, info["pending"] = info["pending"], None
+    from gfo import distributed
+
+    if distributed.is_primary():
+        step_dir = os.path.join(str(mgr.directory), str(step))
+        if os.path.isdir(step_dir):
+            write_manifest(step_dir, step, info["fingerprint"])
 
 
 def restore(mgr, like) -> tuple:
@@ -57,12 +282,17 @@ def save(mgr, step: int, state) -> None:
     to disk completes in the background."""
     import orbax.checkpoint as ocp
 
+    _manifest_pending(mgr)  # the previous checkpoint is complete before this one starts: its manifest
     mgr.save(step, args=ocp.args.StandardSave(state))
+    if getattr(mgr, "_gfo_manifest", None) is not None:
+        mgr._gfo_manifest["pending"] = step
 
 
 def finish(mgr) -> None:
-    """Wait for the checkpoints being written, then stop the manager's background threads."""
+    """Wait for the checkpoints being written (and write the last one's manifest), then stop the
+    manager's background threads."""
     mgr.wait_until_finished()
+    _manifest_pending(mgr)
     mgr.close()
 
 
@@ -105,7 +335,7 @@ def check_resumable(run_dir: str, cfg: RunConfig, resolved: dict) -> None:
     shorter than it has run; one without (a start that failed) is simply started again."""
     path = os.path.join(run_dir, "config.yaml")
     stages = [run_dir, os.path.join(run_dir, "pretrain")]
-    if not os.path.isfile(path) or not any(saved_steps(d) for d in stages):
+    if not os.path.isfile(path) or not any(checked_steps(d) for d in stages):
         return
     with open(path) as f:
         saved = yaml.safe_load(f)
@@ -116,7 +346,7 @@ def check_resumable(run_dir: str, cfg: RunConfig, resolved: dict) -> None:
     if changed:
         raise ConfigError(f"run directory {run_dir} holds a run with a different config (sections {changed} "
                           f"differ); resume it with the same config or choose another name (--set name=...)")
-    done = max(saved_steps(run_dir), default=0)
+    done = max(checked_steps(run_dir), default=0)
     if cfg.steps < done:
         raise ConfigError(f"steps={cfg.steps} is shorter than the {done} steps {run_dir} has already run: "
                           f"give steps >= {done} to resume it, or choose another name (--set name=...)")

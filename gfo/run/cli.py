@@ -40,6 +40,8 @@ def _train(argv):
     p.add_argument("--variant", default=None, help="a named variant of the config file (e.g. smoke)")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                    help="multi-process: process 0's address (= --set distributed.coordinator_address=...)")
+    p.add_argument("--strict", action="store_true", help="refuse to resume when the newest checkpoint fails "
+                   "verification against its manifest (default: resume from the newest one that verifies)")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
     args = p.parse_args(argv)
@@ -52,7 +54,7 @@ def _train(argv):
     distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
     from gfo.run.train import train
 
-    train(cfg)
+    train(cfg, strict=args.strict)
 
 
 def _eval(argv):
@@ -123,9 +125,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from gfo.run.report import MetricsError
     from gfo.optim.search.strategies import StrategyMemoryError
     from gfo.tasks.loaders import DataError
-    from gfo.run.train import RunCheckpointError
+    from gfo.run.train import RunCheckpointError, RunLockedError
 
-    return (ConfigError, DataError, RunCheckpointError, CheckpointError, StrategyMemoryError, MetricsError,
+    return (ConfigError, DataError, RunCheckpointError, RunLockedError, CheckpointError, StrategyMemoryError, MetricsError,
             DistributedError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
             json.JSONDecodeError, _Usage)
 

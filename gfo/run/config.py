@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -186,6 +187,13 @@ class RunConfig:
     plugins: list = dataclasses.field(default_factory=list)  # modules or .py files imported first (they register methods)
 
     def __post_init__(self):
+        name = self.name
+        if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name
+                or os.path.isabs(name)):
+            raise ConfigError(f"name={name!r} is invalid: a run name is one path component (the run directory "
+                              f"runs_dir/name), without '/', not empty, '.' or '..'")
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise ConfigError(f"seed={self.seed} is out of range: expected an integer in [0, 2**32 - 1]")
         for key in ("steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} is invalid: expected an integer >= 1")
@@ -281,17 +289,26 @@ def _coerce(kind, value, path):
         return value
     if dataclasses.is_dataclass(kind):
         return from_dict(kind, value, path)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if kind is float:
+        value = _float(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{path}' = {value!r} is invalid: expected a finite number (not inf or nan)")
     expected = origin or kind
-    if expected is float and isinstance(value, str):
-        try:
-            return float(value)  # YAML reads "1e-3" as a string
-        except ValueError:
-            pass
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"config key '{path}' = {value!r} has type {type(value).__name__}; expected "
                           f"{getattr(expected, '__name__', expected)}")
+    return value
+
+
+def _float(value):
+    """An int or a numeric string (YAML reads "1e-3" as a string) as a float; anything else unchanged."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
     return value
 
 
@@ -337,19 +354,43 @@ def _merge(base: dict, update: dict) -> dict:
 _A = {"list": "a list", "int": "an integer", "float": "a number", "str": "a string", "bool": "a boolean"}
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, except that a key given twice in one mapping is an error (not the last one wins)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: construct_mapping reports it
+                break
+            if duplicate:
+                raise ConfigError(f"config file {getattr(self, 'gfo_path', '?')!r} gives key {key!r} twice (line "
+                                  f"{key_node.start_mark.line + 1}): remove one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str) -> dict:
     """The mapping at the top of YAML file `path`; every way it can fail is a `ConfigError` naming it."""
     if os.path.isdir(path):
         raise ConfigError(f"config {path!r} is a directory: expected a YAML file (e.g. paper_configs/quickstart.yaml)")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            loader = _UniqueKeyLoader(f)
+            loader.gfo_path = path
+            try:
+                data = loader.get_single_data()
+            finally:
+                loader.dispose()
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
     if data is None:
-        return {}
+        raise ConfigError(f"config file {path!r} is empty: expected a mapping of keys to values (name: ..., "
+                          f"model: {{...}}, optimizer: {{...}})")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r} holds {_A.get(type(data).__name__, type(data).__name__)} at its top level: expected a "
                           f"mapping of keys to values (name: ..., model: {{...}}, optimizer: {{...}})")

@@ -24,7 +24,7 @@ import yaml
 from gfo import distributed
 from gfo.run import checkpoint, stepplan
 from gfo.run.build import Run, build_mesh, build_run, build_runs
-from gfo.run.checkpoint import RunCheckpointError  # noqa: F401 - re-exported: a user error of `gfo train`
+from gfo.run.checkpoint import RunCheckpointError, RunLockedError  # noqa: F401 - re-exported: user errors of `gfo train`
 from gfo.run.config import RunConfig, to_dict
 from gfo.run.loop import DivergenceError, Hooks, StepLoop, progress  # noqa: F401 - DivergenceError re-exported
 from gfo.run.metrics_log import MetricsLog
@@ -44,12 +44,13 @@ def check_config(cfg: RunConfig) -> list[str]:
     return main.evaluation.metric_names()
 
 
-def train(cfg: RunConfig, on_eval=None) -> dict:
+def train(cfg: RunConfig, on_eval=None, strict: bool = False) -> dict:
     """Run (or resume) `cfg`; returns `{"records": [...], "params": ..., "run_dir": ...}`.
 
     Every stage is built (and its metrics traced) before the run directory is created or written, so a
     config that cannot run leaves nothing behind. `on_eval(step, row)` is called after every evaluation
-    of the main stage (a sweep's pruner hook).
+    of the main stage (a sweep's pruner hook). `strict`: a newest checkpoint that fails verification
+    against its manifest stops the run (instead of resuming from the newest one that verifies).
     """
     mesh = build_mesh(cfg)
     stepplan.enable_compilation_cache()
@@ -64,6 +65,15 @@ def train(cfg: RunConfig, on_eval=None) -> dict:
     run.evaluation.metric_names()
     distributed.barrier("gfo:checked")  # every process has read the old config.yaml before it is rewritten
     os.makedirs(run_dir, exist_ok=True)
+    held = checkpoint.lock(run_dir) if distributed.is_primary() else None  # one writer per run directory
+    try:
+        return _train_locked(cfg, run_dir, resolved, mesh, pre, run, state, on_eval, strict)
+    finally:
+        if held is not None:
+            checkpoint.unlock(held)
+
+
+def _train_locked(cfg, run_dir, resolved, mesh, pre, run, state, on_eval, strict) -> dict:
     if distributed.is_primary():
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(resolved, f, sort_keys=False)
@@ -71,9 +81,9 @@ def train(cfg: RunConfig, on_eval=None) -> dict:
     distributed.barrier("gfo:config")  # no process reads a half-written config.yaml on resume
     started = time.perf_counter()
     if pre is not None:
-        run = build_run(cfg, run_dir, run.model, run_stage(pre, state, cfg)["params"], mesh)
+        run = build_run(cfg, run_dir, run.model, run_stage(pre, state, cfg, strict=strict)["params"], mesh)
         state = run.init_state()
-    result = run_stage(run, state, cfg, on_eval)
+    result = run_stage(run, state, cfg, on_eval, strict)
     result["run_dir"] = run_dir
     result["wall_s"] = time.perf_counter() - started
     if cfg.decode is not None:
@@ -87,14 +97,18 @@ def train(cfg: RunConfig, on_eval=None) -> dict:
     return result
 
 
-def run_stage(run: Run, state, cfg: RunConfig, on_eval=None) -> dict:
+def run_stage(run: Run, state, cfg: RunConfig, on_eval=None, strict: bool = False) -> dict:
     """Optimise `run` from its latest checkpoint (else from `state`, a fresh state) to `run.steps` through
     `gfo.run.loop.StepLoop`, with `cfg`'s log, eval and checkpoint periods; `on_eval(step, row)` is called
     after each evaluation (pruning). Returns `{"records", "params"}` (and `selected`, `final_params` when
     `eval.select_by` selects the returned `params`)."""
     primary, label = distributed.is_primary(), run.label
     os.makedirs(run.run_dir, exist_ok=True)
-    manager = checkpoint.manager(run.run_dir, cfg.keep_checkpoints)
+    fingerprint = checkpoint.config_fingerprint(to_dict(cfg))
+    if primary:  # the newest checkpoint is one that verifies (or the run stops, naming what fails)
+        checkpoint.select(run.run_dir, fingerprint, strict, label)
+    distributed.barrier("gfo:verified")
+    manager = checkpoint.manager(run.run_dir, cfg.keep_checkpoints, fingerprint=fingerprint)
     state, start = checkpoint.restore(manager, state)
     log = MetricsLog(run.run_dir, start, primary)
     records = log.records
@@ -104,6 +118,12 @@ def run_stage(run: Run, state, cfg: RunConfig, on_eval=None) -> dict:
         print(f"[{label}] complete at step {start}: reusing {run.run_dir}")
     else:
         print(f"[{label}] resuming {run.run_dir} from step {start}")
+    evaluated = start % cfg.eval_every == 0 or start % cfg.checkpoint_every != 0 or start == run.steps
+    if start and evaluated and not log.has(start, "eval"):
+        # the restored step was evaluated (an eval step, or a run's last step: the only checkpoint off the
+        # checkpoint period) but the log lost its row (cut short by a kill): the same state evaluates it again
+        time_s0 = records[-1].get("time_s", 0.0) if records else 0.0
+        run.evaluation.record(log, start, state, time_s0, print if primary else None, label)
     if start < run.steps:
         line = stepplan.compile_step(run, state, start)
         if primary:
@@ -117,8 +137,11 @@ def run_stage(run: Run, state, cfg: RunConfig, on_eval=None) -> dict:
         if on_eval is not None:
             on_eval(step, row)
 
-    hooks = Hooks(log=log.write, evaluate=evaluate, save=lambda step, state: checkpoint.save(manager, step, state),
-                  kept=lambda: checkpoint.last_good(manager))
+    def save(step, state):
+        log.sync()  # the rows up to the checkpoint are on disk before it is
+        checkpoint.save(manager, step, state)
+
+    hooks = Hooks(log=log.write, evaluate=evaluate, save=save, kept=lambda: checkpoint.last_good(manager))
     time_s = records[-1].get("time_s", 0.0) if records else 0.0  # carried over a resume
     try:
         state = loop.run(state, start, time_s, bar, hooks)

@@ -1,0 +1,221 @@
+"""Nothing lost, nothing silent: one writer per run directory, metrics written once per step, verified
+checkpoints, and config values refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from gfo.run import cli
+from gfo.run.config import ConfigError, from_dict, load_config, RunConfig
+from gfo.run.train import train
+
+TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 64}
+
+
+def _data(tmp_path, **top) -> dict:
+    return {"name": "run", "runs_dir": str(tmp_path), "steps": 4, "eval_every": 2, "log_every": 1,
+            "checkpoint_every": 2, "model": {"family": "gpt2", "overrides": TINY},
+            "task": {"name": "grammar_lm", "batch_size": 4, "eval_size": 4, "options": {"seq_len": 16}},
+            "space": {"kind": "full"}, "optimizer": {"method": "backprop", "lr": 0.01}, **top}
+
+
+def _config(tmp_path, **top) -> RunConfig:
+    return from_dict(RunConfig, _data(tmp_path, **top))
+
+
+def _config_file(tmp_path, **top) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_data(tmp_path, **top)))
+    return str(path)
+
+
+def _cli_error(capsys, argv, code=2) -> str:
+    """The one line `gfo` prints for a failing command line (and its exit status is `code`)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _steps(run_dir) -> list[tuple[int, str]]:
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    return [(r["step"], r["split"]) for r in rows]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+# ----------------------------------------------------------------------------- 1. one writer per run directory
+def test_a_second_train_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_path, capsys):
+    config = _config_file(tmp_path)
+    cli.main(["train", config])  # a first run: 4 steps, checkpoints 2 and 4
+    run_dir = tmp_path / "run"
+    assert not (run_dir / ".lock").exists()  # released on exit
+    before = (run_dir / "metrics.jsonl").read_text()
+    host = socket.gethostname()
+    (run_dir / ".lock").write_text(f"{host} {os.getpid()}\n")  # a live holder: this test's process
+    err = _cli_error(capsys, ["train", config, "--set", "steps=6"])
+    assert err.startswith("gfo train: error: run directory ") and "in use by another gfo train" in err
+    assert f"host {host}, pid {os.getpid()}" in err and str(run_dir) in err
+    assert (run_dir / ".lock").read_text() == f"{host} {os.getpid()}\n"  # the holder's lock stays
+    assert (run_dir / "metrics.jsonl").read_text() == before  # nothing of the first run is touched
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["2", "4"]
+    # a stale lock (its pid is gone) is taken over, saying so, and released at the end
+    dead = _dead_pid()
+    (run_dir / ".lock").write_text(f"{host} {dead}\n")
+    cli.main(["train", config, "--set", "steps=6"])
+    out = capsys.readouterr().out
+    assert f"taking over the stale lock {run_dir / '.lock'} of {host} pid {dead}" in out
+    assert not (run_dir / ".lock").exists()
+    assert [s for s, split in _steps(run_dir) if split == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_lock_is_released_when_the_run_fails(tmp_path, monkeypatch):
+    import gfo.run.train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "run_stage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(_config(tmp_path))
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- 2. metrics.jsonl once per step
+def test_a_metrics_line_cut_mid_record_is_dropped_and_every_step_logged_once(tmp_path, capsys):
+    first = train(_config(tmp_path))
+    run_dir = first["run_dir"]
+    path = os.path.join(run_dir, "metrics.jsonl")
+    text = open(path).read()
+    last = json.loads(text.splitlines()[-1])
+    assert (last["step"], last["split"]) == (4, "eval")
+    with open(path, "w") as f:  # killed while writing step 4's evaluation
+        f.write(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
+    resumed = train(_config(tmp_path, steps=6))
+    steps = _steps(run_dir)
+    assert sorted(steps) == sorted(set(steps))  # every (step, split) once
+    assert [s for s, split in steps if split == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, split in steps if split == "eval"] == [0, 2, 4, 6]
+    again = [r for r in resumed["records"] if (r["step"], r["split"]) == (4, "eval")]
+    assert [{k: v for k, v in r.items() if k != "time_s"} for r in again] == [
+        {k: v for k, v in last.items() if k != "time_s"}]  # the same state evaluated again
+    assert "final (step 6)" in open(os.path.join(run_dir, "summary.md")).read()
+    assert not os.path.exists(path + ".tmp")
+
+
+# ----------------------------------------------------------------------------- 3. checkpoint integrity
+def _flip_largest_file(step_dir) -> str:
+    files = [os.path.join(root, f) for root, _, fs in os.walk(step_dir) for f in fs if f != "gfo_manifest.json"]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        data = bytearray(f.read())
+        for i in range(0, min(len(data), 64), 8):
+            data[len(data) // 2 + i - 32 if len(data) > 64 else i] ^= 0xFF
+        f.seek(0)
+        f.write(bytes(data))
+    return largest
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys):
+    full = train(_config(tmp_path / "a", steps=6))
+    run_dir = train(_config(tmp_path / "b"))["run_dir"]  # checkpoints 2 and 4, each with its manifest
+    for step in ("2", "4"):
+        manifest = json.load(open(os.path.join(run_dir, "checkpoints", step, "gfo_manifest.json")))
+        assert manifest["step"] == int(step) and manifest["files"] and manifest["config_fingerprint"]
+    bad = _flip_largest_file(os.path.join(run_dir, "checkpoints", "4"))
+    capsys.readouterr()
+    resumed = train(_config(tmp_path / "b", steps=6))
+    out = capsys.readouterr().out
+    assert f"checkpoint step 4 fails verification ({bad} does not match its sha256" in out
+    assert "skipped, resuming from step 2" in out and "resuming " + run_dir + " from step 2" in out
+    kept = os.path.join(run_dir, "corrupt_checkpoints", "4")
+    assert os.path.isfile(os.path.join(kept, os.path.relpath(bad, os.path.join(run_dir, "checkpoints", "4"))))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 full["params"], resumed["params"])
+    assert [s for s, split in _steps(run_dir) if split == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_strict_refuses_a_corrupt_checkpoint_and_a_stray_directory_is_refused(tmp_path, capsys):
+    config = _config_file(tmp_path)
+    cli.main(["train", config])
+    run_dir = tmp_path / "run"
+    before = (run_dir / "metrics.jsonl").read_text()
+    bad = _flip_largest_file(run_dir / "checkpoints" / "4")
+    err = _cli_error(capsys, ["train", config, "--strict", "--set", "steps=6"])
+    assert err.startswith("gfo train: error: checkpoint step 4 in ") and "fails verification" in err
+    assert bad in err and "--strict refuses it" in err
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["2", "4"]  # nothing removed or moved
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    os.makedirs(run_dir / "checkpoints" / "999")
+    err = _cli_error(capsys, ["train", config, "--set", "steps=6"])
+    assert f"{run_dir / 'checkpoints' / '999'} holds no orbax checkpoint" in err
+    os.rmdir(run_dir / "checkpoints" / "999")
+    os.makedirs(run_dir / "checkpoints" / "old")
+    err = _cli_error(capsys, ["train", config, "--set", "steps=6"])
+    assert f"{run_dir / 'checkpoints' / 'old'} is not a checkpoint step" in err
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["2", "4", "old"]
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_checkpoints_of_an_earlier_gfo_resume_unverified(tmp_path, capsys):
+    run_dir = train(_config(tmp_path))["run_dir"]
+    for step in ("2", "4"):
+        os.remove(os.path.join(run_dir, "checkpoints", step, "gfo_manifest.json"))
+    capsys.readouterr()
+    train(_config(tmp_path, steps=6))
+    out = capsys.readouterr().out
+    assert out.count("have no gfo_manifest.json (written by an earlier gfo): resuming from step 4 unverified") == 1
+    assert [s for s, split in _steps(run_dir) if split == "train"] == [1, 2, 3, 4, 5, 6]
+    assert os.path.isfile(os.path.join(run_dir, "checkpoints", "6", "gfo_manifest.json"))
+
+
+# ----------------------------------------------------------------------------- 4. config values refused by name
+@pytest.mark.parametrize("override, expected", [
+    ("name=a/b", "name='a/b' is invalid: a run name is one path component"),
+    ("name=..", "name='..' is invalid"),
+    ("name=''", "name='' is invalid"),
+    ("name=/tmp/abs", "name='/tmp/abs' is invalid"),
+    ("optimizer.lr=.inf", "config key 'optimizer.lr' = inf is invalid: expected a finite number"),
+    ("optimizer.sigma=nan", "config key 'optimizer.sigma' = nan is invalid: expected a finite number"),
+    ("eval.temperature=-.inf", "config key 'eval.temperature' = -inf is invalid"),
+    ("seed=-1", "seed=-1 is out of range: expected an integer in [0, 2**32 - 1]"),
+    ("seed=4294967296", "seed=4294967296 is out of range"),
+])
+def test_bad_config_values_are_named(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert expected in str(err.value)
+
+
+def test_duplicate_keys_and_an_empty_file_are_errors_naming_them(tmp_path, capsys):
+    assert load_config(None, ["seed=4294967295"]).seed == 2**32 - 1
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("steps: 3\noptimizer:\n  lr: 0.1\n  sigma: 0.01\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match=r"config file '.*dup.yaml' gives key 'lr' twice \(line 5\)"):
+        load_config(str(dup))
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing here\n")
+    with pytest.raises(ConfigError, match=r"config file '.*empty.yaml' is empty"):
+        load_config(str(empty))
+    runs = f"runs_dir={tmp_path / 'runs'}"
+    err = _cli_error(capsys, ["train", str(dup), "--set", runs])
+    assert err.startswith("gfo train: error: config file ") and "gives key 'lr' twice" in err
+    err = _cli_error(capsys, ["train", "--set", "name=../escape", "--set", runs])
+    assert "name='../escape' is invalid" in err
+    assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "escape")
