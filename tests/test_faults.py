@@ -219,3 +219,37 @@ def test_duplicate_keys_and_an_empty_file_are_errors_naming_them(tmp_path, capsy
     err = _cli_error(capsys, ["train", "--set", "name=../escape", "--set", runs])
     assert "name='../escape' is invalid" in err
     assert not os.path.exists(tmp_path / "runs") and not os.path.exists(tmp_path / "escape")
+
+
+# ----------------------------------------------------------------------------- 5. storage faults
+def test_a_failed_checkpoint_save_stops_the_run_naming_the_safe_checkpoint(tmp_path, capsys, monkeypatch):
+    from gfo.run import checkpoint
+
+    original = checkpoint.save
+
+    def full_disk(mgr, step, state):
+        if step == 4:
+            raise OSError(28, "No space left on device")
+        return original(mgr, step, state)
+
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    config = _config_file(tmp_path, steps=6)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", config])
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    err = "gfo train:" + lines[-1].split("gfo train:")[-1]  # after the progress bar (a run had started)
+    assert "Traceback" not in "\n".join(lines) and sum("gfo train:" in line for line in lines) == 1
+    run_dir = tmp_path / "run"
+    assert err.startswith("gfo train: saving checkpoint step 4 in ") and "No space left on device" in err
+    assert "the run stopped at step 4" in err and "the last safe checkpoint is step 2" in err
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["2"]
+    assert checkpoint.verify(str(run_dir / "checkpoints" / "2"), None) is None
+    assert not (run_dir / ".lock").exists()
+    monkeypatch.setattr(checkpoint, "save", original)
+    capsys.readouterr()
+    cli.main(["train", config])
+    assert f"resuming {run_dir} from step 2" in capsys.readouterr().out
+    assert [s for s, split in _steps(run_dir) if split == "train"] == [1, 2, 3, 4, 5, 6]
+    assert "6" in os.listdir(run_dir / "checkpoints")

@@ -24,6 +24,11 @@ class RunCheckpointError(RuntimeError):
     `models.CheckpointError`, which is about a model checkpoint (weights, config.json) that cannot be read."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (a full disk, an I/O error): the run stops at once, naming the step,
+    the directory and the last checkpoint that is safe (exit status 1; the earlier checkpoints are intact)."""
+
+
 class RunLockedError(RuntimeError):
     """Another `gfo train` holds the run directory's lock (`RUN/.lock`): one writer per run directory."""
 
@@ -286,6 +291,45 @@ def save(mgr, step: int, state) -> None:
     mgr.save(step, args=ocp.args.StandardSave(state))
     if getattr(mgr, "_gfo_manifest", None) is not None:
         mgr._gfo_manifest["pending"] = step
+
+
+def _safe_step(directory: str, fingerprint: str | None) -> int | None:
+    """The newest checkpoint step in `directory` that verifies against its manifest (any complete orbax
+    step when no manifest is there at all: an earlier gfo's), or None."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return None
+    steps = sorted((int(n) for n in names if n.isdigit()
+                    and os.path.isfile(os.path.join(directory, n, _ORBAX_DATA))), reverse=True)
+    if not any(os.path.isfile(os.path.join(directory, str(s), MANIFEST)) for s in steps):
+        return steps[0] if steps else None
+    for s in steps:
+        if verify(os.path.join(directory, str(s)), fingerprint) is None:
+            return s
+    return None
+
+
+def save_failed(mgr, step: int, error: BaseException) -> CheckpointSaveError:
+    """The `CheckpointSaveError` for checkpoint `step` of `mgr` failing with `error`: the checkpoints
+    already written are completed (their manifests) where the disk allows, the manager is closed, and the
+    message names the newest checkpoint that verifies (what a rerun resumes from)."""
+    try:
+        finish(mgr)
+    except Exception:  # noqa: BLE001 - the same fault again: what is on disk is judged below
+        try:
+            mgr.close()
+        except Exception:  # noqa: BLE001
+            pass
+    directory = str(mgr.directory)
+    info = getattr(mgr, "_gfo_manifest", None)
+    safe = _safe_step(directory, info["fingerprint"] if info else None)
+    what = f"{type(error).__name__}: {' '.join(str(error).split())}"
+    kept = (f"the last safe checkpoint is step {safe} ({os.path.join(directory, str(safe))}); free space or fix "
+            f"the fault and rerun the same command to resume from it" if safe is not None else
+            "no checkpoint is safe yet; fix the fault and rerun the same command to start again")
+    return CheckpointSaveError(f"saving checkpoint step {step} in {directory} failed ({what}); the run stopped "
+                               f"at step {step}; {kept}")
 
 
 def finish(mgr) -> None:

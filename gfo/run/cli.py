@@ -23,7 +23,7 @@ import json
 import sys
 
 EXIT_USAGE = 2  # a bad config, file or argument: the user can fix it
-EXIT_FAILED = 1  # a run that failed on its own (diverged)
+EXIT_FAILED = 1  # a run that failed on its own (diverged) or whose storage failed (a checkpoint not written)
 EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 
@@ -152,9 +152,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\ngfo {command}: {_one_line(e) if str(e) else 'interrupted'}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
     except Exception as e:
-        from gfo.run.train import DivergenceError  # imported late: `gfo train` starts JAX's distributed runtime first
+        from gfo.run.train import CheckpointSaveError, DivergenceError  # imported late: `gfo train` starts
+        # JAX's distributed runtime first
 
-        if isinstance(e, DivergenceError):
+        if isinstance(e, (DivergenceError, CheckpointSaveError)):
             print(f"gfo {command}: {_one_line(e)}", file=sys.stderr)
             raise SystemExit(EXIT_FAILED) from None
         if isinstance(e, user_errors()):

@@ -25,6 +25,7 @@ from gfo import distributed
 from gfo.run import checkpoint, stepplan
 from gfo.run.build import Run, build_mesh, build_run, build_runs
 from gfo.run.checkpoint import RunCheckpointError, RunLockedError  # noqa: F401 - re-exported: user errors of `gfo train`
+from gfo.run.checkpoint import CheckpointSaveError  # noqa: F401 - re-exported: a storage fault of `gfo train` (exit 1)
 from gfo.run.config import RunConfig, to_dict
 from gfo.run.loop import DivergenceError, Hooks, StepLoop, progress  # noqa: F401 - DivergenceError re-exported
 from gfo.run.metrics_log import MetricsLog
@@ -138,8 +139,11 @@ def run_stage(run: Run, state, cfg: RunConfig, on_eval=None, strict: bool = Fals
             on_eval(step, row)
 
     def save(step, state):
-        log.sync()  # the rows up to the checkpoint are on disk before it is
-        checkpoint.save(manager, step, state)
+        try:
+            log.sync()  # the rows up to the checkpoint are on disk before it is
+            checkpoint.save(manager, step, state)
+        except OSError as e:  # a full disk, an I/O error: stop now, naming the checkpoint that is safe
+            raise checkpoint.save_failed(manager, step, e) from None
 
     hooks = Hooks(log=log.write, evaluate=evaluate, save=save, kept=lambda: checkpoint.last_good(manager))
     time_s = records[-1].get("time_s", 0.0) if records else 0.0  # carried over a resume
@@ -156,12 +160,18 @@ def run_stage(run: Run, state, cfg: RunConfig, on_eval=None, strict: bool = Fals
             f"[{label}] interrupted at step {loop.done}; "
             + (f"checkpoint at step {saved} in {manager.directory}" if saved else "no checkpoint saved yet")
             + "; rerun the same command to resume") from None
+    except CheckpointSaveError:  # the manager is already closed
+        bar.close()
+        raise
     except BaseException:  # divergence, a pruned sweep trial: checkpoints being written complete first
         bar.close()
         checkpoint.finish(manager)
         raise
     bar.close()
-    checkpoint.finish(manager)
+    try:
+        checkpoint.finish(manager)
+    except OSError as e:  # the last checkpoint (or its manifest) could not be written
+        raise checkpoint.save_failed(manager, loop.done, e) from None
     log.close()
     result = {"records": records, "params": run.params(state)}
     selected, params = run.evaluation.selected(records, state)
