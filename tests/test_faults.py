@@ -253,3 +253,53 @@ def test_a_failed_checkpoint_save_stops_the_run_naming_the_safe_checkpoint(tmp_p
     assert f"resuming {run_dir} from step 2" in capsys.readouterr().out
     assert [s for s, split in _steps(run_dir) if split == "train"] == [1, 2, 3, 4, 5, 6]
     assert "6" in os.listdir(run_dir / "checkpoints")
+
+
+@pytest.mark.parametrize("error", [PermissionError(13, "Permission denied"), OSError(28, "No space left on device")])
+def test_a_run_directory_that_cannot_be_created_is_one_line_before_anything_is_written(tmp_path, capsys,
+                                                                                       monkeypatch, error):
+    makedirs = os.makedirs
+
+    def refused(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            raise type(error)(error.errno, error.strerror, str(path))
+        return makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", refused)
+    err = _cli_error(capsys, ["train", _config_file(tmp_path)])
+    assert err.startswith(f"gfo train: error: run directory {tmp_path / 'run'} cannot be written ({error.strerror}")
+    assert os.listdir(tmp_path) == ["run.yaml"]
+
+
+def test_config_yaml_is_written_whole_or_not_at_all(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    import gfo.run.train as train_module
+
+    config = _config_file(tmp_path)
+    run_dir = tmp_path / "run"
+    real_open = builtins.open
+
+    def full_disk(file, mode="r", *args, **kwargs):
+        if str(file).startswith(str(run_dir)) and any(c in mode for c in "wa"):
+            raise OSError(28, "No space left on device", str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_disk)
+    err = _cli_error(capsys, ["train", config])
+    assert err.startswith(f"gfo train: error: run directory {run_dir} cannot be written (No space left on device")
+    assert os.listdir(run_dir) == []  # no config.yaml, no temporary, the lock released
+    monkeypatch.setattr(builtins, "open", real_open)
+    cli.main(["train", config])
+    before = (run_dir / "config.yaml").read_text()
+    assert yaml.safe_load(before)["steps"] == 4
+
+    def cut(data, stream, **kwargs):  # the disk fills while config.yaml is written
+        stream.write("steps: ")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(train_module.yaml, "safe_dump", cut)
+    err = _cli_error(capsys, ["train", config, "--set", "steps=6"])
+    assert "cannot be written (No space left on device)" in err
+    assert (run_dir / "config.yaml").read_text() == before  # the previous one stands, never a cut one
+    assert not (run_dir / "config.yaml.tmp").exists() and not (run_dir / ".lock").exists()

@@ -29,6 +29,11 @@ class CheckpointSaveError(RuntimeError):
     the directory and the last checkpoint that is safe (exit status 1; the earlier checkpoints are intact)."""
 
 
+class RunDirectoryError(RuntimeError):
+    """The run directory cannot be created or written at the start of a run (read-only, a full disk):
+    a user error, reported before anything of the run is written."""
+
+
 class RunLockedError(RuntimeError):
     """Another `gfo train` holds the run directory's lock (`RUN/.lock`): one writer per run directory."""
 

@@ -125,9 +125,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from gfo.run.report import MetricsError
     from gfo.optim.search.strategies import StrategyMemoryError
     from gfo.tasks.loaders import DataError
-    from gfo.run.train import RunCheckpointError, RunLockedError
+    from gfo.run.train import RunCheckpointError, RunDirectoryError, RunLockedError
 
-    return (ConfigError, DataError, RunCheckpointError, RunLockedError, CheckpointError, StrategyMemoryError, MetricsError,
+    return (ConfigError, DataError, RunCheckpointError, RunDirectoryError, RunLockedError, CheckpointError, StrategyMemoryError, MetricsError,
             DistributedError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
             json.JSONDecodeError, _Usage)
 

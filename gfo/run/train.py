@@ -24,7 +24,7 @@ import yaml
 from gfo import distributed
 from gfo.run import checkpoint, stepplan
 from gfo.run.build import Run, build_mesh, build_run, build_runs
-from gfo.run.checkpoint import RunCheckpointError, RunLockedError  # noqa: F401 - re-exported: user errors of `gfo train`
+from gfo.run.checkpoint import RunCheckpointError, RunDirectoryError, RunLockedError  # noqa: F401 - re-exported: user errors
 from gfo.run.checkpoint import CheckpointSaveError  # noqa: F401 - re-exported: a storage fault of `gfo train` (exit 1)
 from gfo.run.config import RunConfig, to_dict
 from gfo.run.loop import DivergenceError, Hooks, StepLoop, progress  # noqa: F401 - DivergenceError re-exported
@@ -65,8 +65,11 @@ def train(cfg: RunConfig, on_eval=None, strict: bool = False) -> dict:
         pre.evaluation.metric_names()
     run.evaluation.metric_names()
     distributed.barrier("gfo:checked")  # every process has read the old config.yaml before it is rewritten
-    os.makedirs(run_dir, exist_ok=True)
-    held = checkpoint.lock(run_dir) if distributed.is_primary() else None  # one writer per run directory
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        held = checkpoint.lock(run_dir) if distributed.is_primary() else None  # one writer per run directory
+    except OSError as e:  # read-only, a full disk: said before anything is written
+        raise _unwritable(run_dir, e) from None
     try:
         return _train_locked(cfg, run_dir, resolved, mesh, pre, run, state, on_eval, strict)
     finally:
@@ -74,10 +77,38 @@ def train(cfg: RunConfig, on_eval=None, strict: bool = False) -> dict:
             checkpoint.unlock(held)
 
 
+def _unwritable(run_dir: str, e: OSError) -> RunDirectoryError:
+    why = e.strerror or " ".join(str(e).split()) or type(e).__name__
+    return RunDirectoryError(f"run directory {os.path.abspath(run_dir)} cannot be written ({why}"
+                             + (f": {e.filename}" if e.filename else "") + "): choose a writable runs_dir "
+                             "(--set runs_dir=...) or free space on its disk")
+
+
+def write_config(run_dir: str, resolved: dict) -> None:
+    """`run_dir/config.yaml`, written to a temporary name, fsynced and renamed: it is whole or absent
+    (never empty); a write that fails leaves the previous one (and no temporary) behind."""
+    path = os.path.join(run_dir, "config.yaml")
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            yaml.safe_dump(resolved, f, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def _train_locked(cfg, run_dir, resolved, mesh, pre, run, state, on_eval, strict) -> dict:
     if distributed.is_primary():
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(resolved, f, sort_keys=False)
+        try:
+            write_config(run_dir, resolved)
+        except OSError as e:
+            raise _unwritable(run_dir, e) from None
         print(f"run directory: {os.path.abspath(run_dir)}")
     distributed.barrier("gfo:config")  # no process reads a half-written config.yaml on resume
     started = time.perf_counter()
