@@ -68,7 +68,10 @@ class Full(Space):
                 raise ValueError(f"Full(filter={filter!r}) names a layer the old way ('layers_<i>'): layers are "
                                  f"stacked under {models.LAYERS + '/'!r} now (e.g. 'layers/attn/q/kernel'); select "
                                  f"layers with Full(params, filter=..., layers=[i, ...])")
-            pattern = re.compile(filter)
+            try:
+                pattern = re.compile(filter)
+            except re.error as e:
+                raise ValueError(f"filter={filter!r} is not a valid regular expression: {e}") from None
             pred = lambda name, leaf: bool(pattern.search(name))  # noqa: E731
         else:
             pred = filter
@@ -85,8 +88,8 @@ class Full(Space):
                        for p, leaf in leaves if pred(path_name(p), leaf)}
         if not self._paths:
             names = [path_name(p) for p, _ in leaves]
-            raise ValueError(f"Full(filter={filter!r}, layers={layers}) selects no parameter; paths look like "
-                             f"{names[:4]}")
+            raise ValueError(f"filter={filter!r}" + (f" with layers={list(layers)}" if layers is not None else "")
+                             + f" selects no parameter; the {len(names)} parameter paths include {names[:5]}")
         if self.layers is None:
             # Searched leaves are replaced whole by `to_params`, so `base` keeps only their shapes: a jitted step
             # receives the unsearched weights as arguments, never a second copy of the searched ones.
@@ -135,7 +138,15 @@ class LoRA(Space):
     def __init__(self, params, rank: int = 8, targets=("q", "v"), alpha: float | None = None):
         self.base, self.rank, self.targets = params, rank, tuple(targets)
         self.alpha = float(alpha if alpha is not None else 2 * rank)
-        models.lora.lora_target_paths(params, self.targets)  # validate early
+        try:
+            models.lora.lora_target_paths(params, self.targets)  # validate early
+        except ValueError as e:
+            if "match no kernel" not in str(e):
+                raise
+            names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+            kernels = [n for n in names if n.endswith("kernel") or n.endswith("lm_head")] or names
+            raise ValueError(f"targets={list(self.targets)} match no kernel of this model; its kernel paths "
+                             f"include {kernels[:5]}") from None
 
     def init(self, key: jax.Array) -> dict:
         return models.init_lora(key, self.base, self.rank, self.targets)

@@ -303,3 +303,31 @@ def test_config_yaml_is_written_whole_or_not_at_all(tmp_path, capsys, monkeypatc
     assert "cannot be written (No space left on device)" in err
     assert (run_dir / "config.yaml").read_text() == before  # the previous one stands, never a cut one
     assert not (run_dir / "config.yaml.tmp").exists() and not (run_dir / ".lock").exists()
+
+
+# ----------------------------------------------------------------------------- 6. config errors at the dry build
+@pytest.mark.parametrize("space, expected", [
+    ({"kind": "full", "filter": "attn/(q"}, "space.filter='attn/(q' is not a valid regular expression: missing ), "),
+    ({"kind": "full", "filter": "no_such_leaf"}, "space.filter='no_such_leaf' selects no parameter; the "),
+    ({"kind": "lora", "targets": ["q_proj"]}, "LoRA targets ['q_proj'] are not projections"),
+    ({"kind": "lora", "targets": ["gate"]}, "space.targets=['gate'] match no kernel of this model; its kernel paths "
+                                            "include ['"),
+    ({"kind": "lora", "targets": ["q", 1]}, "space.targets=['q', 1] is invalid: expected a list of projection names"),
+])
+def test_space_filter_and_targets_errors_are_one_line_before_any_run_directory(tmp_path, capsys, space, expected):
+    err = _cli_error(capsys, ["train", _config_file(tmp_path, space=space)])
+    assert err.startswith("gfo train: error: ") and expected in err, err
+    if "selects no parameter" in expected:
+        assert "'" + "layers/" in err or "wte" in err or "embed" in err  # a few real parameter paths are listed
+    assert os.listdir(tmp_path) == ["run.yaml"]
+
+
+def test_lora_targets_matching_no_kernel_list_real_paths(tmp_path, capsys):
+    from gfo import spaces
+    import models
+
+    params = {"embed": {"wte": np.zeros((4, 2))}, "mlp": {"fc": {"kernel": np.zeros((2, 2))}}}
+    with pytest.raises(ValueError, match=r"targets=\['q', 'v'\] match no kernel of this model; its kernel paths "
+                                         r"include \['mlp/fc/kernel'\]"):
+        spaces.LoRA(params)
+    assert models.lora.PROJECTIONS

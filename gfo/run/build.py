@@ -87,9 +87,15 @@ def build_task(section: TaskSection, seed: int, tokenizer=None):
 def build_space(section: SpaceSection, params, key: jax.Array) -> spaces.Space:
     def simple(kind):
         if kind == "full":
-            return spaces.Full(params, section.filter)
+            try:
+                return spaces.Full(params, section.filter)
+            except ValueError as e:
+                raise ConfigError(f"space.{e}" if str(e).startswith("filter=") else f"space: {e}") from None
         if kind == "lora":
-            return spaces.LoRA(params, section.rank, tuple(section.targets), section.alpha)
+            try:
+                return spaces.LoRA(params, section.rank, tuple(section.targets), section.alpha)
+            except ValueError as e:
+                raise ConfigError(f"space.{e}" if str(e).startswith("targets=") else f"space: {e}") from None
         if kind == "prompt":
             return spaces.Prompt(params, section.n_tokens)
         if kind == "hard_prompt":

@@ -10,6 +10,7 @@ key, the value and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import re
 import difflib
 import math
 import os
@@ -47,6 +48,18 @@ class SpaceSection:
     dim: int = 64  # subspace
     inner: Literal["full", "lora", "prompt"] = "full"  # subspace: the space it projects into
     noise_map: dict = dataclasses.field(default_factory=dict)  # regex on leaf paths -> lowrank | full | frozen
+
+    def __post_init__(self):
+        if self.filter is not None:
+            if not isinstance(self.filter, str):
+                raise ConfigError(f"space.filter={self.filter!r} is invalid: expected a regular expression (a string)")
+            try:
+                re.compile(self.filter)
+            except re.error as e:
+                raise ConfigError(f"space.filter={self.filter!r} is not a valid regular expression: {e}") from None
+        if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets or ()):
+            raise ConfigError(f"space.targets={self.targets!r} is invalid: expected a list of projection names, "
+                              f"e.g. [q, v]")
 
 
 @dataclasses.dataclass
