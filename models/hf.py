@@ -51,7 +51,17 @@ def _read_tensors(path: str) -> Callable[[str], jax.Array | None]:
     else:
         raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path!r}")
     # framework="flax" reads bfloat16 tensors, which numpy cannot represent without ml_dtypes.
-    handles = {key: safe_open(file, framework="flax") for key, file in files.items()}
+    def unreadable(file: str, e: Exception) -> CheckpointError:
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        return CheckpointError(f"{file} is not a readable safetensors file ({type(e).__name__}: {why}): it is "
+                               f"truncated or corrupt; copy or save the checkpoint again")
+
+    handles = {}
+    for key, file in files.items():
+        try:
+            handles[key] = safe_open(file, framework="flax")
+        except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError (and OSError) for a bad file
+            raise unreadable(file, e) from None
     names: dict[str, str | None] = {}
     for key, h in handles.items():
         for name in h.keys():
@@ -61,7 +71,10 @@ def _read_tensors(path: str) -> Callable[[str], jax.Array | None]:
         # Original GPT-2 checkpoints lack the "transformer." prefix.
         for candidate in (name, name.removeprefix("transformer.")):
             if candidate in names:
-                return handles[names[candidate]].get_tensor(candidate)
+                try:
+                    return handles[names[candidate]].get_tensor(candidate)
+                except Exception as e:  # noqa: BLE001 - data cut short after a whole header
+                    raise unreadable(files[names[candidate]], e) from None
         return None
 
     return lookup

@@ -331,3 +331,25 @@ def test_lora_targets_matching_no_kernel_list_real_paths(tmp_path, capsys):
                                          r"include \['mlp/fc/kernel'\]"):
         spaces.LoRA(params)
     assert models.lora.PROJECTIONS
+
+
+# ----------------------------------------------------------------------------- 7. an unreadable model checkpoint
+@pytest.mark.parametrize("damage", ["truncate", "random"])
+def test_a_truncated_or_random_model_safetensors_is_one_line_naming_it(tmp_path, capsys, damage):
+    import models
+
+    model = models.TransformerLM(models.tiny("gpt2"))
+    params = model.init(jax.random.key(0))
+    ckpt = tmp_path / "ckpt"
+    models.save_pretrained(model, params, str(ckpt))
+    weights = ckpt / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
+    with pytest.raises(models.CheckpointError, match="is not a readable safetensors file"):
+        models.from_pretrained(str(ckpt))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    err = _cli_error(capsys, ["train", _config_file(runs, model={"path": str(ckpt)})])
+    assert err.startswith(f"gfo train: error: {weights} is not a readable safetensors file (")
+    assert "truncated or corrupt" in err
+    assert os.listdir(runs) == ["run.yaml"]
