@@ -353,3 +353,34 @@ def test_a_truncated_or_random_model_safetensors_is_one_line_naming_it(tmp_path,
     assert err.startswith(f"gfo train: error: {weights} is not a readable safetensors file (")
     assert "truncated or corrupt" in err
     assert os.listdir(runs) == ["run.yaml"]
+
+
+def test_a_manifest_that_cannot_be_written_stops_the_run_naming_it(tmp_path, capsys, monkeypatch):
+    from gfo.run import checkpoint
+
+    original = checkpoint.write_manifest
+
+    def full_disk(step_dir, step, fingerprint):
+        if step == 4:
+            raise OSError(28, "No space left on device")
+        return original(step_dir, step, fingerprint)
+
+    monkeypatch.setattr(checkpoint, "write_manifest", full_disk)
+    config = _config_file(tmp_path, steps=6)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", config])
+    assert exit_info.value.code == 1
+    err = "gfo train:" + capsys.readouterr().err.strip().splitlines()[-1].split("gfo train:")[-1]
+    run_dir = tmp_path / "run"
+    assert err.startswith(f"gfo train: writing the manifest of checkpoint step 4 in {run_dir / 'checkpoints'} "
+                          f"failed (OSError: [Errno 28] No space left on device)")
+    assert "the run stopped at step 6" in err and "the last safe checkpoint is step 2" in err
+    assert checkpoint.verify(str(run_dir / "checkpoints" / "2"), None) is None
+    monkeypatch.setattr(checkpoint, "write_manifest", original)
+    capsys.readouterr()
+    cli.main(["train", config])
+    out = capsys.readouterr().out
+    assert "checkpoint step 4 fails verification (no gfo_manifest.json)" in out
+    assert f"resuming {run_dir} from step 2" in out
+    assert [s for s, split in _steps(run_dir) if split == "train"] == [1, 2, 3, 4, 5, 6]

@@ -260,7 +260,11 @@ def _manifest_pending(mgr) -> None:
     if distributed.is_primary():
         step_dir = os.path.join(str(mgr.directory), str(step))
         if os.path.isdir(step_dir):
-            write_manifest(step_dir, step, info["fingerprint"])
+            try:
+                write_manifest(step_dir, step, info["fingerprint"])
+            except OSError as e:  # `save_failed` names the checkpoint whose manifest this was
+                e.gfo_manifest_step = step
+                raise
 
 
 def restore(mgr, like) -> tuple:
@@ -333,8 +337,10 @@ def save_failed(mgr, step: int, error: BaseException) -> CheckpointSaveError:
     kept = (f"the last safe checkpoint is step {safe} ({os.path.join(directory, str(safe))}); free space or fix "
             f"the fault and rerun the same command to resume from it" if safe is not None else
             "no checkpoint is safe yet; fix the fault and rerun the same command to start again")
-    return CheckpointSaveError(f"saving checkpoint step {step} in {directory} failed ({what}); the run stopped "
-                               f"at step {step}; {kept}")
+    manifest_of = getattr(error, "gfo_manifest_step", None)
+    failed = (f"writing the manifest of checkpoint step {manifest_of} in {directory}" if manifest_of is not None
+              else f"saving checkpoint step {step} in {directory}")
+    return CheckpointSaveError(f"{failed} failed ({what}); the run stopped at step {step}; {kept}")
 
 
 def finish(mgr) -> None:
