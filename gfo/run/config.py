@@ -16,6 +16,7 @@ import math
 import os
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal, Optional
 
 import yaml
@@ -217,7 +218,20 @@ class RunConfig:
 # field never silently does nothing. Derived from the method registry (`gfo.optim.registry`): add a method there.
 from gfo.optim.registry import EVOSAX_FIELDS, METHODS as _METHODS, fields as optimizer_fields  # noqa: E402, F401
 
-OPTIMIZER_FIELDS: dict[str, tuple[str, ...]] = {name: m.fields for name, m in _METHODS.items()}
+class _RegisteredFields(Mapping):
+    """method → the optimizer fields it reads, read live from the registry (plugins register more)."""
+
+    def __getitem__(self, name: str) -> tuple[str, ...]:
+        return _METHODS[name].fields
+
+    def __iter__(self):
+        return iter(_METHODS)
+
+    def __len__(self) -> int:
+        return len(_METHODS)
+
+
+OPTIMIZER_FIELDS: Mapping[str, tuple[str, ...]] = _RegisteredFields()
 # Transform fields that only one transform reads.
 TRANSFORM_ONLY = {"momentum": ("sgd",), "weight_decay": ("adamw", "adam_l2")}
 
