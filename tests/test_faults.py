@@ -61,6 +61,7 @@ def _dead_pid() -> int:
 
 
 # ----------------------------------------------------------------------------- 1. one writer per run directory
+@pytest.mark.slow  # an end-to-end run (over ~6 s on 2 cores)
 def test_a_second_train_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_path, capsys):
     config = _config_file(tmp_path)
     cli.main(["train", config])  # a first run: 4 steps, checkpoints 2 and 4
@@ -98,6 +99,7 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- 2. metrics.jsonl once per step
+@pytest.mark.slow  # an end-to-end run (over ~6 s on 2 cores)
 def test_a_metrics_line_cut_mid_record_is_dropped_and_every_step_logged_once(tmp_path, capsys):
     first = train(_config(tmp_path))
     run_dir = first["run_dir"]
@@ -132,6 +134,7 @@ def _flip_largest_file(step_dir) -> str:
     return largest
 
 
+@pytest.mark.slow  # an end-to-end run (over ~6 s on 2 cores)
 def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys):
     full = train(_config(tmp_path / "a", steps=6))
     run_dir = train(_config(tmp_path / "b"))["run_dir"]  # checkpoints 2 and 4, each with its manifest
@@ -151,6 +154,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, c
     assert [s for s, split in _steps(run_dir) if split == "train"] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.slow  # an end-to-end run (over ~6 s on 2 cores)
 def test_strict_refuses_a_corrupt_checkpoint_and_a_stray_directory_is_refused(tmp_path, capsys):
     config = _config_file(tmp_path)
     cli.main(["train", config])
@@ -173,6 +177,7 @@ def test_strict_refuses_a_corrupt_checkpoint_and_a_stray_directory_is_refused(tm
     assert (run_dir / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.slow  # an end-to-end run (over ~6 s on 2 cores)
 def test_checkpoints_of_an_earlier_gfo_resume_unverified(tmp_path, capsys):
     run_dir = train(_config(tmp_path))["run_dir"]
     for step in ("2", "4"):
@@ -222,6 +227,7 @@ def test_duplicate_keys_and_an_empty_file_are_errors_naming_them(tmp_path, capsy
 
 
 # ----------------------------------------------------------------------------- 5. storage faults
+@pytest.mark.slow  # an end-to-end run (over ~6 s on 2 cores)
 def test_a_failed_checkpoint_save_stops_the_run_naming_the_safe_checkpoint(tmp_path, capsys, monkeypatch):
     from gfo.run import checkpoint
 
@@ -271,6 +277,7 @@ def test_a_run_directory_that_cannot_be_created_is_one_line_before_anything_is_w
     assert os.listdir(tmp_path) == ["run.yaml"]
 
 
+@pytest.mark.slow  # an end-to-end run (over ~6 s on 2 cores)
 def test_config_yaml_is_written_whole_or_not_at_all(tmp_path, capsys, monkeypatch):
     import builtins
 
@@ -355,6 +362,7 @@ def test_a_truncated_or_random_model_safetensors_is_one_line_naming_it(tmp_path,
     assert os.listdir(runs) == ["run.yaml"]
 
 
+@pytest.mark.slow  # an end-to-end run (over ~6 s on 2 cores)
 def test_a_manifest_that_cannot_be_written_stops_the_run_naming_it(tmp_path, capsys, monkeypatch):
     from gfo.run import checkpoint
 

@@ -119,7 +119,7 @@ def _temp_bytes(opt, objective, x0, batch):
     return opt.lower(state, objective, batch, jax.random.key(2)).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("make", [pytest.param(lambda f: gfo.SPSA(eps=1e-3, factored=f), id="spsa"),
+@pytest.mark.parametrize("make", [pytest.param(lambda f: gfo.SPSA(eps=1e-3, factored=f), id="spsa", marks=pytest.mark.slow),
                                   pytest.param(lambda f: gfo.OpenES(population=8, sigma=1e-3, factored=f), id="openes",
                                                marks=pytest.mark.slow)])
 def test_a_script_gets_the_in_forward_perturbation_from_its_objective(script, make):
