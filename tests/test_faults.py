@@ -17,6 +17,7 @@ import yaml
 from gfo.run import cli
 from gfo.run.config import ConfigError, from_dict, load_config, RunConfig
 from gfo.run.train import train
+from tests.test_train import _cli_error  # the one line of a failing command line
 
 TINY = {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_seq_len": 64}
 
@@ -38,15 +39,16 @@ def _config_file(tmp_path, **top) -> str:
     return str(path)
 
 
-def _cli_error(capsys, argv, code=2) -> str:
-    """The one line `gfo` prints for a failing command line (and its exit status is `code`)."""
+def _run_error(capsys, argv, code=1) -> str:
+    """The one `gfo train:` line a run that had started prints when it stops (after its progress bar, which
+    shares stderr), with exit status `code` and no traceback."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == code
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
+    lines = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    assert "Traceback" not in "\n".join(lines) and sum("gfo train:" in line for line in lines) == 1
+    return "gfo train:" + lines[-1].split("gfo train:")[-1]
 
 
 def _steps(run_dir) -> list[tuple[int, str]]:
@@ -240,13 +242,7 @@ def test_a_failed_checkpoint_save_stops_the_run_naming_the_safe_checkpoint(tmp_p
 
     monkeypatch.setattr(checkpoint, "save", full_disk)
     config = _config_file(tmp_path, steps=6)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", config])
-    assert exit_info.value.code == 1
-    lines = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
-    err = "gfo train:" + lines[-1].split("gfo train:")[-1]  # after the progress bar (a run had started)
-    assert "Traceback" not in "\n".join(lines) and sum("gfo train:" in line for line in lines) == 1
+    err = _run_error(capsys, ["train", config])
     run_dir = tmp_path / "run"
     assert err.startswith("gfo train: saving checkpoint step 4 in ") and "No space left on device" in err
     assert "the run stopped at step 4" in err and "the last safe checkpoint is step 2" in err
@@ -375,11 +371,7 @@ def test_a_manifest_that_cannot_be_written_stops_the_run_naming_it(tmp_path, cap
 
     monkeypatch.setattr(checkpoint, "write_manifest", full_disk)
     config = _config_file(tmp_path, steps=6)
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["train", config])
-    assert exit_info.value.code == 1
-    err = "gfo train:" + capsys.readouterr().err.strip().splitlines()[-1].split("gfo train:")[-1]
+    err = _run_error(capsys, ["train", config])
     run_dir = tmp_path / "run"
     assert err.startswith(f"gfo train: writing the manifest of checkpoint step 4 in {run_dir / 'checkpoints'} "
                           f"failed (OSError: [Errno 28] No space left on device)")

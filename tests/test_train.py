@@ -166,6 +166,7 @@ def test_unknown_key_wrong_type_and_bad_values_are_clear_errors(tmp_path):
 
 def _cli_error(capsys, argv, code=2) -> str:
     """The one line `gfo` prints for a failing command line (and its exit status is `code`)."""
+    capsys.readouterr()  # only what this command prints
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == code
