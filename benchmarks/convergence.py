@@ -42,19 +42,19 @@ METHODS = {
     "es": ({"method": "es", "population": 16, "sigma": 0.01, "lr": 2e-3, "transform": "adam", "eval_chunk": 16}, 16),
     "lowrank_es": ({"method": "lowrank_es", "population": 16, "sigma": 0.01, "rank": 1, "lr": 2e-3,
                     "transform": "adam", "eval_chunk": 16}, 16),
-    "spsa": ({"method": "spsa", "sigma": 1e-3, "n": 1, "lr": 2e-4, "transform": "sgd"}, 2),
+    "spsa": ({"method": "spsa", "eps": 1e-3, "n": 1, "lr": 2e-4, "transform": "sgd"}, 2),
     "adam": ({"method": "backprop", "lr": 1e-3, "transform": "adam"}, 3),
     "policy_gradient": ({"method": "policy_gradient", "group_size": 4, "lr": 1e-3, "transform": "adam"}, 12),
     # ZO-Bench's conservative ZO-SGD: SPSA (2) + θ, θ ± ηg (3).
-    "zo_sgd_cons": ({"method": "zo_sgd_cons", "sigma": 1e-3, "n": 1, "lr": 2e-4}, 5),
-    "lozo": ({"method": "lozo", "sigma": 1e-3, "rank": 2, "lr": 2e-4, "transform": "sgd", "options": {"nu": 50}}, 2),
-    "hizoo": ({"method": "hizoo", "sigma": 1e-3, "lr": 2e-4, "transform": "sgd", "options": {"alpha": 1e-4}}, 3),
+    "zo_sgd_cons": ({"method": "zo_sgd_cons", "eps": 1e-3, "n": 1, "lr": 2e-4}, 5),
+    "lozo": ({"method": "lozo", "eps": 1e-3, "rank": 2, "lr": 2e-4, "transform": "sgd", "nu": 50}, 2),
+    "hizoo": ({"method": "hizoo", "eps": 1e-3, "lr": 2e-4, "transform": "sgd", "alpha": 1e-4}, 3),
     # 4 mini-batch forwards per step + a full-batch anchor (2 forwards of 4 mini-batches) every 10 steps.
-    "mezo_svrg": ({"method": "mezo_svrg", "sigma": 1e-3, "lr": 2e-4, "transform": "sgd",
-                   "options": {"q": 10, "minibatch": 4}}, 5),
+    "mezo_svrg": ({"method": "mezo_svrg", "eps": 1e-3, "lr": 2e-4, "transform": "sgd",
+                   "q": 10, "minibatch": 4}, 5),
     # One round spending the whole budget (population = budget), top 8 by loss, majority vote where the task
     # scores classes (its `vote_accuracy` is reported as its accuracy).
-    "randopt": ({"method": "randopt", "sigma": 0.01, "eval_chunk": 16, "options": {"top_k": 8}}, None),
+    "randopt": ({"method": "randopt", "sigma": 0.01, "eval_chunk": 16, "top_k": 8}, None),
 }
 NEW_METHODS = ("zo_sgd_cons", "lozo", "hizoo", "mezo_svrg", "randopt")
 MODEL = {"family": "gpt2", "overrides": {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 160}}

@@ -9,8 +9,8 @@ is an unbiased-in-expectation pseudo-gradient of the loss (`E[u uᵀ] = I`). For
 
     gfo train CONFIG --set plugins=[examples/orthogonal_es.py] --set optimizer.method=orthogonal_es
 
-Registering (the last lines) is all a method needs: `optimizer.sigma` and `optimizer.n` are read, as the
-row says, and any optax transform of the config applies the estimate.
+Its config section (`optimizer.sigma`, `optimizer.n`, with ranges and docs) and the registering line at the
+end are all a method needs; any optax transform of the config applies the estimate.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from jax.flatten_util import ravel_pytree
 
 from gfo.optim import registry
 from gfo.optim.estimators.base import Estimator
+from gfo.optim.sections import AT_LEAST_ONE, POSITIVE, TransformSection, knob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,5 +49,10 @@ class OrthogonalES(Estimator):
                    "loss_range": jnp.mean(jnp.abs(plus - minus)), "evaluations": 2 * self.n}
 
 
-registry.register(registry.estimator_method("orthogonal_es", OrthogonalES, fields=("sigma", "n"),
-                                            kwargs=lambda s, ctx: dict(sigma=s.sigma, n=s.n)), replace=True)
+@dataclasses.dataclass
+class OrthogonalESSection(TransformSection):
+    sigma: float = knob(0.01, POSITIVE, "noise scale σ of x ± σ u")
+    n: int = knob(8, AT_LEAST_ONE, "orthogonal directions per step, at most the space's dimension")
+
+
+registry.register(registry.estimator_method("orthogonal_es", OrthogonalES, OrthogonalESSection), replace=True)

@@ -52,7 +52,7 @@ def test_hard_prompt_search_runs_through_gfo_train_and_resumes(tmp_path):
     args = ["pretrain=null", f"runs_dir={tmp_path}", "task.name=prompt_classification", "task.options={k: 2}",
             "task.batch_size=8", "task.eval_size=8", "model.overrides={d_model: 32, n_layers: 1, n_heads: 2}",
             "space.kind=hard_prompt", "space.n_tokens=3", f"space.vocab={letters}", "optimizer.method=tabu",
-            "optimizer.population=6", "optimizer.options={tenure: 2}", "eval_every=2", "checkpoint_every=2"]
+            "optimizer.population=6", "optimizer.tenure=2", "eval_every=2", "checkpoint_every=2"]
     first = train(load_config(None, [*args, "steps=2"]))
     resumed = train(load_config(None, [*args, "steps=4"]))
     prompt = np.asarray(resumed["params"]["soft_prompt"])

@@ -59,7 +59,8 @@ REGISTERED = sorted(methods.METHODS) + ["CMA_ES", "SNES", "ga"]
 
 def _built(name: str):
     spec = methods.lookup(name)
-    section = OptimizerSection(method=name, population=8, sigma=0.05, lr=0.01, n=2)
+    common = dict(population=8, sigma=0.05, eps=0.05, lr=0.01, n=2)  # each where the method's section has it
+    section = OptimizerSection(method=name, **{k: v for k, v in common.items() if k in spec.fields})
     if spec.domain == "tokens":
         x0 = jnp.array([3, 1, 4, 1], jnp.int32)
         return spec, spec.build(section, methods.Context(x0=x0, vocab=tuple(range(8)))), x0

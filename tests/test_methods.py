@@ -384,9 +384,12 @@ def test_stateful_estimators_run_through_the_optimizer_protocol():
                                              ("mezo_svrg", {"q": 2, "minibatch": 2}), ("randopt", {"top_k": 2})])
 def test_config_methods_build_and_step(method, options):
     from gfo.run.build import build_optimizer
+    from gfo.optim.registry import section_of
     from gfo.run.config import OptimizerSection
 
-    section = OptimizerSection(method=method, sigma=1e-2, lr=1e-2, transform="sgd", population=8, options=options)
+    common = dict(sigma=1e-2, eps=1e-2, lr=1e-2, transform="sgd", population=8)  # each where the method has it
+    declared = section_of(method).field_names()
+    section = OptimizerSection(method=method, **{k: v for k, v in common.items() if k in declared}, **options)
     opt = build_optimizer(section, X)
     state = opt.init(jax.random.key(0), X)
     for t in range(3):

@@ -142,6 +142,62 @@ def test_registry_is_the_one_table_of_build_minimize_and_config():
         methods.lookup("adamm")
 
 
+def test_every_method_has_its_own_typed_section_with_documented_fields():
+    import dataclasses
+
+    from gfo.optim import registry as methods
+    from gfo.optim.sections import MethodSection
+
+    documented = 0
+    for name, spec in methods.METHODS.items():
+        assert issubclass(spec.section, MethodSection), name
+        section = spec.section(method=name)
+        section.check_ranges()  # the defaults are within their own ranges
+        for f in dataclasses.fields(section):
+            if f.name != "method" and "check" in f.metadata:
+                assert f.metadata["doc"], (name, f.name)
+                documented += 1
+        assert not {"sigma", "eps"} <= set(spec.fields), (name, spec.fields)  # one scale, one meaning
+    assert documented >= 60
+    assert methods.lookup("spsa").section.__name__ == "SPSASection"
+    assert "eps" in methods.lookup("hizoo").fields and "sigma" not in methods.lookup("hizoo").fields
+
+
+def test_sigma_means_sigma_and_options_bags_are_gone():
+    from gfo.run.config import ConfigError, OptimizerSection, read_optimizer_section
+
+    assert OptimizerSection(method="spsa", eps=1e-3).eps == 1e-3
+    with pytest.raises(ConfigError, match="spsa perturbs by optimizer.eps .* rename sigma to eps"):
+        OptimizerSection(method="spsa", sigma=1e-3)
+    with pytest.raises(ConfigError, match=r"optimizer.options is not a field.*\(optimizer.nu\)"):
+        OptimizerSection(method="lozo", options={"nu": 5})
+    assert OptimizerSection(method="lozo", nu=5).nu == 5
+    with pytest.raises(ConfigError, match="'optimizer.top_k' = 0 is invalid: expected an integer >= 1"):
+        OptimizerSection(method="randopt", top_k=0)
+    # A config.yaml written before the typed sections spelled out the whole flat section: the fields a
+    # method does not read, at their old defaults, changed nothing and read; any other value is refused.
+    legacy = {"method": "es", "transform": "adam", "lr": 0.01, "sigma": 0.05, "population": 8, "rank": 1,
+              "n": 1, "kl_coef": 0.0, "group_size": 4, "options": {}, "params": {}, "eval_chunk": None}
+    section = read_optimizer_section(legacy)
+    assert (type(section).__name__, section.sigma, section.population) == ("ESSection", 0.05, 8)
+    with pytest.raises(ConfigError, match="optimizer.rank does not apply to method 'es'"):
+        read_optimizer_section({**legacy, "rank": 2})
+
+
+def test_a_section_field_the_estimator_does_not_take_is_refused_at_registration():
+    import dataclasses
+
+    from gfo.optim.registry import estimator_method
+    from gfo.optim.sections import TransformSection, knob
+
+    @dataclasses.dataclass
+    class Typo(TransformSection):
+        epsilon: float = knob(1e-3)
+
+    with pytest.raises(TypeError, match=r"fields \['epsilon'\] are not arguments of SPSA"):
+        estimator_method("typo", gfo.SPSA, Typo)
+
+
 def test_key_streams_differ_by_stage_name_and_seed_and_are_stable_across_processes():
     from gfo.streams import stream
 

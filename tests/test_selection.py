@@ -16,7 +16,7 @@ def _config(tmp_path, **eval_section):
         "name": "sel", "runs_dir": str(tmp_path), "steps": 6, "eval_every": 1, "log_every": 1, "checkpoint_every": 6,
         "model": {"family": "gpt2", "overrides": {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": 96}},
         "task": {"name": "prompt_classification", "batch_size": 8, "eval_size": 8, "options": {"k": 8}},
-        "optimizer": {"method": "spsa", "sigma": 1e-2, "lr": 3.0, "transform": "sgd"},
+        "optimizer": {"method": "spsa", "eps": 1e-2, "lr": 3.0, "transform": "sgd"},
         "eval": eval_section})
 
 
@@ -92,7 +92,7 @@ def test_pass_at_k_is_logged_for_a_generation_task(tmp_path):
         "name": "pk", "runs_dir": str(tmp_path), "steps": 1, "eval_every": 1, "log_every": 1, "checkpoint_every": 1,
         "model": {"family": "gpt2", "overrides": {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": 256}},
         "task": {"name": "countdown", "batch_size": 2, "eval_size": 2, "options": {"n_numbers": 2, "max_number": 3}},
-        "optimizer": {"method": "spsa", "sigma": 1e-2, "lr": 1e-3, "transform": "sgd"},
+        "optimizer": {"method": "spsa", "eps": 1e-2, "lr": 1e-3, "transform": "sgd"},
         "eval": {"samples": 4, "temperature": 1.0}})
     evals = [r for r in train(cfg)["records"] if r["split"] == "eval"]
     assert all({"pass@1", "pass@2", "pass@4"} <= set(r) for r in evals)

@@ -35,12 +35,12 @@ def _config(tmp_path, **sections) -> RunConfig:
 
 FAMILIES = {
     "backprop+adam": {"optimizer": {"method": "backprop", "transform": "adam", "lr": 0.01}},
-    "spsa+sgd": {"optimizer": {"method": "spsa", "transform": "sgd", "lr": 0.01, "sigma": 1e-3, "n": 2}},
+    "spsa+sgd": {"optimizer": {"method": "spsa", "transform": "sgd", "lr": 0.01, "eps": 1e-3, "n": 2}},
     "es": {"optimizer": {"method": "es", "population": 8, "sigma": 0.01, "eval_chunk": 4}},
     "lowrank_es": {"optimizer": {"method": "lowrank_es", "population": 8, "sigma": 0.01, "rank": 2}},
     # `jax.jit` methods (not `filter_jit`): compiled ahead through `gfo.optim.protocol.lower_step` too
-    "zo_sgd_cons": {"optimizer": {"method": "zo_sgd_cons", "lr": 0.01, "sigma": 1e-3}},
-    "randopt": {"optimizer": {"method": "randopt", "population": 4, "sigma": 0.01, "options": {"top_k": 2}}},
+    "zo_sgd_cons": {"optimizer": {"method": "zo_sgd_cons", "lr": 0.01, "eps": 1e-3}},
+    "randopt": {"optimizer": {"method": "randopt", "population": 4, "sigma": 0.01, "top_k": 2}},
     "cma_es on subspace": {"space": {"kind": "subspace", "dim": 8}, "optimizer": {"method": "CMA_ES", "population": 6,
                                                                                  "sigma": 0.05}},
     "sep_cma_es on lora": {"space": {"kind": "lora", "rank": 1, "targets": ["q", "v"]},
@@ -221,7 +221,8 @@ def test_user_errors_are_one_line_naming_the_value(tmp_path, capsys):
 
 def test_switching_method_drops_the_fields_of_the_previous_one():
     cfg = load_config(None, ["optimizer.method=spsa", "optimizer.n=2"])  # the quickstart's ES fields go
-    assert (cfg.optimizer.method, cfg.optimizer.n, cfg.optimizer.population) == ("spsa", 2, 16)
+    assert (cfg.optimizer.method, cfg.optimizer.n, type(cfg.optimizer).__name__) == ("spsa", 2, "SPSASection")
+    assert not hasattr(cfg.optimizer, "population") and cfg.optimizer.eps == 1e-2  # SPSA's own section
     assert cfg.optimizer.lr == 0.002  # a field spsa reads too stays
 
 
@@ -333,7 +334,7 @@ def test_divergence_stops_the_run_at_its_step_and_never_saves_a_non_finite_state
         kept = (f"the last good checkpoint is kept in {os.path.abspath(os.path.join(run_dir, 'checkpoints'))} "
                 f"(step {last})" if last else "no checkpoint had been saved yet")
         assert errors[name].startswith(f"[backprop] parameters became non-finite at step {step} (loss ")
-        assert errors[name].endswith(f"; {kept}. Lower the learning rate or sigma.")
+        assert errors[name].endswith(f"; {kept}. Lower the learning rate or the perturbation scale (sigma / eps).")
         rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, step))  # not the bad step's
         if last:  # the kept checkpoint is finite, and resumable

@@ -37,30 +37,30 @@ def make_optimizer(method: str, x0, lr: float = 1e-2, sigma: float = 0.1, popsiz
                    batch_size: int | None = None, options: dict | None = None, **kwargs):
     """The gfo optimizer `minimize` uses for `method` (exposed for scripts that drive `step` themselves).
 
-    Built by the method registry (`gfo.optim.registry`), as `gfo train` builds it, from an `OptimizerSection`
-    with `lr`, `sigma` (SPSA's ε, the ES σ, evosax's initial scale), `popsize` (`population`) and
-    `batch_size` (`eval_chunk`); the defaults here suit functions of unit scale. Estimator methods take
-    their fields (`n`, `rank`, `antithetic`, `shaping`, … or any estimator field) as kwargs; evosax methods
-    take `options` (constructor) and `params` (its params dataclass). A generic function cannot take
-    low-rank kernel leaves, so `lowrank_es` is dense here.
+    Built by the method registry (`gfo.optim.registry`), as `gfo train` builds it, from the method's own
+    config section (`gfo.optim.sections`) with `lr`, `sigma` (the method's perturbation scale: the ES / evosax
+    σ, SPSA's `eps`), `popsize` (`population`) and `batch_size` (`eval_chunk`) where the section has them; the
+    defaults here suit functions of unit scale. Any other field of the section (`n`, `rank`, `antithetic`,
+    `shaping`, …) is a keyword argument; evosax methods take `options` (constructor) and `params` (its
+    params dataclass). A generic function cannot take low-rank kernel leaves, so `lowrank_es` is dense here.
     """
-    from gfo.run.config import OptimizerSection
-
     name, transform = methods.MINIMIZE_ALIASES.get(method.lower(), (method.lower(), "adam"))
     spec = methods.lookup(name)
-    section_fields = {f.name for f in dataclasses.fields(OptimizerSection)}
-    est_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in section_fields and k in spec.fields}
-    params = kwargs.pop("params", None)
-    if spec.family == "evosax":
-        if kwargs:
-            raise ValueError(f"minimize(method={method!r}) got unexpected options {sorted(kwargs)}; pass the "
-                             "algorithm's constructor arguments as options={...} and its params as params={...}")
-        section = OptimizerSection(method=spec.name, sigma=sigma, population=popsize, eval_chunk=batch_size,
-                                   options=dict(options or {}), params=dict(params or {}))
-    else:
-        given = {"lr": lr, "sigma": sigma, "population": popsize, "eval_chunk": batch_size, "transform": transform}
-        section = OptimizerSection(method=spec.name, options={**(options or {}), **kwargs},
-                                   **{k: v for k, v in {**given, **est_fields}.items() if k in spec.fields})
+    declared = set(spec.fields)
+    if spec.family != "evosax" and options:
+        kwargs = {**options, **kwargs}
+        options = None
+    given = {"lr": lr, "population": popsize, "eval_chunk": batch_size, "transform": transform,
+             "sigma" if "sigma" in declared else "eps": sigma, "options": dict(options or {}),
+             "params": dict(kwargs.pop("params", None) or {})}
+    unknown = sorted(set(kwargs) - declared)
+    if unknown:
+        raise ValueError(f"minimize(method={method!r}) got unexpected options {unknown}: the method has "
+                         f"{sorted(declared)}" + ("; pass the algorithm's constructor arguments as options={...} "
+                                                  "and its params as params={...}" if spec.family == "evosax" else ""))
+    fields = {**{k: v for k, v in given.items() if k in declared}, **kwargs}
+    section = spec.section(method=spec.name, **fields)
+    section.check_ranges("minimize")
     return spec.build(section, methods.Context(x0=x0))
 
 

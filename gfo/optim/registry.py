@@ -1,24 +1,31 @@
-"""One registry of methods: name → optimizer constructor, the config fields it reads, its defaults.
+"""One registry of methods: name → its typed config section and the constructor that builds it.
 
-    spec = methods.lookup("lowrank_es")           # a `Method`; any evosax algorithm name works too
+    spec = registry.lookup("lowrank_es")          # a `Method`; any evosax algorithm name works too
     opt = spec.build(section, Context(x0=x0, pop_sharding=None))
 
-`gfo.run.build` (from a config's `optimizer` section) and `gfo.minimize` (from keyword arguments, through
-the same `OptimizerSection`) both construct optimizers here, and `gfo.run.config.OPTIMIZER_FIELDS` (which
-optimizer fields a method reads; any other one set is an error) is derived from this table. A method's
-defaults are the `OptimizerSection` field defaults.
+A method is one file: its estimator (or optimizer), its config section (`gfo.optim.sections`: fields,
+defaults, ranges, docs) and the line that registers both (`register(estimator_method(NAME, Cls, Section))`).
+The in-tree methods register exactly as a plugin does, from their own modules (`BUILTIN_MODULES`, imported on
+the first lookup); a config names its own files in `plugins:`. `gfo.run.build` (from a config's `optimizer`
+section) and `gfo.minimize` (from keyword arguments) both construct optimizers here, and `gfo.run.config`
+reads each `optimizer:` section into its method's section class.
 
-Light at import (no JAX, no evosax): `gfo.run.config` reads the field table before any device exists.
+Light at import (no JAX): `gfo.run.config` imports it before any device exists; the method modules are
+imported (JAX, no device) at the first lookup, evosax only when an evosax strategy is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+from collections.abc import Mapping
 from typing import Any, Callable
 
-_TRANSFORM_FIELDS = ("transform", "lr", "momentum", "weight_decay", "options")
-_ES_FIELDS = ("sigma", "population", "antithetic", "shaping", "eval_chunk", "groups")
-EVOSAX_FIELDS = ("sigma", "population", "eval_chunk", "options", "params")
+from gfo.optim.sections import EvosaxSection, MethodSection, TransformSection
+
+# The modules that register gfo's own methods (each file registers the methods it defines).
+BUILTIN_MODULES = ("gfo.optim.estimators", "gfo.optim.search.randopt", "gfo.optim.search.zo_cons",
+                   "gfo.optim.search.discrete")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,25 +43,40 @@ class Context:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    """A registry row. `family`: estimator (+ optax transform) | optimizer (its own update) | evosax |
-    discrete. `objective`: the objective kind its step takes (loss | reward). `domain`: what it searches
-    (continuous vectors | tokens: hard-prompt token ids). `splits_population`: members are split over the
-    mesh's `pop` axis (so population and chunk should be multiples of it)."""
+    """A registry row. `section`: its config section class (a `gfo.optim.sections.MethodSection`).
+    `family`: estimator (+ optax transform) | optimizer (its own update) | evosax | discrete. `objective`: the
+    objective kind its step takes (loss | reward). `domain`: what it searches (continuous vectors | tokens:
+    hard-prompt token ids). `splits_population`: members are split over the mesh's `pop` axis (so population
+    and chunk should be multiples of it). `reads_noise_map`: it perturbs per leaf kind (`space.noise_map`).
+    `dense_members`: a member holds a perturbed copy of the searched point (low-rank ES holds factors), which
+    the chunk planner counts."""
 
     name: str
     family: str
-    fields: tuple[str, ...]
+    section: type
     make: Callable[[Any, Context], Any]
     objective: str = "loss"
     domain: str = "continuous"
     splits_population: bool = False
+    reads_noise_map: bool = False
+    dense_members: bool = True
+
+    def __post_init__(self):
+        if not (isinstance(self.section, type) and issubclass(self.section, MethodSection)):
+            raise TypeError(f"method {self.name!r}: section must be a gfo.optim.sections.MethodSection subclass, "
+                            f"got {self.section!r}")
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The optimizer fields a config may set for this method (besides `method`)."""
+        return self.section.field_names()
 
     def build(self, section, ctx: Context):
-        """The optimizer for `section` (an `OptimizerSection` with `method == self.name`)."""
+        """The optimizer for `section` (an instance of `self.section` with `method == self.name`)."""
         return self.make(section, ctx)
 
 
-def transform(section):
+def transform(section: TransformSection):
     """The optax transformation of an estimator method's section. Every one of them is elementwise, so the
     noise estimators' updates may run leaf by leaf (`gfo.optim.update.leafwise_update`)."""
     import optax
@@ -73,26 +95,73 @@ def transform(section):
     raise ConfigError(f"optimizer.transform={s.transform!r} is unknown: expected adam, adamw, adam_l2 or sgd")
 
 
-def _estimator(name, kwargs: Callable[[Any, Context], dict]):
-    """A constructor: the estimator (`name` in `gfo.optim.estimators.ESTIMATORS`, or a class) built from the
-    section's fields (`kwargs`) and `options`, followed by the section's optax transform."""
+# Section fields whose estimator argument has another name (the section says what the field means).
+_ESTIMATOR_NAMES = {"eval_chunk": "batch_size"}
+
+
+def _parameters(cls) -> set[str]:
+    if dataclasses.is_dataclass(cls):
+        return {f.name for f in dataclasses.fields(cls)}
+    import inspect
+
+    return set(inspect.signature(cls).parameters)
+
+
+def estimator_method(name: str, estimator, section: type = TransformSection, read_elsewhere: tuple[str, ...] = (),
+                     **row) -> Method:
+    """The registry row of direction estimator class `estimator` followed by the section's optax transform.
+    Every field `section` adds to `TransformSection` is passed to the estimator's argument of that name
+    (`eval_chunk` → `batch_size`), except those in `read_elsewhere` (e.g. policy gradient's `group_size`, read
+    by the objective); the mesh's `pop_sharding` and the space's `noise_map` are passed to an estimator that
+    takes them. A section field the estimator does not take is a `TypeError` here, at registration.
+    `row` sets `objective`, `splits_population`."""
+    own = [f for f in section.field_names() if f not in TransformSection.field_names() and f not in read_elsewhere]
+    accepted = _parameters(estimator)
+    missing = [f for f in own if _ESTIMATOR_NAMES.get(f, f) not in accepted]
+    if missing:
+        raise TypeError(f"method {name!r}: section {section.__name__} fields {missing} are not arguments of "
+                        f"{getattr(estimator, '__name__', estimator)} (list them in read_elsewhere if read elsewhere)")
+    context = [k for k in ("pop_sharding", "noise_map") if k in accepted]
+
     def make(s, ctx: Context):
-        from gfo.optim.estimators import ESTIMATORS
         from gfo.optim.optimizer import Optimizer
 
-        cls = ESTIMATORS[name] if isinstance(name, str) else name
-        estimator = cls(**{**kwargs(s, ctx), **s.options})
-        return Optimizer(estimator, transform(s))  # every `transform` is elementwise: leaf by leaf
+        kwargs = {_ESTIMATOR_NAMES.get(f, f): getattr(s, f) for f in own}
+        kwargs.update({k: (tuple(ctx.noise_map or ()) if k == "noise_map" else ctx.pop_sharding) for k in context})
+        return Optimizer(estimator(**kwargs), transform(s))  # every `transform` is elementwise: leaf by leaf
 
-    return make
+    return Method(name, "estimator", section, make, **{"reads_noise_map": "noise_map" in accepted, **row})
 
 
-def estimator_method(name: str, estimator, fields: tuple[str, ...] = (),
-                     kwargs: Callable[[Any, Context], dict] = lambda s, c: {}, **row) -> Method:
-    """The registry row of a direction estimator class followed by the section's optax transform: it reads
-    the transform fields plus `fields` (optimizer-section fields), which `kwargs(section, ctx)` maps to the
-    estimator's constructor arguments; `row` sets `objective`, `splits_population`."""
-    return Method(name, "estimator", _TRANSFORM_FIELDS + tuple(fields), _estimator(estimator, kwargs), **row)
+_TABLE: dict[str, Method] = {}
+_LOADED: list[bool] = [False]
+
+
+def _load_builtins() -> None:
+    """Import the in-tree method modules once (they register themselves)."""
+    if not _LOADED[0]:
+        _LOADED[0] = True
+        for module in BUILTIN_MODULES:
+            importlib.import_module(module)
+
+
+class _Methods(Mapping):
+    """name → `Method`, the in-tree methods loaded on first use, plugins as they register."""
+
+    def __getitem__(self, name: str) -> Method:
+        _load_builtins()
+        return _TABLE[name]
+
+    def __iter__(self):
+        _load_builtins()
+        return iter(dict(_TABLE))
+
+    def __len__(self) -> int:
+        _load_builtins()
+        return len(_TABLE)
+
+
+METHODS: Mapping[str, Method] = _Methods()
 
 
 def register(method: Method, replace: bool = False) -> Method:
@@ -102,38 +171,27 @@ def register(method: Method, replace: bool = False) -> Method:
     overrides it). Returns `method`."""
     if not isinstance(method, Method):
         raise TypeError(f"register: expected a gfo.optim.registry.Method, got {type(method).__name__}")
-    if method.name in METHODS and not replace:
-        raise ValueError(f"method {method.name!r} is registered already ({METHODS[method.name].family}); "
+    if method.name in _TABLE and not replace:
+        raise ValueError(f"method {method.name!r} is registered already ({_TABLE[method.name].family}); "
                          f"choose another name or pass replace=True")
-    METHODS[method.name] = method
+    _TABLE[method.name] = method
     return method
 
 
-def _population(s, ctx: Context) -> dict:
-    return dict(population=s.population, sigma=s.sigma, antithetic=s.antithetic, shaping=s.shaping,
-                batch_size=s.eval_chunk, pop_sharding=ctx.pop_sharding, groups=s.groups,
-                noise_map=tuple(ctx.noise_map or ()))
+def discrete_methods() -> tuple[str, ...]:
+    """The registered methods that search token ids (a `hard_prompt` space)."""
+    return tuple(m.name for m in METHODS.values() if m.domain == "tokens")
 
 
-def _zo_sgd_cons(s, ctx: Context):
-    from gfo.optim.estimators import SPSA
-    from gfo.optim.search.zo_cons import ZOSGDCons
-
-    return ZOSGDCons(SPSA(**{"eps": s.sigma, "n": s.n, **s.options}), s.lr)
-
-
-def _randopt(s, ctx: Context):
-    from gfo.optim.search.randopt import RandOpt
-
-    return RandOpt(**{"population": s.population, "sigma": s.sigma, "batch_size": s.eval_chunk,
-                      "pop_sharding": ctx.pop_sharding, **s.options})
-
-
-def _discrete(s, ctx: Context):
-    from gfo.optim.search.discrete import DiscreteSearch
-
-    return DiscreteSearch(s.method, ctx.vocab, population=s.population, batch_size=s.eval_chunk,
-                          pop_sharding=ctx.pop_sharding, **s.options)
+# `gfo.minimize` names: (registry method, transform) — the optax baselines and zeroth-order variants.
+MINIMIZE_ALIASES: dict[str, tuple[str, str]] = {
+    "adam": ("backprop", "adam"), "sgd": ("backprop", "sgd"), "spsa": ("spsa", "sgd"), "zo_sgd": ("spsa", "sgd"),
+    "mezo": ("spsa", "sgd"), "zo_adam": ("spsa", "adam"), "forward_grad": ("forward_grad", "sgd"),
+    "es": ("es", "adam"), "open_es": ("es", "adam"), "lowrank_es": ("lowrank_es", "adam"),
+}
+# Short evosax names accepted by `gfo.minimize` and configs.
+EVOSAX_ALIASES = {"de": "DifferentialEvolution", "ga": "GA", "simulated_annealing": "SimulatedAnnealing",
+                  "cma": "CMA_ES", "sep_cma": "Sep_CMA_ES"}
 
 
 def _evosax(name: str):
@@ -146,44 +204,9 @@ def _evosax(name: str):
     return make
 
 
-_ROWS = (
-    Method("backprop", "estimator", _TRANSFORM_FIELDS, _estimator("backprop", lambda s, c: {})),
-    Method("spsa", "estimator", _TRANSFORM_FIELDS + ("sigma", "n"),
-           _estimator("spsa", lambda s, c: dict(eps=s.sigma, n=s.n))),
-    Method("forward_grad", "estimator", _TRANSFORM_FIELDS + ("n",), _estimator("forward_grad", lambda s, c: dict(n=s.n))),
-    Method("es", "estimator", _TRANSFORM_FIELDS + _ES_FIELDS, _estimator("es", _population), splits_population=True),
-    Method("lowrank_es", "estimator", _TRANSFORM_FIELDS + _ES_FIELDS + ("rank",),
-           _estimator("lowrank_es", lambda s, c: dict(_population(s, c), rank=s.rank)),
-           splits_population=True),
-    Method("policy_gradient", "estimator", _TRANSFORM_FIELDS + ("kl_coef", "group_size"),
-           _estimator("policy_gradient", lambda s, c: dict(kl_coef=s.kl_coef)), objective="reward"),
-    Method("lozo", "estimator", _TRANSFORM_FIELDS + ("sigma", "n", "rank"),
-           _estimator("lozo", lambda s, c: dict(eps=s.sigma, n=s.n, rank=s.rank))),
-    Method("hizoo", "estimator", _TRANSFORM_FIELDS + ("sigma",), _estimator("hizoo", lambda s, c: dict(eps=s.sigma))),
-    Method("mezo_svrg", "estimator", _TRANSFORM_FIELDS + ("sigma",),
-           _estimator("mezo_svrg", lambda s, c: dict(eps=s.sigma))),
-    Method("zo_sgd_cons", "optimizer", ("sigma", "n", "lr", "options"), _zo_sgd_cons),
-    Method("randopt", "optimizer", ("sigma", "population", "eval_chunk", "options"), _randopt, splits_population=True),
-    *(Method(m, "discrete", ("population", "eval_chunk", "options"), _discrete, domain="tokens",
-             splits_population=True) for m in ("annealing", "tabu", "aco")),
-)
-METHODS: dict[str, Method] = {m.name: m for m in _ROWS}
-DISCRETE = tuple(m.name for m in _ROWS if m.domain == "tokens")
-# `gfo.minimize` names: (registry method, transform) — the optax baselines and zeroth-order variants.
-MINIMIZE_ALIASES: dict[str, tuple[str, str]] = {
-    "adam": ("backprop", "adam"), "sgd": ("backprop", "sgd"), "spsa": ("spsa", "sgd"), "zo_sgd": ("spsa", "sgd"),
-    "mezo": ("spsa", "sgd"), "zo_adam": ("spsa", "adam"), "forward_grad": ("forward_grad", "sgd"),
-    "es": ("es", "adam"), "open_es": ("es", "adam"), "lowrank_es": ("lowrank_es", "adam"),
-}
-# Short evosax names accepted by `gfo.minimize` and configs.
-EVOSAX_ALIASES = {"de": "DifferentialEvolution", "ga": "GA", "simulated_annealing": "SimulatedAnnealing",
-                  "cma": "CMA_ES", "sep_cma": "Sep_CMA_ES"}
-
-
-def fields(method: str) -> tuple[str, ...]:
-    """The optimizer fields `method` reads (a method not in the table is an evosax strategy)."""
-    row = METHODS.get(method)
-    return row.fields if row is not None else EVOSAX_FIELDS
+def section_of(method: str) -> type:
+    """The config section class of `method` (a registered method or an evosax strategy name)."""
+    return lookup(method).section
 
 
 def lookup(method: str) -> Method:
@@ -191,6 +214,8 @@ def lookup(method: str) -> Method:
     Unknown names raise `ValueError` listing both."""
     if method in METHODS:
         return METHODS[method]
+    if not isinstance(method, str):
+        raise ValueError(f"optimizer.method={method!r}: expected a method name (a string)")
     from gfo.optim.search.strategies import resolve_name
 
     try:
@@ -198,4 +223,4 @@ def lookup(method: str) -> Method:
     except ValueError as e:
         raise ValueError(f"optimizer.method={method!r}: not a gfo method ({sorted(METHODS)}) nor an evosax "
                          f"strategy. {e}") from None
-    return Method(name, "evosax", EVOSAX_FIELDS, _evosax(name), splits_population=True)
+    return Method(name, "evosax", EvosaxSection, _evosax(name), splits_population=True)

@@ -20,7 +20,7 @@ import jax
 import models
 from gfo import distributed, spaces
 from gfo.run import stepplan
-from gfo.run.config import (ConfigError, EvalSection, ModelSection, OptimizerSection, RunConfig, SpaceSection,
+from gfo.run.config import (ConfigError, EvalSection, ModelSection, MethodSection, RunConfig, SpaceSection,
                             TaskSection)
 from gfo.run.evaluation import Evaluation
 from gfo.streams import stream
@@ -119,7 +119,7 @@ def build_space(section: SpaceSection, params, key: jax.Array) -> spaces.Space:
     return space
 
 
-def build_optimizer(section: OptimizerSection, x0, pop_sharding=None, vocab=None, noise_map=()):
+def build_optimizer(section: MethodSection, x0, pop_sharding=None, vocab=None, noise_map=()):
     """The optimizer of `section` (from the registry `gfo.optim.registry`); `pop_sharding` splits population
     members over the mesh's `pop` axis.
 
@@ -134,20 +134,19 @@ def build_optimizer(section: OptimizerSection, x0, pop_sharding=None, vocab=None
     if (spec.domain == "tokens") != (vocab is not None):
         raise ConfigError(f"optimizer.method={s.method!r} " + (
             "searches token ids: it needs space.kind='hard_prompt'" if vocab is None else
-            f"cannot search a hard_prompt space (token ids): use one of {list(methods.DISCRETE)}"))
+            f"cannot search a hard_prompt space (token ids): use one of {list(methods.discrete_methods())}"))
     if pop_sharding is not None and spec.splits_population and spec.domain != "tokens":
         size = pop_sharding.mesh.shape["pop"]
-        uneven = {k: v for k, v in (("optimizer.population", s.population), ("optimizer.eval_chunk", s.eval_chunk))
-                  if v is not None and v % size}
+        uneven = {f"optimizer.{k}": getattr(s, k) for k in ("population", "eval_chunk")
+                  if getattr(s, k, None) is not None and getattr(s, k) % size}
         if uneven:
             warnings.warn(f"{uneven} not a multiple of mesh.pop={size}: members are padded over the devices "
                           f"(correct, but some devices idle); choose multiples of {size} or set mesh.pop",
                           stacklevel=2)
-    if noise_map and s.method not in ("es", "lowrank_es"):
+    if noise_map and not spec.reads_noise_map:
+        readers = sorted(m.name for m in methods.METHODS.values() if m.reads_noise_map)
         raise ConfigError(f"space.noise_map is set but optimizer.method={s.method!r} does not read it: only "
-                          f"es and lowrank_es perturb per leaf kind")
-    if s.groups != 1 and s.method not in ("es", "lowrank_es"):
-        raise ConfigError(f"optimizer.groups={s.groups} applies to es / lowrank_es, not {s.method!r}")
+                          f"{', '.join(readers)} perturb per leaf kind")
     if noise_map:
         from gfo.optim.noise import path_name, unmatched_patterns
 
@@ -166,13 +165,13 @@ def build_optimizer(section: OptimizerSection, x0, pop_sharding=None, vocab=None
         raise ConfigError(f"optimizer ({spec.name}): {e}") from None
 
 
-def build_optimizer_for(section: OptimizerSection, space: spaces.Space, x0, pop_sharding=None):
+def build_optimizer_for(section: MethodSection, space: spaces.Space, x0, pop_sharding=None):
     """`build_optimizer` for a space: its domain (token ids or vectors) and noise map."""
     vocab = space.vocab if getattr(space, "domain", "continuous") == "tokens" else None
     return build_optimizer(section, x0, pop_sharding, vocab, noise_map=space.noise_map)
 
 
-def build_objective(task, section: TaskSection, optimizer: OptimizerSection, model, space, x0):
+def build_objective(task, section: TaskSection, optimizer: MethodSection, model, space, x0):
     """The objective of the kind the method takes (`gfo.optim.registry`: loss or reward) over the space.
 
     A loss is the task's objective over model parameters composed with the space (`OnSpace`: a pytree,
@@ -185,7 +184,7 @@ def build_objective(task, section: TaskSection, optimizer: OptimizerSection, mod
             raise ConfigError(f"optimizer.method={optimizer.method!r} needs a task with a reward on generated "
                               f"text (countdown); task.name={section.name!r} has none")
         objective = GenerationReward(model, space.to_params, task.completion_rewards, task.max_answer_tokens,
-                                     group_size=optimizer.group_size, temperature=1.0,
+                                     group_size=getattr(optimizer, "group_size", 1), temperature=1.0,
                                      stop_tokens=task.stop_tokens, stop_strings=getattr(task, "stop_matcher", None),
                                      reference=x0, leaf_descriptors=space.lowrank_ok)
     else:
@@ -247,7 +246,7 @@ class Run:
     param_bytes: int
     planned_chunk: int | None
     task_section: TaskSection
-    optimizer_section: OptimizerSection
+    optimizer_section: MethodSection
     space_section: SpaceSection
     eval_section: EvalSection | None
 

@@ -16,7 +16,7 @@ import socket
 import jax
 import yaml
 
-from gfo.run.config import PLACEMENT_KEYS, POSTHOC_KEYS, ConfigError, RunConfig
+from gfo.run.config import PLACEMENT_KEYS, POSTHOC_KEYS, ConfigError, RunConfig, from_dict, to_dict
 
 
 class RunCheckpointError(RuntimeError):
@@ -397,6 +397,7 @@ def check_resumable(run_dir: str, cfg: RunConfig, resolved: dict) -> None:
     free = ("steps",) + PLACEMENT_KEYS + POSTHOC_KEYS  # a longer run, or the same run on other devices, may resume
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} is not a gfo config (a {type(saved).__name__}); choose another name (--set name=...)")
+    saved = _as_current(saved, path)
     changed = sorted(k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k) and k not in free)
     if changed:
         raise ConfigError(f"run directory {run_dir} holds a run with a different config (sections {changed} "
@@ -405,3 +406,13 @@ def check_resumable(run_dir: str, cfg: RunConfig, resolved: dict) -> None:
     if cfg.steps < done:
         raise ConfigError(f"steps={cfg.steps} is shorter than the {done} steps {run_dir} has already run: "
                           f"give steps >= {done} to resume it, or choose another name (--set name=...)")
+
+
+def _as_current(saved: dict, path: str) -> dict:
+    """A saved config.yaml as this version resolves it (a config written before the typed optimizer
+    sections reads into them), so that only a real change of config refuses a resume."""
+    try:
+        return to_dict(from_dict(RunConfig, saved))
+    except ConfigError as e:
+        raise ConfigError(f"{path} cannot be read by this version of gfo ({e}); resume it with the version that "
+                          f"wrote it, or choose another name (--set name=...)") from None

@@ -63,28 +63,10 @@ class SpaceSection:
                               f"e.g. [q, v]")
 
 
-@dataclasses.dataclass
-class OptimizerSection:
-    """`method`: backprop | spsa | es | lowrank_es | forward_grad | policy_gradient | an evosax name,
-    or annealing | tabu | aco over a `hard_prompt` space (`population` = proposals or ants per step)."""
-
-    method: str = "lowrank_es"
-    transform: Literal["adam", "adamw", "adam_l2", "sgd"] = "adam"  # estimator methods
-    lr: float = 1e-2
-    momentum: float = 0.0  # sgd
-    weight_decay: float = 0.0  # adamw / OpenAI-ES l2
-    sigma: float = 1e-2  # ES σ, SPSA ε, evosax std_init
-    population: int = 16  # ES / evosax population
-    rank: int = 1  # lowrank_es
-    antithetic: bool = True
-    shaping: Literal["centered_ranks", "z_score", "z_score_var", "raw"] = "centered_ranks"  # z_score_var: EGGROLL
-    groups: int = 1  # es / lowrank_es: member groups, each on its own slice of the batch, shaped within
-    eval_chunk: Optional[int] = None  # members evaluated at once (memory knob)
-    n: int = 1  # spsa / forward_grad queries
-    kl_coef: float = 0.0  # policy_gradient
-    group_size: int = 4  # policy_gradient completions per prompt
-    options: dict = dataclasses.field(default_factory=dict)  # estimator fields / evosax constructor options
-    params: dict = dataclasses.field(default_factory=dict)  # evosax params
+def OptimizerSection(method: str = "lowrank_es", **fields) -> MethodSection:
+    """The typed `optimizer` section of `method` (its class is the method's own: `gfo.optim.sections`,
+    registered with it) with `fields` set, each checked as a config file's would be."""
+    return read_optimizer_section({"method": method, **fields}, "optimizer")
 
 
 @dataclasses.dataclass
@@ -105,7 +87,7 @@ class StageSection:
 
     steps: int = 200
     task: TaskSection = dataclasses.field(default_factory=TaskSection)
-    optimizer: OptimizerSection = dataclasses.field(default_factory=lambda: OptimizerSection(
+    optimizer: MethodSection = dataclasses.field(default_factory=lambda: OptimizerSection(
         method="backprop", lr=3e-3, transform="adam"))
 
 
@@ -190,7 +172,7 @@ class RunConfig:
     runs_dir: str = "runs"
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     space: SpaceSection = dataclasses.field(default_factory=SpaceSection)
-    optimizer: OptimizerSection = dataclasses.field(default_factory=OptimizerSection)
+    optimizer: MethodSection = dataclasses.field(default_factory=OptimizerSection)  # the method's own section
     task: TaskSection = dataclasses.field(default_factory=TaskSection)
     pretrain: Optional[StageSection] = None
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
@@ -214,41 +196,87 @@ class RunConfig:
 
 
 # ----------------------------------------------------------------------------- value checks
-# Which optimizer fields each method reads (besides `method`): setting any other one is an error, so a
-# field never silently does nothing. Derived from the method registry (`gfo.optim.registry`): add a method there.
-from gfo.optim.registry import EVOSAX_FIELDS, METHODS as _METHODS, fields as optimizer_fields  # noqa: E402, F401
+# Which optimizer fields each method reads (besides `method`): its section class's fields, registered with
+# the method (`gfo.optim.registry`); setting any other one is an error, so a field never silently does nothing.
+from gfo.optim import registry as _registry  # noqa: E402
+from gfo.optim.sections import LEGACY_DEFAULTS, TRANSFORM_ONLY, MethodSection  # noqa: E402,F401
+
+
+def optimizer_fields(method: str) -> tuple[str, ...]:
+    """The optimizer fields `method` reads (() for a name that is no method: reading it names the error)."""
+    try:
+        return _registry.lookup(str(method)).fields
+    except ValueError:
+        return ()
+
 
 class _RegisteredFields(Mapping):
     """method → the optimizer fields it reads, read live from the registry (plugins register more)."""
 
     def __getitem__(self, name: str) -> tuple[str, ...]:
-        return _METHODS[name].fields
+        return _registry.METHODS[name].fields
 
     def __iter__(self):
-        return iter(_METHODS)
+        return iter(_registry.METHODS)
 
     def __len__(self) -> int:
-        return len(_METHODS)
+        return len(_registry.METHODS)
 
 
 OPTIMIZER_FIELDS: Mapping[str, tuple[str, ...]] = _RegisteredFields()
-# Transform fields that only one transform reads.
-TRANSFORM_ONLY = {"momentum": ("sgd",), "weight_decay": ("adamw", "adam_l2")}
 
 
-def _check_applicable(section: "OptimizerSection", given, where: str) -> None:
-    """Every optimizer field set to a non-default value is one the chosen method (and transform) reads."""
-    uses = optimizer_fields(section.method)
-    defaults = OptimizerSection()
-    for key in given:
-        if key == "method" or getattr(section, key) == getattr(defaults, key):
-            continue  # a default value (as every saved config.yaml spells out) changes nothing
-        if key not in uses:
-            raise ConfigError(f"{where}.{key} does not apply to method {section.method!r}: it reads only "
-                              f"{sorted(uses)}; remove {key}")
-        if key in TRANSFORM_ONLY and section.transform not in TRANSFORM_ONLY[key]:
+def read_optimizer_section(data: Any, where: str = "optimizer") -> MethodSection:
+    """An `optimizer:` mapping read into its method's section class: every key one the method declares
+    (a config.yaml written before the typed sections may also hold the old flat section's other fields at
+    their defaults: they changed nothing), each value coerced and checked against its range."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}")
+    method = data.get("method", MethodSection.method)
+    try:
+        cls = _registry.lookup(method).section
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    declared = cls.field_names()
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        if key == "method":
+            continue
+        if key in declared:
+            values[key] = _coerce(hints[key], value, f"{where}.{key}")
+        elif key in LEGACY_DEFAULTS and value == LEGACY_DEFAULTS[key]:
+            continue
+        else:
+            raise ConfigError(_not_declared(where, key, value, method, declared))
+    try:
+        section = cls(method=method, **values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    section.check_ranges(where)
+    for key, transforms in TRANSFORM_ONLY.items():
+        if key in values and values[key] != getattr(cls(method=method), key) and section.transform not in transforms:
             raise ConfigError(f"{where}.{key} does not apply to transform {section.transform!r}: only to "
-                              f"{' / '.join(TRANSFORM_ONLY[key])}; remove {key} or change optimizer.transform")
+                              f"{' / '.join(transforms)}; remove {key} or change {where}.transform")
+    return section
+
+
+def _not_declared(where: str, key, value, method: str, declared: tuple[str, ...]) -> str:
+    """The error for optimizer field `key` that `method`'s section does not declare."""
+    if key == "sigma" and "eps" in declared:
+        return (f"{where}.sigma does not apply to method {method!r}: sigma is the noise scale σ of ES / evosax / "
+                f"RandOpt; {method} perturbs by {where}.eps (ε) — rename sigma to eps")
+    if key == "options" and isinstance(value, dict):
+        known = [k for k in value if k in declared]
+        return (f"{where}.options is not a field: set the method's fields directly"
+                + (f" ({', '.join(f'{where}.{k}' for k in known)})" if known else "")
+                + f"; method {method!r} has {sorted(declared)}")
+    anywhere = {f for m in _registry.METHODS.values() for f in m.fields}
+    close = difflib.get_close_matches(str(key), list(declared), n=1)
+    if close or key not in anywhere:  # a typo, or a key no method has
+        hint = f"; did you mean '{where}.{close[0]}'?" if close else ""
+        return f"unknown config key '{where}.{key}'{hint} Method {method!r} reads {sorted(declared)}"
+    return f"{where}.{key} does not apply to method {method!r}: it reads only {sorted(declared)}; remove {key}"
 
 
 # (section, field) -> (test, expected): numeric ranges, checked when a section is read.
@@ -258,9 +286,6 @@ _NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
 RANGES: dict[str, dict[str, tuple]] = {
     "TaskSection": {"batch_size": _AT_LEAST_ONE, "eval_size": _AT_LEAST_ONE},
     "SpaceSection": {"rank": _AT_LEAST_ONE, "n_tokens": _AT_LEAST_ONE, "dim": _AT_LEAST_ONE, "alpha": _POSITIVE},
-    "OptimizerSection": {"lr": _POSITIVE, "sigma": _POSITIVE, "population": _AT_LEAST_ONE, "rank": _AT_LEAST_ONE,
-                         "n": _AT_LEAST_ONE, "group_size": _AT_LEAST_ONE, "eval_chunk": _AT_LEAST_ONE,
-                         "momentum": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE, "kl_coef": _NON_NEGATIVE},
     "StageSection": {"steps": _AT_LEAST_ONE},
 }
 
@@ -294,8 +319,6 @@ def from_dict(cls, data: Any, where: str = ""):
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where or 'config'}: {e}") from None
     _check_ranges(obj, where)
-    if cls is OptimizerSection:
-        _check_applicable(obj, data, where or "optimizer")
     return obj
 
 
@@ -314,6 +337,8 @@ def _coerce(kind, value, path):
             raise ConfigError(f"config key '{path}' = {value!r} is not a valid choice{hint}: expected one of "
                               f"{list(choices)}")
         return value
+    if kind is MethodSection:
+        return read_optimizer_section(value, path)
     if dataclasses.is_dataclass(kind):
         return from_dict(kind, value, path)
     if kind is float:

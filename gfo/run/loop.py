@@ -120,7 +120,7 @@ class StepLoop:
         if not finite:
             raise DivergenceError(f"[{self.label}] parameters became non-finite at step {t + 1} (loss "
                                   f"{float(metrics['loss'])}); {self._hooks.kept()}. Lower the learning rate or "
-                                  f"sigma.")
+                                  f"the perturbation scale (sigma / eps).")
         self.done = done = t + 1
         if done % self.log_every == 0 or done == self.steps:
             row = {"step": done, "split": "train", "time_s": self._time_s,

@@ -103,13 +103,13 @@ def plan_eval_chunk(section, batch, model_config, x0, param_bytes: int, mesh) ->
         spec = methods.lookup(section.method)
     except ValueError:
         return None  # the build names the bad method
-    if section.eval_chunk is not None or not spec.splits_population:
+    if getattr(section, "eval_chunk", None) is not None or not spec.splits_population:
         return None
     shapes = [np.shape(v) for v in jax.tree.leaves(batch) if np.ndim(v) >= 2]
     B, T = max(shapes, key=lambda sh: sh[0] * sh[1])[:2] if shapes else (1, 1)
     x_bytes = tree_bytes(x0)
     member = activation_bytes(B * T, B, T, model_config.d_model, model_config.n_heads, model_config.vocab_size)
-    if spec.name != "lowrank_es":
+    if spec.dense_members:
         member += x_bytes
     limit, _ = device_memory_limit(mesh)
     pop = mesh.shape["pop"]

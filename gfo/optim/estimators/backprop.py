@@ -9,6 +9,8 @@ import jax.numpy as jnp
 
 from gfo.optim.estimators.base import Estimator
 from gfo.optim.noise import tree_dot
+from gfo.optim.registry import estimator_method, register
+from gfo.optim.sections import TransformSection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,3 +20,6 @@ class Backprop(Estimator):
     def direction(self, objective, x, batch, key):
         loss, grad = jax.value_and_grad(objective)(x, batch, key)
         return grad, {"loss": loss, "grad_norm": jnp.sqrt(tree_dot(grad, grad)), "evaluations": 1}
+
+
+register(estimator_method("backprop", Backprop, TransformSection))

@@ -35,6 +35,8 @@ from gfo.optim.update import Direction
 from gfo.optim.estimators.base import PerturbingEstimator
 from gfo.optim.noise import DISTRIBUTIONS, leaf_kind, member_key, perturbed_leaf
 from gfo.optim.population import PopulationConfig, leaf_noise_direction
+from gfo.optim.registry import estimator_method, register
+from gfo.optim.sections import PopulationSection, knob
 
 __all__ = ["OpenES", "PopulationConfig"]
 
@@ -77,3 +79,13 @@ class OpenES(PerturbingEstimator, PopulationConfig):
             return jnp.zeros(jnp.shape(w), jnp.result_type(w)), None
         return leaf_noise_direction(weights, lambda d: member_key(noise_key, d), path, w, self.distribution,
                                     None, self.batch_size, self.pop_sharding)
+
+
+@dataclasses.dataclass
+class ESSection(PopulationSection):
+    """`optimizer: {method: es, sigma: 1e-3, population: 32, transform: adam, lr: 1e-2}` (OpenAI-ES)."""
+
+    distribution: str = knob("gaussian", None, "ε's distribution: gaussian | rademacher | auto")
+
+
+register(estimator_method("es", OpenES, ESSection, splits_population=True))

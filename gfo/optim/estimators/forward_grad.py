@@ -13,6 +13,8 @@ import jax.numpy as jnp
 
 from gfo.optim.estimators.base import Estimator
 from gfo.optim.noise import DISTRIBUTIONS, member_key, noise_like, tree_dot
+from gfo.optim.registry import estimator_method, register
+from gfo.optim.sections import AT_LEAST_ONE, TransformSection, knob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,3 +41,12 @@ class ForwardGrad(Estimator):
         total, loss = jax.lax.fori_loop(0, self.n, lambda k, c: one(k, c[0]), (zero, jnp.float32(0)))
         grad = jax.tree.map(lambda t, u: (t / self.n).astype(u.dtype), total, x)
         return grad, {"loss": loss, "grad_norm": jnp.sqrt(tree_dot(grad, grad)), "evaluations": self.n}
+
+
+@dataclasses.dataclass
+class ForwardGradSection(TransformSection):
+    n: int = knob(1, AT_LEAST_ONE, "random tangent directions per step (one JVP each)")
+    distribution: str = knob("gaussian", None, "the directions' distribution: gaussian | rademacher")
+
+
+register(estimator_method("forward_grad", ForwardGrad, ForwardGradSection))

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from gfo.optim.estimators.base import PerturbingEstimator
 from gfo.optim.noise import leaf_noise, leaf_noise_rows, noise_blocks, perturbed_leaf
 from gfo.optim.update import Direction, LeafBlocks, exact_zero
+from gfo.optim.registry import estimator_method, register
+from gfo.optim.sections import POSITIVE, TransformSection, knob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,3 +168,15 @@ def _leaf_grad(slope, noise_key, path, w, h):
         return corner, slope * z * jax.lax.rsqrt(jax.lax.dynamic_slice(h, corner, shape)), fresh, None
 
     return LeafBlocks(count, shape, block)
+
+
+@dataclasses.dataclass
+class HiZOOSection(TransformSection):
+    """`optimizer: {method: hizoo, eps: 1e-3, alpha: 1e-6, transform: sgd}`."""
+
+    eps: float = knob(1e-2, POSITIVE, "perturbation size (the paper's μ) of x ± μ Σ^{1/2} z")
+    alpha: float = knob(1e-6, POSITIVE, "EMA rate of the diagonal Hessian estimate (α_t; 1e-6 … 1e-8 for LLMs)")
+    h_min: float = knob(1e-8, POSITIVE, "floor on the Hessian estimate (keeps Σ finite)")
+
+
+register(estimator_method("hizoo", HiZOO, HiZOOSection))

@@ -28,6 +28,8 @@ from gfo.optim.update import Direction, halves_dots
 from gfo.optim.estimators.base import PerturbingEstimator
 from gfo.optim.noise import leaf_kind, leaf_noise, leaf_noise_keys, matrix_ndim, member_key, perturbed_leaf, sample
 from gfo.optim.population import PopulationConfig, chunked_contraction, leaf_noise_direction, zeros_after
+from gfo.optim.registry import estimator_method, register
+from gfo.optim.sections import AT_LEAST_ONE, PopulationSection, knob
 from models.linear import LowRankKernel, noise_block_elements
 
 # EGGROLL's defaults (HyperscaleES): matrices low-rank; embeddings, norms, biases and other vectors frozen.
@@ -145,3 +147,13 @@ def _factor_sum(weights, factors, offset: int, shape, chunk: int, rank: int) -> 
         return acc + _contract(jax.lax.dynamic_slice_in_dim(padded, c * k, k), a, b)
 
     return jax.lax.fori_loop(0, n_chunks, body, zeros_after(padded, shape)) / math.sqrt(rank)
+
+
+@dataclasses.dataclass
+class LowRankESSection(PopulationSection):
+    """`optimizer: {method: lowrank_es, rank: 1, sigma: 1e-3, population: 32}` (EGGROLL)."""
+
+    rank: int = knob(1, AT_LEAST_ONE, "rank r of each matrix leaf's perturbation A Bᵀ / √r")
+
+
+register(estimator_method("lowrank_es", LowRankES, LowRankESSection, splits_population=True, dense_members=False))

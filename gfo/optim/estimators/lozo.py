@@ -33,6 +33,8 @@ from gfo.optim.estimators.lowrank_es import lowrank_factors
 from gfo.optim.noise import leaf_noise, matrix_ndim, member_key, noise_blocks, perturbed_leaf
 from gfo.optim.population import leaf_noise_direction, zeros_after
 from gfo.optim.update import Direction, LeafBlocks
+from gfo.optim.registry import estimator_method, register
+from gfo.optim.sections import AT_LEAST_ONE, POSITIVE, TransformSection, knob
 from models.linear import LowRankKernel
 
 
@@ -161,3 +163,16 @@ def _u_sums(weights: jax.Array, u_of):
         return first + weights[k] * u_of(k), second + weights[k + h] * u_of(k + h)
 
     return jax.lax.fori_loop(0, h, body, (zero, last))
+
+
+@dataclasses.dataclass
+class LOZOSection(TransformSection):
+    """`optimizer: {method: lozo, eps: 1e-3, rank: 2, nu: 50, transform: sgd}`."""
+
+    eps: float = knob(1e-2, POSITIVE, "perturbation size ε of x ± ε U Vᵀ")
+    rank: int = knob(1, AT_LEAST_ONE, "rank of the perturbation U Vᵀ")
+    nu: int = knob(50, AT_LEAST_ONE, "steps between draws of V")
+    n: int = knob(1, AT_LEAST_ONE, "queries per step (each with its own U)")
+
+
+register(estimator_method("lozo", LOZO, LOZOSection))

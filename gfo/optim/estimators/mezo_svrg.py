@@ -23,6 +23,8 @@ import jax.numpy as jnp
 
 from gfo.optim.estimators.base import PerturbingEstimator
 from gfo.optim.noise import leaf_noise, member_key, perturbed_leaf, tree_dot
+from gfo.optim.registry import estimator_method, register
+from gfo.optim.sections import AT_LEAST_ONE, POSITIVE, TransformSection, knob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,3 +78,15 @@ class MeZOSVRG(PerturbingEstimator):
         metrics = {"loss": loss, "grad_norm": jnp.sqrt(tree_dot(grad, grad)), "anchor_refresh": refresh,
                    "evaluations": 4 + 2 * refresh.astype(jnp.int32) * rows // self.minibatch}
         return grad, metrics, state
+
+
+@dataclasses.dataclass
+class MeZOSVRGSection(TransformSection):
+    """`optimizer: {method: mezo_svrg, eps: 1e-3, q: 10, minibatch: 4, transform: sgd}`."""
+
+    eps: float = knob(1e-2, POSITIVE, "perturbation size ε")
+    q: int = knob(10, AT_LEAST_ONE, "steps between full-batch anchors")
+    minibatch: int = knob(4, AT_LEAST_ONE, "rows of the batch per mini-batch estimate")
+
+
+register(estimator_method("mezo_svrg", MeZOSVRG, MeZOSVRGSection))

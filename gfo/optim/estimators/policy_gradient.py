@@ -18,6 +18,8 @@ import jax.numpy as jnp
 from gfo.optim.estimators.base import Estimator
 from gfo.optim.noise import tree_dot
 from gfo.objectives import RewardObjective
+from gfo.optim.registry import estimator_method, register
+from gfo.optim.sections import AT_LEAST_ONE, NON_NEGATIVE, TransformSection, knob
 
 __all__ = ["PolicyGradient", "RewardObjective"]
 
@@ -50,3 +52,16 @@ class PolicyGradient(Estimator):
         grad = jax.grad(surrogate)(x)
         return grad, {"loss": -jnp.mean(reward), "reward": jnp.mean(reward),
                       "grad_norm": jnp.sqrt(tree_dot(grad, grad)), "evaluations": reward.size}
+
+
+@dataclasses.dataclass
+class PolicyGradientSection(TransformSection):
+    """`optimizer: {method: policy_gradient, group_size: 4, kl_coef: 0.0}` (GRPO-style REINFORCE)."""
+
+    kl_coef: float = knob(0.0, NON_NEGATIVE, "weight of the KL penalty to the starting policy")
+    group_size: int = knob(4, AT_LEAST_ONE, "completions sampled per prompt (the group baseline's group)")
+    normalize: bool = knob(True, None, "divide each group's advantages by its reward std")
+
+
+register(estimator_method("policy_gradient", PolicyGradient, PolicyGradientSection, read_elsewhere=("group_size",),
+                          objective="reward"))

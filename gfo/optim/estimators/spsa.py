@@ -30,6 +30,8 @@ from gfo.optim.update import Direction, LeafBlocks
 from gfo.optim.estimators.base import PerturbingEstimator
 from gfo.optim.noise import DISTRIBUTIONS, member_key, noise_like, perturbed_leaf, tree_axpy
 from gfo.optim.population import leaf_noise_direction
+from gfo.optim.registry import estimator_method, register
+from gfo.optim.sections import AT_LEAST_ONE, POSITIVE, UNIT_INTERVAL, TransformSection, knob
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,3 +111,18 @@ class SPSA(PerturbingEstimator):
         return (Direction(make, (proj / self.n, noise_key), snr=self.n >= 2),
                 {"loss": jnp.sum(losses) / n_ok, "loss_range": jnp.sum(spread) / n_ok, "nonfinite": bad,
                  "evaluations": evaluations})
+
+
+@dataclasses.dataclass
+class SPSASection(TransformSection):
+    """`optimizer: {method: spsa, eps: 1e-3, n: 1, transform: sgd, lr: 1e-6}` (MeZO: sgd; ZO-Adam: adam)."""
+
+    eps: float = knob(1e-2, POSITIVE, "perturbation size ε: the loss is read at x ± ε z")
+    n: int = knob(1, AT_LEAST_ONE, "queries (directions z) per step, averaged")
+    distribution: str = knob("gaussian", None, "z's distribution: gaussian | rademacher | auto")
+    one_sided: bool = knob(False, None, "(L(x + εz) − L(x)) / ε instead of the two-sided difference")
+    sign: bool = knob(False, None, "ZO-SGD-Sign: the sign of the estimate")
+    sparsity: float = knob(0.0, UNIT_INTERVAL, "Sparse MeZO: perturb only the 1 − sparsity smallest entries")
+
+
+register(estimator_method("spsa", SPSA, SPSASection))

@@ -42,6 +42,8 @@ from flax import struct
 from gfo.optim.evaluate import evaluate_population
 from gfo.jitting import filter_jit
 from gfo.optim.protocol import fresh, replicated_sharding
+from gfo.optim.registry import Method, register
+from gfo.optim.sections import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, MethodSection, knob
 
 METHODS = ("annealing", "tabu", "aco")
 
@@ -235,3 +237,43 @@ def prompt_objective(task, model, params, batch: dict, objective: str | None = N
         return fn(params, prompted, jax.random.key(0))
 
     return jax.jit(jax.vmap(one))
+
+
+@dataclasses.dataclass
+class DiscreteSection(MethodSection):
+    """A discrete search over a `hard_prompt` space's token ids."""
+
+    population: int = knob(16, AT_LEAST_ONE, "proposals per step (annealing, tabu) or ants (aco)")
+    eval_chunk: int | None = knob(None, AT_LEAST_ONE, "proposals evaluated at once (None: planned from memory)")
+
+
+@dataclasses.dataclass
+class AnnealingSection(DiscreteSection):
+    t0: float = knob(0.1, POSITIVE, "initial temperature (loss units)")
+    cooling: float = knob(0.97, POSITIVE, "temperature factor per step, in (0, 1]")
+
+
+@dataclasses.dataclass
+class TabuSection(DiscreteSection):
+    tenure: int = knob(10, NON_NEGATIVE, "steps a changed position stays tabu")
+
+
+@dataclasses.dataclass
+class ACOSection(DiscreteSection):
+    evaporation: float = knob(0.1, NON_NEGATIVE, "pheromone evaporation per step, in [0, 1)")
+    alpha: float = knob(1.0, NON_NEGATIVE, "pheromone exponent")
+    deposit: float = knob(1.0, POSITIVE, "pheromone deposited by the best ant")
+
+
+def _builder(section: type):
+    own = [f for f in section.field_names() if f not in DiscreteSection.field_names()]
+
+    def build(s, ctx):
+        return DiscreteSearch(s.method, ctx.vocab, population=s.population, batch_size=s.eval_chunk,
+                              pop_sharding=ctx.pop_sharding, **{f: getattr(s, f) for f in own})
+
+    return build
+
+
+for _name, _section in (("annealing", AnnealingSection), ("tabu", TabuSection), ("aco", ACOSection)):
+    register(Method(_name, "discrete", _section, _builder(_section), domain="tokens", splits_population=True))

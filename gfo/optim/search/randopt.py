@@ -26,6 +26,10 @@ from gfo.jitting import filter_jit
 from gfo.optim.noise import member_key, perturbed_leaf
 from gfo.objectives import accepts_descriptors
 from gfo.optim.protocol import fresh, parameter_sharding
+import dataclasses
+
+from gfo.optim.registry import Method, register
+from gfo.optim.sections import AT_LEAST_ONE, POSITIVE, MethodSection, knob
 
 
 @struct.dataclass
@@ -139,3 +143,22 @@ def ensemble_metrics(task, model, to_params, members, batch) -> dict:
     scores = jax.vmap(lambda m: task.class_scores(model, to_params(m), batch))(members)  # [K, B, C]
     predicted = vote(jnp.argmax(scores, axis=-1), scores.shape[-1])
     return {"vote_accuracy": jnp.mean((predicted == batch["label"]).astype(jnp.float32))}
+
+
+@dataclasses.dataclass
+class RandOptSection(MethodSection):
+    """`optimizer: {method: randopt, sigma: 1e-3, population: 64, top_k: 8}`."""
+
+    sigma: float = knob(1e-2, POSITIVE, "noise scale σ of the candidates θ₀ + σ ε")
+    population: int = knob(16, AT_LEAST_ONE, "candidates evaluated per step")
+    top_k: int = knob(8, AT_LEAST_ONE, "best candidates kept (their ensemble votes at evaluation)")
+    eval_chunk: int | None = knob(None, AT_LEAST_ONE, "candidates evaluated at once (None: planned from memory)")
+    distribution: str = knob("gaussian", None, "ε's distribution: gaussian | rademacher | auto")
+
+
+def _build(s: RandOptSection, ctx):
+    return RandOpt(population=s.population, sigma=s.sigma, top_k=s.top_k, batch_size=s.eval_chunk,
+                   pop_sharding=ctx.pop_sharding, distribution=s.distribution)
+
+
+register(Method("randopt", "optimizer", RandOptSection, _build, splits_population=True))

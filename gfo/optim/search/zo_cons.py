@@ -22,6 +22,10 @@ from gfo.jitting import filter_jit
 from gfo.optim.noise import tree_axpy
 from gfo.optim.optimizer import OptState
 from gfo.optim.protocol import PointOptimizer, fresh
+import dataclasses
+
+from gfo.optim.registry import Method, register
+from gfo.optim.sections import AT_LEAST_ONE, POSITIVE, MethodSection, knob
 
 
 class ZOSGDCons(PointOptimizer):
@@ -65,3 +69,20 @@ class ZOSGDCons(PointOptimizer):
     def lower(self, state: OptState, objective: Callable, batch, key: jax.Array) -> jax.stages.Lowered:
         """The lowered step for these arguments (ahead-of-time compilation, XLA's memory analysis)."""
         return self.step.lower(state, objective, batch, key)
+
+
+@dataclasses.dataclass
+class ZOSGDConsSection(MethodSection):
+    """`optimizer: {method: zo_sgd_cons, eps: 1e-3, n: 1, lr: 1e-6}`: a step kept only if it lowers the loss."""
+
+    eps: float = knob(1e-2, POSITIVE, "SPSA's perturbation size ε")
+    n: int = knob(1, AT_LEAST_ONE, "SPSA queries per step")
+    lr: float = knob(1e-2, POSITIVE, "learning rate of the conservative step")
+    distribution: str = knob("gaussian", None, "z's distribution: gaussian | rademacher | auto")
+
+
+def _build(s: ZOSGDConsSection, ctx):
+    return ZOSGDCons(SPSA(eps=s.eps, n=s.n, distribution=s.distribution), s.lr)
+
+
+register(Method("zo_sgd_cons", "optimizer", ZOSGDConsSection, _build))
