@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from gfo.optim.noise import path_name
+from models.tree import path_name
 from models.tree import LAYERS
 
 AXES = ("pop", "data", "model")

@@ -20,11 +20,19 @@ such arrays in a pytree object to trace them).
 Donation (`donate`: positions of arguments): the array leaves of those arguments are donated to XLA,
 which may reuse their buffers for the outputs. The caller must not use a donated argument after the
 call (its arrays are deleted where the backend implements donation: GPU, TPU, and CPU for most ops).
+
+The process's compiled programs: `enable_compilation_cache` (JAX's persistent cache under
+`$GFO_CACHE_DIR/jax`, default `~/.cache/gfo/jax`; `GFO_COMPILATION_CACHE=0` turns it off) and
+`release_compiled_programs` (drops JAX's in-memory programs when the process's memory maps near the
+kernel's limit: on CPU a small executable holds ~10 maps, a `gfo train` run's step and evaluations ~2000;
+past `vm.max_map_count`, 65530 by default, the next compile segfaults).
 """
 
 from __future__ import annotations
 
 import functools
+import gc
+import os
 import types
 from typing import Any, Callable, Sequence
 
@@ -196,3 +204,51 @@ class _Bound:
     @property
     def traces(self) -> int:
         return self.jitted.traces
+
+
+# ----------------------------------------------------------------------------- the process's compiled programs
+def memory_maps() -> tuple[int, int] | None:
+    """`(memory maps of this process, the kernel's per-process limit vm.max_map_count)`, None off Linux."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            used = sum(1 for _ in f)
+        with open("/proc/sys/vm/max_map_count") as f:
+            return used, int(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def release_compiled_programs(fraction: float = 0.5, note=print) -> bool:
+    """`jax.clear_caches()` when this process holds over `fraction` of the kernel's memory-map limit.
+
+    JAX keeps every program it compiled for the life of the process, and each CPU executable keeps its
+    JIT-ed code in memory maps of its own (~2000 for a `gfo train` step and its evaluations). A process
+    that runs many trials (a sweep, a notebook, a test session) would pass `vm.max_map_count` and crash
+    inside XLA at its next compile (SIGSEGV: the mapping fails). Dropping the caches costs a re-trace and
+    re-compile of what is used again (the persistent compilation cache, when on, serves those). Returns
+    whether it cleared; `note(message)` is told why."""
+    maps = memory_maps()
+    if maps is None or maps[0] <= fraction * maps[1]:
+        return False
+    jax.clear_caches()
+    gc.collect()
+    after = memory_maps()
+    if note is not None:
+        note(f"released JAX's compiled programs: this process held {maps[0]} memory maps of the kernel's "
+             f"limit {maps[1]} (vm.max_map_count); {after[0] if after else '?'} after")
+    return True
+
+
+def enable_compilation_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache under `$GFO_CACHE_DIR/jax` (default `~/.cache/gfo/jax`),
+    so a restarted or repeated run skips compilation; `GFO_COMPILATION_CACHE=0` turns it off. Returns
+    the directory (None when off)."""
+    if os.environ.get("GFO_COMPILATION_CACHE", "1").lower() in ("0", "false", "off", "no"):
+        return None
+    root = os.environ.get("GFO_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gfo")
+    path = os.path.join(root, "jax")
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every step, even a tiny model's
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path

@@ -15,6 +15,11 @@ LAYERS = "layers"
 _OLD_LAYER = re.compile(r"^layers_(\d+)$")
 
 
+def path_name(path) -> str:
+    """`"layers/attn/q/kernel"` for a `jax.tree_util` key path (stacked leaves: one name for all layers)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
 def get_path(tree: dict, path: tuple[str, ...]) -> Any:
     for key in path:
         tree = tree[key]

@@ -121,7 +121,7 @@ def _bounded_memory_maps():
     memory maps, and past the kernel's `vm.max_map_count` the next compile segfaults (it did, ~95 % into
     the full suite). Past half the limit, the compiled programs are dropped between tests."""
     yield
-    from gfo.run.stepplan import release_compiled_programs
+    from gfo.jitting import release_compiled_programs
 
     release_compiled_programs(note=None)
 

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gfo.run import stepplan
+from gfo import jitting as stepplan  # the process's compiled programs
 
 
 def _maps() -> int:

@@ -236,7 +236,7 @@ def test_step_memory_line_refuses_a_step_that_cannot_fit():
 
 
 def test_compilation_cache_directory_is_populated(tmp_path, monkeypatch):
-    code = ("import jax, jax.numpy as jnp; from gfo.run.stepplan import enable_compilation_cache; "
+    code = ("import jax, jax.numpy as jnp; from gfo.jitting import enable_compilation_cache; "
             "print(enable_compilation_cache()); "
             "jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T)(jnp.ones((64, 64))).block_until_ready()")
     env = {**os.environ, "GFO_CACHE_DIR": str(tmp_path), "PYTHONPATH": os.getcwd(), "JAX_PLATFORMS": "cpu"}
@@ -244,7 +244,7 @@ def test_compilation_cache_directory_is_populated(tmp_path, monkeypatch):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == str(tmp_path / "jax")
     assert os.listdir(tmp_path / "jax")
-    from gfo.run.stepplan import enable_compilation_cache
+    from gfo.jitting import enable_compilation_cache
 
     monkeypatch.setenv("GFO_COMPILATION_CACHE", "0")  # the off switch: nothing configured, nothing written
     monkeypatch.setenv("GFO_CACHE_DIR", str(tmp_path / "off"))

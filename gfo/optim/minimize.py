@@ -21,7 +21,7 @@ import numpy as np
 
 from gfo.optim import registry as methods
 
-from gfo.run import stepplan
+from gfo import jitting
 from gfo.jitting import filter_jit
 
 @dataclasses.dataclass
@@ -76,7 +76,7 @@ def minimize(fun: Callable[[Any], jax.Array], x0, method: str = "cma_es", steps:
     key = jax.random.key(0) if key is None else key
     x0 = jax.tree.map(jnp.asarray, x0)
     opt = make_optimizer(method, x0, **options)
-    stepplan.release_compiled_programs()  # every call compiles a new run: a loop of calls stays under the map limit
+    jitting.release_compiled_programs()  # every call compiles a new run: a loop of calls stays under the map limit
     k_init, k_run = jax.random.split(key)
     state = opt.init(k_init, x0)
     best_x, best_f, history, nfev = _run(opt, _Objective(fun), state, x0, jax.random.split(k_run, steps))

@@ -21,15 +21,7 @@ import jax.numpy as jnp
 
 from models.linear import NoisyLeaf, noise_block_elements, row_blocks
 from models.noise import DISTRIBUTIONS, matrix_noise, row_noise, standard_noise
-from models.tree import LAYERS
-
-
-def path_name(path) -> str:
-    """`"layers/attn/q/kernel"` for a `jax.tree_util` key path (stacked leaves: one name for all layers)."""
-    parts = []
-    for k in path:
-        parts.append(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))))
-    return "/".join(parts)
+from models.tree import LAYERS, path_name  # noqa: F401 - path_name re-exported: key paths as names
 
 
 def path_id(path) -> int:

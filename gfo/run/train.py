@@ -21,7 +21,7 @@ import time
 
 import yaml
 
-from gfo import distributed
+from gfo import distributed, jitting
 from gfo.run import checkpoint, stepplan
 from gfo.run.build import Run, build_mesh, build_run, build_runs
 from gfo.run.checkpoint import RunCheckpointError, RunDirectoryError, RunLockedError  # noqa: F401 - re-exported: user errors
@@ -54,8 +54,8 @@ def train(cfg: RunConfig, on_eval=None, strict: bool = False) -> dict:
     against its manifest stops the run (instead of resuming from the newest one that verifies).
     """
     mesh = build_mesh(cfg)
-    stepplan.enable_compilation_cache()
-    stepplan.release_compiled_programs()  # many runs in one process (a sweep) stay under the kernel's map limit
+    jitting.enable_compilation_cache()
+    jitting.release_compiled_programs()  # many runs in one process (a sweep) stay under the kernel's map limit
     run_dir = os.path.join(cfg.runs_dir, cfg.name)
     resolved = to_dict(cfg)
     checkpoint.check_resumable(run_dir, cfg, resolved)
