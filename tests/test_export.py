@@ -92,6 +92,7 @@ def _gfo_logits(run_dir, which="latest"):
     return np.asarray(run.model.apply(run.space.to_params(x), jnp.asarray(IDS))), x, run
 
 
+@pytest.mark.slow
 def test_hf_export_of_a_lora_run_loads_in_transformers_with_the_same_logits(lora_run):
     tmp, run_dir = lora_run
     ours, _, run = _gfo_logits(run_dir)
@@ -109,6 +110,7 @@ def test_hf_export_of_a_lora_run_loads_in_transformers_with_the_same_logits(lora
     assert tok(text)["input_ids"] == run.tokenizer.encode(text) and tok.chat_template == TEMPLATE
 
 
+@pytest.mark.slow
 def test_peft_lora_export_loads_in_peft_and_starts_a_run_at_the_exported_point(lora_run):
     from peft import PeftModel
 
@@ -135,6 +137,7 @@ def test_peft_lora_export_loads_in_peft_and_starts_a_run_at_the_exported_point(l
     assert float(fresh.objective(fresh.x0, batch, key)) == pytest.approx(float(run.objective(x, batch, key)), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_gguf_export_reads_back_in_gfo_transformers_and_gguf(lora_run):
     from models.gguf import gguf_tokenizer
 
@@ -189,20 +192,13 @@ def test_prompt_run_exports_a_peft_prompt_tuning_adapter(lora_run, capsys):
     assert "soft prompt" in line and "--format peft" in line
 
 
-def test_export_errors_are_one_line_and_an_interrupted_export_leaves_nothing(lora_run, capsys, monkeypatch):
+@pytest.mark.slow
+def test_run_errors_are_one_line_and_an_interrupted_export_leaves_nothing(lora_run, capsys, monkeypatch):
     from gfo.run import export
 
     tmp, run_dir = lora_run
-    assert "does not exist" in _cli_error(capsys, ["export", str(tmp / "nothing"), str(tmp / "o")])
-    line = _cli_error(capsys, ["export", run_dir, str(tmp / "o"), "--checkpoint", "newest"])
-    assert "--checkpoint 'newest'" in line and "latest, best or a step" in line
     line = _cli_error(capsys, ["export", run_dir, str(tmp / "o"), "--checkpoint", "3"])
     assert "no checkpoint at step 3" in line and "[2, 4]" in line
-    assert "--format 'onnx' is unknown" in _cli_error(capsys, ["export", run_dir, str(tmp / "o"), "--format", "onnx"])
-    assert "--dtype 'int8' is unknown" in _cli_error(capsys, ["export", run_dir, str(tmp / "o"), "--dtype", "int8"])
-    os.makedirs(tmp / "taken")
-    line = _cli_error(capsys, ["export", run_dir, str(tmp / "taken")])
-    assert "exists" in line and "--force" in line
     empty = tmp / "empty_run"
     os.makedirs(empty)
     (empty / "config.yaml").write_text((open(os.path.join(run_dir, "config.yaml")).read()))
@@ -220,6 +216,7 @@ def test_export_errors_are_one_line_and_an_interrupted_export_leaves_nothing(lor
     assert not [f for f in os.listdir(tmp) if "cut" in f]  # neither OUT nor its temporary sibling
 
 
+@pytest.mark.slow
 def test_adapter_for_another_model_or_space_is_refused_naming_the_tensor(lora_run, tmp_path):
     from gfo.run.build import build_mesh, build_runs
 
@@ -237,3 +234,64 @@ def test_adapter_for_another_model_or_space_is_refused_naming_the_tensor(lora_ru
     cfg = _config(tmp_path, "full", tmp / "base", model={"adapter": str(adapter)}, space={"kind": "full"})
     with pytest.raises(ConfigError, match=r"space\.kind='full'"):
         build_runs(cfg, str(tmp_path / "runs" / "full"), build_mesh(cfg))
+
+
+def _fake_run(tmp_path, name, **sections) -> str:
+    """A run directory holding only its config.yaml (what the argument checks read)."""
+    import yaml
+
+    from gfo.run.config import to_dict
+
+    run_dir = tmp_path / name
+    os.makedirs(run_dir)
+    base = {"name": name, "model": {"path": str(tmp_path / "base")}, "space": {"kind": "lora"}}
+    base.update(sections)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(from_dict(RunConfig, base))))
+    return str(run_dir)
+
+
+def test_export_argument_errors_are_one_line_naming_the_value(tmp_path, capsys):
+    run = _fake_run(tmp_path, "lora")
+    out = str(tmp_path / "o")
+    assert "run directory" in _cli_error(capsys, ["export", str(tmp_path / "nothing"), out])
+    assert "no config.yaml" in _cli_error(capsys, ["export", str(tmp_path), out])
+    line = _cli_error(capsys, ["export", run, out, "--checkpoint", "newest"])
+    assert "--checkpoint 'newest' is unknown" in line and "latest, best or a step" in line
+    assert "--format 'onnx' is unknown" in _cli_error(capsys, ["export", run, out, "--format", "onnx"])
+    assert "--dtype 'int8' is unknown" in _cli_error(capsys, ["export", run, out, "--dtype", "int8"])
+    os.makedirs(tmp_path / "taken")
+    line = _cli_error(capsys, ["export", run, str(tmp_path / "taken")])
+    assert "exists" in line and "--force" in line
+    line = _cli_error(capsys, ["export", _fake_run(tmp_path, "prompt", space={"kind": "prompt"}), out])
+    assert "a soft prompt (space.kind=prompt) is not model weights" in line and "--format peft" in line
+    line = _cli_error(capsys, ["export", _fake_run(tmp_path, "full", space={"kind": "full"}), out, "--format", "peft"])
+    assert "space.kind='full'" in line and "--format hf or gguf" in line
+    line = _cli_error(capsys, ["export", _fake_run(tmp_path, "tiny", model={"family": "llama"}), out, "--format", "peft"])
+    assert "random tiny model" in line
+    assert not os.path.exists(out)
+
+
+def test_peft_lora_adapter_round_trip_and_logits_in_peft(tmp_path):
+    """`models.peft` alone: our LoRA factors → adapter files → PEFT's model and back, and a shape mismatch."""
+    from peft import PeftModel
+
+    from models.peft import read_lora_adapter, write_lora_adapter
+
+    write_checkpoint(tmp_path / "base")
+    model, params = models.from_pretrained(str(tmp_path / "base"))
+    lora = models.init_lora(jax.random.key(1), params, rank=3, targets=("k", "o", "up"))
+    lora = jax.tree.map(lambda v: jax.random.normal(jax.random.key(2), v.shape) * 0.3, lora)  # b != 0
+    write_lora_adapter(str(tmp_path / "adapter"), model.config, lora, alpha=5.0, base=str(tmp_path / "base"))
+    ours = model.apply(models.merge_lora(params, lora, alpha=5.0), jnp.asarray(IDS))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
+    adapted = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
+    err = _rel_err(ours, hf_logits(adapted, IDS))
+    assert err < REL_TOL, f"peft adapter: relative logit error {err:.2e}"
+    back, rank, alpha = read_lora_adapter(str(tmp_path / "adapter"), model.config, params)
+    assert (rank, alpha) == (3, 5.0)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(lora)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    wide = models.TransformerLM(model.config.replace(d_model=48))
+    with pytest.raises(models.CheckpointError, match=r"tensor 'base_model\.model\.model\.layers\.0\.mlp\.up_proj\."
+                                                     r"lora_A\.weight' has shape \(3, 32\).*expects \(3, 48\)"):
+        read_lora_adapter(str(tmp_path / "adapter"), wide.config, wide.init(jax.random.key(0)))

@@ -162,7 +162,7 @@ def _write(format: str, cfg, run, space, x, tmp: str, dtype: str) -> str:
     import numpy as np
 
     from models import peft
-    from models.export_tokenizer import write_hf_tokenizer
+    from models.export_tokenizer import BYTE_NOTE, gguf_source, write_hf_tokenizer
 
     model_cfg = run.model.config.replace(dtype=dtype, param_dtype=dtype)
     base = None if cfg.model.path is None else os.path.abspath(cfg.model.path)
@@ -189,15 +189,16 @@ def _write(format: str, cfg, run, space, x, tmp: str, dtype: str) -> str:
             save_gguf(model, params, tmp, run.tokenizer, source)
         except ValueError as e:
             raise ConfigError(f"--format gguf: {e}") from None
-        return f"GGUF {model_cfg.family}, {dtype}"
+        byte = not hasattr(run.tokenizer, "backend") and gguf_source(source) is None
+        return f"GGUF {model_cfg.family}, {dtype}" + (f"; {BYTE_NOTE}" if byte else "")
     from models.hf import save_pretrained
 
     try:
         save_pretrained(model, params, tmp, shard_size_mb=SHARD_MB)
     except ValueError as e:
         raise ConfigError(f"--format hf: {e}") from None
-    write_hf_tokenizer(tmp, run.tokenizer, source, model_cfg)
-    return f"Hugging Face {model_cfg.family}, {dtype}"
+    note = write_hf_tokenizer(tmp, run.tokenizer, source, model_cfg)
+    return f"Hugging Face {model_cfg.family}, {dtype}" + (f"; {note}" if note else "")
 
 
 def _tokenizer_source(section) -> str | None:
