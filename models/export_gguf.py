@@ -79,9 +79,12 @@ def _encoded(w: np.ndarray, dtype: str):
 
 def check_round_trip(cfg: ModelConfig, meta: dict, tensor_names: set[str]) -> None:
     """Raise when `config_from_gguf` would read the written metadata as a config other than `cfg`."""
-    back = config_from_gguf(meta, tensor_names, cfg.vocab_size, dtype=cfg.dtype)
-    back = dataclasses.replace(back, param_dtype=cfg.param_dtype)
-    ours = dataclasses.asdict(cfg)
+    def explicit(c: ModelConfig) -> ModelConfig:  # defaults spelled out: `head_dim=None` is `d_model / n_heads`
+        return dataclasses.replace(c, head_dim=c.dim_per_head, n_kv_heads=c.kv_heads, d_ff=c.ff_dim,
+                                   param_dtype=cfg.param_dtype)
+
+    back = explicit(config_from_gguf(meta, tensor_names, cfg.vocab_size, dtype=cfg.dtype))
+    ours = dataclasses.asdict(explicit(cfg))
     for name, value in dataclasses.asdict(back).items():
         if name in ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "attention_impl"):
             continue  # not part of the computation (ids come with the tokenizer)

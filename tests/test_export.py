@@ -295,3 +295,28 @@ def test_peft_lora_adapter_round_trip_and_logits_in_peft(tmp_path):
     with pytest.raises(models.CheckpointError, match=r"tensor 'base_model\.model\.model\.layers\.0\.mlp\.up_proj\."
                                                      r"lora_A\.weight' has shape \(3, 32\).*expects \(3, 48\)"):
         read_lora_adapter(str(tmp_path / "adapter"), wide.config, wide.init(jax.random.key(0)))
+
+
+SLIDING = ("sliding_attention",) * 5 + ("full_attention",)  # llama.cpp's Gemma 3 pattern (6 layers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_gguf_export_of_each_family_reads_back_exactly(family, tmp_path):
+    from models.export_gguf import save_gguf
+
+    extra = dict(n_layers=6, layer_types=SLIDING) if family == "gemma3" else dict(n_layers=2)
+    if family == "llama":
+        extra["attention_bias"] = True  # q/k biases are permuted like their rows
+    cfg = models.tiny(family, d_model=32, n_heads=4, n_kv_heads=2, max_seq_len=64, **extra)
+    model = models.TransformerLM(cfg)
+    params = model.init(jax.random.key(0))
+    params = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(1), v.shape), params)  # biases != 0
+    save_gguf(model, params, str(tmp_path / "m.gguf"))
+    back, back_params = models.load_gguf(str(tmp_path / "m.gguf"))
+    ids = jnp.arange(12)[None] % cfg.vocab_size
+    np.testing.assert_array_equal(np.asarray(back.apply(back_params, ids)), np.asarray(model.apply(params, ids)))
+    if family == "gemma3":  # a layer pattern llama.cpp's Gemma 3 does not have is refused, naming the field
+        alternating = models.TransformerLM(cfg.replace(layer_types=SLIDING[1:] + SLIDING[:1]))
+        with pytest.raises(models.CheckpointError, match=r"ModelConfig\.layer_types=.* would read it back as"):
+            save_gguf(alternating, params, str(tmp_path / "bad.gguf"))
