@@ -8,8 +8,9 @@ Key names are PEFT's: `base_model.model.<HF module>.lora_A.weight` `[r, d_in]` a
 `[d_out, r]`, one pair per layer, with `ΔW = (lora_alpha / r) · B A` in HF's `[out, in]` layout. Ours
 (`models.lora`) are `a: [L, d_in, r]`, `b: [L, d_out, r]` with `ΔW = (α/r) a bᵀ` in `[in, out]`, so
 `lora_A = aᵀ` and `lora_B = b` per layer. The HF module of each of our kernels comes from the tensor
-table of `models.tensor_map`, so every family that table knows is covered, except GPT-2's q/k/v, which
-Hugging Face fuses into one `c_attn` module that a LoRA on q (or v) alone cannot be written as.
+table of `models.tensor_map`, so every family that table knows is covered. GPT-2's q/k/v are one fused
+`c_attn` module in Hugging Face: their factors are written as one block-structured LoRA of it, of rank
+`m·r` for `m` targeted projections (`_fused_qkv`); such an adapter is not read back (it need not split).
 A prompt-tuning adapter holds `prompt_embeddings` `[n_tokens, d_model]`, prepended to the input
 embeddings as `model.apply(..., prompt=P)` does.
 """
@@ -37,7 +38,7 @@ _LORA_KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.we
 def lora_modules(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
     """Our LoRA-able kernel path (e.g. `("layers", "attn", "q", "kernel")`, `("lm_head",)`) → `(HF module
     name with `{i}` for the layer, e.g. "model.layers.{i}.self_attn.q_proj", whether HF stores it `[in, out]`
-    (GPT-2's Conv1D: PEFT's `fan_in_fan_out`))`. GPT-2's fused q/k/v are left out."""
+    (GPT-2's Conv1D: PEFT's `fan_in_fan_out`))`. GPT-2's fused q/k/v are left out (see `_fused_qkv`)."""
     out = {}
     for hf_name, path, transform, layer in tensor_map(cfg):
         if not hf_name.endswith(".weight") or not (path[-1] == "kernel" or path == ("lm_head",)):
@@ -54,12 +55,29 @@ def lora_modules(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
 def _module_of(cfg: ModelConfig, path: tuple[str, ...]) -> tuple[str, bool]:
     table = lora_modules(cfg)
     if path not in table:
-        name = "/".join(path)
-        if cfg.family == "gpt2" and path[-3:-1] in (("attn", "q"), ("attn", "k"), ("attn", "v")):
-            raise CheckpointError(f"a LoRA on {name} cannot be a PEFT adapter: GPT-2 fuses q, k and v into one "
-                                  f"c_attn module; export --format hf (merged), or use LoRA targets among o, fc, proj")
-        raise CheckpointError(f"a LoRA on {name} has no Hugging Face module to name in a PEFT adapter")
+        raise CheckpointError(f"a LoRA on {'/'.join(path)} has no Hugging Face module to name in a PEFT adapter")
     return table[path]
+
+
+def _fused_qkv(lora: dict, cfg: ModelConfig, dtype) -> tuple[dict[str, np.ndarray], int]:
+    """GPT-2's q/k/v LoRA factors as one LoRA of its fused `c_attn` (Conv1D, `[D, 3D]`), per layer: with
+    `m` of q, k, v targeted, rank `m·r`, `lora_A = [a_tᵀ ...]` `[m r, D]` and `lora_B` `[3D, m r]` block
+    sparse (`b_t` in projection t's rows, its own columns), so `B A` holds each `b_t a_tᵀ` in its block.
+    Returns `(tensors, m)`; the caller scales alpha by `m` to keep `alpha / r`."""
+    attn = lora.get(LAYERS, {}).get("attn", {})
+    parts = [(j, attn[t]["kernel"]) for j, t in enumerate("qkv") if t in attn]
+    tensors: dict[str, np.ndarray] = {}
+    if not parts:
+        return tensors, 0
+    D, r = cfg.d_model, parts[0][1]["a"].shape[-1]
+    for i in range(cfg.n_layers):
+        a = np.concatenate([np.asarray(leaf["a"][i]).T for _, leaf in parts], 0)
+        b = np.zeros((3 * D, len(parts) * r), np.float32)
+        for k, (j, leaf) in enumerate(parts):
+            b[j * D:(j + 1) * D, k * r:(k + 1) * r] = np.asarray(leaf["b"][i])
+        name = f"{_PREFIX}transformer.h.{i}.attn.c_attn"
+        tensors[name + ".lora_A.weight"], tensors[name + ".lora_B.weight"] = a.astype(dtype), b.astype(dtype)
+    return tensors, len(parts)
 
 
 def _lora_leaves(lora: dict, prefix: tuple[str, ...] = ()):
@@ -88,7 +106,11 @@ def write_lora_adapter(out: str, cfg: ModelConfig, lora: dict, alpha: float, bas
 
     lora = jax.device_get(lora)
     tensors, targets, conv1d, rank = {}, [], False, None
+    fused, m = _fused_qkv(lora, cfg, dtype) if cfg.family == "gpt2" else ({}, 0)
     for path, leaf in _lora_leaves(lora):
+        if fused and path[:2] == (LAYERS, "attn") and path[2] in "qkv":
+            rank = leaf["a"].shape[-1]
+            continue
         module, in_out = _module_of(cfg, path)
         a, b = np.asarray(leaf["a"]).astype(dtype), np.asarray(leaf["b"]).astype(dtype)
         rank, conv1d = a.shape[-1], conv1d or in_out
@@ -98,11 +120,20 @@ def write_lora_adapter(out: str, cfg: ModelConfig, lora: dict, alpha: float, bas
             name = _PREFIX + (module.format(i=i) if i is not None else module)
             tensors[name + ".lora_A.weight"] = (a[i] if i is not None else a).T
             tensors[name + ".lora_B.weight"] = b[i] if i is not None else b
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": int(rank),
-              "lora_alpha": float(alpha), "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none",
+    r, lora_alpha, rank_pattern, alpha_pattern = int(rank), float(alpha), {}, {}
+    if fused:  # c_attn at rank m·r and alpha m·α: the same α/r; per-module patterns when other modules remain
+        tensors.update(fused)
+        conv1d = True
+        if targets:
+            rank_pattern, alpha_pattern = {"attn.c_attn": m * r}, {"attn.c_attn": m * lora_alpha}
+        else:
+            r, lora_alpha = m * r, m * lora_alpha
+        targets.append("attn.c_attn")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base, "r": r,
+              "lora_alpha": lora_alpha, "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none",
               "fan_in_fan_out": conv1d, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-              "inference_mode": True, "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {},
-              "alpha_pattern": {}, "revision": None}
+              "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
+              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "revision": None}
     _write(out, config, tensors)
 
 
@@ -159,6 +190,9 @@ def read_lora_adapter(path: str, cfg: ModelConfig, params: dict) -> tuple[dict, 
             raise CheckpointError(f"{weights}: tensor {name!r} is not a LoRA factor (expected "
                                   f"'{_PREFIX}<module>.lora_A.weight' / 'lora_B.weight')")
         module, which = m.groups()
+        if module not in by_module and cfg.family == "gpt2" and module.endswith("attn.c_attn"):
+            raise CheckpointError(f"{weights}: tensor {name!r} is a LoRA of GPT-2's fused c_attn, which does not split "
+                                  f"into gfo's per-projection q/k/v factors: start from an adapter on o, fc, proj")
         if module not in by_module:
             raise CheckpointError(f"{weights}: tensor {name!r} names module {module!r}, which this "
                                   f"{cfg.family} model ({cfg.n_layers} layers) does not have: the adapter is for "

@@ -68,7 +68,8 @@ def _config(tmp_path, name, ckpt, **sections) -> RunConfig:
             "optimizer": {"method": "spsa", "transform": "sgd", "lr": 0.5, "sigma": 1e-2, "n": 2},
             "eval": {"select_by": "dev_cross_entropy", "dev_size": 4}}
     for key, value in sections.items():
-        base[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        merge = isinstance(value, dict) and isinstance(base.get(key), dict) and not (key == "optimizer" and "method" in value)
+        base[key] = {**base[key], **value} if merge else value
     return from_dict(RunConfig, base)
 
 
@@ -320,3 +321,28 @@ def test_gguf_export_of_each_family_reads_back_exactly(family, tmp_path):
         alternating = models.TransformerLM(cfg.replace(layer_types=SLIDING[1:] + SLIDING[:1]))
         with pytest.raises(models.CheckpointError, match=r"ModelConfig\.layer_types=.* would read it back as"):
             save_gguf(alternating, params, str(tmp_path / "bad.gguf"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("targets", [("q", "v"), ("k", "v", "o", "proj")])
+def test_gpt2_qkv_lora_is_a_peft_lora_of_the_fused_c_attn(targets, tmp_path):
+    """GPT-2's q/k/v are one Conv1D `c_attn` in Hugging Face: their LoRA is written as one of rank m·r."""
+    from peft import PeftModel
+
+    from models.peft import read_lora_adapter, write_lora_adapter
+
+    model = models.TransformerLM(models.tiny("gpt2", d_model=32, n_layers=2, n_heads=4, max_seq_len=32))
+    params = jax.tree.map(lambda v: v * 3.0, model.init(jax.random.key(0)))
+    models.save_pretrained(model, params, str(tmp_path / "base"))
+    lora = models.init_lora(jax.random.key(1), params, rank=2, targets=targets)
+    lora = jax.tree.map(lambda v: jax.random.normal(jax.random.key(2), v.shape) * 0.3, lora)
+    write_lora_adapter(str(tmp_path / "adapter"), model.config, lora, alpha=6.0, base=str(tmp_path / "base"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "attn.c_attn" in config["target_modules"] and config["fan_in_fan_out"] is True
+    ids = IDS % model.config.vocab_size
+    ours = model.apply(models.merge_lora(params, lora, alpha=6.0), jnp.asarray(ids))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
+    err = _rel_err(ours, hf_logits(PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval(), ids))
+    assert err < REL_TOL, f"gpt2 c_attn adapter: relative logit error {err:.2e}"
+    with pytest.raises(models.CheckpointError, match="c_attn|rank_pattern"):
+        read_lora_adapter(str(tmp_path / "adapter"), model.config, params)
