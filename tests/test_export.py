@@ -205,6 +205,11 @@ def test_run_errors_are_one_line_and_an_interrupted_export_leaves_nothing(lora_r
     (empty / "config.yaml").write_text((open(os.path.join(run_dir, "config.yaml")).read()))
     assert "no checkpoint directory" in _cli_error(capsys, ["export", str(empty), str(tmp / "o")])
 
+    export_run(run_dir, str(tmp / "forced"), format="peft")
+    export_run(run_dir, str(tmp / "forced"), format="peft", checkpoint="2", force=True)  # replaced whole
+    assert sorted(os.listdir(tmp / "forced")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not [f for f in os.listdir(tmp) if f.startswith(".forced")]
+
     def failing(format, cfg, run, space, x, tmp, dtype):  # dies half-way through writing
         os.makedirs(tmp)
         with open(os.path.join(tmp, "config.json"), "w") as f:
