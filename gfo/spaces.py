@@ -251,9 +251,12 @@ class Subspace(Space):
         del key
         return jnp.zeros((self._dim,), jnp.float32)
 
+    def inner_point(self, z: jax.Array):
+        """The point `x0 + P z` of the inner space (what `to_params` hands to `inner.to_params`)."""
+        return jax.tree_util.tree_map_with_path(lambda p, v: self._project_leaf(p, v, z), self.x0_inner)
+
     def to_params(self, z: jax.Array):
-        x = jax.tree_util.tree_map_with_path(lambda p, v: self._project_leaf(p, v, z), self.x0_inner)
-        return self.inner.to_params(x)
+        return self.inner.to_params(self.inner_point(z))
 
 
 

@@ -17,7 +17,9 @@ Where things live: `config` (`ModelConfig` and the family constructors), `decode
 `NoisyLeaf`), `noise` (how a key becomes float32 noise), `generate`, `lora`, `prompt`; checkpoints:
 `pretrained` (`from_pretrained`, either format), `hf` (safetensors, `save_pretrained`), `hf_config`
 (`config.json` ⇄ `ModelConfig`), `gguf` (llama.cpp's GGUF), `tensor_map` (checkpoint tensor names ⇄ our
-parameter paths, shared by both formats); tokenizers: `tokenizer`, `gguf_tokenizer`, `gguf_metadata`.
+parameter paths, shared by both formats); export: `export_gguf` (GGUF writing), `peft` (PEFT adapters ⇄
+LoRA factors and soft prompts), `export_tokenizer` (tokenizer files / GGUF tokenizer fields); tokenizers:
+`tokenizer`, `gguf_tokenizer`, `gguf_metadata`.
 """
 
 from models.config import ModelConfig, gemma3, gpt2, llama, opt, qwen2, qwen3, tiny

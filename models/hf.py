@@ -99,12 +99,10 @@ def load_hf(path: str, dtype: str = "float32") -> tuple[TransformerLM, dict]:
     return model, params_from_tensors(model, _read_tensors(path), path)
 
 
-def save_pretrained(model: TransformerLM, params: dict, path: str, shard_size_mb: float | None = None) -> None:
-    """Write `config.json` + `model.safetensors` (or shards with an index) readable by `transformers`."""
-    from safetensors.numpy import save_file
-
-    cfg = model.config
-    os.makedirs(path, exist_ok=True)
+def hf_tensors(cfg, params: dict) -> dict[str, np.ndarray]:
+    """Every tensor of `cfg`'s Hugging Face checkpoint from our `params`, by HF name, in HF layout
+    (`[out, in]` projections, GPT-2's fused `c_attn`, one array per layer), in the parameters' dtypes.
+    `params` must hold plain arrays (merge a LoRA densely first: `models.merge_lora(..., dense=True)`)."""
     tensors: dict[str, np.ndarray] = {}
     params = jax.device_get(params)  # one transfer; stacked leaves are sliced per layer on the host
     for hf_name, our_path, transform, layer in tensor_map(cfg):
@@ -117,6 +115,18 @@ def save_pretrained(model: TransformerLM, params: dict, path: str, shard_size_mb
             tensors[hf_name] = value
         else:  # pieces of a fused tensor, concatenated in map order
             tensors[hf_name] = value if hf_name not in tensors else np.concatenate([tensors[hf_name], value], -1)
+    return tensors
+
+
+def save_pretrained(model: TransformerLM, params: dict, path: str, shard_size_mb: float | None = None) -> None:
+    """Write `config.json` + `model.safetensors` (or shards of at most `shard_size_mb` MiB with an index)
+    readable by `transformers`; the tensors in the parameters' dtypes, `config.json`'s `torch_dtype`
+    the config's `param_dtype`."""
+    from safetensors.numpy import save_file
+
+    cfg = model.config
+    os.makedirs(path, exist_ok=True)
+    tensors = hf_tensors(cfg, params)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(cfg), f, indent=2)
     if shard_size_mb is None:

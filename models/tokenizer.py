@@ -133,6 +133,11 @@ class HFTokenizer(_BatchEncodeMixin):
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` itself (what `tokenizer.json` holds)."""
+        return self._tok
+
     def token_bytes(self) -> list[bytes]:
         """UTF-8 bytes of every id (`vocab_size` entries); special tokens give b"" (never part of text)."""
         return list(self._bytes)

@@ -197,6 +197,29 @@ def _identity(params):
     return params
 
 
+def adapter_start(path: str, space, section: SpaceSection, model_cfg):
+    """The start point of a `lora` space read from the PEFT LoRA adapter directory `path`
+    (`models.peft.read_lora_adapter`), its rank, alpha and targets checked against the space's."""
+    from models.hf_config import CheckpointError
+    from models.peft import lora_targets, read_lora_adapter
+
+    if section.kind != "lora":
+        raise ConfigError(f"model.adapter={path!r} is a LoRA adapter, the start of a space.kind='lora' run; "
+                          f"space.kind={section.kind!r}")
+    try:
+        lora, rank, alpha = read_lora_adapter(path, model_cfg, space.base)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    targets = lora_targets(lora)
+    for key, theirs, ours in (("rank", rank, space.rank), ("alpha", alpha, space.alpha),
+                              ("targets", list(targets), sorted(space.targets))):
+        if theirs != ours:
+            raise ConfigError(f"model.adapter={path!r} has {key} {theirs!r} but space.{key}={ours!r}: set "
+                              f"space.{key}={theirs!r} (the adapter's r={rank}, lora_alpha={alpha:g}, targets "
+                              f"{list(targets)})")
+    return lora
+
+
 def build_mesh(cfg: RunConfig):
     """Start multi-process JAX if `cfg.distributed` (or the environment) asks for it; the run's mesh."""
     d = cfg.distributed
@@ -291,6 +314,8 @@ def build_run(cfg: RunConfig, run_dir: str, model, params, mesh, stage: str = "m
     param_bytes = stepplan.tree_bytes(params)
     space = build_space(space_section, params, keys["space"])
     x0 = space.init(keys["init"])
+    if stage == "main" and cfg.model.adapter is not None:
+        x0 = adapter_start(cfg.model.adapter, space, space_section, model.config)
     # A population method that leaves `eval_chunk` unset gets one from the memory budget.
     planned_chunk = stepplan.plan_eval_chunk(optimizer_section, task.train_batch(0), model.config, x0,
                                              param_bytes, mesh)

@@ -267,12 +267,17 @@ def _manifest_pending(mgr) -> None:
                 raise
 
 
-def restore(mgr, like) -> tuple:
-    """`(state, step)` of `mgr`'s latest checkpoint, read with the shapes, dtypes and shardings of `like`
-    (`(like, 0)` when there is none). Raises `RunCheckpointError` naming the step and what to remove."""
+def restore(mgr, like, step: int | None = None) -> tuple:
+    """`(state, step)` of `mgr`'s latest checkpoint (or of checkpoint `step`), read with the shapes, dtypes
+    and shardings of `like` (`(like, 0)` when there is none). Raises `RunCheckpointError` naming the step
+    and what to remove, or the steps there are when `step` is not one of them."""
     import orbax.checkpoint as ocp
 
-    step = mgr.latest_step()
+    if step is not None and step not in mgr.all_steps():
+        mgr.close()
+        raise RunCheckpointError(f"checkpoint step {step} is not in {mgr.directory}: it holds steps "
+                                 f"{sorted(mgr.all_steps())}")
+    step = mgr.latest_step() if step is None else step
     if step is None:
         return like, 0
     # The shardings of the current mesh: a checkpoint written on another mesh is resharded on read.
@@ -364,8 +369,14 @@ def save_best(run_dir: str, step: int, solution) -> None:
     import orbax.checkpoint as ocp
 
     mgr = manager(run_dir, 1, "best")
-    mgr.save(step, args=ocp.args.StandardSave(solution), force=True)
+    mgr.save(step, args=ocp.args.StandardSave(_as_tree(solution)), force=True)
     finish(mgr)
+
+
+def _as_tree(x):
+    """`x` itself, or `{"point": x}` for a single array (a soft prompt, a subspace vector): orbax's
+    standard handler saves trees only."""
+    return {"point": x} if isinstance(x, jax.Array) else x
 
 
 def restore_best(run_dir: str, like):
@@ -373,10 +384,10 @@ def restore_best(run_dir: str, like):
     import orbax.checkpoint as ocp
 
     mgr = manager(run_dir, 1, "best")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _as_tree(like))
     x = mgr.restore(mgr.latest_step(), args=ocp.args.StandardRestore(abstract))
     mgr.close()
-    return x
+    return x["point"] if isinstance(like, jax.Array) else x
 
 
 def saved_steps(run_dir: str) -> list[int]:

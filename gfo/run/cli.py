@@ -7,6 +7,8 @@ commands:
   eval RUN_DIR                           evaluate a run's latest checkpoint
   decode RUN_DIR [--set decode.k=v ...]  greedy vs beam search vs refinement at the latest checkpoint
   report RUN_DIR... [--out DIR]          side-by-side table (and curves) of runs or sweeps
+  export RUN_DIR OUT [--format hf|peft|gguf] [--checkpoint latest|best|STEP] [--dtype D] [--force]
+                                         a checkpoint as a Hugging Face model, PEFT adapter or GGUF file
   sweep [CONFIG] --param K=loguniform(a,b) ... --metric M   optuna search over seeds, with pruning
   demo [--family gpt2|llama|opt]         the model demo (train, save/load, generate)
   help [COMMAND]                         this text, or a command's options
@@ -88,6 +90,22 @@ def _report(argv):
     print(compare(args.run_dirs, args.out))
 
 
+def _export(argv):
+    from gfo.run.export import DTYPES, FORMATS, export_run
+
+    p = argparse.ArgumentParser(prog="gfo export", description="Write a run's checkpoint as a Hugging Face model "
+                                "directory (hf), a PEFT adapter (peft: LoRA or soft prompt) or a GGUF file (gguf).")
+    p.add_argument("run_dir")
+    p.add_argument("out", help="the directory (hf, peft) or .gguf file to write; refused if it exists")
+    p.add_argument("--format", default="hf", help=f"one of {', '.join(FORMATS)} (default hf)")
+    p.add_argument("--checkpoint", default="latest", help="latest (default), best (the dev-selected point in "
+                   "RUN/best/) or a step number")
+    p.add_argument("--dtype", default="float32", help=f"dtype of the written tensors: one of {', '.join(DTYPES)}")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    args = p.parse_args(argv)
+    export_run(args.run_dir, args.out, args.format, args.checkpoint, args.dtype, args.force)
+
+
 def _sweep(argv):
     from gfo.run.sweep import main as sweep_main
 
@@ -108,8 +126,8 @@ def _help(argv):
     print(__doc__.split("\n", 2)[2].strip())
 
 
-COMMANDS = {"train": _train, "eval": _eval, "decode": _decode, "report": _report, "sweep": _sweep, "demo": _demo,
-            "help": _help}
+COMMANDS = {"train": _train, "eval": _eval, "decode": _decode, "report": _report, "export": _export, "sweep": _sweep,
+            "demo": _demo, "help": _help}
 
 
 class _Usage(Exception):

@@ -32,6 +32,7 @@ class ModelSection:
     family: Literal["gpt2", "llama", "opt"] = "gpt2"  # for a random model
     path: Optional[str] = None  # a local Hugging Face checkpoint directory or a .gguf file
     tokenizer: Optional[str] = None  # a path or `byte`; default: the checkpoint's own (path), else byte
+    adapter: Optional[str] = None  # a PEFT LoRA adapter directory: the start point of a `lora` space
     overrides: dict = dataclasses.field(default_factory=dict)  # ModelConfig fields, e.g. {d_model: 128}
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 

@@ -13,10 +13,10 @@ import yaml
 from gfo.run.config import DistributedSection, MeshSection, RunConfig, apply_override, from_dict
 
 
-def restore_run(run_dir: str, overrides: list[str] = ()) -> tuple[RunConfig, Any, Any, int]:
+def restore_run(run_dir: str, overrides: list[str] = (), step: int | None = None) -> tuple[RunConfig, Any, Any, int]:
     """`(cfg, run, state, step)`: a run rebuilt from its `config.yaml` (plus `a.b=v` overrides of sections
     that do not change the optimisation, e.g. `decode.*`) — a `gfo.run.build.Run` — and its optimizer
-    state at the latest checkpoint `step`, on this machine's devices."""
+    state at the latest checkpoint `step` (or at checkpoint `step` when given), on this machine's devices."""
     from gfo.run import build
 
     config_file = os.path.join(run_dir, "config.yaml")
@@ -34,7 +34,7 @@ def restore_run(run_dir: str, overrides: list[str] = ()) -> tuple[RunConfig, Any
         pre = build.build_run(cfg, run_dir, model, params, mesh, "pretrain")
         params = pre.params(_restore_or_fail(pre, cfg.keep_checkpoints)[0])
     run = build.build_run(cfg, run_dir, model, params, mesh)
-    state, step = _restore_or_fail(run, cfg.keep_checkpoints)
+    state, step = _restore_or_fail(run, cfg.keep_checkpoints, step)
     return cfg, run, state, step
 
 
@@ -89,8 +89,9 @@ def compare_decoders_of(run, params, cfg: RunConfig) -> dict:
     return results
 
 
-def _restore_or_fail(run, keep: int) -> tuple:
-    """`(state, step)` of `run`'s latest checkpoint (restored like a fresh state); an error when it has none."""
+def _restore_or_fail(run, keep: int, step: int | None = None) -> tuple:
+    """`(state, step)` of `run`'s latest checkpoint, or of checkpoint `step` (restored like a fresh state);
+    an error when it has none."""
     from gfo.run import checkpoint
     from gfo.run.checkpoint import RunCheckpointError
 
@@ -98,7 +99,7 @@ def _restore_or_fail(run, keep: int) -> tuple:
     if not os.path.isdir(directory):
         raise RunCheckpointError(f"no checkpoint directory {directory!r}: the run has not saved a checkpoint yet")
     manager = checkpoint.manager(run.run_dir, keep)
-    state, step = checkpoint.restore(manager, run.init_state())
+    state, step = checkpoint.restore(manager, run.init_state(), step)
     manager.close()
     if step == 0:
         raise RunCheckpointError(f"{directory!r} holds no checkpoint")
