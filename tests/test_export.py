@@ -65,7 +65,7 @@ def _config(tmp_path, name, ckpt, **sections) -> RunConfig:
             "checkpoint_every": 2, "model": {"path": str(ckpt)},
             "task": {"name": "grammar_lm", "batch_size": 4, "eval_size": 4, "options": {"seq_len": 12}},
             "space": {"kind": "lora", "rank": 2, "alpha": 8.0, "targets": ["q", "v", "down"]},
-            "optimizer": {"method": "spsa", "transform": "sgd", "lr": 0.5, "sigma": 1e-2, "n": 2},
+            "optimizer": {"method": "spsa", "transform": "sgd", "lr": 0.5, "eps": 1e-2, "n": 2},
             "eval": {"select_by": "dev_cross_entropy", "dev_size": 4}}
     for key, value in sections.items():
         merge = isinstance(value, dict) and isinstance(base.get(key), dict) and not (key == "optimizer" and "method" in value)
