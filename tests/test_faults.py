@@ -384,3 +384,95 @@ def test_a_manifest_that_cannot_be_written_stops_the_run_naming_it(tmp_path, cap
     assert "checkpoint step 4 fails verification (no gfo_manifest.json)" in out
     assert f"resuming {run_dir} from step 2" in out
     assert [s for s, split in _steps(run_dir) if split == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+# ----------------------------------------------------------------------------- 8. every command: one line, or a log
+COMMANDS = ["train", "eval", "decode", "report", "sweep", "export"]  # export: any command added later
+
+
+def _raising(error, run_dir=None):
+    def command(argv):
+        if run_dir is not None:
+            from gfo import errors
+
+            errors.note_run_dir(run_dir)
+        raise error
+
+    return command
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("error, expected", [
+    (FileNotFoundError(2, "No such file or directory", "/data/train.jsonl"), "/data/train.jsonl: No such file or directory"),
+    (PermissionError(13, "Permission denied", "/runs/x/metrics.jsonl"), "/runs/x/metrics.jsonl: Permission denied"),
+    (IsADirectoryError(21, "Is a directory", "/data/dir"), "/data/dir: Is a directory"),
+    (OSError(28, "No space left on device", "/runs/x/decode.md"), "/runs/x/decode.md: No space left on device"),
+    (UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte"), "byte 0xff at offset 2 (invalid start byte)"),
+    (yaml.YAMLError("mapping values are not allowed here"), "mapping values are not allowed here"),
+])
+def test_every_command_turns_an_anticipated_error_into_one_line_exit_2(monkeypatch, capsys, command, error, expected):
+    monkeypatch.setitem(cli.COMMANDS, command, _raising(error))
+    err = _cli_error(capsys, [command, "x"])
+    assert err == f"gfo {command}: error: {expected}" if "byte" not in expected else expected in err, err
+
+
+def test_a_safetensors_error_is_one_line_exit_2(monkeypatch, capsys):
+    from safetensors.numpy import load
+
+    try:
+        load(b"garbage")
+    except Exception as e:  # noqa: BLE001 - the reader's own error type
+        error = e
+    monkeypatch.setitem(cli.COMMANDS, "export", _raising(error))
+    assert "header too small" in _cli_error(capsys, ["export", "x"])
+
+
+def _internal_error(capsys, argv) -> tuple[str, str]:
+    """The two lines of an unanticipated error (exit 1) and the log file they name."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in "\n".join(lines), lines
+    log = lines[1].split("the full traceback is in ")[1].split(" (rerun with --debug")[0]
+    return "\n".join(lines), log
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_unanticipated_error_is_two_lines_naming_the_log_of_its_traceback(monkeypatch, capsys, tmp_path, command):
+    monkeypatch.setitem(cli.COMMANDS, command, _raising(ZeroDivisionError("float division by zero")))
+    text, log = _internal_error(capsys, [command, "x"])
+    assert text.startswith(f"gfo {command}: internal error: ZeroDivisionError: float division by zero\n")
+    assert "GFO_DEBUG=1" in text
+    written = open(log).read()
+    assert "Traceback (most recent call last)" in written and "ZeroDivisionError: float division by zero" in written
+    assert f"gfo {command} x" in written
+    os.remove(log)
+    # once the command knows its run directory, the traceback goes to RUN/error.log (appended)
+    monkeypatch.setitem(cli.COMMANDS, command, _raising(KeyError("step"), run_dir=str(tmp_path)))
+    for _ in range(2):
+        text, log = _internal_error(capsys, [command, "x"])
+        assert log == str(tmp_path / "error.log") and "internal error: KeyError: 'step'" in text
+    assert open(log).read().count("KeyError: 'step'") == 2
+
+
+def test_debug_flag_and_env_reraise(monkeypatch, capsys):
+    monkeypatch.setitem(cli.COMMANDS, "export", _raising(ZeroDivisionError("boom")))
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["export", "x", "--debug"])
+    with pytest.raises(FileNotFoundError):  # a user error too: the developer sees where it was raised
+        monkeypatch.setitem(cli.COMMANDS, "export", _raising(FileNotFoundError(2, "No such file", "/x")))
+        cli.main(["--debug", "export", "x"])
+    monkeypatch.setenv("GFO_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        cli.main(["export", "x"])
+    monkeypatch.setenv("GFO_DEBUG", "0")
+    assert _cli_error(capsys, ["export", "x"]) == "gfo export: error: /x: No such file"
+
+
+def test_the_debug_flag_is_not_passed_to_the_command(monkeypatch):
+    seen = []
+    monkeypatch.setitem(cli.COMMANDS, "export", seen.append)
+    cli.main(["export", "--debug", "a"])
+    assert seen == [["a"]]

@@ -11,16 +11,23 @@ commands:
   demo [--family gpt2|llama|opt]         the model demo (train, save/load, generate)
   help [COMMAND]                         this text, or a command's options
 
-With no COMMAND (or only options) `gfo` runs `gfo train`. A user error (a bad config value, a missing
-file, an unreadable checkpoint) prints one line and exits with status 2; Ctrl-C during a run says where
-it stopped and exits with status 130; rerunning the same command resumes it.
+With no COMMAND (or only options) `gfo` runs `gfo train`. Every command ends an error the same way
+(`main`): a user error (a bad config value, a missing, unreadable or non-UTF-8 file, an unreadable
+checkpoint) prints one line naming it and exits with status 2; a run that failed (diverged, a checkpoint
+not written) one line, status 1; Ctrl-C during a run says where it stopped and exits with status 130
+(rerunning the same command resumes it); an unanticipated error prints its type and message and the file
+holding its traceback (RUN/error.log once the run directory is known, else a temporary file), status 1.
+`--debug` anywhere on the command line (or GFO_DEBUG=1) re-raises every error with its traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from gfo import errors
 
 EXIT_USAGE = 2  # a bad config, file or argument: the user can fix it
 EXIT_FAILED = 1  # a run that failed on its own (diverged) or whose storage failed (a checkpoint not written)
@@ -117,7 +124,8 @@ class _Usage(Exception):
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean bad input (exit 2, one line): config, data, checkpoint, memory plan."""
+    """The exceptions that mean bad input (exit 2, one line): config, data, checkpoint, memory plan, and
+    every operating-system error (a missing, unreadable or unwritable file: it names the file)."""
     from models.hf import CheckpointError
 
     from gfo.run.config import ConfigError
@@ -128,16 +136,56 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from gfo.run.train import RunCheckpointError, RunDirectoryError, RunLockedError
 
     return (ConfigError, DataError, RunCheckpointError, RunDirectoryError, RunLockedError, CheckpointError, StrategyMemoryError, MetricsError,
-            DistributedError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-            json.JSONDecodeError, _Usage)
+            DistributedError, OSError, UnicodeDecodeError, json.JSONDecodeError, _Usage)
+
+
+def _anticipated(e: BaseException) -> bool:
+    """A user error by type, or an error of a reader gfo hands user files to (YAML, safetensors)."""
+    kind = type(e)
+    if isinstance(e, (OSError, UnicodeDecodeError, _Usage)):  # known without importing anything
+        return True
+    if kind.__module__.split(".")[0] in ("yaml", "safetensors", "safetensors_rust"):
+        return True
+    return isinstance(e, user_errors())
 
 
 def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:  # "[Errno 2] ...: 'x'" -> "x: ..."
+        where = f"{e.filename}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+        return f"{where}: {e.strerror}"
+    if isinstance(e, UnicodeDecodeError):  # the reader that knew the file would have named it
+        return (f"a file is not {e.encoding} text: byte {e.object[e.start]:#04x} at offset {e.start} "
+                f"({e.reason})")
     return " ".join(str(e).split()) or type(e).__name__
 
 
+def _failed_run() -> tuple[type[BaseException], ...]:
+    """A run that failed on its own (diverged) or whose storage failed (exit 1, one line); looked up only
+    among modules already imported (an error before `gfo.run.train` was imported is not one of them)."""
+    found = []
+    for module, name in (("gfo.run.loop", "DivergenceError"), ("gfo.run.checkpoint", "CheckpointSaveError")):
+        kind = getattr(sys.modules.get(module), name, None)
+        if kind is not None:
+            found.append(kind)
+    return tuple(found)
+
+
+DEBUG_ENV = "GFO_DEBUG"  # set (not "" or "0"), or `--debug` anywhere on the command line: errors re-raise
+
+
+def _debug(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run one command. Every error ends in one line on stderr (two for an unanticipated one), the same
+    for every command in `COMMANDS`: bad input exits 2, a run that failed 1, Ctrl-C 130; an unanticipated
+    error says its type and message and where its full traceback was written (the run directory's
+    `error.log` once known, else a temporary file), exit 1. `--debug` or GFO_DEBUG=1 re-raises instead."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    full = list(argv)
+    debug = _debug(argv)
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] in ("-h", "--help"):
         argv[0] = "help"
     command = argv.pop(0) if argv and not argv[0].startswith("-") else "train"
@@ -146,22 +194,49 @@ def main(argv: list[str] | None = None) -> None:
         print(f"gfo: unknown command {command!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
               + f"; expected one of {sorted(COMMANDS)} (gfo help lists them)", file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
+    errors.note_run_dir(None)
     try:
         COMMANDS[command](argv)
-    except KeyboardInterrupt as e:  # a run's RunInterrupted says where it stopped and how to resume
-        print(f"\ngfo {command}: {_one_line(e) if str(e) else 'interrupted'}", file=sys.stderr)
-        raise SystemExit(EXIT_INTERRUPTED) from None
-    except Exception as e:
-        from gfo.run.train import CheckpointSaveError, DivergenceError  # imported late: `gfo train` starts
-        # JAX's distributed runtime first
-
-        if isinstance(e, (DivergenceError, CheckpointSaveError)):
-            print(f"gfo {command}: {_one_line(e)}", file=sys.stderr)
-            raise SystemExit(EXIT_FAILED) from None
-        if isinstance(e, user_errors()):
-            print(f"gfo {command}: error: {_one_line(e)}", file=sys.stderr)
-            raise SystemExit(EXIT_USAGE) from None
+    except SystemExit:
         raise
+    except BaseException as e:  # noqa: BLE001 - every error becomes its line and exit status here
+        if debug:
+            raise
+        code, text = _report(command, e, full)
+        print(text, file=sys.stderr)
+        _exit(code, e)
+
+
+def _report(command: str, e: BaseException, argv: list[str]) -> tuple[int, str]:
+    """`(exit status, what to print)` for an error that ended `gfo COMMAND`."""
+    if isinstance(e, KeyboardInterrupt):  # a run's RunInterrupted says where it stopped and how to resume
+        return EXIT_INTERRUPTED, f"\ngfo {command}: {_one_line(e) if str(e) else 'interrupted'}"
+    if not isinstance(e, Exception):
+        return EXIT_FAILED, f"gfo {command}: {type(e).__name__}: {_one_line(e)}"
+    try:
+        if isinstance(e, _failed_run()):
+            return EXIT_FAILED, f"gfo {command}: {_one_line(e)}"
+        if _anticipated(e):
+            return EXIT_USAGE, f"gfo {command}: error: {_one_line(e)}"
+    except Exception:  # noqa: BLE001 - a failure to classify (an import error) is itself unanticipated
+        pass
+    message = _one_line(e)
+    message = message if len(message) <= 300 else message[:297] + "..."
+    log = errors.error_log(e, argv)
+    where = (f"the full traceback is in {log}" if log else "no traceback could be written")
+    return EXIT_FAILED, (f"gfo {command}: internal error: {type(e).__name__}: {message}\n"
+                         f"gfo {command}: {where} (rerun with --debug or {DEBUG_ENV}=1 to see it here)")
+
+
+def _exit(code: int, e: BaseException) -> None:
+    """Exit with `code`; at once (no interpreter shutdown) when `e` left a thread that cannot be stopped
+    (a multi-process start still waiting for its peers: JAX's shutdown would wait for them, and log)."""
+    if getattr(e, "abandon_process", False):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code) from None
+
 
 if __name__ == "__main__":
     main()

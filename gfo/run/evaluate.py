@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from gfo import errors
 from gfo.run.config import DistributedSection, MeshSection, RunConfig, apply_override, from_dict
 
 
@@ -22,6 +23,7 @@ def restore_run(run_dir: str, overrides: list[str] = ()) -> tuple[RunConfig, Any
     config_file = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{run_dir!r} is not a gfo run directory: it has no config.yaml")
+    errors.note_run_dir(run_dir)  # an unanticipated error's traceback goes to RUN/error.log
     with open(config_file) as f:
         data = yaml.safe_load(f)
     for assignment in overrides:

@@ -21,7 +21,7 @@ import time
 
 import yaml
 
-from gfo import distributed
+from gfo import distributed, errors
 from gfo.run import checkpoint, stepplan
 from gfo.run.build import Run, build_mesh, build_run, build_runs
 from gfo.run.checkpoint import RunCheckpointError, RunDirectoryError, RunLockedError  # noqa: F401 - re-exported: user errors
@@ -67,6 +67,7 @@ def train(cfg: RunConfig, on_eval=None, strict: bool = False) -> dict:
     distributed.barrier("gfo:checked")  # every process has read the old config.yaml before it is rewritten
     try:
         os.makedirs(run_dir, exist_ok=True)
+        errors.note_run_dir(run_dir)  # an unanticipated error's traceback goes to RUN/error.log
         held = checkpoint.lock(run_dir) if distributed.is_primary() else None  # one writer per run directory
     except OSError as e:  # read-only, a full disk: said before anything is written
         raise _unwritable(run_dir, e) from None
