@@ -4,6 +4,7 @@ writes the traceback of an error nobody anticipated (`error_log`)."""
 
 from __future__ import annotations
 
+import codecs
 import datetime
 import os
 import socket
@@ -14,6 +15,28 @@ import traceback
 
 class ConfigError(ValueError):
     """A configuration key, type or value that cannot be used."""
+
+
+def not_utf8(path: str) -> str:
+    """Where file `path` stops being UTF-8 text — "byte 0xff at offset 14 (line 2)" — or "" when it is
+    (read in chunks: the offset counts from the start of the file, whatever chunk a reader failed in)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 1
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            pending = decoder.getstate()[0]
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:
+                data = pending + chunk
+                at = offset - len(pending) + e.start
+                lines += data.count(b"\n", 0, e.start)
+                return f"byte {data[e.start]:#04x} at offset {at} (line {lines})"
+            if not chunk:
+                return ""
+            offset += len(chunk)
+            lines += chunk.count(b"\n")
 
 
 _log_dir: str | None = None  # the run directory of the command running now, once known

@@ -476,3 +476,41 @@ def test_the_debug_flag_is_not_passed_to_the_command(monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "export", seen.append)
     cli.main(["export", "--debug", "a"])
     assert seen == [["a"]]
+
+
+# ----------------------------------------------------------------------------- 9. a garbage config.yaml in a run directory
+GARBAGE = {
+    "random bytes": (bytes(range(128, 256)) * 3, "is not UTF-8 text (byte 0x80 at offset 0 (line 1))"),
+    "not YAML": (b"name: [run\nsteps: 4\n", "is not valid YAML ("),
+    "a list": (b"- name\n- steps\n", "holds a list at its top level"),
+    "empty": (b"", "is empty"),
+}
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "decode", "report"])
+@pytest.mark.parametrize("garbage", sorted(GARBAGE))
+def test_a_garbage_run_config_is_one_line_naming_it(tmp_path, capsys, command, garbage):
+    from gfo.run import checkpoint
+
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir / "checkpoints" / "2")  # a run with progress: `gfo train` resumes it, reading config.yaml
+    (run_dir / "checkpoints" / "2" / checkpoint._ORBAX_DATA).write_text("{}")
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "split": "eval", "cross_entropy": 1.0}\n')
+    content, expected = GARBAGE[garbage]
+    (run_dir / "config.yaml").write_bytes(content)
+    argv = ["train", _config_file(tmp_path)] if command == "train" else [command, str(run_dir)]
+    err = _cli_error(capsys, argv)
+    assert err.startswith(f"gfo {command}: error: run config '{run_dir / 'config.yaml'}' {expected}"), err
+    assert "expected the mapping of the run's resolved config that gfo train writes there" in err
+    if command == "train":
+        assert err.endswith("restore it, or start afresh under another name (--set name=...)")
+    assert (run_dir / "config.yaml").read_bytes() == content  # nothing rewritten
+
+
+def test_a_non_utf8_metrics_file_is_one_line_naming_it(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir)
+    (run_dir / "metrics.jsonl").write_bytes(b'{"step": 0, "split": "eval"}\n{"step": 1\xff}\n')
+    err = _cli_error(capsys, ["report", str(run_dir)])
+    assert err == (f"gfo report: error: {run_dir / 'metrics.jsonl'} is not UTF-8 text (byte 0xff at offset 39 "
+                   f"(line 2)): expected one JSON record per line")

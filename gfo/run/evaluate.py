@@ -8,10 +8,9 @@ import json
 import os
 from typing import Any
 
-import yaml
-
 from gfo import errors
-from gfo.run.config import DistributedSection, MeshSection, RunConfig, apply_override, from_dict
+from gfo.run.config import (DistributedSection, MeshSection, RunConfig, apply_override, from_dict,
+                            read_run_config)
 
 
 def restore_run(run_dir: str, overrides: list[str] = ()) -> tuple[RunConfig, Any, Any, int]:
@@ -24,8 +23,7 @@ def restore_run(run_dir: str, overrides: list[str] = ()) -> tuple[RunConfig, Any
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{run_dir!r} is not a gfo run directory: it has no config.yaml")
     errors.note_run_dir(run_dir)  # an unanticipated error's traceback goes to RUN/error.log
-    with open(config_file) as f:
-        data = yaml.safe_load(f)
+    data = read_run_config(run_dir)
     for assignment in overrides:
         apply_override(data, assignment)
     cfg = from_dict(RunConfig, data)
