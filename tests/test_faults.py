@@ -514,3 +514,59 @@ def test_a_non_utf8_metrics_file_is_one_line_naming_it(tmp_path, capsys):
     err = _cli_error(capsys, ["report", str(run_dir)])
     assert err == (f"gfo report: error: {run_dir / 'metrics.jsonl'} is not UTF-8 text (byte 0xff at offset 39 "
                    f"(line 2)): expected one JSON record per line")
+
+
+# ----------------------------------------------------------------------------- 10. data files: not UTF-8, a directory
+LATIN1 = "caf\xe9 au lait\n".encode("latin-1")  # 0xe9 at offset 3 of the line
+
+
+def _data_case(tmp_path, case):
+    """(task section, the file it names, what the line says) of one unreadable data file."""
+    good = '{"text": "a b", "label": 0}\n'
+    if case == "text_lm not UTF-8":
+        path = tmp_path / "corpus.txt"
+        path.write_bytes(b"plain line\n" * 3 + LATIN1)
+        return {"name": "text_lm", "options": {"data_path": str(path), "seq_len": 8}}, path, \
+            "is not UTF-8 text (byte 0xe9 at offset 36 (line 4))"
+    if case == "text_lm a directory":
+        return {"name": "text_lm", "options": {"data_path": str(tmp_path), "seq_len": 8}}, tmp_path, \
+            "text file '{}' is a directory: expected a text file"
+    if case == "classification JSONL not UTF-8":
+        path = tmp_path / "train.jsonl"
+        path.write_bytes(good.encode() + b'{"text": "caf\xe9", "label": 1}\n')
+        return {"name": "prompt_classification", "options": {"data_path": str(path), "k": 1}}, path, \
+            f"JSONL file '{path}' is not UTF-8 text (byte 0xe9 at offset {len(good) + 13} (line 2))"
+    if case == "classification CSV not UTF-8":
+        path = tmp_path / "train.csv"
+        path.write_bytes(b"text,label\n" + LATIN1.rstrip() + b",1\n")
+        return {"name": "prompt_classification", "options": {"data_path": str(path), "k": 1}}, path, \
+            "table file '{}' is not UTF-8 text (byte 0xe9 at offset 14 (line 2))"
+    if case == "countdown JSON not UTF-8":
+        path = tmp_path / "countdown.json"
+        data = b'[{"numbers": [1, 2], "target": 3, "solution": "1+2\xe9"}]'
+        path.write_bytes(data)
+        return {"name": "countdown", "objective": "cross_entropy", "options": {"data_path": str(path)}}, path, \
+            "JSON file '{}' is not UTF-8 text (byte 0xe9 at offset %d (line 1))" % data.index(b"\xe9")
+    if case == "countdown a directory":
+        return {"name": "countdown", "objective": "cross_entropy", "options": {"data_path": str(tmp_path)}}, \
+            tmp_path, "data file '{}' is a directory, and not a `datasets` directory"
+    if case == "chat template not UTF-8":
+        path = tmp_path / "template.jinja"
+        path.write_bytes(b"{{ messages[0]['content'] }} \xe9")
+        return {"name": "countdown", "chat_template": str(path)}, path, \
+            "chat_template file '{}' is not UTF-8 text (byte 0xe9 at offset 29"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["text_lm not UTF-8", "text_lm a directory", "classification JSONL not UTF-8",
+                                  "classification CSV not UTF-8", "countdown JSON not UTF-8", "countdown a directory",
+                                  "chat template not UTF-8"])
+def test_a_data_file_that_is_not_utf8_or_is_a_directory_is_one_line_naming_it(tmp_path, capsys, case):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    task, path, expected = _data_case(data_dir, case)
+    task = {"batch_size": 2, "eval_size": 2, **task}
+    err = _cli_error(capsys, ["train", _config_file(tmp_path, task=task)])
+    assert err.startswith(f"gfo train: error: task '{task['name']}': ") and expected.format(path) in err, err
+    assert str(path) in err
+    assert sorted(os.listdir(tmp_path)) == ["data", "run.yaml"]  # no run directory
