@@ -570,3 +570,43 @@ def test_a_data_file_that_is_not_utf8_or_is_a_directory_is_one_line_naming_it(tm
     assert err.startswith(f"gfo train: error: task '{task['name']}': ") and expected.format(path) in err, err
     assert str(path) in err
     assert sorted(os.listdir(tmp_path)) == ["data", "run.yaml"]  # no run directory
+
+
+# ----------------------------------------------------------------------------- 11. countdown ranges
+@pytest.mark.parametrize("options, expected", [
+    ({"max_number": float("inf")}, "task.options.max_number=inf is invalid: expected an integer in [1, 16777216] "
+                                   "(2**24 = 16777216: the reward compares with the target as float32"),
+    ({"max_number": 10**30}, "task.options.max_number=1000000000000000000000000000000 is invalid: expected an "
+                             "integer in [1, 16777216]"),
+    ({"max_number": 0}, "task.options.max_number=0 is invalid"),
+    ({"max_number": 9.5}, "task.options.max_number=9.5 is invalid"),
+    ({"n_numbers": float("inf")}, "task.options.n_numbers=inf is invalid: expected an integer in [2, 6] (or [min, max] "
+                                  "within it)"),
+    ({"n_numbers": [2, float("nan")]}, "task.options.n_numbers=nan is invalid: expected an integer in [2, 6]"),
+    ({"n_numbers": [5, 3]}, "task.options.n_numbers=[5, 3] is invalid: expected [min, max] with min <= max"),
+    ({"max_new_tokens": float("inf")}, "task.options.max_new_tokens=inf is invalid: expected an integer >= 1"),
+])
+def test_countdown_options_out_of_range_are_config_errors_naming_the_option(tmp_path, capsys, options, expected):
+    task = {"name": "countdown", "batch_size": 2, "eval_size": 2, "options": options}
+    err = _cli_error(capsys, ["train", _config_file(tmp_path, task=task)])
+    assert err.startswith("gfo train: error: task 'countdown': ") and expected in err, err
+    assert os.listdir(tmp_path) == ["run.yaml"]
+
+
+@pytest.mark.parametrize("record, expected", [
+    ('{"numbers": [1, 2], "target": Infinity}', "record 1 has target inf; expected a finite number in "
+                                                "[-16777216, 16777216]"),
+    ('{"numbers": [1, 2], "target": 1e999}', "record 1 has target inf"),
+    ('{"numbers": [1, 2], "target": "nan"}', "record 1 has target 'nan'"),
+    ('{"numbers": [1, 2], "target": 99999999999}', "record 1 has target 99999999999"),
+    ('{"numbers": [1, 99999999999], "target": 3}', "record 1 has numbers [1, 99999999999]; expected a list of "
+                                                   "integers in [0, 16777216]"),
+])
+def test_countdown_records_out_of_range_name_the_file_and_record(tmp_path, capsys, record, expected):
+    data = tmp_path / "data" / "countdown.jsonl"
+    data.parent.mkdir()
+    data.write_text('{"numbers": [1, 2], "target": 3}\n' + record + "\n")
+    task = {"name": "countdown", "objective": "cross_entropy", "batch_size": 2, "eval_size": 1,
+            "options": {"data_path": str(data)}}
+    err = _cli_error(capsys, ["train", _config_file(tmp_path, task=task)])
+    assert err.startswith(f"gfo train: error: task 'countdown': {data}: {expected}"), err
