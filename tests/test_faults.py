@@ -610,3 +610,135 @@ def test_countdown_records_out_of_range_name_the_file_and_record(tmp_path, capsy
             "options": {"data_path": str(data)}}
     err = _cli_error(capsys, ["train", _config_file(tmp_path, task=task)])
     assert err.startswith(f"gfo train: error: task 'countdown': {data}: {expected}"), err
+
+
+# ----------------------------------------------------------------------------- 12. multi-process: peers that never come
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gfo(*argv) -> subprocess.Popen:
+    """`gfo ARGV...` as its own process on one CPU device (stdout, stderr piped as text)."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return subprocess.Popen([sys.executable, "-m", "gfo.run.cli", *argv], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _finish(procs, timeout=180) -> list[tuple[int, str, str]]:
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    finally:  # a hung process never outlives the test (it holds its port)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, out, err.strip()) for p, (out, err) in zip(procs, outputs)]
+
+
+def _start_flags(port, process_id, timeout):
+    return ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(process_id),
+            "--set", f"distributed.initialization_timeout={timeout}"]
+
+
+@pytest.mark.slow  # three processes starting JAX (about 10 s on 2 cores)
+def test_a_peer_that_never_joins_ends_each_process_in_one_line_and_ctrl_c_works_while_waiting(tmp_path):
+    import signal
+    import time
+
+    config = _config_file(tmp_path)
+    ports = [_free_port() for _ in range(3)]
+    alone_0 = _gfo("train", config, *_start_flags(ports[0], 0, 3))  # process 1 never starts
+    alone_1 = _gfo("train", config, *_start_flags(ports[1], 1, 3))  # nor process 0, the coordinator
+    waiting = _gfo("train", config, *_start_flags(ports[2], 0, 600))
+    assert "waiting for all 2 at coordinator" in waiting.stdout.readline()
+    started = time.monotonic()
+    waiting.send_signal(signal.SIGINT)
+    (rc0, _, err0), (rc1, _, err1), (rc2, _, err2) = _finish([alone_0, alone_1, waiting])
+    assert time.monotonic() - started < 60  # Ctrl-C ended the wait, not its 600 s
+    assert (rc0, rc1, rc2) == (2, 2, 130)
+    for err in (err0, err1, err2):
+        assert len(err.splitlines()) == 1 and "Traceback" not in err and "Check failure" not in err, err
+    assert err0 == (f"gfo train: error: multi-process start timed out after 3 s at coordinator 127.0.0.1:{ports[0]}: "
+                    f"joined: process 0 (this one, the coordinator); did not join: process 1; start every process "
+                    f"within 3 s of each other with the same coordinator address and num_processes (each its own "
+                    f"process_id), or raise distributed.initialization_timeout")
+    assert err1.startswith(f"gfo train: error: multi-process start timed out after 3 s at coordinator "
+                           f"127.0.0.1:{ports[1]}: process 1 of 2 (this one) could not complete joining: process 0 "
+                           f"is not running there or not reachable")
+    assert err2 == f"gfo train: interrupted while waiting for the other processes to join coordinator 127.0.0.1:{ports[2]}"
+    assert os.listdir(tmp_path) == ["run.yaml"]  # no run directory
+
+
+def test_initialization_timeout_must_be_positive():
+    for bad in ("0", "-3", ".inf"):
+        with pytest.raises(ConfigError, match=r"distributed.initialization_timeout' = .* is invalid"):
+            load_config(None, [f"distributed.initialization_timeout={bad}"])
+    assert load_config(None, []).distributed.initialization_timeout == 120
+
+
+@pytest.mark.slow  # two processes start JAX and check the config (about 20 s on 2 cores)
+def test_a_refusal_on_process_0_stops_every_process_at_the_next_barrier(tmp_path):
+    config = _config_file(tmp_path)
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir)
+    (run_dir / ".lock").write_text(f"{socket.gethostname()} {os.getpid()}\n")  # only process 0 takes the lock
+    port = _free_port()
+    results = _finish([_gfo("train", config, *_start_flags(port, i, 60)) for i in range(2)])
+    (rc0, _, err0), (rc1, _, err1) = results
+    assert (rc0, rc1) == (2, 2), results
+    for err in (err0, err1):
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err0.startswith(f"gfo train: error: run directory {run_dir} is in use by another gfo train (host "), err0
+    assert err1.startswith("gfo train: error: process 0 stopped before 'the run directory', so every process "
+                           "stops: ") and "in use by another gfo train" in err1, err1
+    assert sorted(os.listdir(run_dir)) == [".lock"]
+
+
+class _Client:
+    """The two calls of JAX's distributed client `distributed.checked` uses, for peers that fail or lag."""
+
+    def __init__(self, peer: str | None, late: bool = False):
+        self.store, self.peer, self.late = {}, peer, late
+
+    def key_value_set(self, key, value):
+        self.store[key] = value
+        if self.peer is not None:
+            self.store[key.rsplit("/", 1)[0] + "/1"] = self.peer
+
+    def wait_at_barrier(self, key, timeout_ms):
+        if self.late:
+            raise RuntimeError("DEADLINE_EXCEEDED: Barrier timed out. Id: x::0.\n# of tasks that reached the "
+                               "barrier: 1/2.\nThe first task at the barrier: 0. Some timed out task names:\n1\n")
+
+    def key_value_dir_get(self, prefix):
+        return [(k, v) for k, v in self.store.items() if k.startswith(prefix)]
+
+
+def test_checked_barrier_names_the_process_that_failed_or_never_came(monkeypatch):
+    from jax._src import distributed as jax_distributed
+
+    from gfo import distributed
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    monkeypatch.setattr(jax_distributed.global_state, "client", _Client("failed: data file 'x' does not exist"))
+    with pytest.raises(distributed.DistributedError, match=r"^process 1 stopped before 'the config check', so "
+                                                           r"every process stops: data file 'x' does not exist$"):
+        with distributed.checked("the config check"):
+            pass
+    monkeypatch.setattr(jax_distributed.global_state, "client", _Client("ok"))
+    with pytest.raises(ConfigError, match="bad"):  # this process's own error, after telling the others
+        with distributed.checked("the config check"):
+            raise ConfigError("bad")
+    assert any(v == "failed: bad" for v in jax_distributed.global_state.client.store.values())
+    monkeypatch.setattr(jax_distributed.global_state, "client", _Client(None, late=True))
+    with pytest.raises(distributed.DistributedError, match=r"^process\(es\) 1 did not reach 'the run directory' "
+                                                           r"within 120 s \(distributed.initialization_timeout\)"):
+        with distributed.checked("the run directory"):
+            pass

@@ -58,7 +58,7 @@ def _train(argv):
     cfg = load_config(args.config, overrides, args.variant)
     d = cfg.distributed
     # before gfo.run.train is imported: evosax's import already touches a device
-    distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+    distributed.initialize(d.coordinator_address, d.num_processes, d.process_id, d.initialization_timeout)
     from gfo.run.train import train
 
     train(cfg, strict=args.strict)
@@ -123,28 +123,31 @@ class _Usage(Exception):
     """A bad command line (the message is the whole report)."""
 
 
+# The exceptions that mean bad input (exit 2, one line), by module and name: config, data, checkpoint,
+# memory plan. Looked up among the modules already imported, never importing one: an error raised before its
+# module was imported cannot be one of them, and the error path must not touch a device (importing evosax
+# does; with a multi-process start that timed out, JAX's half-started runtime would abort the process).
+USER_ERRORS = (("gfo.errors", "ConfigError"), ("gfo.tasks.loaders", "DataError"),
+               ("gfo.run.checkpoint", "RunCheckpointError"), ("gfo.run.checkpoint", "RunDirectoryError"),
+               ("gfo.run.checkpoint", "RunLockedError"), ("models.hf_config", "CheckpointError"),
+               ("gfo.optim.search.strategies", "StrategyMemoryError"), ("gfo.run.report", "MetricsError"),
+               ("gfo.distributed", "DistributedError"))
+
+
+def _loaded(names) -> tuple[type[BaseException], ...]:
+    found = (getattr(sys.modules.get(module), name, None) for module, name in names)
+    return tuple(kind for kind in found if isinstance(kind, type))
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that mean bad input (exit 2, one line): config, data, checkpoint, memory plan, and
-    every operating-system error (a missing, unreadable or unwritable file: it names the file)."""
-    from models.hf import CheckpointError
-
-    from gfo.run.config import ConfigError
-    from gfo.distributed import DistributedError
-    from gfo.run.report import MetricsError
-    from gfo.optim.search.strategies import StrategyMemoryError
-    from gfo.tasks.loaders import DataError
-    from gfo.run.train import RunCheckpointError, RunDirectoryError, RunLockedError
-
-    return (ConfigError, DataError, RunCheckpointError, RunDirectoryError, RunLockedError, CheckpointError, StrategyMemoryError, MetricsError,
-            DistributedError, OSError, UnicodeDecodeError, json.JSONDecodeError, _Usage)
+    """The exceptions that mean bad input (exit 2, one line): `USER_ERRORS` (those imported), and every
+    operating-system error (a missing, unreadable or unwritable file: it names the file)."""
+    return _loaded(USER_ERRORS) + (OSError, UnicodeDecodeError, json.JSONDecodeError, _Usage)
 
 
 def _anticipated(e: BaseException) -> bool:
     """A user error by type, or an error of a reader gfo hands user files to (YAML, safetensors)."""
-    kind = type(e)
-    if isinstance(e, (OSError, UnicodeDecodeError, _Usage)):  # known without importing anything
-        return True
-    if kind.__module__.split(".")[0] in ("yaml", "safetensors", "safetensors_rust"):
+    if type(e).__module__.split(".")[0] in ("yaml", "safetensors", "safetensors_rust"):
         return True
     return isinstance(e, user_errors())
 
@@ -159,15 +162,8 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _failed_run() -> tuple[type[BaseException], ...]:
-    """A run that failed on its own (diverged) or whose storage failed (exit 1, one line); looked up only
-    among modules already imported (an error before `gfo.run.train` was imported is not one of them)."""
-    found = []
-    for module, name in (("gfo.run.loop", "DivergenceError"), ("gfo.run.checkpoint", "CheckpointSaveError")):
-        kind = getattr(sys.modules.get(module), name, None)
-        if kind is not None:
-            found.append(kind)
-    return tuple(found)
+FAILED_RUN = (("gfo.run.loop", "DivergenceError"), ("gfo.run.checkpoint", "CheckpointSaveError"))  # exit 1, one line:
+# a run that failed on its own (diverged) or whose storage failed (looked up as USER_ERRORS are)
 
 
 DEBUG_ENV = "GFO_DEBUG"  # set (not "" or "0"), or `--debug` anywhere on the command line: errors re-raise
@@ -214,7 +210,7 @@ def _report(command: str, e: BaseException, argv: list[str]) -> tuple[int, str]:
     if not isinstance(e, Exception):
         return EXIT_FAILED, f"gfo {command}: {type(e).__name__}: {_one_line(e)}"
     try:
-        if isinstance(e, _failed_run()):
+        if isinstance(e, _loaded(FAILED_RUN)):
             return EXIT_FAILED, f"gfo {command}: {_one_line(e)}"
         if _anticipated(e):
             return EXIT_USAGE, f"gfo {command}: error: {_one_line(e)}"

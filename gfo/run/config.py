@@ -125,6 +125,7 @@ class DistributedSection:
     coordinator_address: Optional[str] = None  # host:port of process 0
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
+    initialization_timeout: float = 120.0  # seconds every process waits for all to join (and at gfo's barriers)
 
 
 @dataclasses.dataclass
@@ -262,6 +263,7 @@ RANGES: dict[str, dict[str, tuple]] = {
                          "n": _AT_LEAST_ONE, "group_size": _AT_LEAST_ONE, "eval_chunk": _AT_LEAST_ONE,
                          "momentum": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE, "kl_coef": _NON_NEGATIVE},
     "StageSection": {"steps": _AT_LEAST_ONE},
+    "DistributedSection": {"initialization_timeout": _POSITIVE},
 }
 
 
