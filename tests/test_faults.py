@@ -62,6 +62,13 @@ def _dead_pid() -> int:
     return child.pid
 
 
+def _first_fast(cases: list) -> list:
+    """`cases` for a parametrized CLI test: the first in the fast tier, the others `slow` (each builds the
+    model before the failing part, ~2 s on 2 cores); a fast test checks every case's message directly."""
+    return [case if i == 0 else pytest.param(*(case if isinstance(case, tuple) else (case,)), marks=pytest.mark.slow)
+            for i, case in enumerate(cases)]
+
+
 # ----------------------------------------------------------------------------- 1. one writer per run directory
 @pytest.mark.slow  # an end-to-end run (over ~6 s on 2 cores)
 def test_a_second_train_on_a_locked_run_directory_exits_2_naming_the_holder(tmp_path, capsys):
@@ -558,9 +565,23 @@ def _data_case(tmp_path, case):
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["text_lm not UTF-8", "text_lm a directory", "classification JSONL not UTF-8",
-                                  "classification CSV not UTF-8", "countdown JSON not UTF-8", "countdown a directory",
-                                  "chat template not UTF-8"])
+DATA_CASES = ["text_lm not UTF-8", "text_lm a directory", "classification JSONL not UTF-8",
+              "classification CSV not UTF-8", "countdown JSON not UTF-8", "countdown a directory",
+              "chat template not UTF-8"]
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_a_data_file_that_is_not_utf8_or_is_a_directory_is_named_by_the_task(tmp_path, case):
+    from gfo.run.build import build_task
+    from gfo.run.config import TaskSection
+
+    task, path, expected = _data_case(tmp_path, case)
+    with pytest.raises(ConfigError) as err:
+        build_task(from_dict(TaskSection, {"batch_size": 2, "eval_size": 2, **task}), 0)
+    assert str(err.value).startswith(f"task '{task['name']}': ") and expected.format(path) in str(err.value)
+
+
+@pytest.mark.parametrize("case", _first_fast(DATA_CASES))
 def test_a_data_file_that_is_not_utf8_or_is_a_directory_is_one_line_naming_it(tmp_path, capsys, case):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -573,7 +594,7 @@ def test_a_data_file_that_is_not_utf8_or_is_a_directory_is_one_line_naming_it(tm
 
 
 # ----------------------------------------------------------------------------- 11. countdown ranges
-@pytest.mark.parametrize("options, expected", [
+COUNTDOWN_OPTIONS = [
     ({"max_number": float("inf")}, "task.options.max_number=inf is invalid: expected an integer in [1, 16777216] "
                                    "(2**24 = 16777216: the reward compares with the target as float32"),
     ({"max_number": 10**30}, "task.options.max_number=1000000000000000000000000000000 is invalid: expected an "
@@ -585,7 +606,20 @@ def test_a_data_file_that_is_not_utf8_or_is_a_directory_is_one_line_naming_it(tm
     ({"n_numbers": [2, float("nan")]}, "task.options.n_numbers=nan is invalid: expected an integer in [2, 6]"),
     ({"n_numbers": [5, 3]}, "task.options.n_numbers=[5, 3] is invalid: expected [min, max] with min <= max"),
     ({"max_new_tokens": float("inf")}, "task.options.max_new_tokens=inf is invalid: expected an integer >= 1"),
-])
+]
+
+
+@pytest.mark.parametrize("options, expected", COUNTDOWN_OPTIONS)
+def test_countdown_options_out_of_range_name_the_option_and_range(options, expected):
+    from gfo.run.build import build_task
+    from gfo.run.config import TaskSection
+
+    with pytest.raises(ConfigError) as err:
+        build_task(TaskSection(name="countdown", batch_size=2, eval_size=2, options=options), 0)
+    assert str(err.value).startswith("task 'countdown': ") and expected in str(err.value), err.value
+
+
+@pytest.mark.parametrize("options, expected", _first_fast(COUNTDOWN_OPTIONS))
 def test_countdown_options_out_of_range_are_config_errors_naming_the_option(tmp_path, capsys, options, expected):
     task = {"name": "countdown", "batch_size": 2, "eval_size": 2, "options": options}
     err = _cli_error(capsys, ["train", _config_file(tmp_path, task=task)])
@@ -593,7 +627,7 @@ def test_countdown_options_out_of_range_are_config_errors_naming_the_option(tmp_
     assert os.listdir(tmp_path) == ["run.yaml"]
 
 
-@pytest.mark.parametrize("record, expected", [
+COUNTDOWN_RECORDS = [
     ('{"numbers": [1, 2], "target": Infinity}', "record 1 has target inf; expected a finite number in "
                                                 "[-16777216, 16777216]"),
     ('{"numbers": [1, 2], "target": 1e999}', "record 1 has target inf"),
@@ -601,7 +635,22 @@ def test_countdown_options_out_of_range_are_config_errors_naming_the_option(tmp_
     ('{"numbers": [1, 2], "target": 99999999999}', "record 1 has target 99999999999"),
     ('{"numbers": [1, 99999999999], "target": 3}', "record 1 has numbers [1, 99999999999]; expected a list of "
                                                    "integers in [0, 16777216]"),
-])
+]
+
+
+@pytest.mark.parametrize("record, expected", COUNTDOWN_RECORDS)
+def test_countdown_records_out_of_range_name_the_file_and_record_directly(tmp_path, record, expected):
+    from gfo.tasks.loaders import DataError
+    from gfo.tasks import TASKS
+
+    data = tmp_path / "countdown.jsonl"
+    data.write_text('{"numbers": [1, 2], "target": 3}\n' + record + "\n")
+    with pytest.raises(DataError) as err:
+        TASKS["countdown"](data_path=str(data), batch_size=2, eval_size=1)
+    assert str(err.value).startswith(f"{data}: {expected}"), err.value
+
+
+@pytest.mark.parametrize("record, expected", _first_fast(COUNTDOWN_RECORDS))
 def test_countdown_records_out_of_range_name_the_file_and_record(tmp_path, capsys, record, expected):
     data = tmp_path / "data" / "countdown.jsonl"
     data.parent.mkdir()
