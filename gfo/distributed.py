@@ -4,6 +4,13 @@
     mesh = gfo.distributed.make_mesh(pop=-1, data=1, model=1)
     state = gfo.distributed.place(state, mesh)      # parameters by the model-axis rules, rest replicated
     batch = gfo.distributed.place_batch(batch, mesh)  # leading (example) axis over `data`
+    with gfo.distributed.checked("the config check"):  # a failure on any process stops every process
+        ...
+
+Every process waits at most `initialization_timeout` seconds (120) for all to join, and as long at each
+of `gfo train`'s start-up barriers (`checked`), where each learns whether another failed before it: a
+peer that never comes, or a check that fails on one process only (the run lock, `--strict`), ends every
+process in one line instead of leaving the others waiting.
 
 Population members are split over `pop` (`pop_sharding(mesh)` is what the estimators take), each
 member's batch over `data`, and the weights of models too large for one device over `model`

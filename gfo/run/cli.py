@@ -162,8 +162,8 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-FAILED_RUN = (("gfo.run.loop", "DivergenceError"), ("gfo.run.checkpoint", "CheckpointSaveError"))  # exit 1, one line:
-# a run that failed on its own (diverged) or whose storage failed (looked up as USER_ERRORS are)
+# A run that failed on its own (diverged) or whose storage failed: exit 1, one line (looked up as USER_ERRORS).
+FAILED_RUN = (("gfo.run.loop", "DivergenceError"), ("gfo.run.checkpoint", "CheckpointSaveError"))
 
 
 DEBUG_ENV = "GFO_DEBUG"  # set (not "" or "0"), or `--debug` anywhere on the command line: errors re-raise
@@ -198,12 +198,12 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as e:  # noqa: BLE001 - every error becomes its line and exit status here
         if debug:
             raise
-        code, text = _report(command, e, full)
+        code, text = _describe(command, e, full)
         print(text, file=sys.stderr)
         _exit(code, e)
 
 
-def _report(command: str, e: BaseException, argv: list[str]) -> tuple[int, str]:
+def _describe(command: str, e: BaseException, argv: list[str]) -> tuple[int, str]:
     """`(exit status, what to print)` for an error that ended `gfo COMMAND`."""
     if isinstance(e, KeyboardInterrupt):  # a run's RunInterrupted says where it stopped and how to resume
         return EXIT_INTERRUPTED, f"\ngfo {command}: {_one_line(e) if str(e) else 'interrupted'}"
