@@ -230,33 +230,40 @@ def checked(name: str):
 
 
 def _meet(name: str, error: BaseException | None) -> None:
-    """Post this process's outcome of the block before barrier `name`, wait there, read the others'."""
+    """Post this process's outcome of the block before barrier `name` in JAX's key-value store and, when it
+    succeeded, poll the store until every process has posted one (or one posted a failure, or the timeout
+    passes). Polling, not the client's `wait_at_barrier`: that blocks in C++, where Ctrl-C is not seen,
+    and it cannot say who had arrived. A failing process posts and goes on to raise its own error (its exit
+    waits, in JAX's shutdown, for the others, so its post stays readable)."""
     global _meetings
+    import time
+
     from jax._src import distributed as jax_distributed
 
     client = jax_distributed.global_state.client
     _meetings += 1
     key = f"gfo/barrier/{_meetings}"
-    me = jax.process_index()
+    me, n = jax.process_index(), jax.process_count()
     outcome = "ok" if error is None else "failed: " + (" ".join(str(error).split()) or type(error).__name__)
     client.key_value_set(f"{key}/{me}", outcome)
-    try:
-        client.wait_at_barrier(key, int(_timeout_s * 1000))
-    except Exception as e:  # noqa: BLE001 - JaxRuntimeError DEADLINE_EXCEEDED, naming who did not arrive
-        if error is not None:
-            return  # this process's own error is what it reports
-        late = re.search(r"timed out task names:\s*([\d,\s]+)", str(e))
-        who = f"process(es) {', '.join(late.group(1).split())}" if late else "some process"
-        raise DistributedError(f"{who} did not reach {name!r} within {_timeout_s:g} s "
-                               f"(distributed.initialization_timeout): it failed or is stuck before it; see "
-                               f"its own output") from None
-    if error is None:
-        failed = sorted((int(k.rsplit("/", 1)[1]), v[len("failed: "):])
-                        for k, v in client.key_value_dir_get(key + "/") if v.startswith("failed: "))
+    if error is not None:
+        return
+    deadline = time.monotonic() + _timeout_s
+    while True:
+        posted = {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get(key + "/")}
+        failed = sorted((p, v[len("failed: "):]) for p, v in posted.items() if v.startswith("failed: "))
         if failed:
             (first, why), more = failed[0], [p for p, _ in failed[1:]]
             raise DistributedError(f"process {first} stopped before {name!r}" + (
                 f" (and process(es) {more})" if more else "") + f", so every process stops: {why}")
+        if len(posted) == n:
+            return
+        if time.monotonic() >= deadline:
+            missing = sorted(set(range(n)) - set(posted))
+            raise DistributedError(f"process(es) {missing} did not reach {name!r} within {_timeout_s:g} s "
+                                   f"(distributed.initialization_timeout; arrived: {sorted(posted)}): failed or "
+                                   f"stuck before it; see their own output")
+        time.sleep(0.05)
 
 
 def mesh_shape(pop: int = -1, data: int = 1, model: int = 1, n_devices: int | None = None) -> tuple[int, int, int]:
