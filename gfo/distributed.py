@@ -107,9 +107,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     global _initialized, _timeout_s
     if _initialized:
         return True
-    if isinstance(initialization_timeout, bool) or not initialization_timeout > 0:
+    if isinstance(initialization_timeout, bool) or not 0 < initialization_timeout < float("inf"):
         raise DistributedError(f"distributed.initialization_timeout={initialization_timeout!r}: expected a "
-                               f"number of seconds > 0")
+                               f"finite number of seconds > 0")
     _timeout_s = initialization_timeout
     coordinator_address = coordinator_address or os.environ.get("GFO_COORDINATOR_ADDRESS")
     if num_processes is None and "GFO_NUM_PROCESSES" in os.environ:
