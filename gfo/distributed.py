@@ -4,6 +4,13 @@
     mesh = gfo.distributed.make_mesh(pop=-1, data=1, model=1)
     state = gfo.distributed.place(state, mesh)      # parameters by the model-axis rules, rest replicated
     batch = gfo.distributed.place_batch(batch, mesh)  # leading (example) axis over `data`
+    with gfo.distributed.checked("the config check"):  # a failure on any process stops every process
+        ...
+
+Every process waits at most `initialization_timeout` seconds (120) for all to join, and as long at each
+of `gfo train`'s start-up barriers (`checked`), where each learns whether another failed before it: a
+peer that never comes, or a check that fails on one process only (the run lock, `--strict`), ends every
+process in one line instead of leaving the others waiting.
 
 Population members are split over `pop` (`pop_sharding(mesh)` is what the estimators take), each
 member's batch over `data`, and the weights of models too large for one device over `model`
@@ -16,6 +23,7 @@ or several processes, up to float summation order.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Sequence
@@ -49,6 +57,26 @@ class DistributedError(RuntimeError):
     """A mesh or multi-process setting that cannot be used on the devices present."""
 
 
+class DistributedTimeout(DistributedError):
+    """Not every process joined the coordinator within `initialization_timeout`. JAX's start-up is still
+    blocked in a thread that cannot be stopped (and JAX aborts the process when its own, later deadline
+    passes), so the process must end: `gfo`'s command line ends it at once (`abandon_process`)."""
+
+    abandon_process = True
+
+
+class DistributedInterrupted(KeyboardInterrupt):
+    """Ctrl-C while waiting for the other processes to join (the process must end, as on a timeout)."""
+
+    abandon_process = True
+
+
+DEFAULT_TIMEOUT_S = 120  # how long a process waits for the others: to join at start-up, at gfo's barriers
+_JAX_GRACE_S = 60  # JAX's own start-up deadline, later than ours: when it passes JAX aborts the process
+_timeout_s = DEFAULT_TIMEOUT_S
+_meetings = 0  # gfo's barriers so far (the same sequence on every process): each has its own id
+
+
 def _detected_cluster() -> str | None:
     """The multi-process environment `jax.distributed.initialize()` can configure itself, if any."""
     if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ:
@@ -62,17 +90,27 @@ def _detected_cluster() -> str | None:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+               process_id: int | None = None, initialization_timeout: float = DEFAULT_TIMEOUT_S) -> bool:
     """Start multi-controller JAX when this is one of several processes; returns whether it did.
 
     Explicit arguments (or `GFO_COORDINATOR_ADDRESS`, `GFO_NUM_PROCESSES`, `GFO_PROCESS_ID`) win;
     otherwise a Cloud TPU pod slice, a SLURM job with several tasks, or an MPI launch is detected and
     JAX configures itself. A single process does nothing. Calling it again is a no-op. Must run before
     anything touches a device.
+
+    Every process waits at most `initialization_timeout` seconds for all of them to join; then it raises
+    `DistributedTimeout` naming the coordinator and the processes that joined and did not (as far as this
+    process can know: JAX's coordinator tells nobody anything until all have joined), and Ctrl-C while
+    waiting raises `DistributedInterrupted`. Either way the process must end (`gfo` ends it at once). The
+    same timeout bounds gfo's barriers (`checked`) afterwards.
     """
-    global _initialized
+    global _initialized, _timeout_s
     if _initialized:
         return True
+    if isinstance(initialization_timeout, bool) or not 0 < initialization_timeout < float("inf"):
+        raise DistributedError(f"distributed.initialization_timeout={initialization_timeout!r}: expected a "
+                               f"finite number of seconds > 0")
+    _timeout_s = initialization_timeout
     coordinator_address = coordinator_address or os.environ.get("GFO_COORDINATOR_ADDRESS")
     if num_processes is None and "GFO_NUM_PROCESSES" in os.environ:
         num_processes = int(os.environ["GFO_NUM_PROCESSES"])
@@ -88,26 +126,77 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             raise DistributedError(f"process_id={process_id} must be in [0, num_processes={num_processes})")
         if num_processes == 1:
             return False
-        _start(coordinator_address, num_processes=num_processes, process_id=process_id)
+        _start(initialization_timeout, coordinator_address, num_processes=num_processes, process_id=process_id)
     elif _detected_cluster() is not None:
-        _start()
+        _start(initialization_timeout)
     else:
         return False
     _initialized = True
     return True
 
 
-def _start(*args, **kwargs):
+def _start(timeout_s: float, coordinator_address: str | None = None, num_processes: int | None = None,
+           process_id: int | None = None) -> None:
+    """`jax.distributed.initialize` in a daemon thread, this (main) thread waiting for it at most `timeout_s`.
+
+    Called directly, JAX's start-up blocks in C++ where Ctrl-C never reaches Python, and when its deadline
+    passes it aborts the whole process (a fatal log and a C++ stack trace, no Python exception); from a
+    thread, the main thread stays in Python: Ctrl-C interrupts the wait, and our deadline, earlier than
+    JAX's, ends in one line."""
+    import threading
+    import time
+
+    where = f"coordinator {coordinator_address}" if coordinator_address else "the cluster's coordinator"
+    done, failure = threading.Event(), []
+
+    def start():
+        try:
+            jax.distributed.initialize(coordinator_address, num_processes=num_processes, process_id=process_id,
+                                       initialization_timeout=int(timeout_s) + _JAX_GRACE_S)
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            failure.append(e)
+        finally:
+            done.set()
+
+    deadline = time.monotonic() + timeout_s
     try:
-        jax.distributed.initialize(*args, **kwargs)
-    except RuntimeError as e:
-        if "must be called before" not in str(e):
-            raise
-        raise DistributedError(
-            "multi-process JAX must start before anything uses a device, and something already did (importing "
-            "evosax, gfo.run.train or gfo.optim.search.strategies does): call gfo.distributed.initialize(...) first, as "
-            "`gfo train` does, or launch with GFO_COORDINATOR_ADDRESS/GFO_NUM_PROCESSES/GFO_PROCESS_ID set "
-            "and call it at the top of the script") from None
+        threading.Thread(target=start, name="gfo-distributed-start", daemon=True).start()
+        if num_processes is not None:
+            print(f"multi-process start: process {process_id} of {num_processes} waiting for all {num_processes} "
+                  f"at {where} (up to distributed.initialization_timeout={timeout_s:g} s)", flush=True)
+        while not done.wait(max(0.0, min(0.25, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise _not_joined(where, num_processes, process_id, timeout_s)
+    except KeyboardInterrupt:
+        raise DistributedInterrupted(f"interrupted while waiting for the other processes to join {where}") from None
+    if failure:
+        e = failure[0]
+        if isinstance(e, RuntimeError) and "must be called before" in str(e):
+            raise DistributedError(
+                "multi-process JAX must start before anything uses a device, and something already did (importing "
+                "evosax, gfo.run.train or gfo.optim.search.strategies does): call gfo.distributed.initialize(...) "
+                "first, as `gfo train` does, or launch with GFO_COORDINATOR_ADDRESS/GFO_NUM_PROCESSES/"
+                "GFO_PROCESS_ID set and call it at the top of the script") from None
+        raise e
+
+
+def _not_joined(where: str, n: int | None, me: int | None, timeout_s: float) -> DistributedTimeout:
+    """What a process that waited `timeout_s` in vain can say: JAX's coordinator answers no process until
+    every one has joined, so process 0 knows only itself joined, and process k > 0 that it got no answer."""
+    fix = (f"start every process within {timeout_s:g} s of each other with the same coordinator address and "
+           f"num_processes (each its own process_id), or raise distributed.initialization_timeout")
+    if n is None:
+        return DistributedTimeout(f"multi-process start timed out after {timeout_s:g} s at {where} (a detected "
+                                  f"cluster): not every process joined; {fix}")
+    others = [p for p in range(n) if p != me]
+    if me == 0:
+        missing = (f"process {others[0]}" if len(others) == 1 else
+                   f"some of processes {others[0]}..{others[-1]} (the coordinator does not say which joined)")
+        return DistributedTimeout(f"multi-process start timed out after {timeout_s:g} s at {where}: joined: "
+                                  f"process 0 (this one, the coordinator); did not join: {missing}; {fix}")
+    return DistributedTimeout(f"multi-process start timed out after {timeout_s:g} s at {where}: process {me} of "
+                              f"{n} (this one) could not complete joining: process 0 is not running there or "
+                              f"not reachable, or not every process started; {fix}")
 
 
 def is_primary() -> bool:
@@ -116,11 +205,65 @@ def is_primary() -> bool:
 
 
 def barrier(name: str) -> None:
-    """Wait until every process reaches `name` (nothing to do with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+    """Wait until every process reaches `name` (nothing to do with one process); a process that does not
+    arrive within the start-up timeout is a `DistributedError` naming it, on every process that did."""
+    with checked(name):
+        pass
 
-        multihost_utils.sync_global_devices(name)
+
+@contextlib.contextmanager
+def checked(name: str):
+    """Run the block, then meet every other process at barrier `name` and learn whether the block failed on
+    any: when it did, every process stops — the one that failed with its own error, the others with a
+    `DistributedError` naming that process and its message — instead of waiting forever for it at the next
+    barrier. A process that does not arrive within the start-up timeout (`initialize`) stops the others,
+    naming it. Ctrl-C passes at once. One process: only the block."""
+    if jax.process_count() == 1:
+        yield
+        return
+    try:
+        yield
+    except Exception as e:
+        _meet(name, e)
+        raise
+    _meet(name, None)
+
+
+def _meet(name: str, error: BaseException | None) -> None:
+    """Post this process's outcome of the block before barrier `name` in JAX's key-value store and, when it
+    succeeded, poll the store until every process has posted one (or one posted a failure, or the timeout
+    passes). Polling, not the client's `wait_at_barrier`: that blocks in C++, where Ctrl-C is not seen,
+    and it cannot say who had arrived. A failing process posts and goes on to raise its own error (its exit
+    waits, in JAX's shutdown, for the others, so its post stays readable)."""
+    global _meetings
+    import time
+
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    _meetings += 1
+    key = f"gfo/barrier/{_meetings}"
+    me, n = jax.process_index(), jax.process_count()
+    outcome = "ok" if error is None else "failed: " + (" ".join(str(error).split()) or type(error).__name__)
+    client.key_value_set(f"{key}/{me}", outcome)
+    if error is not None:
+        return
+    deadline = time.monotonic() + _timeout_s
+    while True:
+        posted = {int(k.rsplit("/", 1)[1]): v for k, v in client.key_value_dir_get(key + "/")}
+        failed = sorted((p, v[len("failed: "):]) for p, v in posted.items() if v.startswith("failed: "))
+        if failed:
+            (first, why), more = failed[0], [p for p, _ in failed[1:]]
+            raise DistributedError(f"process {first} stopped before {name!r}" + (
+                f" (and process(es) {more})" if more else "") + f", so every process stops: {why}")
+        if len(posted) == n:
+            return
+        if time.monotonic() >= deadline:
+            missing = sorted(set(range(n)) - set(posted))
+            raise DistributedError(f"process(es) {missing} did not reach {name!r} within {_timeout_s:g} s "
+                                   f"(distributed.initialization_timeout; arrived: {sorted(posted)}): failed or "
+                                   f"stuck before it; see their own output")
+        time.sleep(0.05)
 
 
 def mesh_shape(pop: int = -1, data: int = 1, model: int = 1, n_devices: int | None = None) -> tuple[int, int, int]:

@@ -100,8 +100,16 @@ def read_template(value: str) -> str:
             if not isinstance(template, str):
                 raise ChatTemplateError(f"{value}: no string 'chat_template' in this JSON file")
             return template
-        with open(value, encoding="utf-8") as f:
-            return f.read()
+        with open(value, "rb") as f:
+            data = f.read()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ChatTemplateError(f"chat_template file {value!r} is not UTF-8 text (byte {data[e.start]:#04x} "
+                                    f"at offset {e.start} ({e.reason})): expected a Jinja template") from None
+    if os.path.isdir(value):
+        raise ChatTemplateError(f"chat_template {value!r} is a directory: expected a .jinja or "
+                                f"tokenizer_config.json file, or a Jinja template")
     if "{%" in value or "{{" in value:
         return value
     raise ChatTemplateError(f"chat_template={value!r}: expected 'auto', 'none', a path to a .jinja/"

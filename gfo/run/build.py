@@ -224,8 +224,10 @@ def build_mesh(cfg: RunConfig):
     """Start multi-process JAX if `cfg.distributed` (or the environment) asks for it; the run's mesh."""
     d = cfg.distributed
     try:
-        distributed.initialize(d.coordinator_address, d.num_processes, d.process_id)
+        distributed.initialize(d.coordinator_address, d.num_processes, d.process_id, d.initialization_timeout)
         return distributed.make_mesh(cfg.mesh.pop, cfg.mesh.data, cfg.mesh.model)
+    except distributed.DistributedTimeout:
+        raise  # the process must end at once (`abandon_process`): not a config error to wrap
     except distributed.DistributedError as e:
         raise ConfigError(str(e)) from None
 

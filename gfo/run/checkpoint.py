@@ -14,9 +14,8 @@ import shutil
 import socket
 
 import jax
-import yaml
 
-from gfo.run.config import PLACEMENT_KEYS, POSTHOC_KEYS, ConfigError, RunConfig, from_dict, to_dict
+from gfo.run.config import PLACEMENT_KEYS, POSTHOC_KEYS, ConfigError, RunConfig, from_dict, read_run_config, to_dict
 
 
 class RunCheckpointError(RuntimeError):
@@ -403,11 +402,8 @@ def check_resumable(run_dir: str, cfg: RunConfig, resolved: dict) -> None:
     stages = [run_dir, os.path.join(run_dir, "pretrain")]
     if not os.path.isfile(path) or not any(checked_steps(d) for d in stages):
         return
-    with open(path) as f:
-        saved = yaml.safe_load(f)
+    saved = read_run_config(run_dir, "; restore it, or start afresh under another name (--set name=...)")
     free = ("steps",) + PLACEMENT_KEYS + POSTHOC_KEYS  # a longer run, or the same run on other devices, may resume
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{path} is not a gfo config (a {type(saved).__name__}); choose another name (--set name=...)")
     saved = _as_current(saved, path)
     changed = sorted(k for k in set(saved) | set(resolved) if saved.get(k) != resolved.get(k) and k not in free)
     if changed:

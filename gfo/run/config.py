@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 
-from gfo.errors import ConfigError  # noqa: E402,F401 - defined apart so that gfo.optim.registry needs no gfo.run.config
+from gfo.errors import ConfigError, not_utf8  # noqa: E402,F401 - defined apart so that gfo.optim.registry needs no gfo.run.config
 
 
 @dataclasses.dataclass
@@ -108,6 +108,7 @@ class DistributedSection:
     coordinator_address: Optional[str] = None  # host:port of process 0
     num_processes: Optional[int] = None
     process_id: Optional[int] = None
+    initialization_timeout: float = 120.0  # seconds every process waits for all to join (and at gfo's barriers)
 
 
 @dataclasses.dataclass
@@ -288,6 +289,7 @@ RANGES: dict[str, dict[str, tuple]] = {
     "TaskSection": {"batch_size": _AT_LEAST_ONE, "eval_size": _AT_LEAST_ONE},
     "SpaceSection": {"rank": _AT_LEAST_ONE, "n_tokens": _AT_LEAST_ONE, "dim": _AT_LEAST_ONE, "alpha": _POSITIVE},
     "StageSection": {"steps": _AT_LEAST_ONE},
+    "DistributedSection": {"initialization_timeout": _POSITIVE},
 }
 
 
@@ -425,12 +427,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def read_yaml(path: str) -> dict:
-    """The mapping at the top of YAML file `path`; every way it can fail is a `ConfigError` naming it."""
+_MAPPING = "a mapping of keys to values (name: ..., model: {...}, optimizer: {...})"
+
+
+def read_yaml(path: str, what: str = "config file", expected: str = _MAPPING) -> dict:
+    """The mapping at the top of YAML file `path`; every way it can fail is a `ConfigError` naming it as
+    `what` and saying what was `expected`."""
     if os.path.isdir(path):
-        raise ConfigError(f"config {path!r} is a directory: expected a YAML file (e.g. paper_configs/quickstart.yaml)")
+        raise ConfigError(f"config {path!r} is a directory: expected a YAML file (e.g. paper_configs/quickstart.yaml)"
+                          if what == "config file" else f"{what} {path!r} is a directory: expected {expected}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             loader = _UniqueKeyLoader(f)
             loader.gfo_path = path
             try:
@@ -438,16 +445,31 @@ def read_yaml(path: str) -> dict:
             finally:
                 loader.dispose()
     except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} does not exist") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"{what} {path!r} does not exist") from None
+    except PermissionError as e:
+        raise ConfigError(f"{what} {path!r} cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path!r} is not UTF-8 text ({not_utf8(path)}): expected {expected}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path!r} is not valid YAML ({' '.join(str(e).split())}): expected "
+                          f"{expected}") from None
     if data is None:
-        raise ConfigError(f"config file {path!r} is empty: expected a mapping of keys to values (name: ..., "
-                          f"model: {{...}}, optimizer: {{...}})")
+        raise ConfigError(f"{what} {path!r} is empty: expected {expected}")
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} holds {_A.get(type(data).__name__, type(data).__name__)} at its top level: expected a "
-                          f"mapping of keys to values (name: ..., model: {{...}}, optimizer: {{...}})")
+        raise ConfigError(f"{what} {path!r} holds {_A.get(type(data).__name__, type(data).__name__)} at its top "
+                          f"level: expected {expected}")
     return data
+
+
+def read_run_config(run_dir: str, fix: str = "") -> dict:
+    """The resolved config `gfo train` wrote to `run_dir/config.yaml` (what `gfo train` resumes under and
+    `gfo eval`/`decode`/`report` rebuild the run from); garbage there (random bytes, text that is not YAML,
+    YAML that is not a mapping) is one `ConfigError` naming the file and what was expected, plus `fix`."""
+    try:
+        return read_yaml(os.path.join(run_dir, "config.yaml"), "run config",
+                         "the mapping of the run's resolved config that gfo train writes there")
+    except ConfigError as e:
+        raise ConfigError(f"{e}{fix}") from None
 
 
 def load_config(path: str | None = None, overrides: list[str] = (), variant: str | None = None) -> RunConfig:

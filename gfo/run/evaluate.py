@@ -8,9 +8,9 @@ import json
 import os
 from typing import Any
 
-import yaml
-
-from gfo.run.config import DistributedSection, MeshSection, RunConfig, apply_override, from_dict
+from gfo import errors
+from gfo.run.config import (DistributedSection, MeshSection, RunConfig, apply_override, from_dict,
+                            read_run_config)
 
 
 def restore_run(run_dir: str, overrides: list[str] = (), step: int | None = None) -> tuple[RunConfig, Any, Any, int]:
@@ -22,8 +22,8 @@ def restore_run(run_dir: str, overrides: list[str] = (), step: int | None = None
     config_file = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"{run_dir!r} is not a gfo run directory: it has no config.yaml")
-    with open(config_file) as f:
-        data = yaml.safe_load(f)
+    errors.note_run_dir(run_dir)  # an unanticipated error's traceback goes to RUN/error.log
+    data = read_run_config(run_dir)
     for assignment in overrides:
         apply_override(data, assignment)
     cfg = from_dict(RunConfig, data)

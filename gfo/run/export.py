@@ -20,10 +20,10 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import yaml
 
 from gfo import spaces
 from gfo.errors import ConfigError
+from gfo.run.config import read_run_config
 
 FORMATS = ("hf", "peft", "gguf")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -46,8 +46,7 @@ def export_run(run_dir: str, out: str, format: str = "hf", checkpoint: str = "la
         raise ConfigError(f"{run_dir!r} is not a gfo run directory: it has no config.yaml")
     if os.path.lexists(out) and not force:
         raise ConfigError(f"{out!r} exists: choose another OUT, or pass --force to replace it")
-    with open(config_file) as f:
-        saved = yaml.safe_load(f) or {}
+    saved = read_run_config(run_dir)
     kind = _kind(saved.get("space") or {})
     _check_format(format, kind, saved)
 

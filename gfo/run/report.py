@@ -23,8 +23,14 @@ class MetricsError(ValueError):
 def read_jsonl(path: str) -> list[dict]:
     """The records of a `metrics.jsonl`. A last line without its newline that does not parse is a write
     cut short (the process was killed mid-line) and is skipped; any other bad line is an error naming it."""
-    with open(path) as f:
-        lines = f.readlines()
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError:
+        from gfo.errors import not_utf8
+
+        raise MetricsError(f"{path} is not UTF-8 text ({not_utf8(path)}): expected one JSON record per "
+                           f"line") from None
     rows = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -142,15 +148,14 @@ def resolve_run(path: str) -> tuple[str, str]:
 
 
 def _select_by(run_dir: str) -> str | None:
-    """The run's `eval.select_by` from its config.yaml (None if unset or unreadable)."""
-    import yaml
+    """The run's `eval.select_by` from its config.yaml (None if unset or the file is absent; a garbage one
+    is an error naming it)."""
+    from gfo.run.config import read_run_config
 
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(run_dir, "config.yaml")):
         return None
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    return ((cfg.get("eval") or {}).get("select_by"))
+    eval_section = read_run_config(run_dir).get("eval")
+    return eval_section.get("select_by") if isinstance(eval_section, dict) else None
 
 
 def compare(run_dirs: list[str], out: str | None = None) -> str:

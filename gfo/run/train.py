@@ -21,7 +21,7 @@ import time
 
 import yaml
 
-from gfo import distributed, jitting
+from gfo import distributed, errors, jitting
 from gfo.run import checkpoint, stepplan
 from gfo.run.build import Run, build_mesh, build_run, build_runs
 from gfo.run.checkpoint import RunCheckpointError, RunDirectoryError, RunLockedError  # noqa: F401 - re-exported: user errors
@@ -58,20 +58,30 @@ def train(cfg: RunConfig, on_eval=None, strict: bool = False) -> dict:
     jitting.release_compiled_programs()  # many runs in one process (a sweep) stay under the kernel's map limit
     run_dir = os.path.join(cfg.runs_dir, cfg.name)
     resolved = to_dict(cfg)
-    checkpoint.check_resumable(run_dir, cfg, resolved)
-    pre, run = build_runs(cfg, run_dir, mesh)  # with pretraining, `run` is rebuilt on its parameters below
-    state = (pre or run).init_state()
-    if pre is not None:
-        pre.evaluation.metric_names()
-    run.evaluation.metric_names()
-    distributed.barrier("gfo:checked")  # every process has read the old config.yaml before it is rewritten
+    # With several processes each step below ends at a barrier where every process learns whether it failed
+    # on any (`distributed.checked`): a check that fails on one process (a file only it lacks, the lock that
+    # only process 0 takes) stops every process there, in one line each, instead of leaving the others waiting.
+    with distributed.checked("the config check"):  # and every process has read the old config.yaml
+        checkpoint.check_resumable(run_dir, cfg, resolved)
+        pre, run = build_runs(cfg, run_dir, mesh)  # with pretraining, `run` is rebuilt on its parameters below
+        state = (pre or run).init_state()
+        if pre is not None:
+            pre.evaluation.metric_names()
+        run.evaluation.metric_names()
+    held = None
     try:
-        os.makedirs(run_dir, exist_ok=True)
-        held = checkpoint.lock(run_dir) if distributed.is_primary() else None  # one writer per run directory
-    except OSError as e:  # read-only, a full disk: said before anything is written
-        raise _unwritable(run_dir, e) from None
-    try:
-        return _train_locked(cfg, run_dir, resolved, mesh, pre, run, state, on_eval, strict)
+        with distributed.checked("the run directory"):  # created, locked, its config.yaml written whole
+            try:
+                os.makedirs(run_dir, exist_ok=True)
+                errors.note_run_dir(run_dir)  # an unanticipated error's traceback goes to RUN/error.log
+                if distributed.is_primary():
+                    held = checkpoint.lock(run_dir)  # one writer per run directory
+                    write_config(run_dir, resolved)
+            except OSError as e:  # read-only, a full disk: said before anything of the run is written
+                raise _unwritable(run_dir, e) from None
+        if distributed.is_primary():
+            print(f"run directory: {os.path.abspath(run_dir)}")
+        return _train_locked(cfg, run_dir, mesh, pre, run, state, on_eval, strict)
     finally:
         if held is not None:
             checkpoint.unlock(held)
@@ -103,14 +113,7 @@ def write_config(run_dir: str, resolved: dict) -> None:
         raise
 
 
-def _train_locked(cfg, run_dir, resolved, mesh, pre, run, state, on_eval, strict) -> dict:
-    if distributed.is_primary():
-        try:
-            write_config(run_dir, resolved)
-        except OSError as e:
-            raise _unwritable(run_dir, e) from None
-        print(f"run directory: {os.path.abspath(run_dir)}")
-    distributed.barrier("gfo:config")  # no process reads a half-written config.yaml on resume
+def _train_locked(cfg, run_dir, mesh, pre, run, state, on_eval, strict) -> dict:
     started = time.perf_counter()
     if pre is not None:
         run = build_run(cfg, run_dir, run.model, run_stage(pre, state, cfg, strict=strict)["params"], mesh)
@@ -135,11 +138,11 @@ def run_stage(run: Run, state, cfg: RunConfig, on_eval=None, strict: bool = Fals
     after each evaluation (pruning). Returns `{"records", "params"}` (and `selected`, `final_params` when
     `eval.select_by` selects the returned `params`)."""
     primary, label = distributed.is_primary(), run.label
-    os.makedirs(run.run_dir, exist_ok=True)
     fingerprint = checkpoint.config_fingerprint(to_dict(cfg))
-    if primary:  # the newest checkpoint is one that verifies (or the run stops, naming what fails)
-        checkpoint.select(run.run_dir, fingerprint, strict, label)
-    distributed.barrier("gfo:verified")
+    with distributed.checked("the checkpoint check"):  # process 0's refusal (--strict) stops every process
+        os.makedirs(run.run_dir, exist_ok=True)
+        if primary:  # the newest checkpoint is one that verifies (or the run stops, naming what fails)
+            checkpoint.select(run.run_dir, fingerprint, strict, label)
     manager = checkpoint.manager(run.run_dir, cfg.keep_checkpoints, fingerprint=fingerprint)
     state, start = checkpoint.restore(manager, state)
     log = MetricsLog(run.run_dir, start, primary)

@@ -152,3 +152,17 @@ def epoch_indices(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
         rows = epochs == epoch
         out[rows] = np.random.default_rng([seed, 2, int(epoch)]).permutation(n)[offsets[rows]]
     return out
+
+
+def int_option(name: str, value, lo: int, hi: int | None = None, why: str = ""):
+    """`value` of option `task.options.NAME` as an int, when it is an integer in `[lo, hi]` (`hi` None: no
+    upper bound); otherwise a `ValueError` naming the option, its value and the range (`why` says where the
+    range comes from). inf, nan, a float or a boolean is never an integer: the value, not an OverflowError
+    from deep inside data generation, is what the user sees."""
+    integral = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not integral or value < lo or (hi is not None and value > hi):
+        expected = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+        raise ValueError(f"task.options.{name}={value!r} is invalid: expected {expected}"
+                         + (f" ({why})" if why else ""))
+    return int(value)
+

@@ -24,10 +24,13 @@ Objectives: `neg_reward` (default; greedy or sampled completions, reward negated
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 import models
 from gfo.tasks import countdown_reward
+from gfo.tasks.base import int_option
 from gfo.tasks.loaders import DataError, read_records, reasoning_gym_records
 from gfo.tasks.reasoning import ReasoningTask
 
@@ -38,6 +41,10 @@ REFERENCE_USER = ("Using the numbers [{numbers}], create an equation that equals
                   "<think> </think> tags. And return the final answer in <answer> </answer> tags, for example "
                   "<answer> (1 + 2) / 3 </answer>.")
 REFERENCE_PREFIX = "Let me solve this step by step.\n<think>"
+# Numbers and targets stay within 2**24: the reward compares an answer with the target as float32, which holds
+# every integer up to 2**24 exactly (a larger target, inf or nan could never be met, or overflows on the way).
+TARGET_LIMIT = 2**24
+_EXACT = "2**24 = 16777216: the reward compares with the target as float32, exact up to there"
 
 
 class Countdown(ReasoningTask):
@@ -47,11 +54,18 @@ class Countdown(ReasoningTask):
     def __init__(self, n_numbers: int | list = 3, max_number: int = 9, data_path: str | None = None,
                  prompt: str = "auto", max_new_tokens: int | None = None, train_size: int | None = None,
                  source_options: dict | None = None, **kw):
-        lo, hi = (n_numbers, n_numbers) if isinstance(n_numbers, int) else tuple(n_numbers)
-        if not 2 <= lo <= hi <= 6:
-            raise ValueError(f"countdown n_numbers={n_numbers}: expected 2..6 (or [min, max] within it)")
-        if max_number < 1:
-            raise ValueError(f"countdown max_number={max_number} must be >= 1")
+        if isinstance(n_numbers, (list, tuple)) and len(n_numbers) == 2:
+            lo, hi = (int_option("n_numbers", n, 2, 6, "or [min, max] within it") for n in n_numbers)
+            if lo > hi:
+                raise ValueError(f"task.options.n_numbers={list(n_numbers)} is invalid: expected [min, max] with "
+                                 f"min <= max, within [2, 6]")
+        else:
+            lo = hi = int_option("n_numbers", n_numbers, 2, 6, "or [min, max] within it")
+        max_number = int_option("max_number", max_number, 1, TARGET_LIMIT, _EXACT)
+        if max_new_tokens is not None:
+            max_new_tokens = int_option("max_new_tokens", max_new_tokens, 1)
+        if train_size is not None:
+            train_size = int_option("train_size", train_size, 1)
         tokenizer = kw.get("tokenizer")
         if prompt == "auto":
             prompt = "compact" if tokenizer is None or isinstance(tokenizer, models.ByteTokenizer) else "reference"
@@ -100,13 +114,17 @@ class Countdown(ReasoningTask):
             records = []
             for i, r in enumerate(read_records(path, {"target": (int, float, str)})):
                 numbers = r.get("numbers", r.get("nums"))
-                if not isinstance(numbers, list) or not all(isinstance(n, int) and n >= 0 for n in numbers):
-                    raise DataError(f"{path}: record {i} has numbers {numbers!r}; expected a list of non-negative "
-                                    f"integers under 'numbers' (or 'nums')")
+                if not isinstance(numbers, list) or not all(isinstance(n, int) and not isinstance(n, bool)
+                                                            and 0 <= n <= TARGET_LIMIT for n in numbers):
+                    raise DataError(f"{path}: record {i} has numbers {numbers!r}; expected a list of integers in "
+                                    f"[0, {TARGET_LIMIT}] under 'numbers' (or 'nums') ({_EXACT})")
                 try:
                     target = float(r["target"])
-                except ValueError:
-                    raise DataError(f"{path}: record {i} has target {r['target']!r}; expected a number") from None
+                except (ValueError, OverflowError):
+                    target = math.nan
+                if not (math.isfinite(target) and abs(target) <= TARGET_LIMIT):
+                    raise DataError(f"{path}: record {i} has target {r['target']!r}; expected a finite number in "
+                                    f"[-{TARGET_LIMIT}, {TARGET_LIMIT}] ({_EXACT})")
                 records.append({"numbers": numbers, "target": int(target) if target == int(target) else target,
                                 "solution": r.get("solution", "")})
         for i, r in enumerate(records):
@@ -138,7 +156,7 @@ class Countdown(ReasoningTask):
             for v in numbers[1:]:
                 expression = f"{expression}{rng.choice(['+', '-', '*'])}{v}"
             value = countdown_reward.evaluate(expression)
-            if value > 0 and value == int(value):
+            if 0 < value <= TARGET_LIMIT and value == int(value):
                 return {"numbers": [int(v) for v in rng.permutation(numbers)], "target": int(value),
                         "solution": expression}
 

@@ -1,7 +1,8 @@
 """Readers for real data: plain text, JSON Lines, CSV/TSV tables (GLUE's SST-2 TSV), `datasets.load_from_disk`
 directories, and procedurally generated `reasoning-gym` datasets (`reasoning_gym:NAME`).
 
-Malformed input is an error naming the file, the line and what was expected.
+Malformed input is an error naming the file, the line and what was expected; a file that is not UTF-8
+text names the byte offset where it stops being it, and a directory given for a file says so.
 """
 
 from __future__ import annotations
@@ -10,16 +11,33 @@ import json
 import os
 from typing import Any, Iterable
 
+from gfo.errors import not_utf8
+
 
 class DataError(ValueError):
     """A data file that cannot be read as the task expects."""
 
 
-def read_text(path: str) -> str:
+def _check_file(path: str, kind: str) -> None:
+    """`path` is a file (not a directory, not absent), else a `DataError` saying which."""
+    if os.path.isdir(path):
+        raise DataError(f"{kind} {path!r} is a directory: expected a {kind}")
     if not os.path.isfile(path):
-        raise DataError(f"text file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+        raise DataError(f"{kind} {path!r} does not exist")
+
+
+def _not_utf8(path: str, kind: str) -> DataError:
+    return DataError(f"{kind} {path!r} is not UTF-8 text ({not_utf8(path)}): re-encode it as UTF-8 (e.g. iconv "
+                     f"-f latin1 -t utf-8)")
+
+
+def read_text(path: str) -> str:
+    _check_file(path, "text file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise _not_utf8(path, "text file") from None
     if not text:
         raise DataError(f"text file {path!r} is empty")
     return text
@@ -27,19 +45,21 @@ def read_text(path: str) -> str:
 
 def read_jsonl(path: str, fields: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
     """Records of a JSON Lines file, each an object with at least `fields` (name → expected type)."""
-    if not os.path.isfile(path):
-        raise DataError(f"JSONL file {path!r} does not exist")
+    _check_file(path, "JSONL file")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}); expected one object per line "
-                                f"with fields {sorted(fields)}") from None
-            records.append(_check_record(record, fields, f"{path}:{line_no}"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}); expected one object per line "
+                                    f"with fields {sorted(fields)}") from None
+                records.append(_check_record(record, fields, f"{path}:{line_no}"))
+    except UnicodeDecodeError:
+        raise _not_utf8(path, "JSONL file") from None
     if not records:
         raise DataError(f"JSONL file {path!r} has no records")
     return records
@@ -48,10 +68,16 @@ def read_jsonl(path: str, fields: dict[str, type | tuple[type, ...]]) -> list[di
 def read_table(path: str, fields: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
     """Rows of a CSV (`.csv`) or tab-separated (`.tsv`) file with a header line, as dicts; integer-typed
     fields are converted (`label` of GLUE's SST-2 `sentence\tlabel` files)."""
+    _check_file(path, "table file")
+    try:
+        return _read_table(path, fields)
+    except UnicodeDecodeError:
+        raise _not_utf8(path, "table file") from None
+
+
+def _read_table(path, fields):
     import csv
 
-    if not os.path.isfile(path):
-        raise DataError(f"table file {path!r} does not exist")
     delimiter = "\t" if path.endswith(".tsv") else ","
     records = []
     with open(path, encoding="utf-8", newline="") as f:
@@ -89,24 +115,32 @@ def reasoning_gym_records(spec: str, seed: int, size: int, **options) -> list[di
     return [dict(item) for item in data]
 
 
+_DATASETS_MARKERS = ("dataset_dict.json", "state.json")  # what `save_to_disk` writes (a dict; one split)
+
+
 def read_records(path: str, fields: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
     """JSONL file, a JSON array (`.json`), a CSV/TSV table, or a Hugging Face `datasets` directory saved with `save_to_disk`
     (train split)."""
     if path.endswith((".csv", ".tsv")):
         return read_table(path, fields)
     if path.endswith(".json"):  # one JSON array of objects (the ES-at-scale reference's countdown.json)
-        if not os.path.isfile(path):
-            raise DataError(f"JSON file {path!r} does not exist")
+        _check_file(path, "JSON file")
         with open(path, encoding="utf-8") as f:
             try:
                 data = json.load(f)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected an array of "
                                 f"objects with fields {sorted(fields)}") from None
+            except UnicodeDecodeError:
+                raise _not_utf8(path, "JSON file") from None
         if not isinstance(data, list) or not data:
             raise DataError(f"{path}: expected a non-empty JSON array of objects with fields {sorted(fields)}")
         return [_check_record(r, fields, f"{path}[{i}]") for i, r in enumerate(data)]
     if os.path.isdir(path):
+        if not any(os.path.isfile(os.path.join(path, f)) for f in _DATASETS_MARKERS):
+            raise DataError(f"data file {path!r} is a directory, and not a `datasets` directory (save_to_disk "
+                            f"writes {' or '.join(_DATASETS_MARKERS)}): expected a .jsonl, .json, .csv or .tsv "
+                            f"file, or such a directory")
         try:
             import datasets
         except ImportError:
