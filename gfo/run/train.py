@@ -6,7 +6,8 @@ end `summary.md` and `curves.png`. Restarting the same command resumes from the 
 data of step `t` is `task.train_batch(t)` and its key `fold_in(key, t)`, so a resumed run ends
 bit-identical to an uninterrupted one. A `pretrain` stage runs first in `name/pretrain/` (reused when
 complete) and the run starts from its parameters. Each stage is a `gfo.run.build.Run` (built once);
-this module only orchestrates: the config check, the run directory, the stages in turn, the loop.
+this module only orchestrates: the config check, the run directory, the stages in turn (each through
+`gfo.run.stage.run_stage`: its checkpoints, metrics log and loop).
 
 The run executes on the `(pop, data, model)` mesh of `cfg.mesh` (`gfo.distributed`); with several
 processes every process runs this same function, all write the (sharded) checkpoints, and process 0
@@ -22,18 +23,14 @@ import time
 import yaml
 
 from gfo import distributed, errors, jitting
-from gfo.run import checkpoint, stepplan
-from gfo.run.build import Run, build_mesh, build_run, build_runs
+from gfo.run import checkpoint
+from gfo.run.build import build_mesh, build_run, build_runs
 from gfo.run.checkpoint import RunCheckpointError, RunDirectoryError, RunLockedError  # noqa: F401 - re-exported: user errors
 from gfo.run.checkpoint import CheckpointSaveError  # noqa: F401 - re-exported: a storage fault of `gfo train` (exit 1)
 from gfo.run.config import RunConfig, to_dict
-from gfo.run.loop import DivergenceError, Hooks, StepLoop, progress  # noqa: F401 - DivergenceError re-exported
-from gfo.run.metrics_log import MetricsLog
+from gfo.run.loop import DivergenceError  # noqa: F401 - re-exported: a run that diverged
+from gfo.run.stage import RunInterrupted, run_stage  # noqa: F401 - RunInterrupted re-exported
 from gfo.run.stepplan import StepMemoryError  # noqa: F401 - re-exported: a user error of `gfo train`
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a run; the message says the last step done and the checkpoint a rerun resumes from."""
 
 
 def check_config(cfg: RunConfig) -> list[str]:
@@ -129,86 +126,4 @@ def _train_locked(cfg, run_dir, mesh, pre, run, state, on_eval, strict) -> dict:
         from gfo.run.report import write_summary
 
         write_summary(run_dir, cfg, result["records"])
-    return result
-
-
-def run_stage(run: Run, state, cfg: RunConfig, on_eval=None, strict: bool = False) -> dict:
-    """Optimise `run` from its latest checkpoint (else from `state`, a fresh state) to `run.steps` through
-    `gfo.run.loop.StepLoop`, with `cfg`'s log, eval and checkpoint periods; `on_eval(step, row)` is called
-    after each evaluation (pruning). Returns `{"records", "params"}` (and `selected`, `final_params` when
-    `eval.select_by` selects the returned `params`)."""
-    primary, label = distributed.is_primary(), run.label
-    fingerprint = checkpoint.config_fingerprint(to_dict(cfg))
-    with distributed.checked("the checkpoint check"):  # process 0's refusal (--strict) stops every process
-        os.makedirs(run.run_dir, exist_ok=True)
-        if primary:  # the newest checkpoint is one that verifies (or the run stops, naming what fails)
-            checkpoint.select(run.run_dir, fingerprint, strict, label)
-    manager = checkpoint.manager(run.run_dir, cfg.keep_checkpoints, fingerprint=fingerprint)
-    state, start = checkpoint.restore(manager, state)
-    log = MetricsLog(run.run_dir, start, primary)
-    records = log.records
-    if start == 0:
-        run.evaluation.record(log, 0, state, 0.0, print if primary else None, label)
-    elif start >= run.steps:
-        print(f"[{label}] complete at step {start}: reusing {run.run_dir}")
-    else:
-        print(f"[{label}] resuming {run.run_dir} from step {start}")
-    evaluated = start % cfg.eval_every == 0 or start % cfg.checkpoint_every != 0 or start == run.steps
-    if start and evaluated and not log.has(start, "eval"):
-        # the restored step was evaluated (an eval step, or a run's last step: the only checkpoint off the
-        # checkpoint period) but the log lost its row (cut short by a kill): the same state evaluates it again
-        time_s0 = records[-1].get("time_s", 0.0) if records else 0.0
-        run.evaluation.record(log, start, state, time_s0, print if primary else None, label)
-    if start < run.steps:
-        line = stepplan.compile_step(run, state, start)
-        if primary:
-            print(f"[{label}] {line}")
-    bar = progress(total=run.steps, initial=start, label=label, disable=not primary)
-    loop = StepLoop(run.step, run.optimizer.solution, steps=run.steps, log_every=cfg.log_every,
-                    eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, label=label)
-
-    def evaluate(step, state, time_s):
-        row = run.evaluation.record(log, step, state, time_s, None if bar.disable else bar.write, label)
-        if on_eval is not None:
-            on_eval(step, row)
-
-    def save(step, state):
-        try:
-            log.sync()  # the rows up to the checkpoint are on disk before it is
-            checkpoint.save(manager, step, state)
-        except OSError as e:  # a full disk, an I/O error: stop now, naming the checkpoint that is safe
-            raise checkpoint.save_failed(manager, step, e) from None
-
-    hooks = Hooks(log=log.write, evaluate=evaluate, save=save, kept=lambda: checkpoint.last_good(manager))
-    time_s = records[-1].get("time_s", 0.0) if records else 0.0  # carried over a resume
-    try:
-        state = loop.run(state, start, time_s, bar, hooks)
-    except KeyboardInterrupt:
-        bar.close()
-        try:
-            checkpoint.finish(manager)  # a checkpoint being written completes, orbax's threads stop
-        except Exception:  # noqa: BLE001 - a save cut short by the interrupt: the previous step stands
-            pass
-        saved = manager.latest_step()
-        raise RunInterrupted(
-            f"[{label}] interrupted at step {loop.done}; "
-            + (f"checkpoint at step {saved} in {manager.directory}" if saved else "no checkpoint saved yet")
-            + "; rerun the same command to resume") from None
-    except CheckpointSaveError:  # the manager is already closed
-        bar.close()
-        raise
-    except BaseException:  # divergence, a pruned sweep trial: checkpoints being written complete first
-        bar.close()
-        checkpoint.finish(manager)
-        raise
-    bar.close()
-    try:
-        checkpoint.finish(manager)
-    except OSError as e:  # the last checkpoint (or its manifest) could not be written
-        raise checkpoint.save_failed(manager, loop.done, e) from None
-    log.close()
-    result = {"records": records, "params": run.params(state)}
-    selected, params = run.evaluation.selected(records, state)
-    if selected is not None:  # the protocol's model is the dev-selected point; the final one stays available
-        result.update(selected=selected, final_params=result["params"], params=params)
     return result
