@@ -202,3 +202,44 @@ def test_the_all_zero_key_is_not_special():
     Gaussian would be the extreme −5.42 (the word 0). Its first words are ordinary."""
     assert np.all(np.asarray(hashed_bits(jax.random.key(0), 8)) != 0)
     assert float(jnp.abs(standard_noise(jax.random.key(0), (8,))).max()) < 4.0
+
+
+def test_key_tables_give_every_leaf_and_member_the_keys_drawn_one_by_one(monkeypatch):
+    import gfo.optim.noise as noise
+    from gfo.optim.noise import KeyTable, MemberKeys, leaf_noise_keys, leaf_noise_rows
+
+    params = models.TransformerLM(models.tiny("gpt2", d_model=32, n_layers=3, n_heads=2)).init(jax.random.key(0))
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    key = jax.random.key(5)
+    data = lambda k: np.asarray(jax.random.key_data(k))  # noqa: E731
+    table = KeyTable(key, params)
+    assert sum(np.array_equal(data(table.keys(p, w)), data(leaf_noise_keys(key, p, w))) for p, w in flat) == len(flat)
+    for small in (True, False):  # the whole population's table, or a member's drawn where it is used
+        monkeypatch.setattr(noise, "MEMBER_TABLE_KEYS", 1 << 18 if small else 1)
+        members = MemberKeys(key, 4, params)
+        assert (members.table is not None) == small
+        for d in (3,):
+            for p, w in flat:
+                layer = 1 if noise.n_stacked_layers(p, w) is not None else None
+                got = leaf_noise_rows(members.member(d), p, w, layer, jnp.arange(2), "gaussian")
+                want = leaf_noise_rows(member_key(key, d), p, w, layer, jnp.arange(2), "gaussian")
+                np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.slow
+def test_an_spsa_step_draws_its_keys_in_a_few_loops_not_several_per_leaf():
+    # On CPU every threefry call compiles to a loop of its own; the keys of every leaf come from one table
+    # (`KeyTable`), so a 2-layer GPT-2 step holds a few dozen loops (117 when each leaf drew its own keys).
+    import optax
+
+    import gfo
+
+    model = models.TransformerLM(models.tiny("gpt2", d_model=32, n_layers=2, n_heads=2))
+    params = model.init(jax.random.key(0))
+    space = gfo.spaces.Full(params)
+    loss = lambda p, batch, key: -model.token_logprobs(p, batch[:, :-1], batch[:, 1:]).mean()  # noqa: E731
+    opt = gfo.Optimizer(gfo.SPSA(eps=1e-3), optax.sgd(1e-3))
+    state = opt.init(jax.random.key(1), space.init(jax.random.key(0)))
+    batch = jnp.zeros((2, 9), jnp.int32)
+    text = opt.lower(state, gfo.OnSpace(loss, space), batch, jax.random.key(2)).compile().as_text()
+    assert text.count(" while(") <= 40

@@ -50,8 +50,97 @@ def _shape(leaf) -> tuple:
     return tuple(leaf.shape) if hasattr(leaf, "shape") else jnp.shape(leaf)
 
 
-def leaf_noise_keys(key: jax.Array, path, leaf) -> jax.Array:
-    """The noise key(s) of the leaf at `path`: one key, or `[L]` keys (one per layer) for a stacked leaf."""
+@jax.tree_util.register_pytree_node_class
+class KeyTable:
+    """Every leaf's noise keys under one key — exactly what `leaf_noise_keys(key, path, leaf)` gives each
+    leaf of `tree` — drawn in two batched `fold_in`s for the whole tree (one over the leaves' path ids, one
+    over the stacked leaves' layers) instead of two per leaf. On CPU every threefry call is a loop of its own
+    in the compiled program; a step that perturbs a tree leaf by leaf made ~4 per leaf per query (a 2-layer
+    GPT-2 SPSA step held 110 of them: most of its compile time). Pass a table where a key is expected by
+    `perturbed_leaf`, `leaf_noise`, `leaf_noise_rows`, `leaf_noise_keys` (and so `lowrank_factors`): same
+    numbers. `KeyTable.for_members(key, n, tree)` holds the tables of members `0..n-1` (`member_key`) at once,
+    `.member(d)` one of them; a table is a pytree (its keys are its leaves), so it rides in a `Direction`."""
+
+    def __init__(self, key: jax.Array, tree=None, _built=None):
+        if _built is not None:
+            self._names, self._keys, self._key = _built
+            return
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        ids = jnp.asarray([path_id(p) for p, _ in flat], jnp.uint32)
+        keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, ids) if flat else None  # [n leaves]
+        layers = [n_stacked_layers(p, w) for p, w in flat]
+        stacked = [(i, n) for i, n in enumerate(layers) if n is not None]
+        if stacked:
+            owner = jnp.asarray([i for i, n in stacked for _ in range(n)], jnp.int32)
+            index = jnp.asarray([layer for _, n in stacked for layer in range(n)], jnp.uint32)
+            layer_keys = jax.vmap(jax.random.fold_in)(keys[owner], index)  # [Σ L]
+        out, offset = [], 0
+        for i, n in enumerate(layers):
+            out.append(keys[i] if n is None else layer_keys[offset:offset + n])
+            offset += n or 0
+        self._names, self._keys, self._key = tuple(path_name(p) for p, _ in flat), tuple(out), key
+
+    @classmethod
+    def for_members(cls, key: jax.Array, n: int, tree) -> "KeyTable":
+        """The tables of members `0..n-1` (`KeyTable(member_key(key, d), tree)`), each key array `[n, ...]`."""
+        return jax.vmap(lambda d: cls(member_key(key, d), tree))(jnp.arange(n, dtype=jnp.int32))
+
+    def member(self, d) -> "KeyTable":
+        """Member `d`'s table (an int or int32 scalar) of a `for_members` table."""
+        return jax.tree.map(lambda k: k[d], self)
+
+    def keys(self, path, leaf) -> jax.Array:
+        """The leaf's key (or `[L]` layer keys), as `leaf_noise_keys(key, path, leaf)`."""
+        name = path_name(path)
+        if name in self._names:
+            return self._keys[self._names.index(name)]
+        return leaf_noise_keys(self._key, path, leaf)
+
+    def tree_flatten(self):
+        return (self._keys, self._key), self._names
+
+    @classmethod
+    def tree_unflatten(cls, names, children):
+        keys, key = children
+        return cls(None, _built=(names, tuple(keys), key))
+
+
+# The most keys a table of every member's leaf keys may hold (2 MiB of key data); a larger population's
+# members draw their tables one at a time (the same numbers, a loop more per leaf).
+MEMBER_TABLE_KEYS = 1 << 18
+
+
+@jax.tree_util.register_pytree_node_class
+class MemberKeys:
+    """The keys of members `0..n-1` under `key` (each member's as `member_key(key, d)` gives its leaves):
+    `member(d)` is a `KeyTable` slice when the whole population's table (`KeyTable.for_members`) is at most
+    `MEMBER_TABLE_KEYS` keys, else member `d`'s key (its table drawn where it is used). A pytree: it rides
+    in a `Direction` from the evaluation of the members to the update."""
+
+    def __init__(self, key: jax.Array, n: int, tree, _table=None, _built: bool = False):
+        self.key, self.table = key, _table
+        if not _built:
+            flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+            size = n * sum(1 + (n_stacked_layers(p, w) or 0) for p, w in flat)
+            self.table = KeyTable.for_members(key, n, tree) if size <= MEMBER_TABLE_KEYS else None
+
+    def member(self, d):
+        return self.table.member(d) if self.table is not None else member_key(self.key, d)
+
+    def tree_flatten(self):
+        return (self.key, self.table), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        key, table = children
+        return cls(key, 0, None, table, _built=True)
+
+
+def leaf_noise_keys(key, path, leaf) -> jax.Array:
+    """The noise key(s) of the leaf at `path`: one key, or `[L]` keys (one per layer) for a stacked leaf.
+    `key` may be a `KeyTable` (the whole tree's keys, drawn at once)."""
+    if isinstance(key, KeyTable):
+        return key.keys(path, leaf)
     k = leaf_key(key, path)
     n = n_stacked_layers(path, leaf)
     if n is None:
@@ -75,9 +164,13 @@ def leaf_noise_rows(key: jax.Array, path, leaf, layer, rows, distribution: str =
     """Rows `rows [n]` of layer `layer` (None for an unstacked leaf) of `leaf_noise(key, path, leaf)`:
     float32 `[n, *row shape]`, drawn alone (a matrix's rows are keyed independently); `rows=None` gives
     the whole layer."""
-    k = leaf_key(key, path)
-    if n_stacked_layers(path, leaf) is not None:
-        k = jax.random.fold_in(k, layer)
+    if isinstance(key, KeyTable):
+        k = key.keys(path, leaf)
+        k = k[layer] if n_stacked_layers(path, leaf) is not None else k
+    else:
+        k = leaf_key(key, path)
+        if n_stacked_layers(path, leaf) is not None:
+            k = jax.random.fold_in(k, layer)
     shape = layer_shape(path, leaf)
     if rows is None or len(shape) < 2:
         return matrix_noise(k, shape, distribution)

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from gfo.optim.update import Direction
 from gfo.optim.estimators.base import PerturbingEstimator
-from gfo.optim.noise import DISTRIBUTIONS, leaf_kind, member_key, perturbed_leaf
+from gfo.optim.noise import DISTRIBUTIONS, KeyTable, MemberKeys, leaf_kind, member_key, perturbed_leaf
 from gfo.optim.population import PopulationConfig, leaf_noise_direction
 from gfo.optim.registry import estimator_method, register
 from gfo.optim.sections import PopulationSection, knob
@@ -53,31 +53,35 @@ class OpenES(PerturbingEstimator, PopulationConfig):
     def _frozen(self, path, w) -> bool:
         return leaf_kind(path, w, self.noise_map, lambda _: "full") == "frozen"
 
-    def perturb(self, x, direction_key: jax.Array, scale):
-        """`x + scale · ε(direction_key)`: `NoisyLeaf` leaves (drawn inside the forward) when `factored`."""
+    def perturb(self, x, direction_key, scale):
+        """`x + scale · ε(direction_key)`: `NoisyLeaf` leaves (drawn inside the forward) when `factored`;
+        `direction_key` a key or a `KeyTable` of `x`'s leaves."""
+        keys = direction_key if isinstance(direction_key, KeyTable) else KeyTable(direction_key, x)
         return jax.tree_util.tree_map_with_path(
-            lambda p, w: w if self._frozen(p, w) else perturbed_leaf(direction_key, p, w, scale, self.distribution,
+            lambda p, w: w if self._frozen(p, w) else perturbed_leaf(keys, p, w, scale, self.distribution,
                                                                      self.factored), x)
 
     def direction(self, objective, x, batch, key):
         """`(Direction, metrics)`: the population evaluated, `g` described leaf by leaf (`gfo.optim.update`)."""
         noise_key, eval_key = jax.random.split(key)  # every member sees the same eval key
 
+        tables = MemberKeys(noise_key, self.n_directions, x)  # every direction's leaf keys at once (if small)
+
         def member_loss(direction, sign, member):
-            return objective(self.perturb(x, member_key(noise_key, direction), sign * self.sigma),
+            return objective(self.perturb(x, tables.member(direction), sign * self.sigma),
                              self.member_batch(batch, member), eval_key)
 
         _, shaped, metrics = self.evaluate(member_loss)
         weights = self.direction_weights(shaped) / (self.population * self.sigma)
-        return Direction(self._leaf_direction, (weights, noise_key)), metrics
+        return Direction(self._leaf_direction, (weights, tables)), metrics
 
     def _leaf_direction(self, operands, path, w):
         """One leaf's `(Σ_p w_p ε_p, halves' dots)` — `LeafBlocks` for a large leaf — zero where frozen
         (`gfo.optim.population.leaf_noise_direction`)."""
-        weights, noise_key = operands
+        weights, tables = operands
         if self._frozen(path, w):
             return jnp.zeros(jnp.shape(w), jnp.result_type(w)), None
-        return leaf_noise_direction(weights, lambda d: member_key(noise_key, d), path, w, self.distribution,
+        return leaf_noise_direction(weights, tables.member, path, w, self.distribution,
                                     None, self.batch_size, self.pop_sharding)
 
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from gfo.optim.estimators.base import PerturbingEstimator
-from gfo.optim.noise import leaf_noise, leaf_noise_rows, noise_blocks, perturbed_leaf
+from gfo.optim.noise import KeyTable, leaf_noise, leaf_noise_rows, noise_blocks, perturbed_leaf
 from gfo.optim.update import Direction, LeafBlocks, exact_zero
 from gfo.optim.registry import estimator_method, register
 from gfo.optim.sections import POSITIVE, TransformSection, knob
@@ -57,8 +57,9 @@ class HiZOO(PerturbingEstimator):
     def perturbed(self, x, h, noise_key: jax.Array, scale):
         """`x + scale · Σ^{1/2} z`: `NoisyLeaf` leaves carrying `h` (drawn inside the forward) when `factored`,
         else the same leaves made dense."""
+        keys = KeyTable(noise_key, x)  # every leaf's keys in one draw
         return jax.tree_util.tree_map_with_path(
-            lambda p, w, hh: perturbed_leaf(noise_key, p, w, scale, "gaussian", bool(self.factored), hh, -0.5), x, h)
+            lambda p, w, hh: perturbed_leaf(keys, p, w, scale, "gaussian", bool(self.factored), hh, -0.5), x, h)
 
     def estimate(self, objective, x, batch, key, h, step):
         """`(Direction, metrics, h_new)`: three forwards, the Hessian updated and `g` described leaf by leaf."""

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from gfo.optim.update import Direction, halves_dots
 from gfo.optim.estimators.base import PerturbingEstimator
-from gfo.optim.noise import leaf_kind, leaf_noise, leaf_noise_keys, matrix_ndim, member_key, perturbed_leaf, sample
+from gfo.optim.noise import KeyTable, MemberKeys, leaf_kind, leaf_noise, leaf_noise_keys, matrix_ndim, member_key, perturbed_leaf, sample
 from gfo.optim.population import PopulationConfig, chunked_contraction, leaf_noise_direction, zeros_after
 from gfo.optim.registry import estimator_method, register
 from gfo.optim.sections import AT_LEAST_ONE, PopulationSection, knob
@@ -68,18 +68,19 @@ class LowRankES(PerturbingEstimator, PopulationConfig):
 
     def _perturb(self, x, direction_key, sign):
         scale = self.sigma / math.sqrt(self.rank)
+        keys = direction_key if isinstance(direction_key, KeyTable) else KeyTable(direction_key, x)
 
         def leaf(path, w):
             kind = self._kind(path, w)
             if kind == "frozen":
                 return w
             if kind == "lowrank":
-                a, b = lowrank_factors(direction_key, path, w.shape, self.rank)
+                a, b = lowrank_factors(keys, path, w.shape, self.rank)
                 lead = w.shape[:-2]
                 kernel = LowRankKernel(w, (sign * a).astype(w.dtype), b.astype(w.dtype),
                                        jnp.full(lead, scale, jnp.float32) if lead else scale)
                 return kernel if self.factored else kernel.dense()
-            return perturbed_leaf(direction_key, path, w, sign * self.sigma, "gaussian", self.factored)
+            return perturbed_leaf(keys, path, w, sign * self.sigma, "gaussian", self.factored)
 
         return jax.tree_util.tree_map_with_path(leaf, x)
 
@@ -87,13 +88,15 @@ class LowRankES(PerturbingEstimator, PopulationConfig):
         """`(Direction, metrics)`: the population evaluated, `g` described leaf by leaf (`gfo.optim.update`)."""
         noise_key, eval_key = jax.random.split(key)
 
+        tables = MemberKeys(noise_key, self.n_directions, x)  # every direction's leaf keys at once (if small)
+
         def member_loss(direction, sign, member):
-            return objective(self._perturb(x, member_key(noise_key, direction), sign),
+            return objective(self._perturb(x, tables.member(direction), sign),
                              self.member_batch(batch, member), eval_key)
 
         _, shaped, metrics = self.evaluate(member_loss)
         weights = self.direction_weights(shaped) / (self.population * self.sigma)
-        return Direction(self._leaf_direction, (weights, noise_key)), metrics
+        return Direction(self._leaf_direction, (weights, tables)), metrics
 
     def _leaf_direction(self, operands, path, w):
         """One leaf's `(g, halves' dots)`: a matrix's `Σ_p w_p A_p B_pᵀ / √r` over each half of the
@@ -101,14 +104,14 @@ class LowRankES(PerturbingEstimator, PopulationConfig):
         `g` is the leaf's two float32 half-sums and the chunk's factors, whatever the population (with
         `pop_sharding` each chunk's directions split over the devices and the sums all-reduced); `full`
         leaves through `gfo.optim.population.leaf_noise_direction` (blocks of rows when large)."""
-        weights, noise_key = operands
+        weights, tables = operands
         kind = self._kind(path, w)
         if kind == "frozen":
             return jnp.zeros(jnp.shape(w), jnp.result_type(w)), None
         if kind == "full":
-            return leaf_noise_direction(weights, lambda d: member_key(noise_key, d), path, w, "gaussian", None,
+            return leaf_noise_direction(weights, tables.member, path, w, "gaussian", None,
                                         self.batch_size, self.pop_sharding)
-        factors = lambda d: lowrank_factors(member_key(noise_key, d), path, w.shape, self.rank)  # noqa: E731
+        factors = lambda d: lowrank_factors(tables.member(d), path, w.shape, self.rank)  # noqa: E731
         if self.pop_sharding is None:
             # as many directions per contraction as keep their factors under NOISE_BLOCK_ELEMENTS (at least
             # `batch_size`): a loop (whose carry may be copied) only for very large populations

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from gfo.optim.estimators.base import PerturbingEstimator
 from gfo.optim.estimators.lowrank_es import lowrank_factors
-from gfo.optim.noise import leaf_noise, matrix_ndim, member_key, noise_blocks, perturbed_leaf
+from gfo.optim.noise import KeyTable, leaf_noise, matrix_ndim, member_key, noise_blocks, perturbed_leaf
 from gfo.optim.population import leaf_noise_direction, zeros_after
 from gfo.optim.update import Direction, LeafBlocks
 from gfo.optim.registry import estimator_method, register
@@ -74,6 +74,8 @@ class LOZO(PerturbingEstimator):
 
     def _perturbed(self, x, u_key, v_key, scale):
         """`x + scale · Z`, factored (`LowRankKernel` / `NoisyLeaf`, formed inside the forward) or dense."""
+        u_key, v_key = KeyTable(u_key, x), KeyTable(v_key, x)  # every leaf's keys in one draw each
+
         def leaf(path, w):
             if matrix_ndim(path, w) == 2:
                 u, v = self._factors(path, w, u_key, v_key)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from gfo.optim.estimators.base import PerturbingEstimator
-from gfo.optim.noise import leaf_noise, member_key, perturbed_leaf, tree_dot
+from gfo.optim.noise import KeyTable, leaf_noise, member_key, perturbed_leaf, tree_dot
 from gfo.optim.registry import estimator_method, register
 from gfo.optim.sections import AT_LEAST_ONE, POSITIVE, TransformSection, knob
 
@@ -47,9 +47,11 @@ class MeZOSVRG(PerturbingEstimator):
     def spsa(self, objective, y, batch, z_key, eval_key):
         """`(ĝ, (L₊ + L₋)/2)` at `y` along `z = noise(z_key)` on `batch`; a non-finite pair gives zero.
         Both signs run in one vmap that shares the draw of `z`; `ĝ` regenerates `z` leaf by leaf."""
+        keys = KeyTable(z_key, y)  # every leaf's keys in one draw
+
         def loss(scale):
             return objective(jax.tree_util.tree_map_with_path(
-                lambda p, w: perturbed_leaf(z_key, p, w, scale, "gaussian", self.factored), y), batch, eval_key)
+                lambda p, w: perturbed_leaf(keys, p, w, scale, "gaussian", self.factored), y), batch, eval_key)
 
         plus, minus = jax.vmap(loss)(jnp.array([self.eps, -self.eps], jnp.float32))
         ok = jnp.isfinite(plus) & jnp.isfinite(minus)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from gfo.optim.update import Direction, LeafBlocks
 from gfo.optim.estimators.base import PerturbingEstimator
-from gfo.optim.noise import DISTRIBUTIONS, member_key, noise_like, perturbed_leaf, tree_axpy
+from gfo.optim.noise import DISTRIBUTIONS, KeyTable, MemberKeys, noise_like, perturbed_leaf, tree_axpy
 from gfo.optim.population import leaf_noise_direction
 from gfo.optim.registry import estimator_method, register
 from gfo.optim.sections import AT_LEAST_ONE, POSITIVE, UNIT_INTERVAL, TransformSection, knob
@@ -65,6 +65,8 @@ class SPSA(PerturbingEstimator):
         mask = None if self.sparsity == 0.0 else jax.tree.map(self._leaf_mask, x)
         in_forward = self.factored and mask is None
 
+        tables = MemberKeys(noise_key, self.n, x)  # every query's leaf keys, drawn at once
+
         def perturb(query_key, scale):
             if in_forward:  # x + scale·z as NoisyLeaf leaves: z is drawn where the model reads each leaf
                 return jax.tree_util.tree_map_with_path(
@@ -78,7 +80,7 @@ class SPSA(PerturbingEstimator):
 
         def query(k):
             """`(projected gradient, mean loss, |L₊ − L₋|, ok)` of query `k`."""
-            query_key = member_key(noise_key, k)
+            query_key = tables.member(k)  # as member_key(noise_key, k) would give each leaf
             if self.one_sided:
                 plus, minus, denom = objective(perturb(query_key, self.eps), batch, eval_key), base, self.eps
             else:  # both signs in one vmap in which z is not batched: z is drawn once for the pair
@@ -98,8 +100,8 @@ class SPSA(PerturbingEstimator):
         # masked like the queries (the mask is a function of the leaf); the SNR cosine compares the first
         # ⌊n/2⌋ queries' estimate with the rest's.
         def make(operands, path, w):
-            weights, key = operands
-            made = leaf_noise_direction(weights, lambda k: member_key(key, k), path, w, self.distribution,
+            weights, keys = operands
+            made = leaf_noise_direction(weights, keys.member, path, w, self.distribution,
                                         None if mask is None else self._leaf_mask(w))
             if not self.sign:
                 return made
@@ -108,7 +110,7 @@ class SPSA(PerturbingEstimator):
         bad = jnp.sum(~ok, dtype=jnp.int32)
         n_ok = jnp.maximum(self.n - bad, 1)
         evaluations = self.n * (1 if self.one_sided else 2) + (1 if self.one_sided else 0)
-        return (Direction(make, (proj / self.n, noise_key), snr=self.n >= 2),
+        return (Direction(make, (proj / self.n, tables), snr=self.n >= 2),
                 {"loss": jnp.sum(losses) / n_ok, "loss_range": jnp.sum(spread) / n_ok, "nonfinite": bad,
                  "evaluations": evaluations})
 

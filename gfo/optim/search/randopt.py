@@ -23,7 +23,7 @@ from flax import struct
 from gfo.optim import shaping
 from gfo.optim.evaluate import map_members
 from gfo.jitting import filter_jit
-from gfo.optim.noise import member_key, perturbed_leaf
+from gfo.optim.noise import KeyTable, member_key, perturbed_leaf
 from gfo.objectives import accepts_descriptors
 from gfo.optim.protocol import fresh, parameter_sharding
 import dataclasses
@@ -76,9 +76,9 @@ class RandOpt:
         return self._perturbed(state, i, factored)
 
     def _perturbed(self, state: RandOptState, i, factored: bool):
-        key = member_key(jax.random.wrap_key_data(state.noise_key), i)
+        keys = KeyTable(member_key(jax.random.wrap_key_data(state.noise_key), i), state.x0)  # one draw
         return jax.tree_util.tree_map_with_path(
-            lambda p, w: perturbed_leaf(key, p, w, self.sigma, self.distribution, factored), state.x0)
+            lambda p, w: perturbed_leaf(keys, p, w, self.sigma, self.distribution, factored), state.x0)
 
     def init(self, key: jax.Array, x0) -> RandOptState:
         return fresh(RandOptState(x0=x0, noise_key=jax.random.key_data(key), top=jnp.full((self.top_k,), -1, jnp.int32),
