@@ -102,15 +102,67 @@ def completion_logprobs(model: TransformerLM, params, prompt_ids: jax.Array, pro
     return logp * completion_mask.astype(logp.dtype)
 
 
+# The nucleus (top-p) is first looked for among this many most likely tokens (`lax.top_k`, not a sort of
+# the whole vocabulary); a row whose nucleus is larger falls back to the full sort (`_sorted_sample`).
+TOP_P_CANDIDATES = 256
+
+
 def sample_logits(key: jax.Array, logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
-                  top_p: float = 1.0) -> jax.Array:
-    """Token ids `[B]` from `logits: [B, V]`; greedy when `temperature == 0`; `top_k=0` disables."""
+                  top_p: float = 1.0, candidates: int | None = None) -> jax.Array:
+    """Token ids `[B]` from `logits: [B, V]`; greedy when `temperature == 0`; `top_k=0` disables.
+
+    With a truncation (`top_k` or `top_p < 1`) the draw is made among the `top_k` (or `candidates`,
+    default `TOP_P_CANDIDATES`) most likely tokens (`lax.top_k`): exact whenever the truncated support fits
+    among them, which `top_k` guarantees and `top_p` checks row by row (the candidates' mass reaching
+    `top_p`); when some row's nucleus is larger, the whole vocabulary is sorted for the batch
+    (`_sorted_sample`, the reference). Same distribution as the reference, not the same random stream.
+    """
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
+    if not top_k and top_p >= 1.0:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    inside, idx, fits, logits = truncation_candidates(logits, top_k, top_p, candidates)
+    token = jnp.take_along_axis(idx, jax.random.categorical(key, inside, axis=-1)[:, None], axis=-1)[:, 0]
+
+    # A while loop, not `lax.cond`: under `vmap` (a population) a batched `cond` runs both branches, while
+    # this one sorts only when some row needs it.
+    def fallback(carry):
+        _, token = carry
+        return jnp.array(True), jnp.where(fits, token, _sorted_sample(key, logits, top_p))
+
+    _, token = jax.lax.while_loop(lambda c: ~c[0], fallback, (jnp.all(fits), token))
+    return token.astype(jnp.int32)
+
+
+def truncation_candidates(logits: jax.Array, top_k: int = 0, top_p: float = 1.0, candidates: int | None = None):
+    """`(inside [B, k], ids [B, k], fits [B], masked [B, V])` for tempered `logits: [B, V]`: the `k` most likely
+    tokens (`top_k`, else `candidates` or `TOP_P_CANDIDATES`) with the values outside the top-k/top-p
+    support set to −inf (`inside`), their token ids, whether the support of row `b` lies wholly among them
+    (then a draw from `inside` is a draw from the reference), and the top-k-masked logits (for the fallback).
+    """
+    V = logits.shape[-1]
+    k = min(V, top_k if top_k else (candidates or TOP_P_CANDIDATES))
+    vals, idx = jax.lax.top_k(logits, k)  # [B, k], descending
+    inside, fits = vals, jnp.ones(logits.shape[:-1], bool)
     if top_k:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
+        # the reference keeps every token tied with the k-th value: the candidates are exact without ties
+        logits = jnp.where(logits < vals[..., -1:], -jnp.inf, logits)
+        fits = jnp.sum(logits > -jnp.inf, axis=-1) == k
+    if top_p < 1.0:
+        lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # over the (top-k-masked) vocabulary
+        probs = jnp.exp(vals - lse)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # keep a token while the mass before it < p
+        threshold = jnp.min(jnp.where(mass_before < top_p, vals, jnp.inf), axis=-1, keepdims=True)
+        inside = jnp.where(vals >= threshold, vals, -jnp.inf)
+        if not top_k and k < V:  # the nucleus ends among the candidates, above the last one (no ties outside)
+            fits = (jnp.sum(probs, axis=-1) >= top_p) & (threshold[:, 0] > vals[:, -1])
+    return inside, idx, fits, logits
+
+
+def _sorted_sample(key: jax.Array, logits: jax.Array, top_p: float) -> jax.Array:
+    """The reference: the nucleus of `logits: [B, V]` (already tempered, perhaps top-k masked) found by
+    sorting the whole vocabulary, and a draw from it."""
     if top_p < 1.0:
         sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
         probs = jax.nn.softmax(sorted_logits, axis=-1)
