@@ -18,6 +18,7 @@ is found too, inside the jitted loop).
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple, Sequence
 
 import jax
@@ -176,11 +177,15 @@ def _sorted_sample(key: jax.Array, logits: jax.Array, top_p: float) -> jax.Array
 def generate(model: TransformerLM, params, prompt_ids: jax.Array, prompt_mask: jax.Array | None,
              key: jax.Array, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_id: int | None = None,
-             soft_prompt: jax.Array | None = None, stop_strings: StopStrings | None = None) -> Generation:
+             soft_prompt: jax.Array | None = None, stop_strings: StopStrings | None = None, *,
+             early_exit: bool = True, read_bucket: int | None = None) -> Generation:
     """Generate up to `max_new_tokens` after each left-padded prompt `prompt_ids: [B, T]`.
 
     Stops a row at its first token in `stop_tokens` or once its generated text contains one of
-    `stop_strings` (see `stop_string_table`), and the whole batch when every row has stopped.
+    `stop_strings` (see `stop_string_table`), and the whole batch when every row has stopped
+    (`early_exit=False`: every step runs, stopped rows feeding masked pads — the reference the tests
+    compare with). `read_bucket`: the first of the doubling cache-read buckets (`read_buckets`, default
+    `FIRST_READ_BUCKET`); the tokens do not depend on it.
     """
     _check_sampling(temperature, top_k, top_p, max_new_tokens)
     if pad_id is None:
@@ -190,11 +195,42 @@ def generate(model: TransformerLM, params, prompt_ids: jax.Array, prompt_mask: j
     params, soft_prompt = _split_soft_prompt(params, soft_prompt)  # it enters the cache once
     n_soft = 0 if soft_prompt is None else soft_prompt.shape[-2]
     cache_size = n_soft + prompt_ids.shape[1] + max_new_tokens
-    cache = model.init_cache(prompt_ids.shape[0], cache_size)
     return _generate(model, params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
-                     key, cache, soft_prompt, stop_strings, max_new_tokens=max_new_tokens, temperature=float(temperature),
+                     key, soft_prompt, stop_strings, max_new_tokens=max_new_tokens, temperature=float(temperature),
                      top_k=int(top_k), top_p=float(top_p), stop_tokens=tuple(int(t) for t in stop_tokens),
-                     pad_id=int(pad_id))
+                     pad_id=int(pad_id), cache_size=cache_size, early_exit=bool(early_exit),
+                     read_bucket=int(read_bucket or FIRST_READ_BUCKET))
+
+
+# The loop checks whether every row has stopped once per this many steps (a divisor of max_new_tokens and of
+# the read buckets, so it never overshoots a bucket): under `vmap` (a population of members) a while loop
+# whose condition is batched selects its whole carry, the cache included, at every check.
+EXIT_CHECK_EVERY = 8
+
+# Generation reads the cache up to bucket boundaries: steps [0, 32) read prompt + 32 slots, steps [32, 64)
+# prompt + 64, then doubling, so attention costs the filled part (within 2x) and not the whole cache; each
+# bucket is one more compiled copy of the decode step.
+FIRST_READ_BUCKET = 32
+
+
+def read_buckets(max_new_tokens: int, first: int = FIRST_READ_BUCKET) -> list[int]:
+    """Ends of the decode steps' segments `[e_0, e_1, ..., max_new_tokens]`: step `i` of the segment ending
+    at `e_j` reads `prompt + e_j` cache slots (doubling from `first`)."""
+    if first < 1:
+        raise ValueError(f"read bucket {first} must be >= 1")
+    ends, e = [], first
+    while e < max_new_tokens:
+        ends.append(e)
+        e *= 2
+    return ends + [max_new_tokens]
+
+
+def _supports_read(model) -> bool:
+    import inspect
+    try:
+        return "read" in inspect.signature(model.apply_with_cache).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _check_sampling(temperature, top_k, top_p, max_new_tokens):
@@ -209,11 +245,16 @@ def _check_sampling(temperature, top_k, top_p, max_new_tokens):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p",
-                                             "stop_tokens", "pad_id"))
-def _generate(model, params, prompt_ids, prompt_mask, key, cache, soft_prompt, stop_strings, *, max_new_tokens,
-              temperature, top_k, top_p, stop_tokens, pad_id) -> Generation:
+                                             "stop_tokens", "pad_id", "cache_size", "early_exit", "read_bucket"))
+def _generate(model, params, prompt_ids, prompt_mask, key, soft_prompt, stop_strings, *, max_new_tokens,
+              temperature, top_k, top_p, stop_tokens, pad_id, cache_size, early_exit, read_bucket) -> Generation:
     B = prompt_ids.shape[0]
-    logits, cache = model.apply_with_cache(params, prompt_ids, cache, prompt_mask, prompt=soft_prompt, last_only=True)
+    cache = model.init_cache(B, cache_size)  # made inside the jit: a loop carry, updated in place
+    reads = _supports_read(model)
+    prefill = dict(read=0) if reads else {}
+    logits, cache = model.apply_with_cache(params, prompt_ids, cache, prompt_mask, prompt=soft_prompt,
+                                           last_only=True, **prefill)
+    first_slot = cache_size - max_new_tokens  # the slot of the first generated token
     last = logits[:, -1]
     stops = jnp.asarray(stop_tokens if stop_tokens else (-1,), jnp.int32)
 
@@ -221,7 +262,7 @@ def _generate(model, params, prompt_ids, prompt_mask, key, cache, soft_prompt, s
         stop_strings = StopStrings(jnp.zeros((0, 1, 1), jnp.int32), jnp.zeros((0,), jnp.int32))
     S = stop_strings.accept.shape[0]
 
-    def body(carry):
+    def body(read, carry):
         step, key, last, cache, done, matched, lengths, tokens, logprobs = carry
         key, sub = jax.random.split(key)
         token = sample_logits(sub, last, temperature, top_k, top_p)
@@ -236,15 +277,25 @@ def _generate(model, params, prompt_ids, prompt_mask, key, cache, soft_prompt, s
             matched = stop_strings.table[jnp.arange(S)[None, :], matched, token[:, None]]
             done = done | jnp.any(matched == stop_strings.accept[None, :], axis=1)
         done = done | jnp.isin(token, stops)
-        logits, cache = model.apply_with_cache(params, token[:, None], cache, feed_mask)
+        logits, cache = model.apply_with_cache(params, token[:, None], cache, feed_mask, **read)
         return step + 1, key, logits[:, -1], cache, done, matched, lengths, tokens, logprobs
 
-    def cond(carry):
+    def cond(end, carry):
         step, done = carry[0], carry[4]
-        return (step < max_new_tokens) & ~jnp.all(done)
+        return (step < end) & ~jnp.all(done) if early_exit else step < end
 
-    init = (jnp.array(0), key, last, cache, jnp.zeros((B,), bool), jnp.zeros((B, S), jnp.int32),
-            jnp.zeros((B,), jnp.int32), jnp.full((B, max_new_tokens), pad_id, jnp.int32),
-            jnp.zeros((B, max_new_tokens), jnp.float32))
-    *_, lengths, tokens, logprobs = jax.lax.while_loop(cond, body, init)
+    carry = (jnp.array(0), key, last, cache, jnp.zeros((B,), bool), jnp.zeros((B, S), jnp.int32),
+             jnp.zeros((B,), jnp.int32), jnp.full((B, max_new_tokens), pad_id, jnp.int32),
+             jnp.zeros((B, max_new_tokens), jnp.float32))
+    # One while loop per read bucket; each stops early once every row is done (the next then runs no step),
+    # checking every `every` steps (steps after every row has stopped change nothing).
+    every = math.gcd(EXIT_CHECK_EVERY, max_new_tokens, read_bucket)
+
+    def steps(read, carry):
+        return jax.lax.fori_loop(0, every, lambda _, c: body(read, c), carry) if every > 1 else body(read, carry)
+
+    for end in (read_buckets(max_new_tokens, read_bucket) if reads else [max_new_tokens]):
+        read = dict(read=first_slot + end) if reads else {}
+        carry = jax.lax.while_loop(functools.partial(cond, end), functools.partial(steps, read), carry)
+    *_, lengths, tokens, logprobs = carry
     return Generation(tokens=tokens, lengths=lengths, logprobs=logprobs)

@@ -58,3 +58,49 @@ def test_sampling_among_candidates_or_by_the_fallback_follows_the_reference(cand
     np.testing.assert_allclose(freqs, [0.4 / 0.9, 0.3 / 0.9, 0.2 / 0.9, 0, 0], atol=0.015)
     reference = jax.jit(jax.vmap(lambda k: _sorted_sample(k, logits, 0.85)[0]))(keys)
     np.testing.assert_allclose(freqs, np.bincount(np.asarray(reference), minlength=5) / len(keys), atol=0.02)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_attention_over_the_filled_cache_equals_the_whole_cache(family):
+    """`read` slots (the filled part) vs the whole cache: logits within 1e-5, prefill and decode steps,
+    with left padding and (gemma3) sliding-window layers. (A padding position's own outputs are arbitrary —
+    its query sees no key — and never read: compared at real tokens only.)"""
+    model = models.TransformerLM(models.tiny(family))
+    params = model.init(jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 14), 0, 256)
+    mask = jnp.ones((2, 14), jnp.int32).at[1, :3].set(0)
+    full, part = model.init_cache(2, 32), model.init_cache(2, 32)
+    a, full = model.apply_with_cache(params, tokens[:, :6], full, mask[:, :6])
+    b, part = model.apply_with_cache(params, tokens[:, :6], part, mask[:, :6], read=0)
+    real = np.asarray(mask[:, :6], bool)
+    np.testing.assert_allclose(np.asarray(a)[real], np.asarray(b)[real], rtol=1e-5, atol=1e-5)
+    for t in range(6, 14):  # one read length (one compilation) holding every filled slot
+        a, full = model.apply_with_cache(params, tokens[:, t:t + 1], full, mask[:, t:t + 1])
+        b, part = model.apply_with_cache(params, tokens[:, t:t + 1], part, mask[:, t:t + 1], read=14)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    filled = np.asarray(full.valid)
+    np.testing.assert_array_equal(filled, np.asarray(part.valid))
+    np.testing.assert_allclose(np.asarray(full.k)[:, filled], np.asarray(part.k)[:, filled], rtol=1e-5, atol=1e-5)
+
+
+def test_generation_across_read_buckets_matches_uncached_greedy(tiny_model, byte_tokenizer):
+    from tests.test_models import _greedy_without_cache
+
+    model, params = tiny_model
+    ids, mask = byte_tokenizer.batch_encode(["The quick brown fox", "Hi"])
+    out = models.generate(model, params, ids, mask, jax.random.key(0), 11, read_bucket=2)  # buckets 2, 4, 8, 11
+    np.testing.assert_array_equal(np.asarray(out.tokens), _greedy_without_cache(model, params, ids, mask, 11))
+
+
+def test_early_exit_gives_the_tokens_of_running_every_step(byte_tokenizer, temperature=0.9):
+    model = models.TransformerLM(models.tiny("llama"))
+    params = model.init(jax.random.key(0))
+    ids, mask = byte_tokenizer.batch_encode(["abc", "defgh", "x"])
+    kw = dict(temperature=temperature, top_p=0.9, pad_id=byte_tokenizer.pad_id, read_bucket=4)  # buckets 4, 8
+    free = models.generate(model, params, ids, mask, jax.random.key(2), 8, **kw)
+    stops = tuple(int(t) for t in np.asarray(free.tokens)[:, 2])  # every row stops by its third token
+    exits = models.generate(model, params, ids, mask, jax.random.key(2), 8, stop_tokens=stops, **kw)
+    every = models.generate(model, params, ids, mask, jax.random.key(2), 8, stop_tokens=stops, early_exit=False, **kw)
+    for field in ("tokens", "lengths", "logprobs"):
+        np.testing.assert_array_equal(np.asarray(getattr(exits, field)), np.asarray(getattr(every, field)))
+    assert np.all(np.asarray(exits.lengths) <= 3)
