@@ -9,7 +9,13 @@ Prompts of different lengths are left-padded (`Tokenizer.batch_encode`). Samplin
 `temperature == 0`; otherwise softmax(logits / temperature) restricted to the `top_k` most likely
 tokens and to the smallest set whose probability reaches `top_p`.
 
-Generation is a `lax.while_loop` that ends as soon as every row has stopped: at a stop token, or once
+Speed (`python -m benchmarks.rollouts`): one prefill pass; the cache is made inside the jit and updated in
+place, each step writing only its own keys and values; attention reads the filled part of the cache, in
+doubling buckets (`read_buckets`), not its whole length; top-k/top-p draw among `lax.top_k` candidates
+instead of sorting the vocabulary (`truncation_candidates`, exact, with a bisection fallback).
+
+Generation is a `lax.while_loop` (one per read bucket) that ends as soon as every row has stopped, checked
+every `EXIT_CHECK_EVERY` steps: at a stop token, or once
 its generated text contains a stop string (`stop_strings=stop_string_table(tok.token_bytes(), ["</answer>"])`:
 one small automaton per string over the bytes each token stands for, so a string split across tokens
 is found too, inside the jitted loop).
@@ -104,7 +110,8 @@ def completion_logprobs(model: TransformerLM, params, prompt_ids: jax.Array, pro
 
 
 # The nucleus (top-p) is first looked for among this many most likely tokens (`lax.top_k`, not a sort of
-# the whole vocabulary); a row whose nucleus is larger falls back to the full sort (`_sorted_sample`).
+# the whole vocabulary); a row whose nucleus is larger falls back to a bisection on the threshold
+# (`nucleus_threshold`: passes over the vocabulary, not a sort of it).
 TOP_P_CANDIDATES = 256
 
 
@@ -115,8 +122,8 @@ def sample_logits(key: jax.Array, logits: jax.Array, temperature: float = 1.0, t
     With a truncation (`top_k` or `top_p < 1`) the draw is made among the `top_k` (or `candidates`,
     default `TOP_P_CANDIDATES`) most likely tokens (`lax.top_k`): exact whenever the truncated support fits
     among them, which `top_k` guarantees and `top_p` checks row by row (the candidates' mass reaching
-    `top_p`); when some row's nucleus is larger, the whole vocabulary is sorted for the batch
-    (`_sorted_sample`, the reference). Same distribution as the reference, not the same random stream.
+    `top_p`); when some row's nucleus is larger, its threshold is found by bisection over the whole
+    vocabulary (`nucleus_threshold`; `_sorted_sample`, the full sort, is the reference the tests compare). Same distribution as the reference, not the same random stream.
     """
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -130,7 +137,7 @@ def sample_logits(key: jax.Array, logits: jax.Array, temperature: float = 1.0, t
     # this one sorts only when some row needs it.
     def fallback(carry):
         _, token = carry
-        return jnp.array(True), jnp.where(fits, token, _sorted_sample(key, logits, top_p))
+        return jnp.array(True), jnp.where(fits, token, _bisected_sample(key, logits, top_p))
 
     _, token = jax.lax.while_loop(lambda c: ~c[0], fallback, (jnp.all(fits), token))
     return token.astype(jnp.int32)
@@ -145,10 +152,12 @@ def truncation_candidates(logits: jax.Array, top_k: int = 0, top_p: float = 1.0,
     V = logits.shape[-1]
     k = min(V, top_k if top_k else (candidates or TOP_P_CANDIDATES))
     vals, idx = jax.lax.top_k(logits, k)  # [B, k], descending
+    # the k-th value as a min: XLA CPU turns a slice of top_k's output (`vals[:, -1]`) into a full sort
+    kth = jnp.min(vals, axis=-1, keepdims=True)
     inside, fits = vals, jnp.ones(logits.shape[:-1], bool)
     if top_k:
         # the reference keeps every token tied with the k-th value: the candidates are exact without ties
-        logits = jnp.where(logits < vals[..., -1:], -jnp.inf, logits)
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
         fits = jnp.sum(logits > -jnp.inf, axis=-1) == k
     if top_p < 1.0:
         lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)  # over the (top-k-masked) vocabulary
@@ -157,8 +166,38 @@ def truncation_candidates(logits: jax.Array, top_k: int = 0, top_p: float = 1.0,
         threshold = jnp.min(jnp.where(mass_before < top_p, vals, jnp.inf), axis=-1, keepdims=True)
         inside = jnp.where(vals >= threshold, vals, -jnp.inf)
         if not top_k and k < V:  # the nucleus ends among the candidates, above the last one (no ties outside)
-            fits = (jnp.sum(probs, axis=-1) >= top_p) & (threshold[:, 0] > vals[:, -1])
+            fits = (jnp.sum(probs, axis=-1) >= top_p) & (threshold[:, 0] > kth[:, 0])
     return inside, idx, fits, logits
+
+
+def nucleus_threshold(logits: jax.Array, top_p: float, iterations: int = 64) -> jax.Array:
+    """The smallest logit `[B, 1]` the top-p nucleus of `logits: [B, V]` keeps, without a sort: bisection on
+    the value `v` between "the mass of the logits above `v` reaches p" (`lo`) and "does not" (`hi`), until the
+    two are adjacent floats; the threshold is the least logit above `lo`. The same set as the sorted
+    reference's (`_sorted_sample`: a token is kept while the mass before it is below p; ties kept), up to the
+    rounding of the sums; `iterations` passes over the vocabulary instead of a sort of it."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    probs = jnp.exp(logits - top)
+    probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
+    finite = jnp.where(jnp.isfinite(logits), logits, top)
+    lo = jnp.min(finite, axis=-1, keepdims=True) - 1.0  # the mass above lo is 1 >= p
+    hi = top  # the mass above the maximum is 0 < p
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) / 2
+        reaches = jnp.sum(jnp.where(logits > mid, probs, 0.0), axis=-1, keepdims=True) >= top_p
+        return jnp.where(reaches, mid, lo), jnp.where(reaches, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, iterations, halve, (lo, hi))
+    return jnp.min(jnp.where(logits > lo, logits, jnp.inf), axis=-1, keepdims=True)
+
+
+def _bisected_sample(key: jax.Array, logits: jax.Array, top_p: float) -> jax.Array:
+    """A draw from the top-p nucleus of `logits: [B, V]` found by `nucleus_threshold` (the fallback)."""
+    if top_p < 1.0:
+        logits = jnp.where(logits < nucleus_threshold(logits, top_p), -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 def _sorted_sample(key: jax.Array, logits: jax.Array, top_p: float) -> jax.Array:

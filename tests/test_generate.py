@@ -104,3 +104,15 @@ def test_early_exit_gives_the_tokens_of_running_every_step(byte_tokenizer, tempe
     for field in ("tokens", "lengths", "logprobs"):
         np.testing.assert_array_equal(np.asarray(getattr(exits, field)), np.asarray(getattr(every, field)))
     assert np.all(np.asarray(exits.lengths) <= 3)
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
+def test_nucleus_threshold_by_bisection_equals_the_sort(top_p):
+    from models.generate import nucleus_threshold
+
+    logits = 2.0 * jax.random.normal(jax.random.key(3), (6, 500))
+    logits = logits.at[0, :10].set(logits[0, 0])  # ties
+    logits = logits.at[1, 250:].set(-jnp.inf)  # a top-k-masked row
+    ref = _reference_support(np.asarray(logits), 0, top_p)
+    got = np.where(np.asarray(logits) < np.asarray(nucleus_threshold(logits, top_p)), -np.inf, np.asarray(logits))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
