@@ -177,13 +177,15 @@ class CT2:
 
 
 def word_tokenizer(vocab_size: int):
-    """A `PreTrainedTokenizerFast` whose token `i` is the string `t{i}` (for the random-weight model)."""
+    """A `PreTrainedTokenizerFast` whose token `i` is the string `t{i}`, the last one `<unk>` (CTranslate2 adds
+    an `<unk>`, BOS or EOS it does not find), for the random-weight model."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t0")
+    vocab = {f"t{i}": i for i in range(vocab_size - 1)} | {"<unk>": vocab_size - 1}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="t0", bos_token="t0", eos_token="t1")
 
 
 # ----------------------------------------------------------------------------- the models
@@ -270,6 +272,8 @@ def run(args) -> dict:
                "max_reference_tokens": args.max_reference_tokens, "skipped": {
         "llama-cpp-python": "PyPI ships a source distribution only here: a long C++ build, not measured"}}
     for name, cells in grid(kind).items():
+        if args.models and name not in args.models.split(","):
+            continue
         try:
             run_model(args, kind, name, cells, mach, payload)
         except Exception as e:  # noqa: BLE001 — one model's failure is reported, the others' rows kept
@@ -321,6 +325,10 @@ def markdown(p: dict) -> str:
              "Ceiling per decode step: max(one read of the float32 weights, 2·params·rows FLOPs). "
              f"transformers and CTranslate2 run only where rows × new tokens <= {p.get('max_reference_tokens', '∞')} "
              "(— otherwise: each takes minutes there on this machine).", "",
+             *([f"Rows of {', '.join(p['merged_from']['models'])} are from an earlier run on the same machine "
+                f"(read {p['merged_from']['ceiling_inputs']['read_bytes_per_s'] / 1e9:.1f} GB/s, matmul "
+                f"{p['merged_from']['ceiling_inputs']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, their ceilings "
+                "computed from those), merged with `--models`.", ""] if p.get("merged_from") else []),
              "bfloat16 weight storage, one decode-shaped matmul (32 × 896 @ 896 × 4864), ms: "
              + ", ".join(f"{k} {v:.2f}" for k, v in c.get("decode_matmul_ms", {}).items()) + ".", "",
              "| model | rows | new | decoding | gfo tok/s | transformers | CTranslate2 | ceiling (bound) | gfo / ceiling "
@@ -357,10 +365,24 @@ def main(argv=None):
                          "(default: 2048 in the default grid, none with --full/--quick)")
     ap.add_argument("--no-ct2", action="store_true")
     ap.add_argument("--no-es", action="store_true")
+    ap.add_argument("--models", default=None, help="comma-separated subset of the grid's models; their rows "
+                    "replace those of the same models in an existing result file")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     payload = run(args)
     name = "rollouts_quick" if args.quick else "rollouts"
+    old = os.path.join(args.out, f"{name}.json")
+    if args.models and os.path.isfile(old):  # merge: the other models' rows from the earlier run
+        import json
+
+        with open(old) as f:
+            prev = json.load(f)
+        keep = lambda r: r["model"] not in args.models.split(",")  # noqa: E731
+        payload["rows"] = [r for r in prev["rows"] if keep(r)] + payload["rows"]
+        payload["es"] = [e for e in prev["es"] if keep(e)] + payload["es"]
+        payload["skipped"] = {k: v for k, v in prev["skipped"].items() if keep({"model": k})} | payload["skipped"]
+        payload["merged_from"] = {"models": [m for m in {r["model"] for r in prev["rows"]} if keep({"model": m})],
+                                  "ceiling_inputs": prev["ceiling_inputs"]}
     print(write(args.out, name, payload, markdown(payload)))
 
 
