@@ -48,9 +48,11 @@ class Block(nn.Module):
     """Pre-norm residual block; with `post_norms` (Gemma 3) each branch output is normalised too.
 
     Written as a scan body: the carry is `x: [B, T, D]`; `layer = (sliding, kv)` are this layer's
-    scanned inputs (a bool scalar, and `None` or its cache `(k, v)` `[B, S, K, E]`); `context =
-    (positions, q_slots, k_slots, key_valid, cache_index)` is shared by every layer. Returns `(x, kv)`
-    with the layer's cache updated at slot `cache_index` (stacked by the scan into `[L, B, S, K, E]`).
+    scanned inputs (a bool scalar, and `None` or its cache `(k, v)` `[B, S, K, E]`, of which attention reads
+    the first `R` slots); `context = (positions, q_slots, valid, old)` is shared by every layer (`old`: `None`
+    without a cache, else the cached slots `[R]` and their validity `[B, R]`, `R` possibly 0). Returns
+    `(x, kv)`: with a cache, this call's keys and values `[B, T, K, E]` (stacked by the scan into
+    `[L, B, T, K, E]`, written into the cache by the caller), else `None`.
     """
 
     config: ModelConfig
@@ -59,17 +61,18 @@ class Block(nn.Module):
     def __call__(self, x, layer, context):
         cfg = self.config
         sliding, kv = layer
-        positions, q_slots, k_slots, key_valid, cache_index = context
-        layer_cache = None if kv is None else (kv[0], kv[1], cache_index)
+        positions, q_slots, valid, old = context
+        R = None if old is None else old[0].shape[0]
+        cached = None if old is None or kv is None else (kv[0][:, :R], kv[1][:, :R], old[0], old[1])
         h, new_kv = Attention(cfg, name="attn")(
-            Norm(cfg, name="attn_norm")(x), positions, q_slots, k_slots, key_valid, sliding, layer_cache)
+            Norm(cfg, name="attn_norm")(x), positions, q_slots, valid, sliding, cached)
         if cfg.post_norms:
             h = Norm(cfg, name="attn_post_norm")(h)
         x = x + h
         h = MLP(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x))
         if cfg.post_norms:
             h = Norm(cfg, name="mlp_post_norm")(h)
-        return x + h, (None if kv is None else new_kv)
+        return x + h, (None if old is None else new_kv)
 
 
 def scanned_blocks(config: ModelConfig):
@@ -88,7 +91,7 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, attention_mask=None, positions=None, prompt=None, cache=None, one_hot=None,
-                 last_only=False, hidden_only=False):
+                 last_only=False, hidden_only=False, read=None):
         cfg = self.config
         B, T = tokens.shape
         emb = self.param("embed", nn.initializers.normal(cfg.initializer_range),
@@ -118,19 +121,14 @@ class Decoder(nn.Module):
                                    (cfg.max_seq_len + cfg.position_offset, cfg.d_model), cfg.storage_dtype)
             x = x + embed_lookup(pos_table, positions + cfg.position_offset, cfg.compute_dtype)
 
-        if cache is None:
-            q_slots = k_slots = jnp.arange(L)
-            key_valid = mask
-            kv, cache_index = None, jnp.zeros((), jnp.int32)
-        else:
-            q_slots = cache.index + jnp.arange(L)
-            k_slots = jnp.arange(cache.size)
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-            kv, cache_index = (cache.k, cache.v), cache.index
-        # Each layer's cache slice travels as a scanned input and comes back as a scanned output: a carried
-        # [L, ...] cache would be copied at every layer.
+        q_slots = jnp.arange(L) if cache is None else cache.index + jnp.arange(L)
+        kv, old = None, None
+        if cache is not None:  # attention reads the first `read` slots (the filled part) plus this call's keys
+            R = cache.size if read is None else min(int(read), cache.size)
+            old = (jnp.arange(R), cache.valid[:, :R])
+            kv = (cache.k, cache.v) if R else None  # each layer slices its first R slots (`Block`)
         sliding = jnp.asarray([cfg.is_sliding(i) for i in range(cfg.n_layers)])
-        x, kv = scanned_blocks(cfg)(x, (sliding, kv), (positions, q_slots, k_slots, key_valid, cache_index))
+        x, new_kv = scanned_blocks(cfg)(x, (sliding, kv), (positions, q_slots, mask, old))
         x = Norm(cfg, name="final_norm")(x)[:, n_prompt:]
         if last_only:  # generation's prefill needs the next-token logits only: [B, 1, V], not [B, T, V]
             x = x[:, -1:]
@@ -147,7 +145,12 @@ class Decoder(nn.Module):
             logits = softcap(logits, cfg.final_logit_softcap)
         if cache is None:
             return logits, None
-        new_cache = KVCache(k=kv[0], v=kv[1], valid=key_valid, index=cache.index + L,
+        # Only this call's keys and values are written (in place when the cache is a loop carry or donated).
+        at = (0, 0, cache.index, 0, 0)
+        new_cache = KVCache(k=jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), at),
+                            v=jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype), at),
+                            valid=jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index)),
+                            index=cache.index + L,
                             next_position=cache.next_position + jnp.sum(mask, axis=1, dtype=jnp.int32))
         return logits, new_cache
 
@@ -163,7 +166,7 @@ class TransformerLM:
     def __init__(self, config: ModelConfig):
         self.config = config
         self.module = Decoder(config)
-        self._apply = jax.jit(self.module.apply, static_argnames=("last_only", "hidden_only"))
+        self._apply = jax.jit(self.module.apply, static_argnames=("last_only", "hidden_only", "read"))
         self._token_logprobs = jax.jit(self._blocked_logprobs, static_argnames=("block", "last"))
 
     def __repr__(self) -> str:
@@ -248,13 +251,17 @@ class TransformerLM:
 
     def apply_with_cache(self, params, tokens: jax.Array, cache: KVCache,
                          attention_mask: jax.Array | None = None,
-                         prompt: jax.Array | None = None, last_only: bool = False) -> tuple[jax.Array, KVCache]:
+                         prompt: jax.Array | None = None, last_only: bool = False,
+                         read: int | None = None) -> tuple[jax.Array, KVCache]:
         """Run `tokens: [B, T]` after what `cache` holds; returns `(logits [B, T, V], cache)` (`[B, 1, V]`,
-        the last position's, with `last_only`)."""
+        the last position's, with `last_only`). `read` (a static int, default the whole cache): attention
+        reads only the first `read` slots of the cache, which must hold every filled one (`cache.index <=
+        read`); slots past `cache.index` are never attended either way, so the result does not depend on it
+        (generation reads the filled part, in buckets: `models.generate`)."""
         params, prompt = _split_soft_prompt(params, prompt)
         params = check_layout(params, self.config.n_layers)
         return self._apply({"params": params}, tokens, attention_mask, None, prompt, cache, None,
-                           last_only=last_only)
+                           last_only=last_only, read=read)
 
     def num_params(self, params) -> int:
         return sum(x.size for x in jax.tree.leaves(params))

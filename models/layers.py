@@ -120,25 +120,27 @@ def attention_mask(config: ModelConfig, q_slots, k_slots, key_valid, sliding: ja
 
 
 class Attention(nn.Module):
-    """Causal multi-head / grouped-query self-attention with an optional KV cache.
+    """Causal multi-head / grouped-query self-attention, optionally after cached keys.
 
-    Call with `x: [B, T, D]`, `positions: [B, T]` (rotary positions), `q_slots: [T]` and
-    `k_slots: [S]` (order of queries and keys in the sequence, for the causal mask), `key_valid: [B, S]`
-    (padding mask of the keys), `sliding` (bool scalar, possibly traced: a sliding layer lets the query
-    at slot q see keys at slots q - window < s <= q, and uses `rope_local_theta`), and optionally
-    `cache = (k, v, index)` with `k, v: [B, S, K, E]` into which this call's keys/values are written at
-    slot `index`. Returns `(y: [B, T, D], (k, v))`: the updated cache `[B, S, K, E]`, or without a cache
-    this call's keys and values `[B, T, K, E]` (after RoPE).
+    Call with `x: [B, T, D]`, `positions: [B, T]` (rotary positions), `q_slots: [T]` (this call's slots in
+    the sequence, for the causal mask), `valid: [B, T]` (this call's padding mask), `sliding` (bool scalar,
+    possibly traced: a sliding layer lets the query at slot q see keys at slots q - window < s <= q, and uses
+    `rope_local_theta`), and optionally `old = (k, v, slots, key_valid)`: keys and values already cached
+    (`k, v: [B, R, K, E]` at `slots: [R]`, `key_valid: [B, R]`), read up to `R` — the filled part of a
+    cache, not its whole length. Returns `(y: [B, T, D], (k, v))` with this call's keys and values
+    `[B, T, K, E]` (after RoPE), for the caller to write into its cache.
 
     `config.attention_impl` picks the kernel: "xla" / "cudnn" call `jax.nn.dot_product_attention`
     (cuDNN flash attention on GPUs, bfloat16/float16 only), "einsum" the explicit reference below. A
     model with `attn_logit_softcap` always takes "einsum": `dot_product_attention` has no soft-capping.
+    After cached keys ("xla", "einsum") the scores against the cache and against this call's keys are
+    computed apart and share one softmax (`_split_attention`), so the cache is never concatenated.
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, q_slots, k_slots, key_valid, sliding=False, cache=None):
+    def __call__(self, x, positions, q_slots, valid, sliding=False, old=None):
         cfg = self.config
         H, K, E = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
         B, T, _ = x.shape
@@ -153,34 +155,58 @@ class Attention(nn.Module):
             inv_freq = layer_rope_frequencies(cfg, sliding)
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
-        if cache is not None:
-            k_all, v_all, index = cache
-            k = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), (0, index, 0, 0))
-            v = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), (0, index, 0, 0))
-        allowed = attention_mask(cfg, q_slots, k_slots, key_valid, sliding)
         scale = (cfg.query_pre_attn_scalar or E) ** -0.5
-        if cfg.attention_impl == "einsum" or cfg.attn_logit_softcap is not None:
-            y = _einsum_attention(cfg, q, k, v, allowed, scale)
-        else:
-            dt = cfg.compute_dtype
-            y = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt), mask=allowed[:, None],
-                                             scale=scale, implementation=cfg.attention_impl)
+        allowed = attention_mask(cfg, q_slots, q_slots, valid, sliding)
+        einsum = cfg.attention_impl == "einsum" or cfg.attn_logit_softcap is not None
+        if old is not None:
+            k_old, v_old, old_slots, old_valid = old
+            k_new, v_new = k.astype(k_old.dtype), v.astype(v_old.dtype)
+            allowed_old = attention_mask(cfg, q_slots, old_slots, old_valid, sliding)
+            if cfg.attention_impl == "cudnn":
+                k, v = jnp.concatenate([k_old, k_new], axis=1), jnp.concatenate([v_old, v_new], axis=1)
+                allowed = jnp.concatenate([allowed_old, allowed], axis=-1)
+            else:
+                y = _split_attention(cfg, q, (k_old, k_new), (v_old, v_new), (allowed_old, allowed), scale)
+        if old is None or cfg.attention_impl == "cudnn":
+            if einsum:
+                y = _einsum_attention(cfg, q, k, v, allowed, scale)
+            else:
+                dt = cfg.compute_dtype
+                y = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt), mask=allowed[:, None],
+                                                 scale=scale, implementation=cfg.attention_impl)
+            k_new, v_new = k[:, -T:], v[:, -T:]
         y = Linear(cfg.d_model, cfg.out_bias, cfg, init_std=out_std, name="o")(y.reshape(B, T, H * E))
-        return y, (k, v)
+        return y, (k_new, v_new)
 
 
 def _einsum_attention(cfg: ModelConfig, q, k, v, allowed, scale) -> jax.Array:
     """The reference attention: `q: [B, T, H, E]`, `k, v: [B, S, K, E]`, `allowed: [B, T, S]` →
     `[B, T, H, E]`; scores and softmax in float32, soft-capped before masking (Gemma 2)."""
+    return _split_attention(cfg, q, (k,), (v,), (allowed,), scale)
+
+
+def _split_attention(cfg: ModelConfig, q, ks, vs, alloweds, scale) -> jax.Array:
+    """Attention over keys given in parts (a cache's filled slots, this call's keys): `q: [B, T, H, E]`, each
+    `ks[i], vs[i]: [B, S_i, K, E]` with `alloweds[i]: [B, T, S_i]`; one softmax over all the parts' scores
+    (float32, soft-capped before masking), each part's values weighted apart → `[B, T, H, E]`."""
     B, T, H, E = q.shape
-    K = k.shape[2]
+    K = ks[0].shape[2]
     q = q.reshape(B, T, K, H // K, E)
-    scores = jnp.einsum("btkge,bske->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+    scores = [jnp.einsum("btkge,bske->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32) * scale
+              for k in ks]
+    sizes = [s.shape[-1] for s in scores]
+    scores = scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1)
     if cfg.attn_logit_softcap is not None:
         scores = softcap(scores, cfg.attn_logit_softcap)
+    allowed = alloweds[0] if len(alloweds) == 1 else jnp.concatenate(alloweds, axis=-1)
     scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-    return jnp.einsum("bkgts,bske->btkge", probs, v.astype(cfg.compute_dtype)).reshape(B, T, H, E)
+    out, start = None, 0
+    for v, n in zip(vs, sizes):
+        p = probs if len(vs) == 1 else probs[..., start:start + n]
+        part = jnp.einsum("bkgts,bske->btkge", p, v.astype(cfg.compute_dtype))
+        out, start = part if out is None else out + part, start + n
+    return out.reshape(B, T, H, E)
 
 
 def softcap(x: jax.Array, cap: float) -> jax.Array:

