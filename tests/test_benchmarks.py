@@ -78,6 +78,7 @@ def test_convergence_quick_compares_methods_at_an_equal_budget(tmp_path):
         assert os.path.isfile(tmp_path / name)
 
 
+@pytest.mark.slow
 def test_library_step_quick_measures_the_step_a_script_gets(tmp_path):
     from benchmarks import library_step
 

@@ -60,6 +60,7 @@ def test_sampling_among_candidates_or_by_the_fallback_follows_the_reference(cand
     np.testing.assert_allclose(freqs, np.bincount(np.asarray(reference), minlength=5) / len(keys), atol=0.02)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_attention_over_the_filled_cache_equals_the_whole_cache(family):
     """`read` slots (the filled part) vs the whole cache: logits within 1e-5, prefill and decode steps,
@@ -92,6 +93,7 @@ def test_generation_across_read_buckets_matches_uncached_greedy(tiny_model, byte
     np.testing.assert_array_equal(np.asarray(out.tokens), _greedy_without_cache(model, params, ids, mask, 11))
 
 
+@pytest.mark.slow
 def test_early_exit_gives_the_tokens_of_running_every_step(byte_tokenizer, temperature=0.9):
     model = models.TransformerLM(models.tiny("llama"))
     params = model.init(jax.random.key(0))
