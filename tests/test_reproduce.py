@@ -9,16 +9,25 @@ import os
 import pytest
 
 from benchmarks import reproduce
-from benchmarks.reproduce_task import ArithmeticAnswer, first_number
+from benchmarks.reproduce_task import ArithmeticAnswer, leading_integer
 
 
-def test_arithmetic_answer_reads_the_first_number_of_the_completion():
-    assert first_number("The answer is 24.") == 24.0 and first_number("24.5, which is") == 24.5
-    assert first_number("no number") is None and first_number("x" * 300 + "7") is None
-    task = ArithmeticAnswer(digits=1, operation="*", batch_size=2, eval_size=2)
+def test_arithmetic_answer_reads_the_integer_the_completion_opens_with():
+    assert leading_integer("56\n7*3") == 56 and leading_integer(" 24.5, which") == 24
+    assert leading_integer("The answer is 56.") is None and leading_integer("") is None
+    task = ArithmeticAnswer(digits=1, operation="*", shots=3, batch_size=4, eval_size=8)
     row = {"answer": 56.0}
-    assert task.score("The answer is 56.", row) == (1.0, 1.0)
-    assert task.score("56.5", row) == (0.0, 0.0) and task.score("5", row) == (0.0, 0.0)
+    assert task.score("56\n", row) == (1.0, 1.0) and task.score("56.5", row) == (1.0, 1.0)
+    assert task.score("5", row) == (0.0, 0.0) and task.score("567", row) == (0.0, 0.0)
+    # the demonstrations and the training stream never show an evaluation pair
+    held = {(a, b) for a in range(2, 10) for b in range(2, 10) if task._held_out(a, b)}
+    assert 8 <= len(held) <= 24
+    train = {tuple(map(int, line.split("=")[0].split("*"))) for line in task.demos.splitlines()}
+    batch = task.train_batch(0)
+    assert not train & held and task.render(task.user_text({"a": 6, "b": 9, "answer": 54})).startswith(task.demos)
+    evals = task.eval_batches()
+    assert sum(b["prompt"].shape[0] for b in evals) == 8 and batch["answer"].shape == (4,)
+    assert {int(v) for b in evals for v in b["answer"]} <= {a * b for a, b in held}
 
 
 @pytest.mark.slow
