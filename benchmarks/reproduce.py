@@ -1,7 +1,7 @@
 """One reproduction table on real checkpoints: gradient-free methods against RL and Adam at equal budgets.
 
-    python -m benchmarks.reproduce                          # --scale cpu: SmolLM2-135M, ~90 min on 2 cores
-    python -m benchmarks.reproduce --scale cpu-small        # the reduced CPU run (~25 min) committed in results/
+    python -m benchmarks.reproduce                          # --scale cpu: SmolLM2-135M, ~90 min on 2 free cores (est.)
+    python -m benchmarks.reproduce --scale cpu-small        # the reduced CPU run committed in results/ (42 min, loaded)
     python -m benchmarks.reproduce --scale toy              # tiny random models, 2 steps each (the test)
     python -m benchmarks.reproduce --scale paper --model DIR [--data countdown.json]   # an accelerator
     python -m benchmarks.reproduce --render --scale cpu-small   # re-write Markdown and plots from the JSON
@@ -155,16 +155,16 @@ def scale_spec(scale: str, model_path: str | None, polarity: str | None, data: s
     if scale in ("cpu", "cpu-small"):
         small = scale == "cpu-small"
         model = {"path": model_path or SMOL, "dtype": "float32"}
-        reward_task = {"name": "arithmetic_answer", "batch_size": 8, "eval_size": 64 if small else 128,
+        reward_task = {"name": "arithmetic_answer", "batch_size": 8, "eval_size": 64,
                        "options": {"digits": 1, "operation": "*", "shots": 3, "max_new_tokens": 4}}
-        reward = _reward_part(model, reward_task, steps=10 if small else 20, pop=8, eval_every=10 if small else 5,
+        reward = _reward_part(model, reward_task, steps=10 if small else 12, pop=8, eval_every=10 if small else 6,
                               samples=4, lr={"es": 1e-4, "grpo": 1e-5, "mezo": 1e-5, "sft": 1e-5})
         for name in ("lowrank_es", "es"):
             reward["methods"][name]["optimizer"]["eval_chunk"] = 8
         cls_task = {"name": "prompt_classification", "batch_size": 16, "eval_size": 64 if small else 200,
                     "options": {"k": 16, "template": "{text} It was", "label_words": [" terrible", " great"],
                                 "data_path": polarity}}
-        classify = _classify_part(model, cls_task, forwards=24 if small else 60, pop=4, eval_every_frac=1 if small else 2,
+        classify = _classify_part(model, cls_task, forwards=24 if small else 36, pop=4, eval_every_frac=1 if small else 2,
                                   lr={"mezo_full": 1e-6, "mezo_lora": 1e-3, "mezo_prefix": 1e-2,
                                       "es_lora": 1e-3, "adam": 1e-5})
         if small:  # the reduced run: MeZO-LoRA and Adam against zero-shot
@@ -277,13 +277,13 @@ def summarize(payload: dict) -> dict:
 
 SCALE_NOTES = {
     "cpu-small": "**Reduced run** (`--scale cpu-small`, 1 seed): the 2 CPU cores were shared with other jobs, so "
-                 "this is a subset of `--scale cpu` (3 seeds, 20 reward steps, 128 evaluation problems, 60 "
-                 "forwards per example slot, all five classification methods; designed for ~90 min on 2 free "
-                 "cores): 10 reward steps at 64 rollouts each, 64 evaluation problems, evaluation at the start "
+                 "this is a subset of `--scale cpu` (3 seeds, 12 reward steps, 36 forwards per example slot, "
+                 "all five classification methods, 200 evaluation sentences; extrapolated from this run's "
+                 "timings to ~90 min if the 2 cores are free, 2.5-3 h at this run's load; not run): 10 reward steps at 64 rollouts each, 64 evaluation problems, evaluation at the start "
                  "and the end; classification with MeZO-LoRA and Adam only (MeZO full, MeZO-prefix and ES on "
                  "LoRA were not run: time) at 24 forwards per example slot, 64 evaluation sentences. One seed: "
                  "no spread.",
-    "cpu": "`--scale cpu`: 3 seeds; reward 20 steps, 128 evaluation problems; classification 60 forwards per "
+    "cpu": "`--scale cpu`: 3 seeds; reward 12 steps, 64 evaluation problems; classification 36 forwards per "
            "example slot, 200 evaluation sentences.",
     "toy": "`--scale toy`: tiny random models (Llama over bytes; a Qwen2 checkpoint written here), 2 steps: the "
            "test of the machinery, not a result.",
