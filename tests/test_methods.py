@@ -209,7 +209,8 @@ def _step_temp_bytes(est, objective, x, batch, leafwise=None) -> int:
     return opt.lower(state, objective, batch, jax.random.key(2)).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("blocked", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["whole", "blocked"])
+@pytest.mark.slow
+@pytest.mark.parametrize("blocked", [False, True], ids=["whole", "blocked"])
 def test_hizoo_in_the_forward_equals_hizoo_on_perturbed_weights(tiny_script, blocked, monkeypatch):
     """`z ⊙ h^{-1/2}` drawn inside the forward (`NoisyLeaf(..., mul=h, mul_power=−½)`) gives the estimate and
     Hessian update that the dense perturbed weights give; blocked: the embedding, the tied head and the

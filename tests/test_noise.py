@@ -204,6 +204,7 @@ def test_the_all_zero_key_is_not_special():
     assert float(jnp.abs(standard_noise(jax.random.key(0), (8,))).max()) < 4.0
 
 
+@pytest.mark.slow
 def test_key_tables_give_every_leaf_and_member_the_keys_drawn_one_by_one(monkeypatch):
     import gfo.optim.noise as noise
     from gfo.optim.noise import KeyTable, MemberKeys, leaf_noise_keys, leaf_noise_rows
