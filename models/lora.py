@@ -65,7 +65,7 @@ def init_lora(key: jax.Array, params, rank: int, targets: Sequence[str] = ("q", 
 def merge_lora(params, lora: dict, alpha: float, dense: bool = False):
     """`params` with each LoRA-targeted kernel replaced by `W + (α/r) a bᵀ` (factored unless `dense`)."""
     merged = jax.tree.map(lambda x: x, params)  # fresh containers; leaves shared
-    for path, leaf in _lora_leaves(lora):
+    for path, leaf in lora_leaves(lora):
         w = get_path(params, path)
         a, b = leaf["a"], leaf["b"]
         lead = w.shape[:-2]
@@ -78,10 +78,11 @@ def merge_lora(params, lora: dict, alpha: float, dense: bool = False):
     return merged
 
 
-def _lora_leaves(lora: dict, prefix: tuple[str, ...] = ()):
+def lora_leaves(lora: dict, prefix: tuple[str, ...] = ()):
+    """`(path, {"a", "b"})` for every LoRA factor pair of a nested LoRA tree."""
     if set(lora) == {"a", "b"}:
         yield prefix, lora
         return
     for name, sub in lora.items():
-        yield from _lora_leaves(sub, prefix + (name,))
+        yield from lora_leaves(sub, prefix + (name,))
 

@@ -26,6 +26,7 @@ import numpy as np
 from models.config import ModelConfig
 from models.hf_config import CheckpointError
 from models.jsonfile import read_json_object
+from models.lora import lora_leaves
 from models.tensor_map import tensor_map
 from models.tree import LAYERS, get_path, set_path
 
@@ -80,14 +81,6 @@ def _fused_qkv(lora: dict, cfg: ModelConfig, dtype) -> tuple[dict[str, np.ndarra
     return tensors, len(parts)
 
 
-def _lora_leaves(lora: dict, prefix: tuple[str, ...] = ()):
-    if set(lora) == {"a", "b"}:
-        yield prefix, lora
-        return
-    for name, sub in lora.items():
-        yield from _lora_leaves(sub, prefix + (name,))
-
-
 def _write(out: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
@@ -107,7 +100,7 @@ def write_lora_adapter(out: str, cfg: ModelConfig, lora: dict, alpha: float, bas
     lora = jax.device_get(lora)
     tensors, targets, conv1d, rank = {}, [], False, None
     fused, m = _fused_qkv(lora, cfg, dtype) if cfg.family == "gpt2" else ({}, 0)
-    for path, leaf in _lora_leaves(lora):
+    for path, leaf in lora_leaves(lora):
         if fused and path[:2] == (LAYERS, "attn") and path[2] in "qkv":
             rank = leaf["a"].shape[-1]
             continue
@@ -234,4 +227,4 @@ def read_lora_adapter(path: str, cfg: ModelConfig, params: dict) -> tuple[dict, 
 
 def lora_targets(lora: dict) -> tuple[str, ...]:
     """Our projection names (`models.lora.PROJECTIONS`) of a LoRA tree's kernels, e.g. ("q", "v")."""
-    return tuple(sorted({p[-1] if p[-1] == "lm_head" else p[-2] for p, _ in _lora_leaves(lora)}))
+    return tuple(sorted({p[-1] if p[-1] == "lm_head" else p[-2] for p, _ in lora_leaves(lora)}))

@@ -236,18 +236,27 @@ def test_duplicate_keys_and_an_empty_file_are_errors_naming_them(tmp_path, capsy
 
 
 # ----------------------------------------------------------------------------- 5. storage faults
+def _disk_full_at_step_4(monkeypatch, name: str):
+    """`gfo.run.checkpoint.<name>(…, step, …)` fails with ENOSPC at step 4 (its second argument); returns the
+    original function (to put back for the resume)."""
+    from gfo.run import checkpoint
+
+    original = getattr(checkpoint, name)
+
+    def full_disk(first, step, *rest):
+        if step == 4:
+            raise OSError(28, "No space left on device")
+        return original(first, step, *rest)
+
+    monkeypatch.setattr(checkpoint, name, full_disk)
+    return original
+
+
 @pytest.mark.slow  # an end-to-end run (over ~6 s on 2 cores)
 def test_a_failed_checkpoint_save_stops_the_run_naming_the_safe_checkpoint(tmp_path, capsys, monkeypatch):
     from gfo.run import checkpoint
 
-    original = checkpoint.save
-
-    def full_disk(mgr, step, state):
-        if step == 4:
-            raise OSError(28, "No space left on device")
-        return original(mgr, step, state)
-
-    monkeypatch.setattr(checkpoint, "save", full_disk)
+    original = _disk_full_at_step_4(monkeypatch, "save")
     config = _config_file(tmp_path, steps=6)
     err = _run_error(capsys, ["train", config])
     run_dir = tmp_path / "run"
@@ -369,14 +378,7 @@ def test_a_truncated_or_random_model_safetensors_is_one_line_naming_it(tmp_path,
 def test_a_manifest_that_cannot_be_written_stops_the_run_naming_it(tmp_path, capsys, monkeypatch):
     from gfo.run import checkpoint
 
-    original = checkpoint.write_manifest
-
-    def full_disk(step_dir, step, fingerprint):
-        if step == 4:
-            raise OSError(28, "No space left on device")
-        return original(step_dir, step, fingerprint)
-
-    monkeypatch.setattr(checkpoint, "write_manifest", full_disk)
+    original = _disk_full_at_step_4(monkeypatch, "write_manifest")
     config = _config_file(tmp_path, steps=6)
     err = _run_error(capsys, ["train", config])
     run_dir = tmp_path / "run"
