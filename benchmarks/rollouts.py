@@ -64,11 +64,14 @@ def best_time(fn, repeats: int) -> float:
 
 
 # ----------------------------------------------------------------------------- ceilings
-def measure_machine(repeats: int) -> dict:
+def measure_machine(repeats: int, matmul_size: int = 2048) -> dict:
+    """Read bandwidth (bytes/s, a sum over 1 GiB of float32), the float32 matmul rate (FLOP/s, a square
+    `matmul_size` matmul: 2048 on a CPU, larger on an accelerator to fill it) and a decode-shaped matmul in
+    float32 and bfloat16 storage (ms)."""
     big = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
     total = jax.jit(jnp.sum)
     read_s = best_time(lambda: total(big).block_until_ready(), repeats)
-    a = jnp.ones((2048, 2048), jnp.float32)
+    a = jnp.ones((matmul_size, matmul_size), jnp.float32)
     mm = jax.jit(lambda x: x @ x)
     mm_s = best_time(lambda: mm(a).block_until_ready(), repeats)
     del big
@@ -81,12 +84,14 @@ def measure_machine(repeats: int) -> dict:
              "bfloat16 upcast": (jax.jit(lambda x, w: x @ w.astype(jnp.float32)), wb),
              "bfloat16 dot": (jax.jit(lambda x, w: (x.astype(jnp.bfloat16) @ w).astype(jnp.float32)), wb)}
     bf16 = {k: best_time(lambda: f(x, v).block_until_ready(), 5 * repeats) * 1e3 for k, (f, v) in kinds.items()}
-    return {"read_bytes_per_s": 4 * (1 << 28) / read_s, "matmul_flops_per_s": 2 * 2048 ** 3 / mm_s,
+    return {"read_bytes_per_s": 4 * (1 << 28) / read_s, "matmul_flops_per_s": 2 * matmul_size ** 3 / mm_s,
             "decode_matmul_ms": bf16}
 
 
-def ceiling(n_params: int, rows: int, mach: dict) -> dict:
-    bw_s = 4 * n_params / mach["read_bytes_per_s"]
+def ceiling(n_params: int, rows: int, mach: dict, bytes_per_param: int = 4) -> dict:
+    """Tokens/s bounds of one decode step of `rows` rows: one read of the weights (`bytes_per_param` each) at
+    the measured bandwidth, and `2 · params · rows` FLOPs at the measured matmul rate."""
+    bw_s = bytes_per_param * n_params / mach["read_bytes_per_s"]
     flop_s = 2 * n_params * rows / mach["matmul_flops_per_s"]
     return {"bandwidth_tok_s": rows / bw_s, "compute_tok_s": rows / flop_s, "ceiling_tok_s": rows / max(bw_s, flop_s),
             "bound": "bandwidth" if bw_s >= flop_s else "compute"}
@@ -98,7 +103,8 @@ def prompts(rows: int, vocab: int, seed: int = 0, tokenizer=None) -> list[list[i
     (24-40 tokens)."""
     rng = np.random.default_rng(seed)
     if tokenizer is None:
-        return [list(rng.integers(1000, min(vocab, 20000), size=int(rng.integers(24, 41)))) for _ in range(rows)]
+        low = min(1000, vocab // 2)  # (a toy vocabulary: its upper half)
+        return [list(rng.integers(low, min(vocab, 20000), size=int(rng.integers(24, 41)))) for _ in range(rows)]
     out = []
     for _ in range(rows):
         nums = ", ".join(str(int(v)) for v in rng.integers(1, 100, size=int(rng.integers(3, 5))))

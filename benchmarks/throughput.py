@@ -147,7 +147,7 @@ def measure_compile(depths, population: int, chunk: int, batch: int, seq: int, d
 
 
 def measure_model(name: str, cfg: models.ModelConfig, populations, chunk: int, batch: int, seq: int, repeats: int,
-                  distribution: str) -> dict:
+                  distribution: str, methods=("spsa", "es", "lowrank_es")) -> dict:
     setup = Setup(cfg, batch, seq)
     forward = jax.jit(setup.loss)
     t_forward = seconds(forward, setup.x0, setup.tokens, jax.random.key(0), repeats=repeats)
@@ -158,7 +158,7 @@ def measure_model(name: str, cfg: models.ModelConfig, populations, chunk: int, b
         many = jnp.tile(setup.tokens, (n, 1))
         ceiling = seconds(forward, setup.x0, many, jax.random.key(0), repeats=repeats) if n == n_time else None
         for method, opt in optimizers(n, chunk, distribution).items():
-            if method == "spsa" and n != n_time:
+            if method not in methods or (method == "spsa" and n != n_time):
                 continue
             fn, state, t_compile, exe = setup.step(opt)
             entry = {"population": n, "compile_s": t_compile, "peak_bytes": _peak(exe),

@@ -241,6 +241,22 @@ def generate(model: TransformerLM, params, prompt_ids: jax.Array, prompt_mask: j
                      read_bucket=int(read_bucket or FIRST_READ_BUCKET))
 
 
+def greedy_without_cache(model: TransformerLM, params, prompt_ids, prompt_mask, max_new_tokens: int) -> np.ndarray:
+    """Reference greedy decoding `[B, max_new_tokens]`: re-runs the whole sequence for every new token, no cache
+    (one fixed-width buffer right-padded with masked slots, which a causal model never attends to). What the
+    tests and `benchmarks/gpu.py` compare `generate` with; O(N²) forwards, for checking only."""
+    B, T = prompt_ids.shape
+    buf = jnp.concatenate([jnp.asarray(prompt_ids, jnp.int32), jnp.zeros((B, max_new_tokens), jnp.int32)], axis=1)
+    mask = jnp.concatenate([jnp.asarray(prompt_mask, jnp.int32), jnp.zeros((B, max_new_tokens), jnp.int32)], axis=1)
+    logits = jax.jit(model.apply)
+    out = []
+    for i in range(max_new_tokens):
+        nxt = jnp.argmax(logits(params, buf, mask)[:, T + i - 1], axis=-1).astype(jnp.int32)
+        out.append(np.asarray(nxt))
+        buf, mask = buf.at[:, T + i].set(nxt), mask.at[:, T + i].set(1)
+    return np.stack(out, axis=1)
+
+
 # The loop checks whether every row has stopped once per this many steps (a divisor of max_new_tokens and of
 # the read buckets, so it never overshoots a bucket): under `vmap` (a population of members) a while loop
 # whose condition is batched selects its whole carry, the cache included, at every check.

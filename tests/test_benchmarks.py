@@ -107,3 +107,29 @@ def test_rollouts_markdown_names_the_machine_and_every_ratio():
     assert "| m | 8 × 4 | 64 | 60 | 100 | 0.60 |" in md
     c = rollouts.ceiling(10, 8, {"read_bytes_per_s": 400.0, "matmul_flops_per_s": 1e4})  # 0.1 s vs 0.016 s a step
     assert c["bound"] == "bandwidth" and c["ceiling_tok_s"] == pytest.approx(80.0)
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_every_part_at_toy_size_on_cpu(tmp_path):
+    """`benchmarks/gpu.py --toy`: parity against transformers, rollouts, throughput and the countdown config's
+    first steps all run on the CPU, so the accelerator script cannot rot between the sessions that have one."""
+    pytest.importorskip("transformers")
+    from benchmarks import gpu
+
+    p = gpu.main(["--toy", "--out", str(tmp_path), "--work", str(tmp_path / "work")])
+    assert p["failed"] == {}
+    modes = p["parity"]["modes"]
+    assert modes["float32 highest"]["rel_logit_error"] < 1e-4
+    assert modes["bfloat16"]["rel_logit_error"] < gpu.BOUNDS["bfloat16"]
+    assert modes["float32 highest"]["greedy_rows_equal_transformers"] == 1.0
+    assert all(m["cache_equals_no_cache"] for m in modes.values())
+    rows = p["rollouts"]["rows"]
+    assert {r["decoding"].split()[0] for r in rows} == {"greedy", "sampled"} and all(r["gfo_tok_s"] > 0 for r in rows)
+    assert all(r["ceiling_tok_s"] == min(r["bandwidth_tok_s"], r["compute_tok_s"]) for r in rows)
+    lowrank = p["throughput"]["row"]["methods"]["lowrank_es"][0]
+    assert 1.0 < lowrank["peak_x_params"] <= lowrank["memory_budget_x_params"]
+    countdown = p["es_countdown"]
+    assert len(countdown["losses"]) == 3 and countdown["rollouts_per_s_per_device"] > 0
+    text = (tmp_path / "gpu_toy.md").read_text()
+    for title in ("## 1. Parity", "## 2. Rollouts", "## 3. Throughput", "## 4. ES at scale"):
+        assert title in text

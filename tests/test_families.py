@@ -143,10 +143,10 @@ def test_es_step_memory_is_independent_of_population_at_fixed_chunk(lm_problem, 
 def test_new_model_families_generate_with_cache_as_without(family, byte_tokenizer):
     """Greedy KV-cache generation equals full recomputation per token, with prompts longer than
     Gemma 3's sliding window (8 in `tiny`), so that the window masks part of the cache."""
-    from tests.test_models import _greedy_without_cache
+    from models.generate import greedy_without_cache
 
     model = models.TransformerLM(models.tiny(family))
     params = model.init(jax.random.key(0))
     ids, mask = byte_tokenizer.batch_encode(["The quick brown fox", "Hi", "jumps over"])
     out = models.generate(model, params, ids, mask, jax.random.key(0), max_new_tokens=10)
-    np.testing.assert_array_equal(np.asarray(out.tokens), _greedy_without_cache(model, params, ids, mask, 10))
+    np.testing.assert_array_equal(np.asarray(out.tokens), greedy_without_cache(model, params, ids, mask, 10))

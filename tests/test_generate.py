@@ -85,12 +85,12 @@ def test_attention_over_the_filled_cache_equals_the_whole_cache(family):
 
 
 def test_generation_across_read_buckets_matches_uncached_greedy(tiny_model, byte_tokenizer):
-    from tests.test_models import _greedy_without_cache
+    from models.generate import greedy_without_cache
 
     model, params = tiny_model
     ids, mask = byte_tokenizer.batch_encode(["The quick brown fox", "Hi"])
     out = models.generate(model, params, ids, mask, jax.random.key(0), 11, read_bucket=2)  # buckets 2, 4, 8, 11
-    np.testing.assert_array_equal(np.asarray(out.tokens), _greedy_without_cache(model, params, ids, mask, 11))
+    np.testing.assert_array_equal(np.asarray(out.tokens), greedy_without_cache(model, params, ids, mask, 11))
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import models
+from models.generate import greedy_without_cache
 from models.linear import LowRankKernel, linear
 
 
@@ -77,32 +78,18 @@ def test_cached_forward_equals_full_forward(tiny_model):
     np.testing.assert_allclose(incremental, full, rtol=1e-5, atol=1e-5)
 
 
-def _greedy_without_cache(model, params, ids, mask, n):
-    """Reference decoding: re-run the whole sequence for every new token (one fixed-width buffer,
-    right-padded with masked slots, which a causal model never attends to)."""
-    B, T = ids.shape
-    buf = jnp.concatenate([jnp.asarray(ids), jnp.zeros((B, n), jnp.int32)], axis=1)
-    buf_mask = jnp.concatenate([jnp.asarray(mask), jnp.zeros((B, n), jnp.int32)], axis=1)
-    out = []
-    for i in range(n):
-        nxt = jnp.argmax(model.apply(params, buf, buf_mask)[:, T + i - 1], axis=-1)
-        out.append(np.asarray(nxt))
-        buf, buf_mask = buf.at[:, T + i].set(nxt), buf_mask.at[:, T + i].set(1)
-    return np.stack(out, axis=1)
-
-
 def test_kv_cache_generation_matches_uncached_decoding(tiny_model, byte_tokenizer):
     model, params = tiny_model
     ids, mask = byte_tokenizer.batch_encode(["The quick brown fox", "Hi", "jumps over"])
     out = models.generate(model, params, ids, mask, jax.random.key(0), max_new_tokens=12)
-    np.testing.assert_array_equal(np.asarray(out.tokens), _greedy_without_cache(model, params, ids, mask, 12))
+    np.testing.assert_array_equal(np.asarray(out.tokens), greedy_without_cache(model, params, ids, mask, 12))
     np.testing.assert_array_equal(np.asarray(out.lengths), [12, 12, 12])
 
 
 def test_stop_tokens_end_rows_and_pad_the_rest(tiny_model, byte_tokenizer):
     model, params = tiny_model
     ids, mask = byte_tokenizer.batch_encode(["abc", "defgh"])
-    greedy = _greedy_without_cache(model, params, ids, mask, 6)
+    greedy = greedy_without_cache(model, params, ids, mask, 6)
     stop = int(greedy[0, 2])  # the third token generated for row 0 becomes a stop token
     out = models.generate(model, params, ids, mask, jax.random.key(0), max_new_tokens=6,
                           stop_tokens=(stop,), pad_id=byte_tokenizer.pad_id)
@@ -335,3 +322,30 @@ def test_checkpoint_tokenizer_json_is_used(tmp_path):
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         models.load_tokenizer(str(tmp_path))
+
+
+def test_a_run_config_builds_a_random_model_of_every_family():
+    """`model.family` accepts every family `models.tiny` builds (a random Qwen2/Qwen3/Gemma 3 needs no checkpoint)."""
+    from gfo.run.build import build_model
+    from gfo.run.config import ConfigError, load_config
+    from models.config import _FAMILIES
+
+    for family in _FAMILIES:
+        cfg = load_config(None, [f"model.family={family}", "model.overrides={}"])
+        model, params = build_model(cfg.model, jax.random.key(0))
+        assert model.config == models.tiny(family, dtype=cfg.model.dtype, param_dtype=cfg.model.dtype)
+        assert model.num_params(params) > 0
+    with pytest.raises(ConfigError, match=r"'model.family' = 'mamba'.*'gemma3'"):
+        load_config(None, ["model.family=mamba"])
+
+
+def test_model_overrides_are_checked_against_the_config_field_types():
+    """A YAML `1e-6` (read as a string) is the float it means; a wrong type names the field and its type."""
+    from gfo.run.build import build_model
+    from gfo.run.config import ConfigError, load_config
+
+    cfg = load_config(None, ["model.family=llama", "model.overrides={norm_eps: 1e-6, layer_types: null}"])
+    model, _ = build_model(cfg.model, jax.random.key(0))
+    assert model.config.norm_eps == 1e-6 and isinstance(model.config.norm_eps, float)
+    with pytest.raises(ConfigError, match=r"'model.overrides.d_model' = 'wide' has type str; expected int"):
+        build_model(load_config(None, ["model.overrides.d_model=wide"]).model, jax.random.key(0))

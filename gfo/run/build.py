@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import typing
 import warnings
 from typing import Any
 
@@ -21,7 +22,7 @@ import models
 from gfo import distributed, spaces
 from gfo.run import stepplan
 from gfo.run.config import (ConfigError, EvalSection, ModelSection, MethodSection, RunConfig, SpaceSection,
-                            TaskSection)
+                            TaskSection, coerce)
 from gfo.run.evaluation import Evaluation
 from gfo.streams import stream
 from gfo.optim import registry as methods
@@ -42,8 +43,10 @@ def build_model(section: ModelSection, key: jax.Array):
     unknown = set(section.overrides) - fields
     if unknown:
         raise ConfigError(f"model.overrides has unknown fields {sorted(unknown)}; ModelConfig fields are {sorted(fields)}")
+    hints = typing.get_type_hints(models.ModelConfig)
+    overrides = {k: coerce(hints[k], v, f"model.overrides.{k}") for k, v in section.overrides.items()}
     try:
-        cfg = models.tiny(section.family, dtype=section.dtype, param_dtype=section.dtype, **section.overrides)
+        cfg = models.tiny(section.family, dtype=section.dtype, param_dtype=section.dtype, **overrides)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
     model = models.TransformerLM(cfg)

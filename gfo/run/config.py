@@ -29,7 +29,7 @@ from gfo.errors import ConfigError, not_utf8  # noqa: E402,F401 - defined apart 
 class ModelSection:
     """The model: a random one (`family` + `overrides` of `models.tiny`) or a checkpoint (`path`)."""
 
-    family: Literal["gpt2", "llama", "opt"] = "gpt2"  # for a random model
+    family: Literal["gpt2", "llama", "opt", "qwen2", "qwen3", "gemma3"] = "gpt2"  # for a random model (models.tiny)
     path: Optional[str] = None  # a local Hugging Face checkpoint directory or a .gguf file
     tokenizer: Optional[str] = None  # a path or `byte`; default: the checkpoint's own (path), else byte
     adapter: Optional[str] = None  # a PEFT LoRA adapter directory: the start point of a `lora` space
@@ -246,7 +246,7 @@ def read_optimizer_section(data: Any, where: str = "optimizer") -> MethodSection
         if key == "method":
             continue
         if key in declared:
-            values[key] = _coerce(hints[key], value, f"{where}.{key}")
+            values[key] = coerce(hints[key], value, f"{where}.{key}")
         elif key in LEGACY_DEFAULTS and value == LEGACY_DEFAULTS[key]:
             continue
         else:
@@ -314,7 +314,7 @@ def from_dict(cls, data: Any, where: str = ""):
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{(where + '.' if where else '') + close[0]}'?" if close else ""
             raise ConfigError(f"unknown config key '{path}'{hint} Valid keys here: {sorted(fields)}")
-        values[key] = _coerce(hints[key], value, path)
+        values[key] = coerce(hints[key], value, path)
     try:
         obj = cls(**values)
     except ConfigError:
@@ -325,13 +325,16 @@ def from_dict(cls, data: Any, where: str = ""):
     return obj
 
 
-def _coerce(kind, value, path):
+def coerce(kind, value, path):
+    """`value` checked against the type `kind` (a dataclass is read with `from_dict`; a float accepts an int or a
+    numeric string, as YAML reads "1e-3"; a tuple a list, or a mapping as its pairs); a ConfigError naming `path`
+    otherwise."""
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(kind) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(options[0], value, path)
+        return coerce(options[0], value, path)
     if origin is Literal:
         choices = typing.get_args(kind)
         if value not in choices:
@@ -348,6 +351,8 @@ def _coerce(kind, value, path):
         value = _float(value)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config key '{path}' = {value!r} is invalid: expected a finite number (not inf or nan)")
+    if origin is tuple and isinstance(value, (list, dict)):  # a mapping: its (key, value) pairs
+        value = tuple(value.items()) if isinstance(value, dict) else tuple(value)
     expected = origin or kind
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"config key '{path}' = {value!r} has type {type(value).__name__}; expected "
