@@ -140,7 +140,12 @@ def rollout_grid(toy: bool):
 def rollout_part(toy: bool, repeats: int) -> dict:
     mach = rollouts.measure_machine(repeats, matmul_size=512 if toy else 8192)
     s = shape(toy)
-    out = {"ceiling_inputs": mach, "rows": [], "es": []}
+    out = {"ceiling_inputs": mach, "rows": [], "es": [], "cache_memory": []}
+    for dtype in ("float32", "bfloat16"):  # compile only: XLA's temporaries against the cache's bytes
+        model = models.TransformerLM(models.tiny("qwen2", dtype=dtype, param_dtype=dtype, **s))
+        params = jax.eval_shape(model.init, jax.random.key(0))
+        out["cache_memory"].append({"dtype": dtype, **rollouts.cache_memory(model, params, 8 if toy else 32,
+                                                                           16 if toy else 48, 256)})
     for dtype in ("bfloat16",) if toy else ("float32", "bfloat16"):  # (toy: the narrower path only, fewer compiles)
         model = models.TransformerLM(models.tiny("qwen2", dtype=dtype, param_dtype=dtype, **s))
         params = model.init(jax.random.key(0))
@@ -266,6 +271,9 @@ def markdown(p: dict) -> str:
         for row in r["rows"]:
             lines.append(f"| {row['dtype']} | {row['rows']} | {row['new_tokens']} | {row['decoding']} | "
                          f"{f(row['gfo_tok_s'])} | {f(row['ceiling_tok_s'])} ({row['bound']}) | {row['gfo_vs_ceiling']:.2f} |")
+        lines += ["", "KV cache in one compiled generation (≈ 1: held once, updated in place): " + ", ".join(
+            f"{c['dtype']} {c['rows']} rows × {c['new_tokens']} new: temporaries {c['temp_x_cache']:.2f} × the cache's "
+            f"{c['cache_bytes'] / 2**20:.1f} MiB" for c in r.get("cache_memory", [])) + "."]
         lines += ["", "Low-rank ES generation step (rank 1, EGGROLL's noise map, perturbations in the forward, "
                   "sampled) against plain generation of as many rows; EGGROLL: 0.69.", "",
                   "| dtype | members × prompts | new | ES tok/s | inference tok/s | fraction |", "|---|---|---|---|---|---|"]

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 
 # OpenMP threads that sleep when idle: on a shared machine, spinning torch/CTranslate2 threads would measure
@@ -95,6 +96,24 @@ def ceiling(n_params: int, rows: int, mach: dict, bytes_per_param: int = 4) -> d
     flop_s = 2 * n_params * rows / mach["matmul_flops_per_s"]
     return {"bandwidth_tok_s": rows / bw_s, "compute_tok_s": rows / flop_s, "ceiling_tok_s": rows / max(bw_s, flop_s),
             "bound": "bandwidth" if bw_s >= flop_s else "compute"}
+
+
+def cache_memory(model, params, rows: int, prompt_len: int, new_tokens: int) -> dict:
+    """XLA's temporaries of one compiled `models.generate` call against the bytes of its KV cache: a cache
+    updated in place inside the jit (no copy per step, per read bucket or per while loop) keeps this near
+    1 (the rest is one step's logits and activations). Compiles only; `params` may be shapes."""
+    from models.generate import FIRST_READ_BUCKET, _generate
+
+    ids = jax.ShapeDtypeStruct((rows, prompt_len), jnp.int32)
+    size = prompt_len + new_tokens
+    exe = _generate.lower(model, params, ids, ids, jax.random.key(0), None, None, max_new_tokens=new_tokens,
+                          temperature=0.0, top_k=0, top_p=1.0, stop_tokens=(), pad_id=0, cache_size=size,
+                          early_exit=True, read_bucket=FIRST_READ_BUCKET).compile()
+    cache = jax.eval_shape(lambda: model.init_cache(rows, size))
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    temp = exe.memory_analysis().temp_size_in_bytes
+    return {"rows": rows, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "cache_bytes": int(cache_bytes),
+            "temp_bytes": int(temp), "temp_x_cache": temp / cache_bytes}
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -258,6 +277,9 @@ def es_step(model, params, members: int, prompts_per_member: int, n: int, repeat
 
 
 # ----------------------------------------------------------------------------- the run
+CACHE_CELLS = ((32, 64), (32, 256))  # (rows, new tokens) whose compiled cache memory is reported (48-token prompts)
+
+
 def grid(kind: str) -> dict:
     if kind == "quick":
         return {"SmolLM2-135M": [(8, 32, False), (8, 32, True)]}
@@ -293,6 +315,8 @@ def run_model(args, kind: str, name: str, cells, mach: dict, payload: dict) -> N
     n_params = model.num_params(params)
     real_tok = tok if name.startswith("SmolLM2") else None
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    payload.setdefault("cache_memory", []).extend(
+        {"model": name, "dtype": model.config.dtype, **cache_memory(model, params, rows, 48, n)} for rows, n in CACHE_CELLS)
     engines = {"gfo": Gfo(model, params), "transformers": HF(hf)}
     if not args.no_ct2:
         with tempfile.TemporaryDirectory() as d:
@@ -356,8 +380,49 @@ def markdown(p: dict) -> str:
         for e in p["es"]:
             lines.append(f"| {e['model']} | {e['members']} × {e['prompts']} | {e['new_tokens']} | {e['es_tok_s']:.0f} "
                          f"| {e['inference_tok_s']:.0f} | {e['fraction']:.2f} |")
+    if p.get("cache_memory"):
+        lines += ["", "## The KV cache in the compiled generation", "",
+                  "XLA's temporaries of one compiled `models.generate` call (48-token prompts) against the bytes of "
+                  "its cache: near 1 means the cache is held once and updated in place (made inside the jit, a loop "
+                  "carry: nothing to donate); the rest is about one layer's slice being written and a few vocabulary-sized "
+                  "buffers of one step's logits (32 rows × 151,936 × 4 bytes = 19 MiB each for the Qwen shape), "
+                  "constant in the number of new tokens.",
+                  "", "In bfloat16 on this CPU backend the temporaries hold float32 copies of the stacked weights and of the "
+                  "cache (the Qwen shape: 2.9 GiB, its float32 weights being 1.8 GiB): XLA's CPU compiler has no bfloat16 "
+                  "dynamic slice, so before the layer scan's loop it converts every stacked bfloat16 operand, "
+                  "the whole cache *and the weights*, to float32 — at every decode step (seen in the compiled HLO: "
+                  "`f32[L, B, S, K, E]` converts of the carried cache and `f32` copies of the stacked kernels in the "
+                  "scan's loop state). That, not the matmul, is why bfloat16 storage loses on CPU; float32 stays the "
+                  "CPU dtype. On GPUs and TPUs bfloat16 is native (`benchmarks/gpu.py` measures both).",
+                  "", "| model | dtype | rows | new tokens | cache MiB | temporaries MiB | × cache |",
+                  "|---|---|---|---|---|---|---|"]
+        for c in p["cache_memory"]:
+            lines.append(f"| {c['model']} | {c.get('dtype', 'float32')} | {c['rows']} | {c['new_tokens']} | {c['cache_bytes'] / 2**20:.1f} | "
+                         f"{c['temp_bytes'] / 2**20:.1f} | {c['temp_x_cache']:.2f} |")
     lines += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in p["skipped"].items()) + ".", ""]
     return "\n".join(lines)
+
+
+def add_cache_memory(args) -> dict:
+    import json
+
+    path = os.path.join(args.out, "rollouts.json")
+    with open(path) as f:
+        payload = json.load(f)
+    payload["cache_memory"] = []
+    for name in grid("default"):
+        if name.startswith("SmolLM2"):
+            config = models.from_pretrained(args.gguf)[0].config
+        else:
+            config = models.tiny("qwen2", **QWEN_SHAPE)
+        for dtype in ("float32", "bfloat16"):  # compile only: shapes, no weights
+            model = models.TransformerLM(dataclasses.replace(config, dtype=dtype, param_dtype=dtype))
+            params = jax.eval_shape(model.init, jax.random.key(0))
+            payload["cache_memory"] += [{"model": name, "dtype": dtype, **cache_memory(model, params, rows, 48, n)}
+                                        for rows, n in CACHE_CELLS]
+            print(payload["cache_memory"][-2:], flush=True)
+    print(write(args.out, "rollouts", payload, markdown(payload)))
+    return payload
 
 
 def main(argv=None):
@@ -373,8 +438,12 @@ def main(argv=None):
     ap.add_argument("--no-es", action="store_true")
     ap.add_argument("--models", default=None, help="comma-separated subset of the grid's models; their rows "
                     "replace those of the same models in an existing result file")
+    ap.add_argument("--cache-memory-only", action="store_true", help="compile only: add the KV cache's compiled "
+                    "memory of every model to the existing result file and re-render it")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
+    if args.cache_memory_only:
+        return add_cache_memory(args)
     payload = run(args)
     name = "rollouts_quick" if args.quick else "rollouts"
     old = os.path.join(args.out, f"{name}.json")

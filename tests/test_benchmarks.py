@@ -126,6 +126,8 @@ def test_gpu_script_runs_every_part_at_toy_size_on_cpu(tmp_path):
     rows = p["rollouts"]["rows"]
     assert {r["decoding"].split()[0] for r in rows} == {"greedy", "sampled"} and all(r["gfo_tok_s"] > 0 for r in rows)
     assert all(r["ceiling_tok_s"] == min(r["bandwidth_tok_s"], r["compute_tok_s"]) for r in rows)
+    f32 = p["rollouts"]["cache_memory"][0]  # the cache held once (+ one of the toy's 2 layers being written)
+    assert f32["dtype"] == "float32" and 1.0 <= f32["temp_x_cache"] <= 2.0
     lowrank = p["throughput"]["row"]["methods"]["lowrank_es"][0]
     assert 1.0 < lowrank["peak_x_params"] <= lowrank["memory_budget_x_params"]
     countdown = p["es_countdown"]

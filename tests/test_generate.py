@@ -118,3 +118,17 @@ def test_nucleus_threshold_by_bisection_equals_the_sort(top_p):
     ref = _reference_support(np.asarray(logits), 0, top_p)
     got = np.where(np.asarray(logits) < np.asarray(nucleus_threshold(logits, top_p)), -np.inf, np.asarray(logits))
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
+
+
+def test_the_kv_cache_is_updated_in_place_across_read_buckets():
+    """One compiled generation holds its cache once: XLA's temporaries stay within the cache plus about one
+    layer's slice of it (the layer being written; 1/L) over four read buckets (four while loops), where a copy
+    per bucket or per step would be >= 2 x the cache."""
+    from benchmarks.rollouts import cache_memory
+
+    L = 8
+    model = models.TransformerLM(models.tiny("llama", n_layers=L, max_seq_len=512))
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    m = cache_memory(model, params, rows=8, prompt_len=16, new_tokens=256)
+    assert m["cache_bytes"] == 2 * L * 8 * 272 * 2 * 16 * 4 + 8 * 272 + 4 + 8 * 4  # k, v, valid, index, next_position
+    assert 1.0 <= m["temp_x_cache"] <= 1.0 + 2.0 / L, m
