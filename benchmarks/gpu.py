@@ -276,10 +276,12 @@ def markdown(p: dict) -> str:
             f"{c['cache_bytes'] / 2**20:.1f} MiB" for c in r.get("cache_memory", [])) + "."]
         lines += ["", "Low-rank ES generation step (rank 1, EGGROLL's noise map, perturbations in the forward, "
                   "sampled) against plain generation of as many rows; EGGROLL: 0.69.", "",
-                  "| dtype | members × prompts | new | ES tok/s | inference tok/s | fraction |", "|---|---|---|---|---|---|"]
+                  "| dtype | members × prompts | new | ES tok/s | inference tok/s | fraction | vmap alone | low-rank on top |",
+                  "|---|---|---|---|---|---|---|---|"]
         for e in r["es"]:
             lines.append(f"| {e['dtype']} | {e['members']} × {e['prompts']} | {e['new_tokens']} | {f(e['es_tok_s'])} | "
-                         f"{f(e['inference_tok_s'])} | {e['fraction']:.2f} |")
+                         f"{f(e['inference_tok_s'])} | {e['fraction']:.2f} | {e['vmap_shared_fraction']:.2f} | "
+                         f"{e['lowrank_fraction']:.2f} |")
         lines.append("")
     if "throughput" in p:
         t = p["throughput"]

@@ -257,6 +257,24 @@ def greedy_without_cache(model: TransformerLM, params, prompt_ids, prompt_mask, 
     return np.stack(out, axis=1)
 
 
+@jax.custom_batching.custom_vmap
+def all_rows_done(done: jax.Array) -> jax.Array:
+    """Whether every row of `done: [B] bool` has stopped: the early exit's test.
+
+    Under `vmap` (a population of members, each generating its own rows) it is whether every row of *every*
+    member has stopped, an unbatched scalar: a while loop whose condition is batched would carry every loop
+    variable per member and select between old and new at each check (the whole cache, whose write would
+    become a scatter at per-member slots). Steps after a row has stopped change nothing (it feeds masked
+    pads), so the tokens are those of a per-member exit."""
+    return jnp.all(done)
+
+
+@all_rows_done.def_vmap
+def _all_rows_done_vmap(axis_size, in_batched, done):
+    del axis_size, in_batched
+    return jnp.all(done), False
+
+
 # The loop checks whether every row has stopped once per this many steps (a divisor of max_new_tokens and of
 # the read buckets, so it never overshoots a bucket): under `vmap` (a population of members) a while loop
 # whose condition is batched selects its whole carry, the cache included, at every check.
@@ -337,7 +355,7 @@ def _generate(model, params, prompt_ids, prompt_mask, key, soft_prompt, stop_str
 
     def cond(end, carry):
         step, done = carry[0], carry[4]
-        return (step < end) & ~jnp.all(done) if early_exit else step < end
+        return (step < end) & ~all_rows_done(done) if early_exit else step < end
 
     carry = (jnp.array(0), key, last, cache, jnp.zeros((B,), bool), jnp.zeros((B, S), jnp.int32),
              jnp.zeros((B,), jnp.int32), jnp.full((B, max_new_tokens), pad_id, jnp.int32),

@@ -132,3 +132,27 @@ def test_the_kv_cache_is_updated_in_place_across_read_buckets():
     m = cache_memory(model, params, rows=8, prompt_len=16, new_tokens=256)
     assert m["cache_bytes"] == 2 * L * 8 * 272 * 2 * 16 * 4 + 8 * 272 + 4 + 8 * 4  # k, v, valid, index, next_position
     assert 1.0 <= m["temp_x_cache"] <= 1.0 + 2.0 / L, m
+
+
+@pytest.mark.slow
+def test_members_under_vmap_exit_together_and_write_the_cache_in_place():
+    """Generation vmapped over members (a population) equals each member's own generation with its early
+    exit, and its loop stays unbatched: the cache is written by dynamic-update-slice, never by a scatter at
+    per-member slots (which a batched loop condition would force)."""
+    import re
+
+    model = models.TransformerLM(models.tiny("llama", n_layers=2, max_seq_len=256))
+    params = model.init(jax.random.key(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 256, size=(3, 10)), jnp.int32)
+    mask = jnp.ones_like(ids).at[1, :4].set(0)
+    kw = dict(temperature=0.8, top_p=0.9, stop_tokens=(5, 17, 99))
+    keys = jax.random.split(jax.random.key(1), 4)
+    members = jax.jit(jax.vmap(lambda k: models.generate(model, params, ids, mask, k, 48, **kw)))
+    together = members(keys)
+    for i, key in enumerate(keys):
+        alone = models.generate(model, params, ids, mask, key, 48, **kw)
+        np.testing.assert_array_equal(np.asarray(together.tokens[i]), np.asarray(alone.tokens))
+        np.testing.assert_array_equal(np.asarray(together.lengths[i]), np.asarray(alone.lengths))
+    assert len(set(np.asarray(together.lengths).ravel().tolist())) > 1  # rows and members stop at different steps
+    hlo = members.lower(keys).compile().as_text()
+    assert not re.search(r"= \S+ scatter\(", hlo) and re.search(r"= \S+ dynamic-update-slice\(", hlo)
