@@ -181,22 +181,26 @@ def throughput_part(toy: bool, repeats: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- 4. es_countdown
-def countdown_part(toy: bool, steps: int, batch: int, work: str) -> dict:
+def countdown_part(toy: bool, steps: int, batch: int, work: str, *, config: str = "paper_configs/es_countdown.yaml",
+                   population: int | None = None, new_tokens: int | None = None, dtype: str | None = None,
+                   extra: tuple[str, ...] = ()) -> dict:
+    """The first `steps` steps of a countdown paper config on the Qwen2.5-0.5B shape (`extra`: more
+    `--set`-style overrides, e.g. `optimizer.method=lowrank_es`)."""
     from gfo.run.config import load_config
     from gfo.run.train import train
 
     s = shape(toy)
-    dtype = "float32" if toy else "bfloat16"
-    population = 4 if toy else 30
-    new_tokens = 16 if toy else 1024
+    dtype = dtype or ("float32" if toy else "bfloat16")
+    population = population or (4 if toy else 30)
+    new_tokens = new_tokens or (16 if toy else 1024)
     overrides = [f"runs_dir={work}", f"steps={steps}", f"eval_every={steps}", "log_every=1",
                  f"checkpoint_every={steps}", "name=es_countdown_first_steps", "model.path=null", "model.family=qwen2",
                  f"model.dtype={dtype}", "model.tokenizer=byte", f"model.overrides={json.dumps(s)}",
                  f"optimizer.population={population}", f"optimizer.eval_chunk={population}",
                  f"task.batch_size={batch}", f"task.eval_size={batch}", "task.options.data_path=null",
                  "task.options.train_size=null", f"task.options.max_new_tokens={new_tokens}",
-                 "task.options.n_numbers=[3,4]", "task.options.max_number=99"]
-    path = os.path.join(ROOT, "paper_configs", "es_countdown.yaml")
+                 "task.options.n_numbers=[3,4]", "task.options.max_number=99", *extra]
+    path = config if os.path.isabs(config) else os.path.join(ROOT, config)
     cfg = load_config(path, overrides)
     started = time.perf_counter()
     result = train(cfg)
@@ -206,7 +210,7 @@ def countdown_part(toy: bool, steps: int, batch: int, work: str) -> dict:
     step_s = [b - a for a, b in zip(times, times[1:])]  # step 1 reports at time 0: steps 2.. are timed
     per = float(np.median(step_s)) if step_s else float("nan")
     rollouts_per_step = population * batch
-    return {"config": os.path.relpath(path, ROOT), "overrides": overrides, "steps": steps,
+    return {"config": os.path.relpath(path, ROOT), "overrides": overrides, "extra": list(extra), "steps": steps,
             "population": population, "questions_per_step": batch, "max_new_tokens": new_tokens, "dtype": dtype,
             "step_s": per, "rollouts_per_s_per_device": rollouts_per_step / per / jax.device_count(),
             "generated_tokens_per_s_upper": rollouts_per_step * new_tokens / per, "wall_s": wall,
@@ -227,7 +231,10 @@ def run(args) -> dict:
     calls = {"parity": lambda: parity(args.toy),
              "rollouts": lambda: rollout_part(args.toy, args.repeats),
              "throughput": lambda: throughput_part(args.toy, args.repeats),
-             "es_countdown": lambda: countdown_part(args.toy, args.countdown_steps, args.countdown_batch, work)}
+             "es_countdown": lambda: countdown_part(args.toy, args.countdown_steps, args.countdown_batch, work,
+                                                    config=args.countdown_config, population=args.countdown_population,
+                                                    new_tokens=args.countdown_new_tokens, dtype=args.countdown_dtype,
+                                                    extra=tuple(args.countdown_set))}
     for part in only:
         started = time.perf_counter()
         try:
@@ -299,7 +306,7 @@ def markdown(p: dict) -> str:
     if "es_countdown" in p:
         e = p["es_countdown"]
         lines += ["## 4. ES at scale's countdown config, first steps", "",
-                  f"`{e['config']}` with N {e['population']}, {e['questions_per_step']} generated questions per step "
+                  f"`{e['config']}`{' with `' + ' '.join(e['extra']) + '`' if e.get('extra') else ''}, N {e['population']}, {e['questions_per_step']} generated questions per step "
                   f"(the paper: 1,000), up to {e['max_new_tokens']} new tokens, {e['dtype']}; {e['steps']} steps "
                   "(the first one compiles; the median of the others).", "",
                   "| s / step | rollouts/s per device | generated tokens/s (upper bound) | wall s |", "|---|---|---|---|",
@@ -319,6 +326,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--countdown-steps", type=int, default=3)
     ap.add_argument("--countdown-batch", type=int, default=None, help="questions per step (default 2 toy, 32)")
+    ap.add_argument("--countdown-config", default="paper_configs/es_countdown.yaml")
+    ap.add_argument("--countdown-population", type=int, help="default 4 toy, 30 (the paper's N)")
+    ap.add_argument("--countdown-new-tokens", type=int, help="default 16 toy, 1024 (the paper's)")
+    ap.add_argument("--countdown-dtype", help="default float32 toy, bfloat16")
+    ap.add_argument("--countdown-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="more overrides of the countdown run, e.g. optimizer.method=lowrank_es")
+    ap.add_argument("--name", help="the results file's name (default gpu_<platform>_<device>, gpu_toy)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--work", help="the countdown run's directory (default: a temporary one)")
     args = ap.parse_args(argv)
@@ -328,7 +342,7 @@ def main(argv=None) -> dict:
         args.repeats = min(args.repeats, 1)
     payload = run(args)
     device = payload["machine"]["device"].replace(" ", "_").replace("/", "_")
-    name = "gpu_toy" if args.toy else f"gpu_{payload['machine']['platform']}_{device}"
+    name = args.name or ("gpu_toy" if args.toy else f"gpu_{payload['machine']['platform']}_{device}")
     print(*write(args.out, name, payload, markdown(payload)))
     if payload["failed"]:
         print("failed parts:", json.dumps(payload["failed"], indent=1))
