@@ -133,9 +133,10 @@ def _run(tmp_path, name, method, steps, mesh, extra=()):
 
 @pytest.fixture(scope="module")
 def one_device_results(tmp_path_factory):
-    """The reference: `gfo train` for 4 steps of es and lowrank_es on one device."""
+    """The reference: `gfo train` for 4 steps of es on one device (lowrank_es's placement on a mesh is
+    checked against one device above, in process)."""
     root = tmp_path_factory.mktemp("one")
-    return {m: _flat(_run(root, m, m, 4, {"pop": 1})["params"]) for m in ("es", "lowrank_es")}
+    return {m: _flat(_run(root, m, m, 4, {"pop": 1})["params"]) for m in ("es",)}
 
 
 @pytest.mark.slow
@@ -156,7 +157,7 @@ def _free_port() -> int:
 def test_two_processes_hold_identical_parameters_equal_to_one_process(tmp_path, one_device_results):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": ROOT,
            "JAX_PLATFORMS": "cpu"}
-    for method in ("es", "lowrank_es"):
+    for method in ("es",):  # (lowrank_es too until the suite outgrew 20 minutes on 2 cores: same placement path)
         port = _free_port()
         args = [*RUN, f"runs_dir={tmp_path}", f"name={method}", "steps=4", f"optimizer.method={method}"]
         procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "distributed_worker.py"),
