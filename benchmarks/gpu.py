@@ -4,7 +4,8 @@ Qwen2.5-0.5B-Instruct-shaped model.
 
     python -m benchmarks.gpu                # on a GPU or TPU: real sizes; writes results/gpu_<device>.{json,md}
     python -m benchmarks.gpu --toy          # tiny shapes on any backend, seconds (tests/test_benchmarks.py runs it)
-    python -m benchmarks.gpu --only parity,rollouts   # a subset of the four parts
+    python -m benchmarks.gpu --only parity,rollouts   # a subset of the four parts (each saved as it ends)
+    python -m benchmarks.gpu --only rollouts --rollout-grid small --name gpu_rollouts   # one part in a short slot
 
 Parts (each a section of the one JSON file, with the Markdown rendering of it next to it):
 1. `parity`: a Qwen2-family model with random weights written by `transformers` (torch, float32, on the CPU:
@@ -131,13 +132,15 @@ class _nothing:
 
 
 # ----------------------------------------------------------------------------- 2. rollouts
-def rollout_grid(toy: bool):
+def rollout_grid(toy: bool, kind: str = "full"):
     if toy:
         return [(2, 8, False), (4, 8, True)]
+    if kind == "small":  # one decode length: fits a 10-minute slot with both dtypes
+        return [(r, 256, smp) for r in (8, 32, 128) for smp in (False, True)]
     return [(r, n, smp) for r in (1, 8, 32, 128) for n in (64, 256, 1024) for smp in (False, True)]
 
 
-def rollout_part(toy: bool, repeats: int) -> dict:
+def rollout_part(toy: bool, repeats: int, kind: str = "full") -> dict:
     mach = rollouts.measure_machine(repeats, matmul_size=512 if toy else 8192)
     s = shape(toy)
     out = {"ceiling_inputs": mach, "rows": [], "es": [], "cache_memory": []}
@@ -151,7 +154,7 @@ def rollout_part(toy: bool, repeats: int) -> dict:
         params = model.init(jax.random.key(0))
         n_params = model.num_params(params)
         bytes_per = jnp.dtype(dtype).itemsize
-        for rows, n, sampled in rollout_grid(toy):
+        for rows, n, sampled in rollout_grid(toy, kind):
             batch = rollouts.prompts(rows, s["vocab_size"])
             fn = rollouts.Gfo(model, params).run(batch, n, sampled, 0)
             secs = rollouts.best_time(fn, repeats)
@@ -221,7 +224,9 @@ def countdown_part(toy: bool, steps: int, batch: int, work: str, *, config: str 
 PARTS = ("parity", "rollouts", "throughput", "es_countdown")
 
 
-def run(args) -> dict:
+def run(args, save=lambda payload: None) -> dict:
+    """The parts of `args.only` (all by default), `save(payload)` after each one (a run cut short by a time
+    limit keeps the parts it finished)."""
     payload = {"machine": machine(), "toy": args.toy, "shape": shape(args.toy), "failed": {}}
     work = args.work or tempfile.mkdtemp(prefix="gfo-gpu-")
     only = args.only.split(",") if args.only else PARTS
@@ -229,7 +234,7 @@ def run(args) -> dict:
     if unknown:
         raise SystemExit(f"--only {','.join(unknown)}: expected a subset of {','.join(PARTS)}")
     calls = {"parity": lambda: parity(args.toy),
-             "rollouts": lambda: rollout_part(args.toy, args.repeats),
+             "rollouts": lambda: rollout_part(args.toy, args.repeats, args.rollout_grid),
              "throughput": lambda: throughput_part(args.toy, args.repeats),
              "es_countdown": lambda: countdown_part(args.toy, args.countdown_steps, args.countdown_batch, work,
                                                     config=args.countdown_config, population=args.countdown_population,
@@ -243,6 +248,7 @@ def run(args) -> dict:
             payload["failed"][part] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
         payload.setdefault("part_s", {})[part] = time.perf_counter() - started
+        save(payload)
         jax.clear_caches()
     return payload
 
@@ -324,6 +330,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--toy", action="store_true", help="tiny shapes (any backend, seconds)")
     ap.add_argument("--only", help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rollout-grid", default="full", choices=("full", "small"),
+                    help="full: rows 1/8/32/128 x 64/256/1024; small: rows 8/32/128 x 256 (a 10-minute slot)")
     ap.add_argument("--countdown-steps", type=int, default=3)
     ap.add_argument("--countdown-batch", type=int, default=None, help="questions per step (default 2 toy, 32)")
     ap.add_argument("--countdown-config", default="paper_configs/es_countdown.yaml")
@@ -340,9 +348,10 @@ def main(argv=None) -> dict:
         args.countdown_batch = 2 if args.toy else 32
     if args.toy:
         args.repeats = min(args.repeats, 1)
-    payload = run(args)
-    device = payload["machine"]["device"].replace(" ", "_").replace("/", "_")
-    name = args.name or ("gpu_toy" if args.toy else f"gpu_{payload['machine']['platform']}_{device}")
+    m = machine()
+    device = m["device"].replace(" ", "_").replace("/", "_")
+    name = args.name or ("gpu_toy" if args.toy else f"gpu_{m['platform']}_{device}")
+    payload = run(args, save=lambda p: write(args.out, name, p, markdown(p)))
     print(*write(args.out, name, payload, markdown(payload)))
     if payload["failed"]:
         print("failed parts:", json.dumps(payload["failed"], indent=1))
