@@ -1,10 +1,10 @@
 """One reproduction table on real checkpoints: gradient-free methods against RL and Adam at equal budgets.
 
     python -m benchmarks.reproduce                          # --scale cpu: SmolLM2-135M, ~90 min on 2 free cores (est.)
-    python -m benchmarks.reproduce --scale cpu-small        # the reduced CPU run committed in results/ (42 min, loaded)
+    python -m benchmarks.reproduce --scale cpu-small        # the reduced run at σ 1e-3 (results/reproduce_cpu-small.*)
     python -m benchmarks.reproduce --scale toy              # tiny random models, 2 steps each (the test)
     python -m benchmarks.reproduce --scale paper --model DIR [--data countdown.json]   # an accelerator
-    python -m benchmarks.reproduce --render --scale cpu-small   # re-write Markdown and plots from the JSON
+    python -m benchmarks.reproduce --render --scale cpu     # re-write Markdown and plots from the JSON
 
 Every run is a `gfo train` run of a config built here (`gfo.run.config.load_config` + `gfo.run.train.train`,
 as `benchmarks/real_model.py` does); the configs are written next to the runs (`--work`/configs/). Writes
@@ -285,13 +285,12 @@ def summarize(payload: dict) -> dict:
 
 
 SCALE_NOTES = {
-    "cpu-small": "**Reduced run** (`--scale cpu-small`, 1 seed): the 2 CPU cores were shared with other jobs, so "
-                 "this is a subset of `--scale cpu` (3 seeds, 12 reward steps, 36 forwards per example slot, "
-                 "all five classification methods, 200 evaluation sentences; extrapolated from this run's "
-                 "timings to ~90 min if the 2 cores are free, 2.5-3 h at this run's load; not run): 10 reward steps at 64 rollouts each, 64 evaluation problems, evaluation at the start "
-                 "and the end; classification with MeZO-LoRA and Adam only (MeZO full, MeZO-prefix and ES on "
-                 "LoRA were not run: time) at 24 forwards per example slot, 64 evaluation sentences. One seed: "
-                 "no spread.",
+    "cpu-small": "**Reduced run** (`--scale cpu-small`, 1 seed, the zeroth-order methods at ES at scale's σ = ε = "
+                 "1e-3), kept as the record of that setting: the full `--scale cpu` table (`reproduce.md`) "
+                 "runs them at 3e-3, where the members' answers disagree. 10 reward steps at 64 rollouts each, 64 "
+                 "evaluation problems, evaluation at the start and the end; classification with MeZO-LoRA and Adam "
+                 "only at 24 forwards per example slot, 64 evaluation sentences. The 2 CPU cores were shared "
+                 "with other jobs. One seed: no spread.",
     "cpu": "`--scale cpu`: 3 seeds; reward 12 steps of 64 rollouts, 64 evaluation problems, the zeroth-order "
            "methods at σ = ε = 3e-3 (chosen by a 4-step probe of low-rank ES: at ES at scale's 1e-3 the 8 members' "
            "greedy answers were all identical in 3-4 of 10 steps, a zero update; at 1e-2 the members' mean reward "
@@ -429,8 +428,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--work", help="runs and configs (default ~/.cache/gfo/reproduce/SCALE)")
     parser.add_argument("--render", action="store_true", help="only re-write Markdown and plots from the JSON")
     args = parser.parse_args(argv)
-    # cpu and its reduced cpu-small write the same files (the Markdown says which ran)
-    suffix = "" if args.scale in ("cpu", "cpu-small") else "_" + args.scale
+    suffix = "" if args.scale == "cpu" else "_" + args.scale  # reproduce.{json,md} is the CPU table
     name = "reproduce" + suffix
     json_path = os.path.join(args.out, name + ".json")
     if args.render:
