@@ -291,7 +291,8 @@ SCALE_NOTES = {
                  "evaluation problems, evaluation at the start and the end; classification with MeZO-LoRA and Adam "
                  "only at 24 forwards per example slot, 64 evaluation sentences. The 2 CPU cores were shared "
                  "with other jobs. One seed: no spread.",
-    "cpu": "`--scale cpu`: 3 seeds; reward 12 steps of 64 rollouts, 64 evaluation problems, the zeroth-order "
+    "cpu": "`--scale cpu`: 3 seeds configured; reward 12 steps of 64 rollouts, 64 evaluation problems (drawn "
+           "from the held-out operand pairs with the run's seed, so the start differs by seed), the zeroth-order "
            "methods at σ = ε = 3e-3 (chosen by a 4-step probe of low-rank ES: at ES at scale's 1e-3 the 8 members' "
            "greedy answers were all identical in 3-4 of 10 steps, a zero update; at 1e-2 the members' mean reward "
            "fell from the base 0.44 to 0.08-0.31; 3e-3 kept it at 0.27-0.50 with members disagreeing), ES's Adam "

@@ -89,3 +89,21 @@ def test_the_one_file_estimator_runs_through_gfo_train_by_its_name(tmp_path):
 
     with pytest.raises(ConfigError, match="optimizer.rank does not apply to method 'orthogonal_es'"):
         load_config(str(path), ["optimizer.rank=3"])
+
+
+def test_a_module_plugin_of_the_working_directory_imports_from_the_gfo_command(tmp_path, monkeypatch):
+    """`plugins: [mylab.methods]` resolves from the working directory, as `python -m` would, though the
+    console script does not put it on sys.path; a missing one names the module and where it looked."""
+    import sys
+
+    from gfo.run.config import ConfigError, import_plugins
+
+    (tmp_path / "mylab_plugin_pkg").mkdir()
+    (tmp_path / "mylab_plugin_pkg" / "__init__.py").write_text("")
+    (tmp_path / "mylab_plugin_pkg" / "tasks.py").write_text("ANSWER = 42\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    (module,) = import_plugins(["mylab_plugin_pkg.tasks"])
+    assert module.ANSWER == 42 and sys.path[-1] == str(tmp_path)
+    with pytest.raises(ConfigError, match=r"cannot import module 'no_such_lab\.x'.*working directory"):
+        import_plugins(["no_such_lab.x"])

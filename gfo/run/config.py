@@ -535,8 +535,26 @@ def import_plugins(plugins, base: str | None = None) -> list:
                 raise ConfigError(f"plugins: importing {path!r} failed: {type(e).__name__}: {e}") from None
         else:
             try:
-                module = importlib.import_module(plugin)
+                module = _import_from_path_or_cwd(plugin)
             except ImportError as e:
-                raise ConfigError(f"plugins: cannot import module {plugin!r}: {e}") from None
+                raise ConfigError(f"plugins: cannot import module {plugin!r}: {e} (looked on sys.path and in the "
+                                  f"working directory {os.getcwd()!r})") from None
         modules.append(module)
     return modules
+
+
+def _import_from_path_or_cwd(name: str):
+    """`importlib.import_module(name)`, else from the working directory as `python -m` would find it (the
+    `gfo` console script does not put the working directory on `sys.path`; it is appended, not prepended,
+    so it shadows no installed package)."""
+    import importlib
+    import sys
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != name.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(name)
