@@ -120,6 +120,7 @@ def test_nucleus_threshold_by_bisection_equals_the_sort(top_p):
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(ref))
 
 
+@pytest.mark.slow
 def test_the_kv_cache_is_updated_in_place_across_read_buckets():
     """One compiled generation holds its cache once: XLA's temporaries stay within the cache plus about one
     layer's slice of it (the layer being written; 1/L) over four read buckets (four while loops), where a copy
