@@ -33,6 +33,7 @@ otherwise. A part that fails is recorded with its error and the other parts stil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -60,20 +61,6 @@ def shape(toy: bool) -> dict:
     return dict(TOY_SHAPE) if toy else dict(rollouts.QWEN_SHAPE)
 
 
-def hf_qwen2(s: dict):
-    """`transformers`' Qwen2ForCausalLM of shape `s` with random weights (seed 0), float32, on the CPU."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(vocab_size=s["vocab_size"], hidden_size=s["d_model"], num_hidden_layers=s["n_layers"],
-                      num_attention_heads=s["n_heads"], num_key_value_heads=s["n_kv_heads"],
-                      intermediate_size=s["d_ff"], tie_word_embeddings=s["tie_embeddings"],
-                      rope_theta=s["rope_theta"], rms_norm_eps=s["norm_eps"],
-                      max_position_embeddings=s["max_seq_len"])
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(cfg).float().eval()
-
-
 def _batch(vocab: int, rows: int, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """`rows` random prompts of `length` tokens, the odd rows left-padded by a quarter of it."""
     rng = np.random.default_rng(seed)
@@ -89,7 +76,7 @@ def parity(toy: bool, new_tokens: int = 16) -> dict:
     import torch
 
     s = shape(toy)
-    hf = hf_qwen2(s)
+    hf = rollouts.hf_qwen2(s)
     ids, mask = _batch(s["vocab_size"], 4, 24)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     with torch.inference_mode():
@@ -107,7 +94,7 @@ def parity(toy: bool, new_tokens: int = 16) -> dict:
     for mode, dtype, precision in (("float32 highest", "float32", "highest"), ("float32 default", "float32", None),
                                    ("bfloat16", "bfloat16", None)):
         model, params = loaded[dtype]
-        with jax.default_matmul_precision(precision) if precision else _nothing():
+        with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
             logits = np.asarray(jax.jit(model.apply)(params, jnp.asarray(ids), jnp.asarray(mask)), np.float32)
             cached = np.asarray(models.generate(model, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
                                                 new_tokens).tokens)
@@ -121,14 +108,6 @@ def parity(toy: bool, new_tokens: int = 16) -> dict:
             "cache_equals_no_cache": bool(np.array_equal(cached, uncached))}
         print(f"[parity] {mode}: {out['modes'][mode]}", flush=True)
     return out
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------- 2. rollouts

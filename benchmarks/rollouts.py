@@ -231,18 +231,24 @@ def smollm2(path: str):
     return model, params, hf.eval(), tok
 
 
-def qwen_shaped():
-    """A Qwen2.5-0.5B-shaped model with random weights, the same in gfo and transformers (gfo's export)."""
+def hf_qwen2(s: dict):
+    """`transformers`' Qwen2ForCausalLM of the gfo-named shape `s` (as `QWEN_SHAPE`) with random weights
+    (seed 0), float32, on the CPU."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    s = QWEN_SHAPE
     cfg = Qwen2Config(vocab_size=s["vocab_size"], hidden_size=s["d_model"], num_hidden_layers=s["n_layers"],
                       num_attention_heads=s["n_heads"], num_key_value_heads=s["n_kv_heads"],
-                      intermediate_size=s["d_ff"], tie_word_embeddings=True, rope_theta=s["rope_theta"],
-                      rms_norm_eps=s["norm_eps"], max_position_embeddings=s["max_seq_len"])
+                      intermediate_size=s["d_ff"], tie_word_embeddings=s["tie_embeddings"],
+                      rope_theta=s["rope_theta"], rms_norm_eps=s["norm_eps"],
+                      max_position_embeddings=s["max_seq_len"])
     torch.manual_seed(0)
-    hf = Qwen2ForCausalLM(cfg).float().eval()
+    return Qwen2ForCausalLM(cfg).float().eval()
+
+
+def qwen_shaped():
+    """A Qwen2.5-0.5B-shaped model with random weights, the same in gfo and transformers (gfo's export)."""
+    hf = hf_qwen2(QWEN_SHAPE)
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         model, params = models.from_pretrained(d)

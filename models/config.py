@@ -10,6 +10,7 @@ windows, soft-capping), so one decoder implements them all.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -76,7 +77,12 @@ class ModelConfig:
         _check(self.family in _FAMILIES, "family", self.family, f"one of {_FAMILIES}")
         _check(self.activation in _ACTIVATIONS, "activation", self.activation, f"one of {_ACTIVATIONS}")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
-            _check(getattr(self, name) > 0, name, getattr(self, name), "a positive integer")
+            value = getattr(self, name)
+            _check(isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0, name, value,
+                   "a positive integer")
+        for name in ("norm_eps", "rope_theta", "initializer_range"):  # (a YAML "1e-6" is a string)
+            value = getattr(self, name)
+            _check(isinstance(value, numbers.Real) and not isinstance(value, bool), name, value, "a number")
         _check(self.n_heads % self.kv_heads == 0, "n_kv_heads", self.n_kv_heads,
                f"a divisor of n_heads={self.n_heads}")
         if self.head_dim is None:

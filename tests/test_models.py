@@ -350,3 +350,6 @@ def test_model_overrides_are_checked_against_the_config_field_types():
     assert model.config.norm_eps == 1e-6 and isinstance(model.config.norm_eps, float)
     with pytest.raises(ConfigError, match=r"'model.overrides.d_model' = 'wide' has type str; expected int"):
         build_model(load_config(None, ["model.overrides.d_model=wide"]).model, jax.random.key(0))
+    # the library door: the same field named by ModelConfig itself
+    with pytest.raises(ValueError, match=r"ModelConfig.norm_eps='1e-6' is invalid: expected a number"):
+        models.tiny("llama", norm_eps="1e-6")
