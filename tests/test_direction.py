@@ -55,8 +55,8 @@ TRANSFORMS = {
 
 
 # Every estimator × transform, with blocks of 16 elements (the vector leaf stays whole, the others are
-# made in blocks); two cases in the fast tier.
-FAST = {("spsa_sparse_sign", "adam_l2"), ("es", "sgd_momentum")}
+# made in blocks); one case in the fast tier.
+FAST = {("es", "sgd_momentum")}
 CASES = [pytest.param(e, t, id=f"{e}-{t}", marks=() if (e, t) in FAST else pytest.mark.slow)
          for e in sorted(ESTIMATORS) for t in sorted(TRANSFORMS)]
 
@@ -102,7 +102,8 @@ def _update_temp_bytes(leafwise: bool, x, transform, n_directions: int) -> int:
     return lowered.compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("blocked", [pytest.param(False, marks=pytest.mark.slow), True],
+@pytest.mark.slow
+@pytest.mark.parametrize("blocked", [False, True],
                          ids=["whole leaves", "blocked leaves"])
 def test_leafwise_update_holds_one_leafs_gradient_not_the_trees(blocked, monkeypatch):
     leaf = 1 << 18  # 1 MiB of float32 per leaf
@@ -122,6 +123,7 @@ def test_leafwise_update_holds_one_leafs_gradient_not_the_trees(blocked, monkeyp
     assert leafwise[1] <= (10 * leaf // 8 if blocked else 9 * leaf) * 4
 
 
+@pytest.mark.slow
 def test_a_transform_whose_state_is_not_per_leaf_is_refused():
     def init(params):
         return jnp.zeros((2,))  # neither parameter-shaped nor a scalar

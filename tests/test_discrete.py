@@ -21,7 +21,7 @@ def problem():
     return loss, vocab
 
 
-@pytest.mark.parametrize("method", [pytest.param("annealing", marks=pytest.mark.slow), "tabu", "aco"])
+@pytest.mark.parametrize("method", [pytest.param("annealing", marks=pytest.mark.slow), "tabu", pytest.param("aco", marks=pytest.mark.slow)])
 def test_each_search_improves_the_task_loss_over_the_initial_prompt(problem, method):
     loss, vocab = problem
     initial = np.array([ord(c) for c in "zqxj"], np.int32)

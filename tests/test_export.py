@@ -277,6 +277,7 @@ def test_export_argument_errors_are_one_line_naming_the_value(tmp_path, capsys):
     assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_peft_lora_adapter_round_trip_and_logits_in_peft(tmp_path):
     """`models.peft` alone: our LoRA factors → adapter files → PEFT's model and back, and a shape mismatch."""
     from peft import PeftModel

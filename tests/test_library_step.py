@@ -54,7 +54,10 @@ class ToyReward:
 register_object_pytree(Frozen)
 register_object_pytree(ToyReward)
 
-REGISTERED = sorted(methods.METHODS) + ["CMA_ES", "SNES", "ga"]
+# every method of the registry, and evosax strategies by name (SNES in the fast tier, the slowest to compile
+# in the slow one)
+REGISTERED = sorted(methods.METHODS) + [pytest.param("CMA_ES", marks=pytest.mark.slow), "SNES",
+                                       pytest.param("ga", marks=pytest.mark.slow)]
 
 
 def _built(name: str):

@@ -130,7 +130,7 @@ def test_hizoo_hessian_update_follows_its_definition_and_tracks_the_curvature():
     _unbiased(samples, _flat(CURV))
 
 
-@pytest.mark.parametrize("power", [1.0, -0.5])
+@pytest.mark.parametrize("power", [pytest.param(1.0, marks=pytest.mark.slow), -0.5])
 def test_a_noisy_leaf_multiplier_is_read_wherever_the_noise_is(power):
     """`NoisyLeaf(..., mul=m, mul_power=p)` is `w + s·ε ⊙ m^p` as every reader forms it: dense, the rows an
     embedding lookup reads, `noisy_linear` a block at a time (input and transposed output rows), a layer
