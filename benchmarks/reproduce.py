@@ -83,8 +83,11 @@ def _reward_part(model: dict, task: dict, *, steps: int, pop: int, lr: dict, eva
         }}
 
 
-def _classify_part(model: dict, task: dict, *, forwards: int, pop: int, eval_every_frac: int, lr: dict) -> dict:
-    """MeZO (full, LoRA, prefix), ES on LoRA, Adam at `forwards` forward passes per training example slot."""
+def _classify_part(model: dict, task: dict, *, forwards: int, pop: int, eval_every_frac: int, lr: dict,
+                   demonstrations: int = 2, max_prompt_tokens: int = 384) -> dict:
+    """MeZO (full, LoRA, prefix), ES on LoRA, Adam at `forwards` forward passes per training example slot;
+    the untrained baselines: zero-shot and in-context (`demonstrations` training examples per class with
+    their label words before each prompt; no step is taken)."""
     lora = {"kind": "lora", "rank": 8, "alpha": 16, "targets": ["q", "v"]}
     methods = {
         "mezo_full": ({"space": {"kind": "full"}, "optimizer": {"method": "spsa", "n": 1, "eps": 1e-3,
@@ -104,6 +107,9 @@ def _classify_part(model: dict, task: dict, *, forwards: int, pop: int, eval_eve
     for name, (cfg, per_step) in methods.items():
         steps = max(forwards // per_step, 1)
         out[name] = {**cfg, "steps": steps, "eval_every": max(steps // eval_every_frac, 1)}
+    out["zero_shot"] = {"baseline": True}
+    out["in_context"] = {"baseline": True, "task": {"options": {"demonstrations": demonstrations,
+                                                                "max_prompt_tokens": max_prompt_tokens}}}
     return {"metric": "accuracy", "budget": "forwards", "common": {"model": model, "task": task}, "methods": out}
 
 
@@ -215,8 +221,15 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
+def part_spec_is_baseline(part: dict, method: str) -> bool:
+    """Whether `method` of `part` is an untrained baseline (evaluated at the start point only)."""
+    return bool(part["methods"][method].get("baseline"))
+
+
 def run_config(part: dict, method: str, seed: int, runs_dir: str, name: str) -> dict:
     cfg = _merge(part["common"], part["methods"][method])
+    if cfg.pop("baseline", False):  # evaluated at the start point only: a one-step config, never stepped
+        cfg["steps"] = 1  # (the default optimizer: built, never stepped)
     cfg.update(name=name, seed=seed, runs_dir=runs_dir, log_every=1)
     cfg["checkpoint_every"] = cfg["steps"]
     cfg.setdefault("space", {"kind": "full"})
@@ -252,6 +265,27 @@ def run_one(cfg: dict, config_dir: str, keep_checkpoints: bool = False) -> dict:
             "forwards": cfg["steps"] * budget["forwards"], "max_new_tokens": max_new,
             "wall_s": wall, "train_time_s": train_rows[-1]["time_s"] if train_rows else None,
             "curve": curve, "before": curve[0], "after": curve[-1]}
+
+
+def run_baseline(cfg: dict, config_dir: str) -> dict:
+    """Evaluate `cfg`'s start point (the base model, its task prompt as configured) without a step; the
+    same record as `run_one`'s with no budget spent."""
+    from gfo.run import build
+    from gfo.run.config import load_config
+
+    os.makedirs(config_dir, exist_ok=True)
+    path = os.path.join(config_dir, f"{cfg['name']}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    started = time.perf_counter()
+    run_cfg = load_config(path)
+    model, params = build.model_of(run_cfg)
+    run = build.build_run(run_cfg, os.path.join(cfg["runs_dir"], cfg["name"]), model, params,
+                          build.build_mesh(run_cfg))
+    row = {"step": 0, "time_s": 0.0, "rollouts": 0, "forwards": 0, **run.evaluation.row(run.init_state())}
+    return {"config": path, "steps": 0, "per_step": {"rollouts": 0, "forwards": 0, "examples": 0}, "rollouts": 0,
+            "forwards": 0, "max_new_tokens": None, "wall_s": time.perf_counter() - started, "train_time_s": None,
+            "curve": [row], "before": row, "after": row, "baseline": True}
 
 
 # ----------------------------------------------------------------------------- report
@@ -373,6 +407,12 @@ def plot(payload: dict, out_dir: str) -> list[str]:
             curves = [r["curve"] for r in seeds.values() if r["curve"]]
             if not curves or metric not in curves[0][0]:
                 continue
+            if any(r.get("baseline") for r in seeds.values()):  # an untrained baseline: a level, not a curve
+                level = float(np.mean([c[0][metric] for c in curves]))
+                for ax in axes:
+                    ax.axhline(level, linestyle="--", linewidth=1, color="grey" if method == "zero_shot" else "black",
+                               label=f"{method} ({level:.2f})")
+                continue
             n = min(len(c) for c in curves)
             y = np.asarray([[p[metric] for p in c[:n]] for c in curves], float)
             mean, std = y.mean(0), y.std(0)
@@ -479,7 +519,8 @@ def main(argv=None) -> dict:
                 run_name = f"{part}_{method}_seed{seed}"
                 cfg = run_config(spec["parts"][part], method, seed, os.path.join(work, "runs"), run_name)
                 print(f"[reproduce] {run_name}", flush=True)
-                done[str(seed)] = run_one(cfg, os.path.join(work, "configs"))
+                baseline = part_spec_is_baseline(spec["parts"][part], method)
+                done[str(seed)] = (run_baseline if baseline else run_one)(cfg, os.path.join(work, "configs"))
                 payload["total_wall_s"] = payload.get("total_wall_s", 0.0) + done[str(seed)]["wall_s"]
                 write(args.out, name, payload, render(payload))
                 print(f"[reproduce] {run_name}: {json.dumps(done[str(seed)]['before'])} -> "

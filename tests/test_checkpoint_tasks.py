@@ -92,6 +92,35 @@ def test_classification_reads_glue_sst2_tsv(tmp_path, tok):
         TASKS["prompt_classification"](data_path=str(path), tokenizer=tok, k=1)
 
 
+def test_in_context_demonstrations_come_from_train_with_their_label_words(tmp_path, tok):
+    path = tmp_path / "train.tsv"
+    lines = ["sentence\tlabel"] + [f"a {'lovely' if i % 2 else 'dull'} film {i}\t{i % 2}" for i in range(16)]
+    path.write_text("\n".join(lines) + "\n")
+    opts = dict(data_path=str(path), tokenizer=tok, k=3, eval_size=4, batch_size=4, label_words=(" bad", " good"),
+                template="{text} It was", max_prompt_tokens=512)
+    plain = TASKS["prompt_classification"](**opts)
+    task = TASKS["prompt_classification"](demonstrations=2, **opts)
+    assert task.eval_set == plain.eval_set and task.train_set == plain.train_set  # the splits do not move
+    demos = task.context.splitlines()
+    assert len(demos) == 4 and task.context.endswith("\n")
+    train = {text: label for text, label in task.train_set}
+    for line in demos:  # each a training sentence, rendered, followed by its own class's label word
+        text = line.rsplit(" It was", 1)[0]
+        assert text in train and line == f"{text} It was{(' bad', ' good')[train[text]]}"
+    assert sorted(train[line.rsplit(' It was', 1)[0]] for line in demos) == [0, 0, 1, 1]  # two per class
+    batch, base = task.eval_batches()[0], plain.eval_batches()[0]
+    for row in range(4):  # the eval prompt is the demonstrations followed by the plain prompt, token for token
+        ids = [int(t) for t, m in zip(batch["prompt"][row], batch["prompt_mask"][row]) if m]
+        ref = [int(t) for t, m in zip(base["prompt"][row], base["prompt_mask"][row]) if m]
+        text = task.eval_set[row][0]
+        assert tok.decode(ids[1:]) == task.context + f"{text} It was" and ids[0] == ref[0]  # one BOS, first
+        assert tok.decode(ref[1:]) == f"{text} It was"
+    with pytest.raises(ValueError, match=r"demonstrations=2: the longest prompt .* above max_prompt_tokens=8"):
+        TASKS["prompt_classification"](demonstrations=2, **{**opts, "max_prompt_tokens": 8})
+    with pytest.raises(ValueError, match=r"demonstrations=4: class \d has only 3 training examples"):
+        TASKS["prompt_classification"](demonstrations=4, **opts)
+
+
 @pytest.mark.parametrize("text, value", [
     ("so 3 + 4 = 7.\nThe answer is \\boxed{7}.", 7.0), ("#### 1,234", 1234.0), ("I get $18.50.", 18.5),
     ("\\boxed{\\frac{1}{2}} wait \\boxed{12}", 12.0), ("first 3 then -4", -4.0), ("no number", None),

@@ -40,7 +40,8 @@ def test_reproduce_toy_runs_every_method_with_its_budget(tmp_path):
     spec = payload["spec"]["parts"]
     assert set(payload["runs"]) == {"reward", "classify", "paper"}
     assert set(payload["runs"]["reward"]) == {"lowrank_es", "es", "grpo", "mezo", "sft_adam"}
-    assert set(payload["runs"]["classify"]) == {"mezo_full", "mezo_lora", "mezo_prefix", "es_lora", "adam"}
+    assert set(payload["runs"]["classify"]) == {"mezo_full", "mezo_lora", "mezo_prefix", "es_lora", "adam",
+                                                "zero_shot", "in_context"}
     assert set(payload["runs"]["paper"]) == {"es_at_scale", "eggroll"}
     on_disk = json.loads((out / "reproduce_toy.json").read_text())
     assert on_disk["runs"].keys() == payload["runs"].keys()
@@ -49,6 +50,10 @@ def test_reproduce_toy_runs_every_method_with_its_budget(tmp_path):
         for method, seeds in methods.items():
             assert set(seeds) == ({"0", "1"} if method == "sft_adam" else {"0"}), (part, method)
             for run in seeds.values():
+                if run.get("baseline"):  # evaluated at the start point only, no budget spent
+                    assert run["steps"] == run["rollouts"] == run["forwards"] == 0 and len(run["curve"]) == 1
+                    assert 0.0 <= run["after"][metric] <= 1.0
+                    continue
                 cfg = reproduce._merge(spec[part]["common"], spec[part]["methods"][method])
                 assert run["steps"] == cfg["steps"] and run["curve"][-1]["step"] == cfg["steps"]
                 assert run["curve"][0]["step"] == 0
@@ -68,14 +73,22 @@ def test_reproduce_toy_runs_every_method_with_its_budget(tmp_path):
     assert reward["es"]["0"]["after"]["pass@2"] >= reward["es"]["0"]["after"]["pass@1"] - 1e-6
     classify = payload["runs"]["classify"]
     assert {m: r["0"]["forwards"] for m, r in classify.items()} == {
-        "mezo_full": 8 * 2, "mezo_lora": 8 * 2, "mezo_prefix": 8 * 2, "es_lora": 8 * 2, "adam": 12}
+        "mezo_full": 8 * 2, "mezo_lora": 8 * 2, "mezo_prefix": 8 * 2, "es_lora": 8 * 2, "adam": 12,
+        "zero_shot": 0, "in_context": 0}
+    # zero-shot is the trained methods' step-0 evaluation (the same model, prompts and eval set); the
+    # demonstrations change the prompts, so the in-context scores differ
+    for name in ("mezo_full", "adam"):
+        for k in ("accuracy", "cross_entropy"):
+            assert classify["zero_shot"]["0"]["after"][k] == pytest.approx(classify[name]["0"]["before"][k], abs=1e-5)
+    assert classify["in_context"]["0"]["after"]["cross_entropy"] != pytest.approx(
+        classify["zero_shot"]["0"]["after"]["cross_entropy"], abs=1e-6)
     table = reproduce.summarize(payload)
     sft = table["reward"]["sft_adam"]
     assert sft["seeds"] == 2 and math.isfinite(sft["after"]["cross_entropy"][1])
     assert sft["after"]["cross_entropy"][0] < sft["before"]["cross_entropy"][0]  # Adam on the answers: CE falls
     assert table["paper"]["es_at_scale"]["rollouts_per_s"] > 0
     markdown = (out / "reproduce_toy.md").read_text()
-    for name in ("lowrank_es", "grpo", "mezo", "sft_adam", "mezo_prefix", "es_lora", "eggroll"):
+    for name in ("lowrank_es", "grpo", "mezo", "sft_adam", "mezo_prefix", "es_lora", "eggroll", "zero_shot", "in_context"):
         assert f"| {name} |" in markdown
     for part in ("reward", "classify", "paper"):
         assert os.path.getsize(out / f"reproduce_toy_{part}.png") > 1000

@@ -9,6 +9,10 @@ directory, or a CSV/TSV table with a header (GLUE's SST-2 `train.tsv`: `sentence
 a text field (`text_field`, default `text`, else `sentence`) and an integer `label`. Prompts are plain
 text by default (`task.chat_template: auto` wraps them in the checkpoint's template) and are padded
 to one length, the longest prompt of the data (at most `max_prompt_tokens`, keeping the prompt's end).
+`demonstrations` > 0 gives the in-context baseline (GPT-3's protocol): that many training examples per
+class, drawn once with the seed and shuffled, each rendered with its label word (`template` + label),
+are prepended to every prompt, one per line; a prompt that would not fit in `max_prompt_tokens` is an
+error rather than a demonstration cut.
 Objectives: `cross_entropy` over the class scores, `neg_accuracy`.
 """
 
@@ -37,7 +41,8 @@ class PromptClassification(Task):
 
     def __init__(self, k: int = 16, template: str = "{text} It was",
                  label_words: tuple[str, ...] = (" great", " terrible"), data_path: str | None = None,
-                 max_prompt_tokens: int = 64, text_field: str | None = None, n_train: int | None = None, **kw):
+                 max_prompt_tokens: int = 64, text_field: str | None = None, n_train: int | None = None,
+                 demonstrations: int = 0, **kw):
         super().__init__(**kw)
         if "{text}" not in template:
             raise ValueError(f"prompt_classification template={template!r} must contain '{{text}}'")
@@ -74,7 +79,12 @@ class PromptClassification(Task):
                 raise DataError(f"prompt_classification k={k}: some class has only {min(counts)} examples")
         self.train_set, self.eval_set = train, rest[: self.eval_size]
         self._dev_pool = rest[self.eval_size:] if data_path is not None else None
-        longest = max(len(self.encode_prompt(self.render(self.template.format(text=t)))) for t, _ in train + rest)
+        self.context = self._demonstrations(demonstrations, rng)
+        longest = max(len(self.encode_prompt(self._prompt(t))) for t, _ in train + rest)
+        if demonstrations and longest > max_prompt_tokens:
+            raise DataError(f"prompt_classification demonstrations={demonstrations}: the longest prompt with its "
+                            f"demonstrations is {longest} tokens, above max_prompt_tokens={max_prompt_tokens}; "
+                            f"raise max_prompt_tokens to at least {longest}")
         self.prompt_length = min(longest, self.max_prompt_tokens)
         tok = self.tokenizer
         label_ids = [tok.encode(w) for w in self.label_words]
@@ -83,6 +93,28 @@ class PromptClassification(Task):
         self.label_mask = np.zeros((len(label_ids), L), np.int32)
         for c, ids in enumerate(label_ids):
             self.label_tokens[c, :len(ids)], self.label_mask[c, :len(ids)] = ids, 1
+
+    def _demonstrations(self, per_class: int, rng) -> str:
+        """The in-context prefix: `per_class` training examples of each class with their label words,
+        shuffled, one per line ('' for none)."""
+        if per_class < 0:
+            raise ValueError(f"prompt_classification demonstrations={per_class}: expected >= 0 examples per class")
+        if not per_class:
+            return ""
+        chosen = []
+        for c in range(len(self.label_words)):
+            pool = [t for t, y in self.train_set if y == c]
+            if len(pool) < per_class:
+                raise DataError(f"prompt_classification demonstrations={per_class}: class {c} has only "
+                                f"{len(pool)} training examples")
+            chosen += [(pool[i], c) for i in rng.choice(len(pool), per_class, replace=False)]
+        order = rng.permutation(len(chosen))
+        return "".join(self.template.format(text=chosen[i][0]) + self.label_words[chosen[i][1]] + "\n"
+                       for i in order)
+
+    def _prompt(self, text: str) -> str:
+        """The prompt of one example: the demonstrations, then its rendered template."""
+        return self.render(self.context + self.template.format(text=text))
 
     @staticmethod
     def _read(path: str, text_field: str | None) -> list[dict]:
@@ -103,8 +135,7 @@ class PromptClassification(Task):
         return " ".join(words) + "."
 
     def _batch(self, examples):
-        ids = [self.encode_prompt(self.render(self.template.format(text=t)))[-self.prompt_length:]
-               for t, _ in examples]
+        ids = [self.encode_prompt(self._prompt(t))[-self.prompt_length:] for t, _ in examples]
         prompt, mask = pad_left(ids, self.tokenizer.pad_id, self.prompt_length)
         return {"prompt": prompt, "prompt_mask": mask, "label": np.asarray([y for _, y in examples], np.int32)}
 
