@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from gfo.run.config import ConfigError, RunConfig, from_dict
+from gfo.run.config import ConfigError, RunConfig, from_dict, to_dict
 
 
 def _config(tmp_path, **eval_section):
@@ -97,3 +97,19 @@ def test_pass_at_k_is_logged_for_a_generation_task(tmp_path):
     evals = [r for r in train(cfg)["records"] if r["split"] == "eval"]
     assert all({"pass@1", "pass@2", "pass@4"} <= set(r) for r in evals)
     assert all(0.0 <= r["pass@1"] <= r["pass@2"] <= r["pass@4"] <= 1.0 for r in evals)
+
+
+def test_eval_metrics_are_means_over_examples_when_the_last_batch_is_short(tmp_path):
+    from gfo.run import build
+
+    cfg = from_dict(RunConfig, {**to_dict(_config(tmp_path)), "task": {"name": "prompt_classification",
+                                                                       "batch_size": 4, "eval_size": 10,
+                                                                       "options": {"k": 8}}})
+    model, params = build.model_of(cfg)
+    run = build.build_run(cfg, str(tmp_path / "sel"), model, params, build.build_mesh(cfg))
+    assert [b["label"].shape[0] for b in run.task.eval_batches()] == [4, 4, 2]
+    whole = run.task._batch(run.task.eval_set)  # the 10 examples as one batch: the reference
+    reference = run.task.metrics(model, run.space.to_params(run.x0), whole, jax.random.key(0))
+    row = run.evaluation.metrics(run.x0)
+    for k in ("accuracy", "cross_entropy"):
+        np.testing.assert_allclose(row[k], float(reference[k]), rtol=1e-5, atol=1e-6)

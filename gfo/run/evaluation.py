@@ -2,13 +2,15 @@
 KL drift from the start, pass@k of sampled generations, the RandOpt ensemble vote; the tracking of the
 best point by `select_by` (saved to `run_dir/best/`) and its selection at the end of a run.
 
-Every metric is a mean over batches of host floats; what a config asks for that the task cannot give
-(no dev split, no token inputs, no reward) is a `ConfigError` when the `Evaluation` is built.
+Every metric is a mean over examples (batches weighted by their rows) of host floats; what a config
+asks for that the task cannot give (no dev split, no token inputs, no reward) is a `ConfigError` when
+the `Evaluation` is built.
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from gfo import distributed
 from gfo.run.config import ConfigError
@@ -29,6 +31,12 @@ def print_eval(write, label: str, row: dict) -> None:
     if write is not None:
         write(f"[{label}] step {row['step']} eval: " + "  ".join(
             f"{k} {v:.4g}" for k, v in row.items() if k not in ("step", "split", "time_s")))
+
+
+def _rows(batch) -> int:
+    """The examples in `batch`: the leading dimension of its arrays (1 for a batch of scalars)."""
+    leaves = [leaf for leaf in jax.tree.leaves(batch) if np.ndim(leaf)]
+    return int(np.shape(leaves[0])[0]) if leaves else 1
 
 
 class Evaluation:
@@ -88,11 +96,14 @@ class Evaluation:
         return sorted(names)  # (a RandOpt ensemble vote adds its names only when it runs)
 
     def _mean_over(self, batches, fn) -> dict:
-        """`{name: mean over batches}` of the host values of `fn(i, placed batch i)`."""
+        """`{name: mean over examples}` of the host values of `fn(i, placed batch i)`, each a mean over its
+        batch's rows: batches are weighted by their rows, so a shorter last batch (200 examples in batches
+        of 16) counts for what it holds."""
+        rows = [_rows(b) for b in batches]
         totals: dict[str, float] = {}
         for i, batch in enumerate(batches):
             for k, v in distributed.to_host(fn(i, distributed.place_batch(batch, self.mesh))).items():
-                totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+                totals[k] = totals.get(k, 0.0) + float(v) * rows[i] / sum(rows)
         return totals
 
     def metrics(self, x) -> dict:
