@@ -340,6 +340,11 @@ TITLES = {"reward": "1. Reward on generated text", "classify": "2. Classificatio
           "paper": "3. Paper scale: ES at scale's countdown protocol and EGGROLL's low-rank settings"}
 
 
+def _seconds(value: float) -> str:
+    """A table cell of seconds; '–' where there are none (an untrained baseline's optimisation time)."""
+    return f"{value:.0f}" if math.isfinite(value) else "–"
+
+
 def render(payload: dict) -> str:
     table = summarize(payload)
     lines = [f"# Reproduction table on real checkpoints (`--scale {payload['scale']}`)", "",
@@ -381,7 +386,7 @@ def render(payload: dict) -> str:
             rate = r[f"{budget}_per_s"]
             rate = f"{rate / payload['machine'].get('devices', 1):.1f}" if rate else "–"
             lines.append(f"| {method} | {r['seeds']} | {r['steps']} | {spent} | " + " | ".join(cells) +
-                         f" | {r['train_time_s'][0]:.0f} | {r['wall_s'][0]:.0f} | {rate} |")
+                         f" | {_seconds(r['train_time_s'][0])} | {_seconds(r['wall_s'][0])} | {rate} |")
         lines += ["", f"Curves: `reproduce{payload['suffix']}_{part}.png`.", "", "<details><summary>settings</summary>", "",
                   f"Common: `{json.dumps(spec['common'], sort_keys=True)}`", ""]
         lines += [f"- {m}: `{json.dumps(spec['methods'][m], sort_keys=True)}`" for m in rows]
