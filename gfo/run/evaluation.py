@@ -107,7 +107,7 @@ class Evaluation:
         return totals
 
     def metrics(self, x) -> dict:
-        """The task's eval metrics at the point `x`, averaged over its eval batches."""
+        """The task's eval metrics at the point `x`, means over its eval examples (`_mean_over`)."""
         return self._mean_over(self.task.eval_batches(),
                                lambda i, b: self.metrics_fn(x, b, jax.random.fold_in(self.keys["eval"], i)))
 
