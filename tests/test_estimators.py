@@ -230,6 +230,7 @@ def test_openai_es_config_reproduces_the_reference_update():
         np.testing.assert_allclose(np.asarray(state.x[k]), theta[k], rtol=0, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_stacked_leaf_draws_each_layer_from_its_own_key():
     """A leaf under `layers/` `[L, ...]`: row r of layer l's noise is
     `standard_noise(fold_in(fold_in(leaf key, l), r))`,

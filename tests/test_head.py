@@ -80,6 +80,7 @@ def test_targets_of_another_shape_are_refused(batch):
         model.token_logprobs(params, tokens, targets, last=8)
 
 
+@pytest.mark.slow
 def test_completion_logprobs_put_only_the_completion_through_the_head():
     """A left-padded prompt and a right-padded completion: the blocked head over the last positions
     gives the log-softmax of the full logits at the completion's tokens (0 where masked)."""

@@ -54,9 +54,10 @@ class ToyReward:
 register_object_pytree(Frozen)
 register_object_pytree(ToyReward)
 
-# every method of the registry, and evosax strategies by name (SNES in the fast tier, the slowest to compile
-# in the slow one)
-REGISTERED = sorted(methods.METHODS) + [pytest.param("CMA_ES", marks=pytest.mark.slow), "SNES",
+# every method of the registry, and evosax strategies by name (in the slow tier: the slowest to compile;
+# tests/test_strategies.py steps every evosax strategy in the fast one)
+REGISTERED = sorted(methods.METHODS) + [pytest.param("CMA_ES", marks=pytest.mark.slow),
+                                       pytest.param("SNES", marks=pytest.mark.slow),
                                        pytest.param("ga", marks=pytest.mark.slow)]
 
 

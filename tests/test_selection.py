@@ -99,6 +99,7 @@ def test_pass_at_k_is_logged_for_a_generation_task(tmp_path):
     assert all(0.0 <= r["pass@1"] <= r["pass@2"] <= r["pass@4"] <= 1.0 for r in evals)
 
 
+@pytest.mark.slow
 def test_eval_metrics_are_means_over_examples_when_the_last_batch_is_short(tmp_path):
     from gfo.run import build
 
