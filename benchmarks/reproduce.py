@@ -221,15 +221,10 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def part_spec_is_baseline(part: dict, method: str) -> bool:
-    """Whether `method` of `part` is an untrained baseline (evaluated at the start point only)."""
-    return bool(part["methods"][method].get("baseline"))
-
-
 def run_config(part: dict, method: str, seed: int, runs_dir: str, name: str) -> dict:
     cfg = _merge(part["common"], part["methods"][method])
-    if cfg.pop("baseline", False):  # evaluated at the start point only: a one-step config, never stepped
-        cfg["steps"] = 1  # (the default optimizer: built, never stepped)
+    if cfg.pop("baseline", False):  # evaluated at the start point only: a valid config (the default
+        cfg["steps"] = 1            # optimizer, one step) that is built and never stepped
     cfg.update(name=name, seed=seed, runs_dir=runs_dir, log_every=1)
     cfg["checkpoint_every"] = cfg["steps"]
     cfg.setdefault("space", {"kind": "full"})
@@ -239,15 +234,21 @@ def run_config(part: dict, method: str, seed: int, runs_dir: str, name: str) -> 
 
 
 # ----------------------------------------------------------------------------- one run
+def _write_config(cfg: dict, config_dir: str) -> str:
+    """`cfg` written as `config_dir/NAME.yaml` (what the run reads, and the record of it); its path."""
+    os.makedirs(config_dir, exist_ok=True)
+    path = os.path.join(config_dir, f"{cfg['name']}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    return path
+
+
 def run_one(cfg: dict, config_dir: str, keep_checkpoints: bool = False) -> dict:
     """Train `cfg` (written as YAML first); its eval curve, budget and wall time."""
     from gfo.run.config import load_config
     from gfo.run.train import train
 
-    os.makedirs(config_dir, exist_ok=True)
-    path = os.path.join(config_dir, f"{cfg['name']}.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+    path = _write_config(cfg, config_dir)
     started = time.perf_counter()
     result = train(load_config(path))
     wall = time.perf_counter() - started
@@ -273,15 +274,10 @@ def run_baseline(cfg: dict, config_dir: str) -> dict:
     from gfo.run import build
     from gfo.run.config import load_config
 
-    os.makedirs(config_dir, exist_ok=True)
-    path = os.path.join(config_dir, f"{cfg['name']}.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+    path = _write_config(cfg, config_dir)
     started = time.perf_counter()
     run_cfg = load_config(path)
-    model, params = build.model_of(run_cfg)
-    run = build.build_run(run_cfg, os.path.join(cfg["runs_dir"], cfg["name"]), model, params,
-                          build.build_mesh(run_cfg))
+    _, run = build.build_runs(run_cfg, os.path.join(cfg["runs_dir"], cfg["name"]), build.build_mesh(run_cfg))
     row = {"step": 0, "time_s": 0.0, "rollouts": 0, "forwards": 0, **run.evaluation.row(run.init_state())}
     return {"config": path, "steps": 0, "per_step": {"rollouts": 0, "forwards": 0, "examples": 0}, "rollouts": 0,
             "forwards": 0, "max_new_tokens": None, "wall_s": time.perf_counter() - started, "train_time_s": None,
@@ -524,7 +520,7 @@ def main(argv=None) -> dict:
                 run_name = f"{part}_{method}_seed{seed}"
                 cfg = run_config(spec["parts"][part], method, seed, os.path.join(work, "runs"), run_name)
                 print(f"[reproduce] {run_name}", flush=True)
-                baseline = part_spec_is_baseline(spec["parts"][part], method)
+                baseline = spec["parts"][part]["methods"][method].get("baseline", False)
                 done[str(seed)] = (run_baseline if baseline else run_one)(cfg, os.path.join(work, "configs"))
                 payload["total_wall_s"] = payload.get("total_wall_s", 0.0) + done[str(seed)]["wall_s"]
                 write(args.out, name, payload, render(payload))

@@ -100,10 +100,11 @@ class Evaluation:
         batch's rows: batches are weighted by their rows, so a shorter last batch (200 examples in batches
         of 16) counts for what it holds."""
         rows = [_rows(b) for b in batches]
+        weights = [n / sum(rows) for n in rows]
         totals: dict[str, float] = {}
         for i, batch in enumerate(batches):
             for k, v in distributed.to_host(fn(i, distributed.place_batch(batch, self.mesh))).items():
-                totals[k] = totals.get(k, 0.0) + float(v) * rows[i] / sum(rows)
+                totals[k] = totals.get(k, 0.0) + float(v) * weights[i]
         return totals
 
     def metrics(self, x) -> dict:
