@@ -87,7 +87,9 @@ def _classify_part(model: dict, task: dict, *, forwards: int, pop: int, eval_eve
                    demonstrations: int = 2, max_prompt_tokens: int = 384) -> dict:
     """MeZO (full, LoRA, prefix), ES on LoRA, Adam at `forwards` forward passes per training example slot;
     the untrained baselines: zero-shot and in-context (`demonstrations` training examples per class with
-    their label words before each prompt; no step is taken)."""
+    their label words before each prompt; no step is taken); and MeZO-LoRA from the in-context prompt (the
+    same demonstrations before every training and evaluation prompt, the same forward passes: each ~10×
+    longer)."""
     lora = {"kind": "lora", "rank": 8, "alpha": 16, "targets": ["q", "v"]}
     methods = {
         "mezo_full": ({"space": {"kind": "full"}, "optimizer": {"method": "spsa", "n": 1, "eps": 1e-3,
@@ -103,13 +105,14 @@ def _classify_part(model: dict, task: dict, *, forwards: int, pop: int, eval_eve
         "adam": ({"space": {"kind": "full"}, "optimizer": {"method": "backprop", "transform": "adam",
                                                            "lr": lr["adam"]}}, 3),
     }
+    in_context = {"task": {"options": {"demonstrations": demonstrations, "max_prompt_tokens": max_prompt_tokens}}}
+    methods["mezo_lora_in_context"] = ({**methods["mezo_lora"][0], **in_context}, 2)
     out = {}
     for name, (cfg, per_step) in methods.items():
         steps = max(forwards // per_step, 1)
         out[name] = {**cfg, "steps": steps, "eval_every": max(steps // eval_every_frac, 1)}
     out["zero_shot"] = {"baseline": True}
-    out["in_context"] = {"baseline": True, "task": {"options": {"demonstrations": demonstrations,
-                                                                "max_prompt_tokens": max_prompt_tokens}}}
+    out["in_context"] = {"baseline": True, **in_context}
     return {"metric": "accuracy", "budget": "forwards", "common": {"model": model, "task": task}, "methods": out}
 
 
