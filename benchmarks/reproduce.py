@@ -84,12 +84,13 @@ def _reward_part(model: dict, task: dict, *, steps: int, pop: int, lr: dict, eva
 
 
 def _classify_part(model: dict, task: dict, *, forwards: int, pop: int, eval_every_frac: int, lr: dict,
-                   demonstrations: int = 2, max_prompt_tokens: int = 384) -> dict:
+                   demonstrations: int = 2, max_prompt_tokens: int = 384, k_large: int = 512) -> dict:
     """MeZO (full, LoRA, prefix), ES on LoRA, Adam at `forwards` forward passes per training example slot;
     the untrained baselines: zero-shot and in-context (`demonstrations` training examples per class with
     their label words before each prompt; no step is taken); and MeZO-LoRA from the in-context prompt (the
     same demonstrations before every training and evaluation prompt, the same forward passes: each ~10×
-    longer)."""
+    longer); MeZO-LoRA and Adam at MeZO's larger training set, `k_large` examples per class (the same
+    budget drawn from more examples)."""
     lora = {"kind": "lora", "rank": 8, "alpha": 16, "targets": ["q", "v"]}
     methods = {
         "mezo_full": ({"space": {"kind": "full"}, "optimizer": {"method": "spsa", "n": 1, "eps": 1e-3,
@@ -107,6 +108,8 @@ def _classify_part(model: dict, task: dict, *, forwards: int, pop: int, eval_eve
     }
     in_context = {"task": {"options": {"demonstrations": demonstrations, "max_prompt_tokens": max_prompt_tokens}}}
     methods["mezo_lora_in_context"] = ({**methods["mezo_lora"][0], **in_context}, 2)
+    for name in ("mezo_lora", "adam"):
+        methods[f"{name}_k{k_large}"] = ({**methods[name][0], "task": {"options": {"k": k_large}}}, methods[name][1])
     out = {}
     for name, (cfg, per_step) in methods.items():
         steps = max(forwards // per_step, 1)
@@ -157,7 +160,7 @@ def scale_spec(scale: str, model_path: str | None, polarity: str | None, data: s
         reward = _reward_part(model, reward_task, steps=2, pop=4, eval_every=2, samples=2,
                               lr={"es": 1e-3, "grpo": 1e-3, "mezo": 1e-3, "sft": 1e-3})
         cls_task = {"name": "prompt_classification", "batch_size": 4, "eval_size": 8, "options": {"k": 4}}
-        classify = _classify_part(model, cls_task, forwards=4, pop=2, eval_every_frac=1,
+        classify = _classify_part(model, cls_task, forwards=4, pop=2, eval_every_frac=1, k_large=8,
                                   lr={"mezo_full": 1e-3, "mezo_lora": 1e-3, "mezo_prefix": 1e-2,
                                       "es_lora": 1e-3, "adam": 1e-3})
         parts = {"reward": reward, "classify": classify,

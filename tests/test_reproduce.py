@@ -95,11 +95,11 @@ def test_reproduce_toy_classification_part_runs_every_method_at_equal_forwards(t
     payload, _ = _toy(tmp_path, "classify")
     classify = payload["runs"]["classify"]
     assert set(classify) == {"mezo_full", "mezo_lora", "mezo_prefix", "es_lora", "adam", "zero_shot", "in_context",
-                             "mezo_lora_in_context"}
+                             "mezo_lora_in_context", "mezo_lora_k8", "adam_k8"}
     _check_budgets(payload, "classify")
     assert {m: r["0"]["forwards"] for m, r in classify.items()} == {
         "mezo_full": 8 * 2, "mezo_lora": 8 * 2, "mezo_prefix": 8 * 2, "es_lora": 8 * 2, "adam": 12,
-        "zero_shot": 0, "in_context": 0, "mezo_lora_in_context": 8 * 2}
+        "zero_shot": 0, "in_context": 0, "mezo_lora_in_context": 8 * 2, "mezo_lora_k8": 8 * 2, "adam_k8": 12}
     # zero-shot is the trained methods' step-0 evaluation (the same model, prompts and eval set); the
     # demonstrations change the prompts, so the in-context scores differ
     for name in ("mezo_full", "adam"):
