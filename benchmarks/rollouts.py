@@ -116,6 +116,84 @@ def cache_memory(model, params, rows: int, prompt_len: int, new_tokens: int) -> 
             "temp_bytes": int(temp), "temp_x_cache": temp / cache_bytes}
 
 
+# ----------------------------------------------------------------------------- where a decode step goes
+def matmul_floor_ms(model, params, rows: int, repeats: int) -> float:
+    """ms of one decode step's matmuls alone: `rows` rows through every stacked 2-D kernel of the layers
+    (`[L, d_in, d_out]`, a scan over the layers as the decoder's) and the head, nothing else — the floor of a
+    decode step built on XLA's dot on this machine, weights streamed from memory as in a real step."""
+    from models.tree import LAYERS
+
+    kernels = [a for a in jax.tree.leaves(params[LAYERS]) if a.ndim == 3]
+    head = params["embed"].T if model.config.tie_embeddings else params["lm_head"]
+    xs = [jnp.ones((rows, w.shape[1]), jnp.float32) for w in kernels]
+    x_head = jnp.ones((rows, head.shape[0]), jnp.float32)
+
+    @jax.jit
+    def step(xs, kernels, x_head, head):
+        _, ys = jax.lax.scan(lambda c, ws: (c, [x @ w for x, w in zip(xs, ws)]), 0.0, kernels)
+        return ys, x_head @ head
+
+    return best_time(lambda: jax.block_until_ready(step(xs, kernels, x_head, head)), max(repeats, 3)) * 1e3
+
+
+OP_KINDS = (("matmuls", ("ynn_fusion", "xnn_fusion", "onednn", "dot", "gemm", "matmul", "custom-call")),
+            ("per-layer dynamic-slice copies", ("dynamic-slice",)),
+            ("transposes and copies", ("transpose", "copy")))
+
+
+def op_kind(name: str) -> str | None:
+    """The kind (`OP_KINDS`, else "other") of an XLA op's name in a profile; None for the runtime's and
+    Python's own events (which contain the ops, or wait on them)."""
+    if "::" in name or " " in name or name.startswith(("$", "end:", "Pjit")) or name.split(".")[0] in (
+            "while", "conditional", "call"):
+        return None
+    for kind, keys in OP_KINDS:
+        if any(name.startswith(k) or f"_{k}" in name or f"{k}_" in name for k in keys):
+            return kind
+    return "other"
+
+
+def op_shares(fn) -> dict:
+    """`{kind: share of the summed op time}` of one call of `fn` under `jax.profiler` (XLA's ops by
+    `op_kind`; on 2 cores two ops can overlap, so the shares are of the ops' summed time, not of wall time)."""
+    import glob
+    import gzip
+    import json
+
+    fn()
+    with tempfile.TemporaryDirectory() as d:
+        jax.profiler.start_trace(d, create_perfetto_trace=True)
+        try:
+            fn()
+        finally:
+            jax.profiler.stop_trace()
+        trace = json.load(gzip.open(glob.glob(os.path.join(d, "plugins", "profile", "*", "perfetto_trace.json.gz"))[0]))
+    totals: dict[str, float] = {}
+    for e in trace["traceEvents"] if isinstance(trace, dict) else trace:
+        kind = op_kind(e.get("name", "")) if e.get("ph") == "X" else None
+        if kind:
+            totals[kind] = totals.get(kind, 0.0) + e.get("dur", 0.0)
+    total = sum(totals.values()) or 1.0
+    return {k: totals.get(k, 0.0) / total for k, _ in OP_KINDS + (("other", ()),)}
+
+
+def decode_breakdown(model, params, rows: int, n: int, repeats: int, tokenizer=None) -> dict:
+    """One `models.generate` call of `rows` prompts × `n` greedy new tokens: its decode step (ms, the call
+    less its prefill, over `n`), the same step's matmuls alone (`matmul_floor_ms`), and the op-time shares
+    of a profiled call."""
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    ids, mask = (jnp.asarray(a) for a in left_padded(prompts(rows, model.config.vocab_size, tokenizer=tokenizer), pad))
+    gen = lambda: np.asarray(models.generate(model, params, ids, mask, jax.random.key(0), n).tokens)  # noqa: E731
+    prefill = jax.jit(lambda p, i, m: model.apply_with_cache(p, i, model.init_cache(rows, i.shape[1] + n), m,
+                                                             last_only=True, read=0))
+    gen_s = best_time(gen, repeats)
+    prefill_s = best_time(lambda: jax.block_until_ready(prefill(params, ids, mask)), repeats)
+    step_ms = (gen_s - prefill_s) / n * 1e3
+    floor = matmul_floor_ms(model, params, rows, repeats)
+    return {"rows": rows, "new_tokens": n, "prefill_ms": prefill_s * 1e3, "decode_step_ms": step_ms,
+            "matmul_floor_ms": floor, "floor_over_step": floor / step_ms, "op_shares": op_shares(gen)}
+
+
 # ----------------------------------------------------------------------------- prompts
 def prompts(rows: int, vocab: int, seed: int = 0, tokenizer=None) -> list[list[int]]:
     """`rows` prompts: countdown-style questions encoded by `tokenizer` (a real model's), else random ids
@@ -288,6 +366,7 @@ def es_step(model, params, members: int, prompts_per_member: int, n: int, repeat
 
 
 # ----------------------------------------------------------------------------- the run
+BREAKDOWN_ROWS = (8, 32)  # rows of the decode-step breakdown (SmolLM2, 64 greedy new tokens)
 CACHE_CELLS = ((32, 64), (32, 256))  # (rows, new tokens) whose compiled cache memory is reported (48-token prompts)
 
 
@@ -415,6 +494,22 @@ def markdown(p: dict) -> str:
         for c in p["cache_memory"]:
             lines.append(f"| {c['model']} | {c.get('dtype', 'float32')} | {c['rows']} | {c['new_tokens']} | {c['cache_bytes'] / 2**20:.1f} | "
                          f"{c['temp_bytes'] / 2**20:.1f} | {c['temp_x_cache']:.2f} |")
+    if p.get("breakdown"):
+        lines += ["", "## Where a decode step's time goes", "",
+                  f"Measured {p.get('breakdown_date', '')} (`--breakdown-only`). A decode step: one `models.generate` "
+                  "call less its prefill, over its 64 greedy new tokens. Its matmuls alone: the same rows through "
+                  "every stacked kernel of the layers (a scan, as the decoder's) and the head, nothing else — what a "
+                  "step built on XLA's dot cannot go below here. Shares: of the summed op time of one profiled "
+                  "call (`jax.profiler`; XLA's op names grouped by kind).", "",
+                  "| model | rows | decode step ms | its matmuls alone ms | matmuls / step | "
+                  + " | ".join(k for k, _ in OP_KINDS) + " | other |",
+                  "|---|---|---|---|---|" + "---|" * (len(OP_KINDS) + 1)]
+        for b in p["breakdown"]:
+            shares = " | ".join(f"{b['op_shares'].get(k, 0.0):.2f}" for k, _ in OP_KINDS + (("other", ()),))
+            lines.append(f"| {b['model']} | {b['rows']} | {b['decode_step_ms']:.1f} | {b['matmul_floor_ms']:.1f} "
+                         f"| {b['floor_over_step']:.2f} | {shares} |")
+        if p.get("breakdown_note"):
+            lines += ["", p["breakdown_note"]]
     lines += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in p["skipped"].items()) + ".", ""]
     return "\n".join(lines)
 
@@ -459,6 +554,24 @@ def add_cache_memory(args) -> dict:
     return payload
 
 
+def add_breakdown(args) -> dict:
+    import json
+
+    path = os.path.join(args.out, "rollouts.json")
+    with open(path) as f:
+        payload = json.load(f)
+    from transformers import AutoTokenizer
+
+    model, params = models.from_pretrained(args.gguf)
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(args.gguf), gguf_file=os.path.basename(args.gguf))
+    payload["breakdown"] = [{"model": "SmolLM2-135M", **decode_breakdown(model, params, rows, 64, args.repeats, tok)}
+                            for rows in BREAKDOWN_ROWS]
+    payload["breakdown_date"] = machine()["date"]
+    print(payload["breakdown"], flush=True)
+    print(write(args.out, "rollouts", payload, markdown(payload)))
+    return payload
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -476,8 +589,12 @@ def main(argv=None):
                     "memory of every model to the existing result file and re-render it")
     ap.add_argument("--es-only", action="store_true", help="re-measure only the ES step rows (SmolLM2, 8 × 4 "
                     "× 64) into the existing result file and re-render it")
+    ap.add_argument("--breakdown-only", action="store_true", help="measure only where a decode step's time goes "
+                    "(SmolLM2, 8 and 32 rows x 64 greedy tokens) into the existing result file and re-render it")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
+    if args.breakdown_only:
+        return add_breakdown(args)
     if args.cache_memory_only:
         return add_cache_memory(args)
     if args.es_only:

@@ -107,6 +107,22 @@ def test_rollouts_markdown_names_the_machine_and_every_ratio():
     assert "| m | 8 × 4 | 64 | 60 | 100 | 0.60 |" in md
     c = rollouts.ceiling(10, 8, {"read_bytes_per_s": 400.0, "matmul_flops_per_s": 1e4})  # 0.1 s vs 0.016 s a step
     assert c["bound"] == "bandwidth" and c["ceiling_tok_s"] == pytest.approx(80.0)
+    payload["breakdown"] = [{"model": "m", "rows": 32, "decode_step_ms": 130.0, "matmul_floor_ms": 87.0,
+                             "floor_over_step": 87 / 130, "op_shares": {"matmuls": 0.5, "other": 0.1}}]
+    assert "| m | 32 | 130.0 | 87.0 | 0.67 | 0.50 | 0.00 | 0.00 | 0.10 |" in rollouts.markdown(payload)
+
+
+def test_profile_op_names_are_grouped_by_kind():
+    """XLA CPU's op names in a profile (as seen in a SmolLM2 decode step) land in their kinds; the runtime's
+    and Python's own events (which contain or wait on the ops) are not counted."""
+    from benchmarks.rollouts import op_kind
+
+    kinds = {"ynn_fusion.11": "matmuls", "dot.52": "matmuls", "dynamic-slice_bitcast_fusion.6": "per-layer dynamic-slice copies",
+             "transpose_copy_fusion.1": "transposes and copies", "copy.53": "transposes and copies",
+             "copy_bitcast_fusion": "transposes and copies", "select_dynamic-update-slice_fusion": "other",
+             "iota_reduce_fusion": "other", "ThunkExecutor::Execute": None, "$api.py:2479 block_until_ready": None,
+             "while.52": None, "end: ynn_fusion": None, "PjitFunction(loop)": None}
+    assert {name: op_kind(name) for name in kinds} == kinds
 
 
 @pytest.mark.slow
