@@ -498,8 +498,9 @@ def markdown(p: dict) -> str:
         lines += ["", "## Where a decode step's time goes", "",
                   f"Measured {p.get('breakdown_date', '')} (`--breakdown-only`). A decode step: one `models.generate` "
                   "call less its prefill, over its 64 greedy new tokens. Its matmuls alone: the same rows through "
-                  "every stacked kernel of the layers (a scan, as the decoder's) and the head, nothing else — what a "
-                  "step built on XLA's dot cannot go below here. Shares: of the summed op time of one profiled "
+                  "every stacked kernel of the layers (a scan, as the decoder's, so with XLA's copy of each layer's "
+                  "weight slice) and the head, nothing else — what a step built on a layer scan and XLA's dot "
+                  "cannot go below here. Shares: of the summed op time of one profiled "
                   "call (`jax.profiler`; XLA's op names grouped by kind).", "",
                   "| model | rows | decode step ms | its matmuls alone ms | matmuls / step | "
                   + " | ".join(k for k, _ in OP_KINDS) + " | other |",
