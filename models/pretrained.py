@@ -29,8 +29,12 @@ def from_pretrained(path: str, dtype: str = "float32") -> tuple[TransformerLM, d
       path: directory with `config.json` and `model.safetensors` (or a sharded index), or a `.gguf` file.
       dtype: dtype of the returned parameters and of computation ("float32" or "bfloat16").
     Raises:
-      CheckpointError: unsupported `model_type`, a missing tensor, or a shape mismatch (naming it).
+      CheckpointError: a path that does not exist, an unsupported `model_type`, a missing tensor, or a
+        shape mismatch (naming it).
     """
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist: expected a Hugging Face checkpoint directory "
+                              "(config.json + model.safetensors) or a .gguf file")
     gguf_file = _single_gguf(path)
     if gguf_file is not None:
         return load_gguf(gguf_file, dtype=dtype)

@@ -319,6 +319,11 @@ def test_checkpoint_tokenizer_json_is_used(tmp_path):
 
     with pytest.raises(TokenizerError, match="does not exist"):
         models.load_tokenizer(str(tmp_path / "missing"))
+    from models.hf_config import CheckpointError
+
+    for missing in ("missing", "model.Q4_1.gguf"):  # a path that is not there is named as such, whatever its name
+        with pytest.raises(CheckpointError, match=f"checkpoint '{tmp_path / missing}' does not exist"):
+            models.from_pretrained(str(tmp_path / missing))
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         models.load_tokenizer(str(tmp_path))

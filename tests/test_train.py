@@ -202,7 +202,7 @@ def test_user_errors_are_one_line_naming_the_value(tmp_path, capsys):
         (str(tmp_path),): "is a directory: expected a YAML file",
         (str(tmp_path / "ckpt.yaml"),): "garbage_ckpt/config.json: not valid JSON (Expecting property name enclosed in double quotes at line 1, column 2)",
         (str(tmp_path / "gpt3.yaml"),): "model_type='gpt3' is not supported",
-        (str(tmp_path / "nowhere.yaml"),): "no config.json in '/nonexistent'",
+        (str(tmp_path / "nowhere.yaml"),): "checkpoint '/nonexistent' does not exist: expected a Hugging Face checkpoint directory",
         ("--set", "task.batch_size=-3"): "'task.batch_size' = -3 is invalid: expected an integer >= 1",
         ("--set", "task.eval_size=0"): "'task.eval_size' = 0 is invalid: expected an integer >= 1",
         ("--set", "optimizer.transform=adamm"): "'optimizer.transform' = 'adamm' is not a valid choice (did you "
