@@ -151,3 +151,19 @@ def test_gpu_script_runs_every_part_at_toy_size_on_cpu(tmp_path):
     text = (tmp_path / "gpu_toy.md").read_text()
     for title in ("## 1. Parity", "## 2. Rollouts", "## 3. Throughput", "## 4. ES at scale"):
         assert title in text
+
+
+@pytest.mark.slow
+def test_decode_breakdown_profiles_a_tiny_model():
+    """`--breakdown-only`'s measurement on a tiny Llama: a positive decode step, its matmuls through the layer
+    scan, and op-time shares read from a real profile that sum to 1 with the matmuls among them."""
+    import jax
+
+    import models
+    from benchmarks.rollouts import decode_breakdown
+
+    model = models.TransformerLM(models.tiny("llama"))
+    params = model.init(jax.random.key(0))
+    b = decode_breakdown(model, params, rows=2, n=4, repeats=1)
+    assert b["decode_step_ms"] > 0 and b["matmul_floor_ms"] > 0 and b["prefill_ms"] > 0
+    assert sum(b["op_shares"].values()) == pytest.approx(1.0) and b["op_shares"]["matmuls"] > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -322,7 +324,7 @@ def test_checkpoint_tokenizer_json_is_used(tmp_path):
     from models.hf_config import CheckpointError
 
     for missing in ("missing", "model.Q4_1.gguf"):  # a path that is not there is named as such, whatever its name
-        with pytest.raises(CheckpointError, match=f"checkpoint '{tmp_path / missing}' does not exist"):
+        with pytest.raises(CheckpointError, match=re.escape(f"checkpoint '{tmp_path / missing}' does not exist")):
             models.from_pretrained(str(tmp_path / missing))
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(TokenizerError, match="no tokenizer.json"):

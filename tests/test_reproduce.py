@@ -30,7 +30,7 @@ def test_arithmetic_answer_reads_the_integer_the_completion_opens_with():
     assert {int(v) for b in evals for v in b["answer"]} <= {a * b for a, b in held}
 
 
-def _toy(tmp_path, part: str, *extra: str) -> tuple[dict, str]:
+def _toy(tmp_path, part: str, *extra: str) -> tuple[dict, list[str]]:
     out, work = tmp_path / "results", tmp_path / "work"
     args = ["--scale", "toy", "--out", str(out), "--work", str(work), "--parts", part]
     return reproduce.main(args + list(extra)), args
@@ -111,7 +111,14 @@ def test_reproduce_toy_classification_part_runs_every_method_at_equal_forwards(t
     for k in ("accuracy", "cross_entropy"):
         assert classify["mezo_lora_in_context"]["0"]["before"][k] == pytest.approx(
             classify["in_context"]["0"]["after"][k], abs=1e-5)
-    _check_table(tmp_path, payload, "classify", ("mezo_prefix", "es_lora", "zero_shot", "in_context"))
+    # the k = 8 variants draw their training set from k = 8 per class, and so hold out other sentences
+    spec = payload["spec"]["parts"]["classify"]
+    for name in ("mezo_lora_k8", "adam_k8"):
+        assert reproduce._merge(spec["common"], spec["methods"][name])["task"]["options"]["k"] == 8
+    assert reproduce._merge(spec["common"], spec["methods"]["mezo_lora"])["task"]["options"]["k"] == 4
+    assert all(set(seeds) == {"0"} for seeds in classify.values())
+    _check_table(tmp_path, payload, "classify", ("mezo_prefix", "es_lora", "zero_shot", "in_context",
+                                                 "mezo_lora_in_context", "mezo_lora_k8", "adam_k8"))
 
 
 @pytest.mark.slow
