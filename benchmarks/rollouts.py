@@ -118,10 +118,10 @@ def cache_memory(model, params, rows: int, prompt_len: int, new_tokens: int) -> 
 
 # ----------------------------------------------------------------------------- where a decode step goes
 def matmul_floor_ms(model, params, rows: int, repeats: int) -> float:
-    """ms of one decode step's matmuls through the layer scan (XLA's copy of each layer's weight slice
-    included, as in the decoder), nothing else: `rows` rows through every stacked 2-D kernel of the layers
-    (`[L, d_in, d_out]`, a scan over the layers as the decoder's) and the head, nothing else — the floor of a
-    decode step built on XLA's dot on this machine, weights streamed from memory as in a real step."""
+    """ms of one decode step's matmuls through the layer scan, nothing else: `rows` rows through every
+    stacked 2-D kernel of the layers (`[L, d_in, d_out]`, scanned as the decoder scans them, so with XLA's
+    copy of each layer's weight slice) and the head — the floor of a decode step built on a layer scan and
+    XLA's dot on this machine, the weights streamed from memory as in a real step."""
     from models.tree import LAYERS
 
     kernels = [a for a in jax.tree.leaves(params[LAYERS]) if a.ndim == 3]
@@ -140,6 +140,7 @@ def matmul_floor_ms(model, params, rows: int, repeats: int) -> float:
 OP_KINDS = (("matmuls", ("ynn_fusion", "xnn_fusion", "onednn", "dot", "gemm", "matmul", "custom-call")),
             ("per-layer dynamic-slice copies", ("dynamic-slice",)),
             ("transposes and copies", ("transpose", "copy")))
+SHARE_KINDS = tuple(k for k, _ in OP_KINDS) + ("other",)  # the kinds `op_shares` reports, in table order
 
 
 def op_kind(name: str) -> str | None:
@@ -175,14 +176,14 @@ def op_shares(fn) -> dict:
         if kind:
             totals[kind] = totals.get(kind, 0.0) + e.get("dur", 0.0)
     total = sum(totals.values()) or 1.0
-    return {k: totals.get(k, 0.0) / total for k, _ in OP_KINDS + (("other", ()),)}
+    return {k: totals.get(k, 0.0) / total for k in SHARE_KINDS}
 
 
 def decode_breakdown(model, params, rows: int, n: int, repeats: int, tokenizer=None) -> dict:
     """One `models.generate` call of `rows` prompts × `n` greedy new tokens: its decode step (ms, the call
-    less its prefill, over `n`), the same step's matmuls alone (`matmul_floor_ms`), and the op-time shares
-    of a profiled call."""
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    less its prefill, over `n`), the same step's matmuls through the layer scan (`matmul_floor_ms`), and
+    the op-time shares of a profiled call."""
+    pad = pad_id(model)
     ids, mask = (jnp.asarray(a) for a in left_padded(prompts(rows, model.config.vocab_size, tokenizer=tokenizer), pad))
     gen = lambda: np.asarray(models.generate(model, params, ids, mask, jax.random.key(0), n).tokens)  # noqa: E731
     prefill = jax.jit(lambda p, i, m: model.apply_with_cache(p, i, model.init_cache(rows, i.shape[1] + n), m,
@@ -210,6 +211,11 @@ def prompts(rows: int, vocab: int, seed: int = 0, tokenizer=None) -> list[list[i
                 "basic arithmetic operations (+, -, *, /) and each number can only be used once. Answer:")
         out.append([int(t) for t in tokenizer(text)["input_ids"]])
     return out
+
+
+def pad_id(model) -> int:
+    """The id prompts are left-padded with: the model's pad token, else 0 (masked either way)."""
+    return model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
 
 def left_padded(batch: list[list[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
@@ -405,7 +411,7 @@ def run_model(args, kind: str, name: str, cells, mach: dict, payload: dict) -> N
     model, params, hf, tok = smollm2(args.gguf) if name.startswith("SmolLM2") else qwen_shaped()
     n_params = model.num_params(params)
     real_tok = tok if name.startswith("SmolLM2") else None
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    pad = pad_id(model)
     payload.setdefault("cache_memory", []).extend(
         {"model": name, "dtype": model.config.dtype, **cache_memory(model, params, rows, 48, n)} for rows, n in CACHE_CELLS)
     engines = {"gfo": Gfo(model, params), "transformers": HF(hf)}
@@ -504,10 +510,9 @@ def markdown(p: dict) -> str:
                   "cannot go below here. Shares: of the summed op time of one profiled "
                   "call (`jax.profiler`; XLA's op names grouped by kind).", "",
                   "| model | rows | decode step ms | its matmuls through the layer scan ms | those / step | "
-                  + " | ".join(k for k, _ in OP_KINDS) + " | other |",
-                  "|---|---|---|---|---|" + "---|" * (len(OP_KINDS) + 1)]
+                  + " | ".join(SHARE_KINDS) + " |", "|---|---|---|---|---|" + "---|" * len(SHARE_KINDS)]
         for b in p["breakdown"]:
-            shares = " | ".join(f"{b['op_shares'].get(k, 0.0):.2f}" for k, _ in OP_KINDS + (("other", ()),))
+            shares = " | ".join(f"{b['op_shares'].get(k, 0.0):.2f}" for k in SHARE_KINDS)
             lines.append(f"| {b['model']} | {b['rows']} | {b['decode_step_ms']:.1f} | {b['matmul_floor_ms']:.1f} "
                          f"| {b['floor_over_step']:.2f} | {shares} |")
         if p.get("breakdown_note"):
@@ -516,17 +521,26 @@ def markdown(p: dict) -> str:
     return "\n".join(lines)
 
 
-def rerun_es(args) -> dict:
+def committed_results(out: str) -> dict:
+    """The existing `rollouts.json` of `out`, which the `--*-only` modes add a section to."""
     import json
 
-    path = os.path.join(args.out, "rollouts.json")
-    with open(path) as f:
-        payload = json.load(f)
-    model, params = models.from_pretrained(args.gguf)
+    with open(os.path.join(out, "rollouts.json")) as f:
+        return json.load(f)
+
+
+def smollm2_gfo(gguf: str):
+    """`(model, params, tokenizer)` of the SmolLM2 GGUF in gfo, its tokenizer `transformers`' (no torch model)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(args.gguf), gguf_file=os.path.basename(args.gguf))
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    model, params = models.from_pretrained(gguf)
+    return model, params, AutoTokenizer.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+
+
+def rerun_es(args) -> dict:
+    payload = committed_results(args.out)
+    model, params, tok = smollm2_gfo(args.gguf)
+    pad = pad_id(model)
     payload["es"] = [{"model": "SmolLM2-135M", **es_step(model, params, 8, 4, 64, args.repeats, pad, tok)}]
     payload["es_rerun"] = {"date": machine()["date"], "ceilings_from": "the run above"}
     print(payload["es"], flush=True)
@@ -535,11 +549,7 @@ def rerun_es(args) -> dict:
 
 
 def add_cache_memory(args) -> dict:
-    import json
-
-    path = os.path.join(args.out, "rollouts.json")
-    with open(path) as f:
-        payload = json.load(f)
+    payload = committed_results(args.out)
     payload["cache_memory"] = []
     for name in grid("default"):
         if name.startswith("SmolLM2"):
@@ -557,15 +567,8 @@ def add_cache_memory(args) -> dict:
 
 
 def add_breakdown(args) -> dict:
-    import json
-
-    path = os.path.join(args.out, "rollouts.json")
-    with open(path) as f:
-        payload = json.load(f)
-    from transformers import AutoTokenizer
-
-    model, params = models.from_pretrained(args.gguf)
-    tok = AutoTokenizer.from_pretrained(os.path.dirname(args.gguf), gguf_file=os.path.basename(args.gguf))
+    payload = committed_results(args.out)
+    model, params, tok = smollm2_gfo(args.gguf)
     payload.pop("breakdown_note", None)  # written for the earlier numbers
     payload["breakdown"] = [{"model": "SmolLM2-135M", **decode_breakdown(model, params, rows, 64, args.repeats, tok)}
                             for rows in BREAKDOWN_ROWS]
