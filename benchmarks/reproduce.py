@@ -84,13 +84,19 @@ def _reward_part(model: dict, task: dict, *, steps: int, pop: int, lr: dict, eva
 
 
 def _classify_part(model: dict, task: dict, *, forwards: int, pop: int, eval_every_frac: int, lr: dict,
-                   demonstrations: int = 2, max_prompt_tokens: int = 384, k_large: int = 512) -> dict:
+                   demonstrations: int = 2, max_prompt_tokens: int = 384, k_large: int = 512,
+                   dev_size: int = 32) -> dict:
     """MeZO (full, LoRA, prefix), ES on LoRA, Adam at `forwards` forward passes per training example slot;
     the untrained baselines: zero-shot and in-context (`demonstrations` training examples per class with
     their label words before each prompt; no step is taken); and MeZO-LoRA from the in-context prompt (the
     same demonstrations before every training and evaluation prompt, the same forward passes: each ~10×
     longer); MeZO-LoRA and Adam at MeZO's larger training set, `k_large` examples per class (the same
-    budget drawn from more examples)."""
+    budget drawn from more examples).
+
+    Every trained method evaluates a dev split of `dev_size` sentences (disjoint from train and eval) at
+    each evaluation and reports the test metrics of its dev-best evaluation too (`eval.select_by:
+    dev_accuracy`, MeZO's / LM-BFF's protocol with |dev| = |train| at k = 16; the start point competes,
+    the earliest wins ties)."""
     lora = {"kind": "lora", "rank": 8, "alpha": 16, "targets": ["q", "v"]}
     methods = {
         "mezo_full": ({"space": {"kind": "full"}, "optimizer": {"method": "spsa", "n": 1, "eps": 1e-3,
@@ -113,7 +119,8 @@ def _classify_part(model: dict, task: dict, *, forwards: int, pop: int, eval_eve
     out = {}
     for name, (cfg, per_step) in methods.items():
         steps = max(forwards // per_step, 1)
-        out[name] = {**cfg, "steps": steps, "eval_every": max(steps // eval_every_frac, 1)}
+        out[name] = {**cfg, "steps": steps, "eval_every": max(steps // eval_every_frac, 1),
+                     "eval": {"select_by": "dev_accuracy", "dev_size": dev_size}}
     out["zero_shot"] = {"baseline": True}
     out["in_context"] = {"baseline": True, **in_context}
     return {"metric": "accuracy", "budget": "forwards", "common": {"model": model, "task": task}, "methods": out}
@@ -160,7 +167,7 @@ def scale_spec(scale: str, model_path: str | None, polarity: str | None, data: s
         reward = _reward_part(model, reward_task, steps=2, pop=4, eval_every=2, samples=2,
                               lr={"es": 1e-3, "grpo": 1e-3, "mezo": 1e-3, "sft": 1e-3})
         cls_task = {"name": "prompt_classification", "batch_size": 4, "eval_size": 8, "options": {"k": 4}}
-        classify = _classify_part(model, cls_task, forwards=4, pop=2, eval_every_frac=1, k_large=8,
+        classify = _classify_part(model, cls_task, forwards=4, pop=2, eval_every_frac=1, k_large=8, dev_size=4,
                                   lr={"mezo_full": 1e-3, "mezo_lora": 1e-3, "mezo_prefix": 1e-2,
                                       "es_lora": 1e-3, "adam": 1e-3})
         parts = {"reward": reward, "classify": classify,
@@ -259,7 +266,8 @@ def run_one(cfg: dict, config_dir: str, keep_checkpoints: bool = False) -> dict:
     result = train(load_config(path))
     wall = time.perf_counter() - started
     if not keep_checkpoints:  # full-weight states of a 135M model are 1.6 GB each; the metrics stay
-        shutil.rmtree(os.path.join(result["run_dir"], "checkpoints"), ignore_errors=True)
+        for kept in ("checkpoints", "best"):
+            shutil.rmtree(os.path.join(result["run_dir"], kept), ignore_errors=True)
     budget = per_step(cfg)
     evals = [r for r in result["records"] if r.get("split") == "eval"]
     keys = sorted({k for r in evals for k in r if k not in ("step", "split", "time_s") and
@@ -268,10 +276,13 @@ def run_one(cfg: dict, config_dir: str, keep_checkpoints: bool = False) -> dict:
               "forwards": r["step"] * budget["forwards"], **{k: r[k] for k in keys if k in r}} for r in evals]
     train_rows = [r for r in result["records"] if r.get("split") == "train"]
     max_new = cfg["task"].get("options", {}).get("max_new_tokens")
-    return {"config": path, "steps": cfg["steps"], "per_step": budget, "rollouts": cfg["steps"] * budget["rollouts"],
-            "forwards": cfg["steps"] * budget["forwards"], "max_new_tokens": max_new,
-            "wall_s": wall, "train_time_s": train_rows[-1]["time_s"] if train_rows else None,
-            "curve": curve, "before": curve[0], "after": curve[-1]}
+    out = {"config": path, "steps": cfg["steps"], "per_step": budget, "rollouts": cfg["steps"] * budget["rollouts"],
+           "forwards": cfg["steps"] * budget["forwards"], "max_new_tokens": max_new, "machine": machine()["processor"],
+           "wall_s": wall, "train_time_s": train_rows[-1]["time_s"] if train_rows else None,
+           "curve": curve, "before": curve[0], "after": curve[-1]}
+    if result.get("selected") is not None:  # eval.select_by: the dev-best evaluation's point of the curve
+        out["selected"] = next(p for p in curve if p["step"] == result["selected"]["step"])
+    return out
 
 
 def run_baseline(cfg: dict, config_dir: str) -> dict:
@@ -286,7 +297,8 @@ def run_baseline(cfg: dict, config_dir: str) -> dict:
     _, run = build.build_runs(run_cfg, os.path.join(cfg["runs_dir"], cfg["name"]), build.build_mesh(run_cfg))
     row = {"step": 0, "time_s": 0.0, "rollouts": 0, "forwards": 0, **run.evaluation.row(run.init_state())}
     return {"config": path, "steps": 0, "per_step": {"rollouts": 0, "forwards": 0, "examples": 0}, "rollouts": 0,
-            "forwards": 0, "max_new_tokens": None, "wall_s": time.perf_counter() - started, "train_time_s": None,
+            "forwards": 0, "max_new_tokens": None, "machine": machine()["processor"],
+            "wall_s": time.perf_counter() - started, "train_time_s": None,
             "curve": [row], "before": row, "after": row, "baseline": True}
 
 
@@ -313,6 +325,9 @@ def summarize(payload: dict) -> dict:
                             "before": {k: _stats(r["before"].get(k) for r in done) for k in keys},
                             "after": {k: _stats(r["after"].get(k) for r in done) for k in keys}}
             rs = rows[method]
+            if all("selected" in r for r in done):  # eval.select_by: the dev-best evaluations' test metrics
+                rs["selected"] = {k: _stats(r["selected"].get(k) for r in done) for k in keys}
+                rs["selected_steps"] = [r["selected"]["step"] for r in done]
             train_s = rs["train_time_s"][0]  # optimisation time: no compilation, no evaluations
             for unit in ("rollouts", "forwards"):
                 rs[f"{unit}_per_s"] = rs[unit] / train_s if rs[unit] and train_s and math.isfinite(train_s) else None
@@ -342,6 +357,20 @@ TITLES = {"reward": "1. Reward on generated text", "classify": "2. Classificatio
           "paper": "3. Paper scale: ES at scale's countdown protocol and EGGROLL's low-rank settings"}
 
 
+def machines_of_runs(payload: dict) -> str:
+    """The processors the runs record (a table resumed over several invocations may span machines), with
+    their run counts; empty when every run that records one names the header's machine."""
+    counts: dict[str, int] = {}
+    for seeds in payload["runs"].values():
+        for run in (r for m in seeds.values() for r in m.values()):
+            name = run.get("machine", "not recorded")
+            counts[name] = counts.get(name, 0) + 1
+    if set(counts) <= {payload["machine"]["processor"]}:
+        return ""
+    return " Runs by machine: " + "; ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) + \
+        (" (the runs that predate the record: see the notes)." if "not recorded" in counts else ".")
+
+
 def _seconds(value: float) -> str:
     """A table cell of seconds; '–' where there are none (an untrained baseline's optimisation time)."""
     return f"{value:.0f}" if math.isfinite(value) else "–"
@@ -350,7 +379,7 @@ def _seconds(value: float) -> str:
 def render(payload: dict) -> str:
     table = summarize(payload)
     lines = [f"# Reproduction table on real checkpoints (`--scale {payload['scale']}`)", "",
-             describe(payload["machine"]), "", SCALE_NOTES.get(payload["scale"], ""), "",
+             describe(payload["machine"]) + machines_of_runs(payload), "", SCALE_NOTES.get(payload["scale"], ""), "",
              f"Total wall time of the runs: {payload.get('total_wall_s', 0) / 60:.1f} min (every run includes its "
              "compilation and its evaluations; `train s` is optimisation time only). Budgets: rollouts = generated "
              "completions, bounded by rollouts × max_new_tokens generated tokens; forward passes = examples × "
@@ -372,8 +401,10 @@ def render(payload: dict) -> str:
         wanted = ("accuracy", "cross_entropy") if part == "reward" else ("reward", "accuracy", "cross_entropy")
         metrics = [k for k in wanted if k in keys] + sorted((k for k in keys if k.startswith("pass@")),
                                                             key=lambda k: int(k[5:]))
+        selecting = spec["metric"] if any("selected" in r for r in rows.values()) else None
         head = "| method | seeds | steps | " + ("rollouts (≤ generated tokens)" if budget == "rollouts" else "forward passes") + \
-            " | " + " | ".join(f"{k} start → end" for k in metrics) + f" | train s | wall s | {budget}/s |"
+            " | " + " | ".join(f"{k} start → end" for k in metrics) + \
+            (f" | {selecting} dev-selected (steps)" if selecting else "") + f" | train s | wall s | {budget}/s |"
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for method, r in rows.items():
             if budget == "rollouts":
@@ -385,6 +416,13 @@ def render(payload: dict) -> str:
             for k in metrics:
                 (b, _), (a, s) = r["before"].get(k, (math.nan, 0)), r["after"].get(k, (math.nan, 0))
                 cells.append(f"{b:.3f} → {a:.3f}" + (f" ± {s:.3f}" if r["seeds"] > 1 else ""))
+            if selecting:
+                if "selected" in r:
+                    m, sd = r["selected"][selecting]
+                    cells.append(f"{m:.3f}" + (f" ± {sd:.3f}" if r["seeds"] > 1 else "") +
+                                 f" ({', '.join(str(t) for t in r['selected_steps'])})")
+                else:
+                    cells.append("–")
             rate = r[f"{budget}_per_s"]
             rate = f"{rate / payload['machine'].get('devices', 1):.1f}" if rate else "–"
             lines.append(f"| {method} | {r['seeds']} | {r['steps']} | {spent} | " + " | ".join(cells) +
@@ -474,6 +512,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", help="comma-separated subset of methods")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--work", help="runs and configs (default ~/.cache/gfo/reproduce/SCALE)")
+    parser.add_argument("--rerun", action="store_true", help="run the chosen methods' seeds again even where the "
+                        "JSON has them (their records are replaced), e.g. after a change of their settings")
     parser.add_argument("--render", action="store_true", help="only re-write Markdown and plots from the JSON")
     args = parser.parse_args(argv)
     suffix = "" if args.scale == "cpu" else "_" + args.scale  # reproduce.{json,md} is the CPU table
@@ -521,8 +561,10 @@ def main(argv=None) -> dict:
                 continue
             for seed in range(seeds):
                 done = payload["runs"].setdefault(part, {}).setdefault(method, {})
-                if str(seed) in done:
+                if str(seed) in done and not args.rerun:
                     continue
+                if str(seed) in done:  # replaced: the total is the table's runs' time
+                    payload["total_wall_s"] = payload.get("total_wall_s", 0.0) - done.pop(str(seed))["wall_s"]
                 run_name = f"{part}_{method}_seed{seed}"
                 cfg = run_config(spec["parts"][part], method, seed, os.path.join(work, "runs"), run_name)
                 print(f"[reproduce] {run_name}", flush=True)

@@ -117,8 +117,23 @@ def test_reproduce_toy_classification_part_runs_every_method_at_equal_forwards(t
         assert reproduce._merge(spec["common"], spec["methods"][name])["task"]["options"]["k"] == 8
     assert reproduce._merge(spec["common"], spec["methods"]["mezo_lora"])["task"]["options"]["k"] == 4
     assert all(set(seeds) == {"0"} for seeds in classify.values())
+    # every trained method reports its dev-selected evaluation: the curve's point of best dev accuracy
+    # (the earliest on ties), whose test accuracy the table shows beside the end's
+    for name, seeds in classify.items():
+        run = seeds["0"]
+        if run.get("baseline"):
+            assert "selected" not in run
+            continue
+        best = max(p["dev_accuracy"] for p in run["curve"])
+        assert run["selected"] == next(p for p in run["curve"] if p["dev_accuracy"] == best), name
+        assert 0.0 <= run["selected"]["dev_accuracy"] <= 1.0
+    adam = reproduce.summarize(payload)["classify"]["adam"]
+    assert adam["selected"]["accuracy"][0] == pytest.approx(classify["adam"]["0"]["selected"]["accuracy"])
+    assert adam["selected_steps"] == [classify["adam"]["0"]["selected"]["step"]]
     _check_table(tmp_path, payload, "classify", ("mezo_prefix", "es_lora", "zero_shot", "in_context",
                                                  "mezo_lora_in_context", "mezo_lora_k8", "adam_k8"))
+    markdown = (tmp_path / "results" / "reproduce_toy.md").read_text()
+    assert "| accuracy dev-selected (steps) |" in markdown
 
 
 @pytest.mark.slow
