@@ -39,6 +39,7 @@ Parts:
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import math
@@ -277,7 +278,7 @@ def run_one(cfg: dict, config_dir: str, keep_checkpoints: bool = False) -> dict:
     train_rows = [r for r in result["records"] if r.get("split") == "train"]
     max_new = cfg["task"].get("options", {}).get("max_new_tokens")
     out = {"config": path, "steps": cfg["steps"], "per_step": budget, "rollouts": cfg["steps"] * budget["rollouts"],
-           "forwards": cfg["steps"] * budget["forwards"], "max_new_tokens": max_new, "machine": machine()["processor"],
+           "forwards": cfg["steps"] * budget["forwards"], "max_new_tokens": max_new,
            "wall_s": wall, "train_time_s": train_rows[-1]["time_s"] if train_rows else None,
            "curve": curve, "before": curve[0], "after": curve[-1]}
     if result.get("selected") is not None:  # eval.select_by: the dev-best evaluation's point of the curve
@@ -297,8 +298,7 @@ def run_baseline(cfg: dict, config_dir: str) -> dict:
     _, run = build.build_runs(run_cfg, os.path.join(cfg["runs_dir"], cfg["name"]), build.build_mesh(run_cfg))
     row = {"step": 0, "time_s": 0.0, "rollouts": 0, "forwards": 0, **run.evaluation.row(run.init_state())}
     return {"config": path, "steps": 0, "per_step": {"rollouts": 0, "forwards": 0, "examples": 0}, "rollouts": 0,
-            "forwards": 0, "max_new_tokens": None, "machine": machine()["processor"],
-            "wall_s": time.perf_counter() - started, "train_time_s": None,
+            "forwards": 0, "max_new_tokens": None, "wall_s": time.perf_counter() - started, "train_time_s": None,
             "curve": [row], "before": row, "after": row, "baseline": True}
 
 
@@ -360,14 +360,11 @@ TITLES = {"reward": "1. Reward on generated text", "classify": "2. Classificatio
 def machines_of_runs(payload: dict) -> str:
     """The processors the runs record (a table resumed over several invocations may span machines), with
     their run counts; empty when every run that records one names the header's machine."""
-    counts: dict[str, int] = {}
-    for seeds in payload["runs"].values():
-        for run in (r for m in seeds.values() for r in m.values()):
-            name = run.get("machine", "not recorded")
-            counts[name] = counts.get(name, 0) + 1
+    counts = collections.Counter(run.get("machine", "not recorded") for methods in payload["runs"].values()
+                                 for seeds in methods.values() for run in seeds.values())
     if set(counts) <= {payload["machine"]["processor"]}:
         return ""
-    return " Runs by machine: " + "; ".join(f"{k}: {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) + \
+    return " Runs by machine: " + "; ".join(f"{k}: {v}" for k, v in counts.most_common()) + \
         (" (the runs that predate the record: see the notes)." if "not recorded" in counts else ".")
 
 
@@ -570,6 +567,7 @@ def main(argv=None) -> dict:
                 print(f"[reproduce] {run_name}", flush=True)
                 baseline = spec["parts"][part]["methods"][method].get("baseline", False)
                 done[str(seed)] = (run_baseline if baseline else run_one)(cfg, os.path.join(work, "configs"))
+                done[str(seed)]["machine"] = payload["machine"]["processor"]  # (a table may span machines)
                 payload["total_wall_s"] = payload.get("total_wall_s", 0.0) + done[str(seed)]["wall_s"]
                 write(args.out, name, payload, render(payload))
                 print(f"[reproduce] {run_name}: {json.dumps(done[str(seed)]['before'])} -> "
