@@ -18,8 +18,9 @@ stop token). Decoding: greedy, and sampled (temperature 0.7, top-p 0.9).
 - *transformers* `generate` (its KV cache, `torch.set_num_threads` = the CPU count), loaded from the same
   GGUF (`gguf_file=`) or built from the same config; *CTranslate2* (the pip wheel; the transformers model
   saved with `save_pretrained` and converted with `TransformersConverter`, float32, `intra_threads` = the CPU
-  count). llama.cpp's Python binding needs a source build from PyPI (no wheel for this platform), so it
-  is not measured.
+  count). *llama.cpp* (`--llama-only`: `llama-cpp-python`, which PyPI ships as source only here, built with
+  `GGML_NATIVE`; `LlamaCpp`) on gfo's own F32/F16 GGUF exports of the same weights and on the Q4_1 file as
+  shipped, greedy, its tokens compared with gfo's.
 - *ES step*: low-rank ES (`gfo.optim.estimators.lowrank_es.LowRankES`, rank 1, EGGROLL's noise map, the
   perturbations inside the forward) evaluating `P` members on `B` prompts with `models.generate` (as
   `gfo.rollout.GenerationReward` and `gfo.tasks.reasoning` do), against plain generation of `P · B` rows:
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import dataclasses
 import os
 
@@ -286,6 +288,83 @@ class CT2:
         return go
 
 
+_QUIET_LOG = []  # the no-op log callback handed to llama.cpp, kept alive for the process
+
+
+def quiet_llama_cpp(L) -> None:
+    """Silence llama.cpp's log (thousands of lines per loaded model on stderr)."""
+    if not _QUIET_LOG:
+        _QUIET_LOG.append(L.llama_log_callback(lambda level, text, data: None))
+        L.llama_log_set(_QUIET_LOG[0], ctypes.c_void_p())
+
+
+class LlamaCpp:
+    """llama.cpp (`llama-cpp-python`'s C API) decoding every prompt as its own sequence of one batch, the way
+    its `batched` example does: one `llama_decode` of all prompts' tokens (prefill, logits of each prompt's
+    last token), then one `llama_decode` of `rows` tokens per new token; greedy is the argmax of each row's
+    logits (llama.cpp's own greedy sampler takes the same argmax). `path`: a GGUF file — gfo's own export
+    (`models.export_gguf.save_gguf`) at F32/F16, or the checkpoint as shipped. `extra_buffers`: llama.cpp's
+    repacked weight buffers (AMX, where the CPU has it; its Q4_1 repack crashes in 0.3.36 here, see
+    `add_llama`). llama.cpp's defaults otherwise: an F16 KV cache, flash attention where it decides."""
+
+    def __init__(self, path: str, rows_max: int, tokens_max: int, extra_buffers: bool = True):
+        import llama_cpp as L
+
+        self.L = L
+        quiet_llama_cpp(L)
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        mp.use_extra_bufts = extra_buffers
+        self.model = L.llama_model_load_from_file(path.encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path!r}")
+        cp = L.llama_context_default_params()
+        cp.n_ctx = rows_max * tokens_max
+        cp.n_batch = cp.n_ctx  # the whole prefill in one llama_decode (split into n_ubatch inside)
+        cp.n_ubatch = 512
+        cp.n_seq_max = rows_max
+        cp.n_threads = cp.n_threads_batch = os.cpu_count()
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not make a context of {cp.n_ctx} tokens for {path!r}")
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.batch = L.llama_batch_init(cp.n_batch, 0, rows_max)
+
+    def _decode(self, entries) -> np.ndarray:
+        """`entries`: `(token, position, sequence, wants logits)`; returns the logits rows asked for, in order."""
+        b = self.batch
+        for i, (t, pos, seq, out) in enumerate(entries):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, pos, 1, out
+            b.seq_id[i][0] = seq
+        b.n_tokens = len(entries)
+        if self.L.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        n_out = sum(1 for e in entries if e[3])
+        return np.ctypeslib.as_array(self.L.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
+
+    def run(self, batch, n, sampled, pad):
+        if sampled:
+            raise ValueError("the llama.cpp engine here decodes greedily only")
+        L = self.L
+
+        def go():
+            L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+            logits = self._decode([(t, j, s, j == len(p) - 1) for s, p in enumerate(batch) for j, t in enumerate(p)])
+            out = np.zeros((len(batch), n), np.int64)
+            for k in range(n):
+                out[:, k] = logits.argmax(-1)
+                if k + 1 < n:
+                    logits = self._decode([(int(out[s, k]), len(p) + k, s, True) for s, p in enumerate(batch)])
+            return out
+
+        return go
+
+    def close(self):
+        self.L.llama_batch_free(self.batch)
+        self.L.llama_free(self.ctx)
+        self.L.llama_model_free(self.model)
+
+
 def word_tokenizer(vocab_size: int):
     """A `PreTrainedTokenizerFast` whose token `i` is the string `t{i}`, the last one `<unk>` (CTranslate2 adds
     an `<unk>`, BOS or EOS it does not find), for the random-weight model."""
@@ -395,7 +474,7 @@ def run(args) -> dict:
     mach = measure_machine(args.repeats)
     payload = {"machine": machine(), "grid": kind, "ceiling_inputs": mach, "rows": [], "es": [],
                "max_reference_tokens": args.max_reference_tokens, "skipped": {
-        "llama-cpp-python": "PyPI ships a source distribution only here: a long C++ build, not measured"}}
+        "llama-cpp-python": "a source build from PyPI, measured separately by `--llama-only`"}}
     for name, cells in grid(kind).items():
         if args.models and name not in args.models.split(","):
             continue
@@ -444,7 +523,7 @@ def run_model(args, kind: str, name: str, cells, mach: dict, payload: dict) -> N
 
 def markdown(p: dict) -> str:
     c = p["ceiling_inputs"]
-    lines = ["# Rollouts: generated tokens/s against the machine's ceilings, transformers and CTranslate2", "",
+    lines = ["# Rollouts: generated tokens/s against the machine's ceilings, transformers, CTranslate2 and llama.cpp", "",
              describe(p["machine"]), "",
              f"Grid: `{p['grid']}` (`--full` for rows 1/8/32/128 x 64/256/1024 new tokens; the default is a subset "
              "that fits in about 15 minutes on 2 shared cores). Measured in this run: read bandwidth "
@@ -517,7 +596,33 @@ def markdown(p: dict) -> str:
                          f"| {b['floor_over_step']:.2f} | {shares} |")
         if p.get("breakdown_note"):
             lines += ["", p["breakdown_note"]]
-    lines += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in p["skipped"].items()) + ".", ""]
+    if p.get("llama_cpp"):
+        lc = p["llama_cpp"]
+        labels = lc["files"]
+        lines += ["", "## llama.cpp on gfo's own GGUF export", "",
+                  f"Measured {lc['date']} (`--llama-only`, llama-cpp-python {lc['version']} built from PyPI's source "
+                  f"with `GGML_NATIVE`, {lc['threads']} threads). llama.cpp runs the GGUF files gfo's exporter "
+                  "(`models.export_gguf.save_gguf`) writes of the very weights gfo decodes (the Q4_1 checkpoint "
+                  "dequantised: F32, and F16), and the quantised file as shipped; every prompt its own sequence of "
+                  "one batch (llama.cpp's `batched` example: no padding), greedy. gfo: `models.generate`, float32, "
+                  "the same prompts left-padded, timed in the same run. The last column compares each llama.cpp "
+                  "row's first 16 greedy tokens with gfo's (the fraction of rows equal): the export read by an "
+                  "independent implementation.", "",
+                  "| rows | new | gfo tok/s | " + " | ".join(f"llama.cpp {k}" for k in labels)
+                  + " | ceiling (bound) | gfo / llama.cpp " + labels[0] + " | first 16 tokens = gfo ("
+                  + " / ".join(labels) + ") |", "|---|---|---|" + "---|" * len(labels) + "---|---|---|"]
+        for c in lc["cells"]:
+            ll = c["llama_cpp"]
+            lines.append(f"| {c['rows']} | {c['new_tokens']} | {c['gfo_tok_s']:.0f} | "
+                         + " | ".join(f(ll[k]["tok_s"]) if k in ll else "—" for k in labels)
+                         + f" | {c['ceiling_tok_s']:.0f} ({c['bound']}) | "
+                         + r2(c["gfo_tok_s"], ll.get(labels[0], {}).get("tok_s")) + " | "
+                         + " / ".join(f"{ll[k]['first16_rows_equal_gfo']:.2f}" if k in ll else "—" for k in labels) + " |")
+        if lc.get("note"):
+            lines += ["", lc["note"]]
+    if p["skipped"]:
+        lines += ["", "Not measured: " + "; ".join(f"{k} ({v})" for k, v in p["skipped"].items()) + "."]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -578,6 +683,65 @@ def add_breakdown(args) -> dict:
     return payload
 
 
+LLAMA_CELLS = ((1, 64), (8, 64), (32, 64), (8, 256), (128, 64))  # (rows, new tokens), greedy, SmolLM2
+LLAMA_FILES = (("F32", "float32"), ("F16", "float16"))  # gfo's own GGUF exports llama.cpp runs
+
+
+def gguf_exports(model, params, source: str, work_dir: str) -> dict:
+    """`{label: path}`: gfo's GGUF export (`models.export_gguf.save_gguf`, the tokenizer taken from `source`)
+    of `params` at F32 and F16, and the checkpoint `source` as shipped."""
+    from models.export_gguf import save_gguf
+
+    files = {}
+    for label, dtype in LLAMA_FILES:
+        m = models.TransformerLM(dataclasses.replace(model.config, param_dtype=dtype))
+        files[label] = os.path.join(work_dir, f"gfo-export-{label}.gguf")
+        save_gguf(m, jax.tree.map(lambda a: a.astype(dtype), params), files[label], source=source)
+    files[f"{os.path.basename(source).rsplit('.', 2)[-2]} as shipped"] = source
+    return files
+
+
+def add_llama(args) -> dict:
+    """llama.cpp against gfo, measured in this run on the SmolLM2 greedy cells `LLAMA_CELLS`: llama.cpp runs gfo's
+    own F32/F16 GGUF exports of the weights gfo decodes (and the quantised file as shipped); each llama.cpp
+    row's first 16 greedy tokens are compared with gfo's."""
+    import llama_cpp
+
+    payload = committed_results(args.out)
+    model, params, tok = smollm2_gfo(args.gguf)
+    pad = pad_id(model)
+    batches = {cell: prompts(cell[0], model.config.vocab_size, tokenizer=tok) for cell in LLAMA_CELLS}
+    tokens_max = max(len(p) for b in batches.values() for p in b) + max(n for _, n in LLAMA_CELLS)
+    rows_max = max(r for r, _ in LLAMA_CELLS)
+    gfo, ref, cells = Gfo(model, params), {}, []
+    for (rows, n), batch in batches.items():
+        fn = gfo.run(batch, n, False, pad)
+        secs = best_time(lambda: ref.__setitem__((rows, n), fn()), args.repeats)
+        cells.append({"rows": rows, "new_tokens": n, "gfo_tok_s": rows * n / secs, "llama_cpp": {},
+                      **ceiling(model.num_params(params), rows, payload["ceiling_inputs"])})
+        print(cells[-1], flush=True)
+    with tempfile.TemporaryDirectory() as d:
+        files = gguf_exports(model, params, args.gguf, d)
+        for label, path in files.items():
+            # llama.cpp 0.3.36's AMX repack of Q4_1 weights segfaults in llama_decode on this Xeon (AMX int8):
+            # the quantised file runs on its plain CPU buffers
+            engine = LlamaCpp(path, rows_max, tokens_max, extra_buffers=label in dict(LLAMA_FILES))
+            for cell, batch in zip(cells, batches.values()):
+                out = {}
+                fn = engine.run(batch, cell["new_tokens"], False, pad)
+                secs = best_time(lambda: out.__setitem__(0, fn()), args.repeats)
+                same = np.all(out[0][:, :16] == ref[cell["rows"], cell["new_tokens"]][:, :16], 1)
+                cell["llama_cpp"][label] = {"tok_s": cell["rows"] * cell["new_tokens"] / secs,
+                                            "first16_rows_equal_gfo": float(np.mean(same))}
+                print(cell["rows"], cell["new_tokens"], label, cell["llama_cpp"][label], flush=True)
+            engine.close()
+    payload["llama_cpp"] = {"date": machine()["date"], "version": llama_cpp.__version__, "cells": cells,
+                            "files": list(files), "threads": os.cpu_count()}
+    payload["skipped"].pop("llama-cpp-python", None)
+    print(write(args.out, "rollouts", payload, markdown(payload)))
+    return payload
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -597,10 +761,15 @@ def main(argv=None):
                     "× 64) into the existing result file and re-render it")
     ap.add_argument("--breakdown-only", action="store_true", help="measure only where a decode step's time goes "
                     "(SmolLM2, 8 and 32 rows x 64 greedy tokens) into the existing result file and re-render it")
+    ap.add_argument("--llama-only", action="store_true", help="measure llama.cpp (llama-cpp-python, built from "
+                    "PyPI's source) on gfo's own GGUF exports against gfo (SmolLM2, greedy) into the existing "
+                    "result file and re-render it")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
     if args.breakdown_only:
         return add_breakdown(args)
+    if args.llama_only:
+        return add_llama(args)
     if args.cache_memory_only:
         return add_cache_memory(args)
     if args.es_only:

@@ -110,6 +110,12 @@ def test_rollouts_markdown_names_the_machine_and_every_ratio():
     payload["breakdown"] = [{"model": "m", "rows": 32, "decode_step_ms": 130.0, "matmul_floor_ms": 87.0,
                              "floor_over_step": 87 / 130, "op_shares": {"matmuls": 0.5, "other": 0.1}}]
     assert "| m | 32 | 130.0 | 87.0 | 0.67 | 0.50 | 0.00 | 0.00 | 0.10 |" in rollouts.markdown(payload)
+    payload["llama_cpp"] = {"date": "d", "version": "v", "threads": 2, "files": ["F32", "Q4_1"], "cells": [
+        {"rows": 8, "new_tokens": 64, "gfo_tok_s": 120.0, "ceiling_tok_s": 80.0, "bound": "bandwidth",
+         "llama_cpp": {"F32": {"tok_s": 80.0, "first16_rows_equal_gfo": 0.875}}}]}
+    payload["skipped"] = {}
+    md = rollouts.markdown(payload)  # gfo / llama.cpp F32 = 1.50; the file not measured is a dash
+    assert "| 8 | 64 | 120 | 80 | — | 80 (bandwidth) | 1.50 | 0.88 / — |" in md and "Not measured" not in md
 
 
 def test_profile_op_names_are_grouped_by_kind():

@@ -352,3 +352,32 @@ def test_gpt2_qkv_lora_is_a_peft_lora_of_the_fused_c_attn(targets, tmp_path):
     assert err < REL_TOL, f"gpt2 c_attn adapter: relative logit error {err:.2e}"
     with pytest.raises(models.CheckpointError, match="c_attn|rank_pattern"):
         read_lora_adapter(str(tmp_path / "adapter"), model.config, params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_gguf_export_runs_in_llama_cpp_with_gfo_logits(dtype, tmp_path):
+    """llama.cpp itself (the `llama-cpp-python` bindings, an optional source build: skipped where absent)
+    reads gfo's GGUF export, tokenizer included, and computes gfo's logits: within 1e-5 relative at F32 with
+    an F32 KV cache (measured 8e-7; llama.cpp's default F16 cache alone costs 1.3e-3), within 3e-3 at F16
+    against gfo on the same F16-rounded weights (measured 1.1e-3: llama.cpp's F16 matmul rounds the
+    activations to F16 as well)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (a source build)")
+    from models.export_gguf import save_gguf
+
+    write_checkpoint(tmp_path / "base")
+    model, params = models.from_pretrained(str(tmp_path / "base"))
+    tok = models.load_tokenizer(str(tmp_path / "base"))
+    export = models.TransformerLM(model.config.replace(param_dtype=dtype))
+    save_gguf(export, params, str(tmp_path / "m.gguf"), tok, str(tmp_path / "base"))  # matrices at dtype
+    llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=1,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)  # (default: an F16 cache)
+    row = [int(i) for i in IDS[0]]
+    assert llm.tokenize(b"the cat, the 12", add_bos=False, special=False) == tok.encode("the cat, the 12")
+    llm.eval(row)
+    theirs = np.asarray(llm.scores[:len(row)], np.float32)
+    kept = jax.tree.map(lambda v: v.astype(dtype).astype(jnp.float32) if v.ndim > 1 else v, params)  # 1-D stay F32
+    ours = model.apply(kept, jnp.asarray(IDS[:1]))[0]
+    err = _rel_err(ours, theirs)
+    assert err < (1e-5 if dtype == "float32" else 3e-3), f"llama.cpp on gfo's {dtype} GGUF: relative logit error {err:.2e}"
+    llm.close()
