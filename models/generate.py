@@ -133,13 +133,12 @@ def sample_logits(key: jax.Array, logits: jax.Array, temperature: float = 1.0, t
     inside, idx, fits, logits = truncation_candidates(logits, top_k, top_p, candidates)
     token = jnp.take_along_axis(idx, jax.random.categorical(key, inside, axis=-1)[:, None], axis=-1)[:, 0]
 
-    # A while loop, not `lax.cond`: under `vmap` (a population) a batched `cond` runs both branches, while
-    # this one sorts only when some row needs it.
-    def fallback(carry):
-        _, token = carry
-        return jnp.array(True), jnp.where(fits, token, _bisected_sample(key, logits, top_p))
-
-    _, token = jax.lax.while_loop(lambda c: ~c[0], fallback, (jnp.all(fits), token))
+    # The bisection runs only when some row needs it, under `vmap` too (`every_row` is then unbatched: a
+    # batched `cond` would run both branches). Not a while loop on a batched "all fit": under `vmap` XLA
+    # hoisted the loop-invariant part of its body (the vocabulary's softmax and random bits) out of the
+    # loop, computed at every step whether needed or not (SmolLM2, 8 members x 4 rows: 75 ms against 9).
+    token = jax.lax.cond(every_row(fits), lambda: token,
+                         lambda: jnp.where(fits, token, _bisected_sample(key, logits, top_p)))
     return token.astype(jnp.int32)
 
 
@@ -258,21 +257,23 @@ def greedy_without_cache(model: TransformerLM, params, prompt_ids, prompt_mask, 
 
 
 @jax.custom_batching.custom_vmap
-def all_rows_done(done: jax.Array) -> jax.Array:
-    """Whether every row of `done: [B] bool` has stopped: the early exit's test.
+def every_row(flags: jax.Array) -> jax.Array:
+    """Whether every row of `flags: [B] bool` holds: the early exit's test (every row has stopped) and the
+    nucleus fallback's (every row's nucleus fits among the candidates).
 
     Under `vmap` (a population of members, each generating its own rows) it is whether every row of *every*
-    member has stopped, an unbatched scalar: a while loop whose condition is batched would carry every loop
-    variable per member and select between old and new at each check (the whole cache, whose write would
-    become a scatter at per-member slots). Steps after a row has stopped change nothing (it feeds masked
-    pads), so the tokens are those of a per-member exit."""
-    return jnp.all(done)
+    member holds, an unbatched scalar, so the loop or `cond` it decides stays one for all members: a while
+    loop whose condition is batched would carry every loop variable per member and select between old and
+    new at each check (the whole cache, whose write would become a scatter at per-member slots), and a
+    batched `cond` runs both branches. What depends on it does not change a row's result: steps after a row
+    has stopped feed it masked pads, and the fallback keeps every row whose nucleus fits."""
+    return jnp.all(flags)
 
 
-@all_rows_done.def_vmap
-def _all_rows_done_vmap(axis_size, in_batched, done):
+@every_row.def_vmap
+def _every_row_vmap(axis_size, in_batched, flags):
     del axis_size, in_batched
-    return jnp.all(done), False
+    return jnp.all(flags), False
 
 
 # The loop checks whether every row has stopped once per this many steps (a divisor of max_new_tokens and of
@@ -355,7 +356,7 @@ def _generate(model, params, prompt_ids, prompt_mask, key, soft_prompt, stop_str
 
     def cond(end, carry):
         step, done = carry[0], carry[4]
-        return (step < end) & ~all_rows_done(done) if early_exit else step < end
+        return (step < end) & ~every_row(done) if early_exit else step < end
 
     carry = (jnp.array(0), key, last, cache, jnp.zeros((B,), bool), jnp.zeros((B, S), jnp.int32),
              jnp.zeros((B,), jnp.int32), jnp.full((B, max_new_tokens), pad_id, jnp.int32),

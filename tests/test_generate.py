@@ -60,6 +60,33 @@ def test_sampling_among_candidates_or_by_the_fallback_follows_the_reference(cand
     np.testing.assert_allclose(freqs, np.bincount(np.asarray(reference), minlength=5) / len(keys), atol=0.02)
 
 
+@pytest.mark.parametrize("peaked", [True, False])
+def test_sampling_under_vmap_equals_each_member_and_runs_the_fallback_only_when_needed(peaked):
+    """`sample_logits` vmapped over members (each its own key and rows) draws each member's own tokens, with
+    every nucleus among the 64 candidates (`peaked`) or not (the fallback's bisection), and the compiled
+    program draws random bits over the whole vocabulary only inside the fallback's branch (a while loop on
+    a batched "all fit" had XLA hoist them, and the vocabulary's softmax, out of the loop: computed at every
+    decode step whether needed or not, ≈ 10× the rest of the sampling on SmolLM2's vocabulary)."""
+    import re
+
+    from models.generate import truncation_candidates
+
+    V = 4096
+    logits = jax.random.normal(jax.random.key(0), (8, 4, V))
+    if peaked:  # nuclei of one or two tokens: they fit among 64 candidates
+        logits = logits.at[..., :2].add(40.0)
+    keys = jax.random.split(jax.random.key(1), 8)
+    fits = np.asarray(jax.vmap(lambda x: truncation_candidates(x / 0.7, 0, 0.9, 64)[2])(logits))
+    assert fits.all() == peaked
+    draw = jax.jit(jax.vmap(lambda k, x: models.sample_logits(k, x, 0.7, 0, 0.9, 64)))
+    together = np.asarray(draw(keys, logits))
+    for m in range(8):
+        np.testing.assert_array_equal(together[m], np.asarray(models.sample_logits(keys[m], logits[m], 0.7, 0, 0.9, 64)))
+    entry = draw.lower(keys, logits).compile().as_text().split("ENTRY")[1]
+    main = entry.split("\n}")[0]
+    assert re.search(r"u32\[8,4,64\]", main) and not re.search(r"u32\[8,4,4096\]", main)  # bits for 64, not V
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_attention_over_the_filled_cache_equals_the_whole_cache(family):
