@@ -66,6 +66,13 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
+def timed_output(fn, repeats: int):
+    """`(best_time(fn, repeats), fn's last output)`: an engine's tokens/s and the tokens it compares."""
+    out = []
+    secs = best_time(lambda: out.append(fn()), repeats)
+    return secs, out[-1]
+
+
 # ----------------------------------------------------------------------------- ceilings
 def measure_machine(repeats: int, matmul_size: int = 2048) -> dict:
     """Read bandwidth (bytes/s, a sum over 1 GiB of float32), the float32 matmul rate (FLOP/s, a square
@@ -505,8 +512,7 @@ def run_model(args, kind: str, name: str, cells, mach: dict, payload: dict) -> N
         for engine, e in engines.items():
             if engine != "gfo" and rows * n > args.max_reference_tokens:
                 continue
-            fn = e.run(batch, n, sampled, pad)
-            secs = best_time(lambda: outs.__setitem__(engine, fn()), args.repeats)
+            secs, outs[engine] = timed_output(e.run(batch, n, sampled, pad), args.repeats)
             row[f"{engine}_tok_s"] = rows * n / secs
         if not sampled and "transformers" in outs:
             row["greedy_rows_equal_transformers"] = float(np.mean(np.all(outs["gfo"] == outs["transformers"], 1)))
@@ -715,8 +721,7 @@ def add_llama(args) -> dict:
     rows_max = max(r for r, _ in LLAMA_CELLS)
     gfo, ref, cells = Gfo(model, params), {}, []
     for (rows, n), batch in batches.items():
-        fn = gfo.run(batch, n, False, pad)
-        secs = best_time(lambda: ref.__setitem__((rows, n), fn()), args.repeats)
+        secs, ref[rows, n] = timed_output(gfo.run(batch, n, False, pad), args.repeats)
         cells.append({"rows": rows, "new_tokens": n, "gfo_tok_s": rows * n / secs, "llama_cpp": {},
                       **ceiling(model.num_params(params), rows, payload["ceiling_inputs"])})
         print(cells[-1], flush=True)
@@ -727,10 +732,8 @@ def add_llama(args) -> dict:
             # the quantised file runs on its plain CPU buffers
             engine = LlamaCpp(path, rows_max, tokens_max, extra_buffers=label in dict(LLAMA_FILES))
             for cell, batch in zip(cells, batches.values()):
-                out = {}
-                fn = engine.run(batch, cell["new_tokens"], False, pad)
-                secs = best_time(lambda: out.__setitem__(0, fn()), args.repeats)
-                same = np.all(out[0][:, :16] == ref[cell["rows"], cell["new_tokens"]][:, :16], 1)
+                secs, out = timed_output(engine.run(batch, cell["new_tokens"], False, pad), args.repeats)
+                same = np.all(out[:, :16] == ref[cell["rows"], cell["new_tokens"]][:, :16], 1)
                 cell["llama_cpp"][label] = {"tok_s": cell["rows"] * cell["new_tokens"] / secs,
                                             "first16_rows_equal_gfo": float(np.mean(same))}
                 print(cell["rows"], cell["new_tokens"], label, cell["llama_cpp"][label], flush=True)
