@@ -261,8 +261,8 @@ def every_row(flags: jax.Array) -> jax.Array:
     """Whether every row of `flags: [B] bool` holds: the early exit's test (every row has stopped) and the
     nucleus fallback's (every row's nucleus fits among the candidates).
 
-    Under `vmap` (a population of members, each generating its own rows) it is whether every row of *every*
-    member holds, an unbatched scalar, so the loop or `cond` it decides stays one for all members: a while
+    Under `vmap` (a population of members, each generating its own rows; nested vmaps too) it is whether every
+    row of *every* member holds, an unbatched scalar, so the loop or `cond` it decides stays one for all members: a while
     loop whose condition is batched would carry every loop variable per member and select between old and
     new at each check (the whole cache, whose write would become a scatter at per-member slots), and a
     batched `cond` runs both branches. What depends on it does not change a row's result: steps after a row
@@ -272,8 +272,11 @@ def every_row(flags: jax.Array) -> jax.Array:
 
 @every_row.def_vmap
 def _every_row_vmap(axis_size, in_batched, flags):
+    # `every_row` again, not `jnp.all`: under nested vmaps (an ES population's directions × signs) the rule
+    # runs inside the outer vmap's trace, where a plain `jnp.all` would be batched over the outer axis and
+    # the `cond` or loop it decides would again run both branches (or select the whole carry) per member
     del axis_size, in_batched
-    return jnp.all(flags), False
+    return every_row(jnp.reshape(flags, (-1,))), False
 
 
 # The loop checks whether every row has stopped once per this many steps (a divisor of max_new_tokens and of

@@ -61,12 +61,15 @@ def test_sampling_among_candidates_or_by_the_fallback_follows_the_reference(cand
 
 
 @pytest.mark.parametrize("peaked", [True, False])
-def test_sampling_under_vmap_equals_each_member_and_runs_the_fallback_only_when_needed(peaked):
+@pytest.mark.parametrize("nested", [False, True])
+def test_sampling_under_vmap_equals_each_member_and_runs_the_fallback_only_when_needed(peaked, nested):
     """`sample_logits` vmapped over members (each its own key and rows) draws each member's own tokens, with
     every nucleus among the 64 candidates (`peaked`) or not (the fallback's bisection), and the compiled
     program draws random bits over the whole vocabulary only inside the fallback's branch (a while loop on
     a batched "all fit" had XLA hoist them, and the vocabulary's softmax, out of the loop: computed at every
-    decode step whether needed or not, ≈ 10× the rest of the sampling on SmolLM2's vocabulary)."""
+    decode step whether needed or not, ≈ 10× the rest of the sampling on SmolLM2's vocabulary). `nested`:
+    the 8 members as two vmaps, 4 directions × 2 signs, as an ES population evaluates them (the fallback's
+    test was once unbatched under the inner vmap only, so the `cond` ran both branches at every step)."""
     import re
 
     from models.generate import truncation_candidates
@@ -78,13 +81,16 @@ def test_sampling_under_vmap_equals_each_member_and_runs_the_fallback_only_when_
     keys = jax.random.split(jax.random.key(1), 8)
     fits = np.asarray(jax.vmap(lambda x: truncation_candidates(x / 0.7, 0, 0.9, 64)[2])(logits))
     assert fits.all() == peaked
-    draw = jax.jit(jax.vmap(lambda k, x: models.sample_logits(k, x, 0.7, 0, 0.9, 64)))
-    together = np.asarray(draw(keys, logits))
+    one = lambda k, x: models.sample_logits(k, x, 0.7, 0, 0.9, 64)  # noqa: E731
+    lead = (4, 2) if nested else (8,)
+    draw = jax.jit(jax.vmap(jax.vmap(one)) if nested else jax.vmap(one))
+    args = keys.reshape(lead), logits.reshape(lead + (4, V))
+    together = np.asarray(draw(*args)).reshape(8, 4)
     for m in range(8):
-        np.testing.assert_array_equal(together[m], np.asarray(models.sample_logits(keys[m], logits[m], 0.7, 0, 0.9, 64)))
-    entry = draw.lower(keys, logits).compile().as_text().split("ENTRY")[1]
-    main = entry.split("\n}")[0]
-    assert re.search(r"u32\[8,4,64\]", main) and not re.search(r"u32\[8,4,4096\]", main)  # bits for 64, not V
+        np.testing.assert_array_equal(together[m], np.asarray(one(keys[m], logits[m])))
+    main = draw.lower(*args).compile().as_text().split("ENTRY")[1].split("\n}")[0]
+    shape = ",".join(map(str, lead + (4,)))
+    assert re.search(rf"u32\[{shape},64\]", main) and not re.search(rf"u32\[{shape},4096\]", main)  # bits for 64, not V
 
 
 @pytest.mark.slow
