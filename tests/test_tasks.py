@@ -169,3 +169,23 @@ def test_reasoning_dev_split_is_disjoint_from_train_and_eval(tmp_path):
     generated = TASKS["countdown"](seed=1, batch_size=4, eval_size=4)
     dev = {tuple(r) for b in generated.dev_batches(4) for r in b["numbers"].tolist()}
     assert len(dev) > 1 and dev != {tuple(r) for b in generated.eval_batches() for r in b["numbers"].tolist()}
+
+
+def test_reasoning_task_samples_with_its_top_k_and_top_p(model):
+    """countdown's `top_k` / `top_p` options reach every sampled generation: its rollouts equal
+    `models.generate` at the same truncation (and, on a flat random model, differ from untruncated
+    sampling), and bad values name themselves."""
+    m, params = model
+    task = TASKS["countdown"](n_numbers=3, batch_size=4, temperature=1.0, top_p=0.3, top_k=5, max_new_tokens=6)
+    batch, key = task.train_batch(0), jax.random.key(3)
+    out = task.generate(m, params, batch, key)
+    ref = models.generate(m, params, batch["prompt"], batch["prompt_mask"], key, 6, temperature=1.0, top_k=5,
+                          top_p=0.3, stop_tokens=task.stop_tokens)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    free = models.generate(m, params, batch["prompt"], batch["prompt_mask"], key, 6, temperature=1.0,
+                           stop_tokens=task.stop_tokens)
+    assert not np.array_equal(np.asarray(out.tokens), np.asarray(free.tokens))
+    with pytest.raises(ValueError, match=r"top_p=0 must be in \(0, 1\]"):
+        TASKS["countdown"](top_p=0)
+    with pytest.raises(ValueError, match=r"top_k=-1 must be an integer >= 0"):
+        TASKS["countdown"](top_k=-1)

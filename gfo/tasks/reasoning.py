@@ -30,11 +30,18 @@ class ReasoningTask(CompletionTask):
     reward_fields: ClassVar[tuple[str, ...]] = ()  # batch arrays the verifier reads per row
 
     def __init__(self, temperature: float = 0.0, max_new_tokens: int = 512, stop_strings: list | tuple = (),
-                 prompt_length: int | None = None, **kw):
+                 prompt_length: int | None = None, top_k: int = 0, top_p: float = 1.0, **kw):
+        """`temperature` (0: greedy), `top_k` (0: off) and `top_p` (1: off) shape every sampled generation of
+        the task: the rollouts when `temperature` > 0, and pass@k's samples at `eval.temperature`."""
         super().__init__(**kw)
         self._prompt_length = prompt_length
         if temperature < 0:
             raise ValueError(f"{self.name} temperature={temperature} must be >= 0 (0 = greedy)")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"{self.name} top_k={top_k!r} must be an integer >= 0 (0 = no top-k truncation)")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"{self.name} top_p={top_p!r} must be in (0, 1] (1 = no nucleus truncation)")
+        self.top_k, self.top_p = top_k, float(top_p)
         if max_new_tokens < 1:
             raise ValueError(f"{self.name} max_new_tokens={max_new_tokens} must be >= 1")
         self.temperature, self.max_answer_tokens = temperature, max_new_tokens
@@ -131,7 +138,8 @@ class ReasoningTask(CompletionTask):
     def generate(self, model: models.TransformerLM, params, batch, key, temperature: float | None = None):
         return models.generate(model, params, batch["prompt"], batch["prompt_mask"], key, self.max_answer_tokens,
                                temperature=self.temperature if temperature is None else temperature,
-                               stop_tokens=self.stop_tokens, stop_strings=self.stop_matcher)
+                               top_k=self.top_k, top_p=self.top_p, stop_tokens=self.stop_tokens,
+                               stop_strings=self.stop_matcher)
 
     def rewards(self, model: models.TransformerLM, params, batch, key):
         """Rewards `[B]` of completions (greedy when temperature is 0) and whether each was correct."""
