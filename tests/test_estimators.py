@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import gfo
@@ -127,6 +128,23 @@ def test_lowrank_update_equals_update_from_explicit_dense_perturbations(antithet
     dense = jax.tree.map(lambda *es: sum(f * s * e for f, s, e in zip(shaped, signs, es)) / (8 * 0.05),
                          *perturbations)
     chex.assert_trees_all_close(grad, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_centered_ranks_average_ties_so_a_tied_population_takes_no_step():
+    """Tied losses share their average rank (scipy's `rankdata(..., "average")`, scaled to [-0.5, 0.5]);
+    distinct ones get OpenAI-ES's ranks; an OpenES step on a loss every member ties on leaves x unchanged
+    (index-broken ties made it a step along the members' noise)."""
+    for losses in ([3.0, 1.0, 1.0, 2.0, 3.0, 3.0], [0.0] * 8, [2.0, -1.0, 0.5, 4.0], [1.0, jnp.inf, jnp.nan, 1.0]):
+        x = np.asarray(losses, np.float64)
+        x = np.where(np.isfinite(x), x, np.inf)
+        average_rank = np.array([np.sum(x < v) + (np.sum(x == v) - 1) / 2 for v in x])  # 0-based
+        expected = average_rank / (len(x) - 1) - 0.5
+        np.testing.assert_allclose(np.asarray(centered_ranks(jnp.asarray(losses))), expected, atol=1e-7)
+    x0 = {"w": jnp.arange(6.0)}
+    opt = gfo.Optimizer(gfo.OpenES(population=8, sigma=0.1), optax.sgd(1.0))
+    state, _ = opt.step(opt.init(jax.random.key(0), x0), lambda x, b, k: 0.0 * jnp.sum(x["w"]), None,
+                        jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(opt.solution(state)["w"]), np.arange(6.0))
 
 
 def test_nonfinite_losses_are_ranked_worst_and_counted():

@@ -175,7 +175,7 @@ def test_stacked_lowrank_kernel_dense_and_transpose_act_per_layer():
     kernel = LowRankKernel(w, a, b, scale)
     for i in range(3):
         np.testing.assert_allclose(kernel.dense()[i], w[i] + scale[i] * a[i] @ b[i].T, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(kernel.transpose().dense(), jnp.swapaxes(kernel.dense(), -1, -2), rtol=1e-6)
+    np.testing.assert_allclose(kernel.transpose().dense(), jnp.swapaxes(kernel.dense(), -1, -2), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(LowRankKernel(w, a, b, 0.5).dense(), w + 0.5 * jnp.einsum("lir,lor->lio", a, b),
                                rtol=1e-5, atol=1e-5)
 

@@ -31,10 +31,19 @@ def sanitize(losses: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def centered_ranks(losses: jax.Array) -> jax.Array:
-    """Ranks scaled to [-0.5, 0.5] (Salimans et al. 2017); non-finite losses rank last."""
+    """Ranks `[N]` of `losses: [N]` scaled to [-0.5, 0.5] (Salimans et al. 2017); non-finite losses rank last.
+
+    Tied losses share their average rank (`scipy.stats.rankdata(..., "average")`), so members with equal
+    losses get equal weights: a population whose members all score the same (common with 0/1 rewards on
+    generated text) gives a zero update, not one made of its noise alone, and an antithetic pair that ties
+    cancels. OpenAI-ES's `compute_ranks` breaks ties by member index; with distinct losses the ranks are its.
+    """
     n = losses.shape[0]
     order_key = jnp.where(jnp.isfinite(losses), losses, jnp.inf)
-    ranks = jnp.empty(n, jnp.float32).at[jnp.argsort(order_key)].set(jnp.arange(n, dtype=jnp.float32))
+    ordered = jnp.sort(order_key)
+    below = jnp.searchsorted(ordered, order_key, side="left")  # members strictly better
+    not_above = jnp.searchsorted(ordered, order_key, side="right")  # … and those tied with it
+    ranks = (below + not_above - 1).astype(jnp.float32) / 2
     return ranks / max(n - 1, 1) - 0.5
 
 
