@@ -488,7 +488,11 @@ ES_NOTE = (
     "unbatched copy of the prompts, so XLA ran their prefill once for all members; each member now prefills "
     "its own copy, as a perturbed member must. What is left of the low-rank cost is the rank-1 "
     "`(x @ A) @ Bᵀ` of every kernel (≈ 7 % of one decode-shaped 32-row matmul, ≈ 2 % of a prefill one, "
-    "measured alone), the shared `x @ W` being one matmul for all members.")
+    "measured alone), the shared `x @ W` being one matmul for all members. The Qwen2.5-0.5B-shaped countdown "
+    "ES step (`qwen_countdown_step_cpu.md`: 84 s a step on the Xeon against the issue's ≈ 100 s, 1.2 × where "
+    "the target is 2 ×; greedy, one vmap deep, so this fix leaves it unchanged: 183 → 175 s back to back on an "
+    "AMD EPYC) is plain generation of its 16 rows, whose layer matmuls through the stacked-layer scan run "
+    "1.6 × slower than over per-layer weight arrays (XLA CPU copies each layer's slice before its dot).")
 
 
 # ----------------------------------------------------------------------------- the run
