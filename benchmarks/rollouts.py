@@ -57,13 +57,8 @@ QWEN_SHAPE = dict(vocab_size=151936, d_model=896, n_layers=24, n_heads=14, n_kv_
 
 
 def best_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    """Seconds of the fastest of `repeats` calls of `fn` after one untimed call."""
+    return best_times({"fn": fn}, repeats)["fn"]
 
 
 def best_times(fns: dict, repeats: int) -> dict:
@@ -606,8 +601,8 @@ def markdown(p: dict) -> str:
                          f"| {g('lowrank_fraction')} |")
         if p.get("es_rerun", {}).get("machine"):
             lines += ["", f"Re-measured with `--es-only` (best of {p['es_rerun']['repeats']}, the three timings "
-                      f"interleaved) on another machine than the grid above ({describe(p['es_rerun']['machine']).removeprefix('Machine: ').rstrip('.')}), "
-                      "so only its ratios compare with the grid, not its tokens/s."]
+                      "interleaved) on another machine than the grid above, so only its ratios compare with the "
+                      f"grid, not its tokens/s. {describe(p['es_rerun']['machine'])}"]
         lines += ["", ES_NOTE]
     if p.get("cache_memory"):
         lines += ["", "## The KV cache in the compiled generation", "",

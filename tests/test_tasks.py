@@ -187,5 +187,5 @@ def test_reasoning_task_samples_with_its_top_k_and_top_p(model):
     assert not np.array_equal(np.asarray(out.tokens), np.asarray(free.tokens))
     with pytest.raises(ValueError, match=r"top_p=0 must be in \(0, 1\]"):
         TASKS["countdown"](top_p=0)
-    with pytest.raises(ValueError, match=r"top_k=-1 must be an integer >= 0"):
+    with pytest.raises(ValueError, match=r"task.options.top_k=-1 is invalid: expected an integer >= 0 \(0 = no top-k truncation\)"):
         TASKS["countdown"](top_k=-1)

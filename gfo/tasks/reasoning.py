@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
-from gfo.tasks.base import epoch_indices
+from gfo.tasks.base import epoch_indices, int_option
 from gfo.tasks.loaders import DataError
 from gfo.tasks.sequence import CompletionTask, teacher_forced_loss
 from models.generate import stop_string_table
@@ -37,11 +37,9 @@ class ReasoningTask(CompletionTask):
         self._prompt_length = prompt_length
         if temperature < 0:
             raise ValueError(f"{self.name} temperature={temperature} must be >= 0 (0 = greedy)")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"{self.name} top_k={top_k!r} must be an integer >= 0 (0 = no top-k truncation)")
         if not 0 < top_p <= 1:
             raise ValueError(f"{self.name} top_p={top_p!r} must be in (0, 1] (1 = no nucleus truncation)")
-        self.top_k, self.top_p = top_k, float(top_p)
+        self.top_k, self.top_p = int_option("top_k", top_k, 0, why="0 = no top-k truncation"), float(top_p)
         if max_new_tokens < 1:
             raise ValueError(f"{self.name} max_new_tokens={max_new_tokens} must be >= 1")
         self.temperature, self.max_answer_tokens = temperature, max_new_tokens
